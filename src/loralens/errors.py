@@ -1,0 +1,53 @@
+"""Error types of loralens. Imports nothing, so every layer can raise them.
+
+Every error a user can cause is a :class:`LoralensError`; the CLI turns it into one line
+on stderr and exit code 2. Messages name the file, key, layer and shapes, and the fix.
+"""
+
+
+class LoralensError(ValueError):
+    """Base class: bad input a user can fix."""
+
+
+class InputPathError(LoralensError):
+    """A path is missing, of the wrong kind, or cannot be resolved."""
+
+
+class CheckpointError(LoralensError):
+    """A checkpoint or config file is corrupt, truncated, unsafe or of an unknown format."""
+
+
+class ShapeError(LoralensError):
+    """Tensors do not have the shapes the computation needs (e.g. an adapter for another base)."""
+
+
+class ModelMismatchError(LoralensError):
+    """An adapter does not fit the base model it is analysed with."""
+
+
+class DTypeError(LoralensError):
+    """A dtype the computation cannot use (half-precision solves, integer or quantized weights)."""
+
+
+class NonFiniteError(LoralensError):
+    """A tensor holds NaN or Inf."""
+
+
+class BatchError(LoralensError):
+    """A problem with some matrices of a stacked batch.
+
+    ``indices`` are the positions in the batch (not model layer numbers); callers that know the
+    layer numbers re-raise with them.
+    """
+
+    def __init__(self, message: str, indices: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.indices = indices
+
+
+class SingularMatrixError(BatchError):
+    """A base weight is singular to working precision, so its conversion matrices are undefined."""
+
+
+class RankError(BatchError):
+    """A subspace dimension i or j exceeds the numerical rank, so phi would use arbitrary vectors."""

@@ -1,0 +1,428 @@
+"""conversion_matrices and condition_estimate against numpy.linalg: solve, lstsq, pinv, cond.
+
+Every case is small, seeded and float64 unless the test is about another dtype. Tolerances:
+
+- ``RTOL = 1e-10`` for float64 results on well-conditioned W (2-norm condition <= ~30): the forward error
+  is about cond * d * eps ~ 1e-13, so 1e-10 leaves three orders of margin and still catches any wrong formula.
+- Residuals of exact solves are rounding noise, so they are bounded (``< 1e-13``), not compared; residuals of
+  over-determined least-squares solves are O(1) and compared to numpy's at ``RTOL``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from loralens.core.conversion import Conversion, condition_estimate, conversion_matrices
+from loralens.errors import DTypeError, NonFiniteError, ShapeError, SingularMatrixError
+
+RTOL = 1e-10  # float64 vs numpy on well-conditioned W (see module docstring)
+EXACT_RESIDUAL = 1e-13  # ||W X - RHS|| / ||RHS|| of an exact solve: ~ d * eps * cond(W) ~ 1e-14 here
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _orthogonal(rng: np.random.Generator, L: int, d: int) -> np.ndarray:
+    """(L, d, d) random orthogonal matrices (QR of Gaussians)."""
+    return np.linalg.qr(rng.standard_normal((L, d, d)))[0]
+
+
+def orthogonal_diag(rng: np.random.Generator, L: int, d: int) -> np.ndarray:
+    """(L, d, d) Q1 diag(s) Q2 with s in [1, 10]: 2-norm condition <= 10."""
+    s = rng.uniform(1.0, 10.0, size=(L, d))
+    return (_orthogonal(rng, L, d) * s[:, None, :]) @ _orthogonal(rng, L, d)
+
+
+def shifted_gaussian(rng: np.random.Generator, L: int, d: int) -> np.ndarray:
+    """(L, d, d) Gaussian + d I: diagonally dominant in expectation, condition ~ 3."""
+    return rng.standard_normal((L, d, d)) + d * np.eye(d)
+
+
+def lora_factors(rng: np.random.Generator, L: int, d_out: int, d_in: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (L, r, d_in) and B (L, d_out, r), as PEFT stores lora_A.weight and lora_B.weight."""
+    return rng.standard_normal((L, r, d_in)), rng.standard_normal((L, d_out, r))
+
+
+def T(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def mT(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
+
+
+def assert_close(actual: torch.Tensor | np.ndarray, expected: np.ndarray, rtol: float = RTOL) -> None:
+    """Elementwise rtol plus an absolute floor of rtol * max|expected| for entries near zero."""
+    actual = actual.detach().cpu().numpy() if isinstance(actual, torch.Tensor) else actual
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * float(np.abs(expected).max()))
+
+
+def rel_residual(M: np.ndarray, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """numpy's ||M X - Y||_F / ||Y||_F per batch entry."""
+    return np.linalg.norm(M @ X - Y, axis=(-2, -1)) / np.linalg.norm(Y, axis=(-2, -1))
+
+
+def run(W: np.ndarray, A: np.ndarray, B: np.ndarray, **kwargs: object) -> Conversion:
+    return conversion_matrices(T(W), T(A), T(B), **kwargs)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------- square W
+
+
+@pytest.mark.parametrize("make_W", [shifted_gaussian, orthogonal_diag])
+def test_square_matches_numpy_solve(make_W) -> None:
+    rng = np.random.default_rng(11)
+    L, d, r = 3, 7, 3
+    W = make_W(rng, L, d)
+    A, B = lora_factors(rng, L, d, d, r)
+
+    conv = run(W, A, B)
+
+    assert conv.convention == "solve"
+    assert conv.A.shape == (L, d, r)  # (L, d_in, r)
+    assert conv.B.shape == (L, d, r)  # (L, d_out, r)
+    assert conv.BA is not None and conv.BA.shape == (L, d, d)
+    assert conv.residual_A.shape == conv.residual_B.shape == conv.condition.shape == (L,)
+    for t in (conv.A, conv.B, conv.BA, conv.residual_A, conv.residual_B, conv.condition):
+        assert t.dtype == torch.float64
+    assert_close(conv.A, np.linalg.solve(W, mT(A)))
+    assert_close(conv.B, np.linalg.solve(W, B))
+    for l in range(L):  # conv_BA per layer, from the dense product (not from conv_B @ A)
+        assert_close(conv.BA[l], np.linalg.solve(W[l], B[l] @ A[l]))
+
+
+def test_square_residuals_and_condition() -> None:
+    rng = np.random.default_rng(12)
+    L, d, r = 4, 9, 2
+    W = shifted_gaussian(rng, L, d)
+    A, B = lora_factors(rng, L, d, d, r)
+
+    conv = run(W, A, B)
+
+    # Exact solves: both ours (recomputed by numpy) and numpy's own are at rounding level.
+    assert (conv.residual_A < EXACT_RESIDUAL).all()
+    assert (conv.residual_B < EXACT_RESIDUAL).all()
+    assert (rel_residual(W, conv.A.numpy(), mT(A)) < EXACT_RESIDUAL).all()
+    assert (rel_residual(W, conv.B.numpy(), B) < EXACT_RESIDUAL).all()
+    # Condition: Hager's estimate is a lower bound on the exact 1-norm condition number.
+    cond = np.linalg.cond(W, 1)
+    est = conv.condition.numpy()
+    assert (est <= cond * (1 + 1e-8)).all()
+    assert (est >= cond / 3).all()
+    assert_close(conv.condition, condition_estimate(T(W)).numpy(), rtol=1e-12)
+
+
+def test_condition_estimate_bounds_on_random_gaussians() -> None:
+    # Plain Gaussians (condition 10..1e3). Hager's estimate is a lower bound and is usually exact; like LAPACK's
+    # dgecon it falls below cond / 3 on ~0.1% of random matrices, so the batch is seeded.
+    rng = np.random.default_rng(13)
+    W = rng.standard_normal((16, 10, 10))
+
+    est = condition_estimate(T(W)).numpy()
+    cond = np.linalg.cond(W, 1)
+
+    assert est.shape == (16,)
+    assert (est <= cond * (1 + 1e-8)).all()
+    assert (est >= cond / 3).all()
+    assert np.median(est / cond) > 0.999  # exact on most matrices
+
+
+def test_condition_estimate_is_inf_for_exactly_singular() -> None:
+    rng = np.random.default_rng(14)
+    W = shifted_gaussian(rng, 3, 6)
+    W[1, 4, :] = 0.0  # a zero row: exactly singular
+
+    est = condition_estimate(T(W)).numpy()
+
+    assert np.isinf(est[1])
+    assert np.isfinite(est[[0, 2]]).all()
+    cond = np.linalg.cond(W[[0, 2]], 1)
+    assert (est[[0, 2]] <= cond * (1 + 1e-8)).all() and (est[[0, 2]] >= cond / 3).all()
+
+
+def test_zero_B_gives_zero_conversion() -> None:
+    # PEFT initialises lora_B to zero: conv_B and conv_BA must be exactly zero with a zero (not NaN) residual.
+    rng = np.random.default_rng(15)
+    W = shifted_gaussian(rng, 2, 5)
+    A, _ = lora_factors(rng, 2, 5, 5, 2)
+
+    conv = run(W, A, np.zeros((2, 5, 2)))
+
+    assert torch.equal(conv.B, torch.zeros(2, 5, 2, dtype=torch.float64))
+    assert conv.BA is not None and torch.equal(conv.BA, torch.zeros(2, 5, 5, dtype=torch.float64))
+    assert torch.equal(conv.residual_B, torch.zeros(2, dtype=torch.float64))
+
+
+def test_without_product() -> None:
+    rng = np.random.default_rng(16)
+    W = shifted_gaussian(rng, 2, 6)
+    A, B = lora_factors(rng, 2, 6, 6, 3)
+
+    full = run(W, A, B)
+    lean = run(W, A, B, with_product=False)
+
+    assert lean.BA is None
+    assert torch.equal(lean.A, full.A) and torch.equal(lean.B, full.B)
+
+
+# ------------------------------------------------------------------------------------- non-square W
+
+
+@pytest.mark.parametrize(
+    ("d_out", "d_in"),
+    [
+        (12, 36),  # d_out < d_in: Llama's grouped-query v_proj (192 x 576) scaled down by 16
+        (36, 12),  # d_out > d_in
+    ],
+)
+def test_non_square_matches_lstsq_and_pinv(d_out: int, d_in: int) -> None:
+    rng = np.random.default_rng(21)
+    L, r = 3, 4
+    W = rng.standard_normal((L, d_out, d_in))  # 12 x 36 Gaussian: 2-norm condition ~ 4
+    A, B = lora_factors(rng, L, d_out, d_in, r)
+
+    conv = run(W, A, B)
+
+    assert conv.convention == "lstsq"
+    assert conv.A.shape == (L, d_out, r)  # solves W.T X = A.T
+    assert conv.B.shape == (L, d_in, r)  # solves W X = B
+    assert conv.BA is not None and conv.BA.shape == (L, d_in, d_in)
+    for l in range(L):
+        X_A = np.linalg.lstsq(W[l].T, A[l].T, rcond=None)[0]  # minimum-norm least-squares solution
+        X_B = np.linalg.lstsq(W[l], B[l], rcond=None)[0]
+        assert_close(conv.A[l], X_A)
+        assert_close(conv.B[l], X_B)
+    assert_close(conv.A, np.linalg.pinv(mT(W)) @ mT(A))
+    assert_close(conv.B, np.linalg.pinv(W) @ B)
+    assert_close(conv.BA, np.linalg.pinv(W) @ B @ A)
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(12, 36), (36, 12)])
+def test_non_square_residuals(d_out: int, d_in: int) -> None:
+    rng = np.random.default_rng(22)
+    L, r = 3, 4
+    W = rng.standard_normal((L, d_out, d_in))
+    A, B = lora_factors(rng, L, d_out, d_in, r)
+
+    conv = run(W, A, B)
+
+    X_A = np.linalg.pinv(mT(W)) @ mT(A)
+    X_B = np.linalg.pinv(W) @ B
+    ref_A = rel_residual(mT(W), X_A, mT(A))
+    ref_B = rel_residual(W, X_B, B)
+    if d_out < d_in:  # W X = B under-determined (exact); W.T X = A.T over-determined
+        exact, exact_ref, over, over_ref = conv.residual_B, ref_B, conv.residual_A, ref_A
+    else:  # W X = B over-determined; W.T X = A.T under-determined (exact)
+        exact, exact_ref, over, over_ref = conv.residual_A, ref_A, conv.residual_B, ref_B
+    assert (exact < EXACT_RESIDUAL).all() and (exact_ref < EXACT_RESIDUAL).all()
+    # Random RHS in R^36 has most of its mass outside W's 12-dimensional range: residual ~ sqrt(24 / 36).
+    assert (over_ref > 0.5).all()
+    assert_close(over, over_ref)
+    # Our own residual recomputed by numpy from our solution agrees too.
+    ours = rel_residual(mT(W), conv.A.numpy(), mT(A)) if d_out < d_in else rel_residual(W, conv.B.numpy(), B)
+    assert_close(over, ours)
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(12, 36), (36, 12)])
+def test_non_square_condition_is_that_of_R(d_out: int, d_in: int) -> None:
+    rng = np.random.default_rng(23)
+    W = rng.standard_normal((4, d_out, d_in))
+    A, B = lora_factors(rng, 4, d_out, d_in, 2)
+
+    conv = run(W, A, B)
+
+    tall = W if d_out > d_in else mT(W)
+    R = np.linalg.qr(tall)[1]  # (L, 12, 12); 1-norm condition is invariant to QR's sign choice
+    cond = np.linalg.cond(R, 1)
+    est = conv.condition.numpy()
+    assert (est <= cond * (1 + 1e-8)).all() and (est >= cond / 3).all()
+    # R has W's singular values: cond_1(R) lies within a factor k = 12 of W's 2-norm condition.
+    cond2 = np.linalg.cond(W)
+    assert (est <= 12 * cond2).all() and (est >= cond2 / 12).all()
+
+
+# -------------------------------------------------------------------------------------------- dtypes
+
+
+def test_float32_agrees_with_float64() -> None:
+    rng = np.random.default_rng(31)
+    L, d, r = 3, 16, 4
+    W = orthogonal_diag(rng, L, d)
+    A, B = lora_factors(rng, L, d, d, r)
+
+    c64 = run(W, A, B)
+    c32 = conversion_matrices(T(W).float(), T(A).float(), T(B).float(), dtype=torch.float32)
+
+    for t in (c32.A, c32.B, c32.BA, c32.residual_A, c32.residual_B, c32.condition):
+        assert t is not None and t.dtype == torch.float32
+    for x32, x64 in ((c32.A, c64.A), (c32.B, c64.B), (c32.BA, c64.BA)):
+        assert x32 is not None and x64 is not None
+        # norm-wise relative error ~ cond * eps32 ~ 1e-6 for cond <= 10; 1e-4 as asked
+        err = torch.linalg.matrix_norm(x32.double() - x64) / torch.linalg.matrix_norm(x64)
+        assert (err < 1e-4).all()
+    assert (c32.residual_A < 1e-5).all() and (c32.residual_B < 1e-5).all()  # ~ d * eps32
+    assert torch.allclose(c32.condition.double(), c64.condition, rtol=1e-3)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_half_precision_inputs_are_upcast(half: torch.dtype, dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(32)
+    W = T(shifted_gaussian(rng, 2, 8)).to(half)
+    A, B = (T(x) for x in lora_factors(rng, 2, 8, 8, 2))
+
+    conv = conversion_matrices(W, A.to(half), B.float(), dtype=dtype)
+    ref = conversion_matrices(W.to(dtype), A.to(half).to(dtype), B.float().to(dtype), dtype=dtype)
+
+    for t in (conv.A, conv.B, conv.BA, conv.condition):
+        assert t is not None and t.dtype == dtype
+    # the upcast of half values is exact, so the results are those of the upcast inputs (same ops, same data)
+    torch.testing.assert_close(conv.A, ref.A, rtol=0, atol=0)
+    torch.testing.assert_close(conv.B, ref.B, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_compute_dtype_is_rejected(half: torch.dtype) -> None:
+    # LU/QR have no half-precision kernels on CPU: the compute dtype must be float32 or float64 (inputs may be half).
+    rng = np.random.default_rng(33)
+    W = shifted_gaussian(rng, 2, 6)
+    A, B = lora_factors(rng, 2, 6, 6, 2)
+    with pytest.raises(DTypeError, match=rf"float32 or float64, got {re.escape(str(half))}"):
+        run(W, A, B, dtype=half)
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+def _good(L: int = 2, d_out: int = 5, d_in: int = 5, r: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(41)
+    W = rng.standard_normal((L, d_out, d_in)) + (5 * np.eye(d_out, d_in) if d_out == d_in else 0)
+    A, B = lora_factors(rng, L, d_out, d_in, r)
+    return T(W), T(A), T(B)
+
+
+@pytest.mark.parametrize(
+    ("which", "shape"),
+    [("W", (5, 5)), ("A", (3, 5)), ("B", (1, 2, 5, 3))],
+)
+def test_wrong_ndim(which: str, shape: tuple[int, ...]) -> None:
+    W, A, B = _good()
+    args = {"W": W, "A": A, "B": B}
+    args[which] = torch.zeros(shape, dtype=torch.float64)
+    with pytest.raises(ShapeError, match=rf"{which} must be a stack of matrices .*{re.escape(str(shape))}"):
+        conversion_matrices(**args)
+
+
+@pytest.mark.parametrize(
+    ("A_shape", "B_shape"),
+    [
+        ((2, 3, 6), (2, 5, 3)),  # A has the wrong d_in
+        ((2, 3, 5), (2, 4, 3)),  # B has the wrong d_out
+        ((2, 3, 5), (2, 5, 2)),  # ranks of A and B differ
+        ((3, 3, 5), (2, 5, 3)),  # A has another L
+    ],
+)
+def test_mismatched_shapes_name_the_shapes(A_shape: tuple[int, ...], B_shape: tuple[int, ...]) -> None:
+    W, _, _ = _good()
+    A, B = torch.zeros(A_shape, dtype=torch.float64), torch.zeros(B_shape, dtype=torch.float64)
+    pattern = rf"W \(2, 5, 5\).*A {re.escape(str(A_shape))} and B {re.escape(str(B_shape))}"
+    with pytest.raises(ShapeError, match=pattern):
+        conversion_matrices(W, A, B)
+
+
+@pytest.mark.parametrize("which", ["W", "A", "B"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs(which: str, value: float) -> None:
+    W, A, B = _good(L=3)
+    args = {"W": W, "A": A, "B": B}
+    args[which] = args[which].clone()
+    args[which][1, 0, 1] = value
+    with pytest.raises(NonFiniteError, match=rf"{which} holds NaN or Inf at batch positions \[1\]"):
+        conversion_matrices(**args)
+
+
+@pytest.mark.parametrize("which", ["W", "A", "B"])
+@pytest.mark.parametrize("int_dtype", [torch.int8, torch.int32])
+def test_integer_inputs_must_be_dequantized(which: str, int_dtype: torch.dtype) -> None:
+    W, A, B = _good()
+    args = {"W": W, "A": A, "B": B}
+    args[which] = args[which].round().to(int_dtype)
+    # ShapeError today; DTypeError ("integer or quantized weights") would be as good: both are LoralensErrors.
+    with pytest.raises((ShapeError, DTypeError), match=rf"{which} has dtype torch\.{str(int_dtype)[6:]}.*dequantized"):
+        conversion_matrices(**args)
+
+
+def test_integer_compute_dtype_is_rejected() -> None:
+    with pytest.raises(DTypeError, match="float32 or float64, got torch.int64"):
+        conversion_matrices(*_good(), dtype=torch.int64)
+
+
+def test_exactly_singular_W_names_its_position() -> None:
+    W, A, B = _good(L=3)
+    W[1, 2, :] = 0.0  # a zero row
+    with pytest.raises(SingularMatrixError, match=r"batch positions \[1\]") as info:
+        conversion_matrices(W, A, B)
+    assert info.value.indices == (1,)
+
+
+def test_numerically_singular_W_names_its_positions() -> None:
+    W, A, B = _good(L=4)
+    W[0, 3, :] = W[0, 1, :]  # two equal rows: LU's last pivot is rounding noise, not exactly zero
+    W[2, 4, :] = W[2, 0, :]
+    with pytest.raises(SingularMatrixError, match=r"singular to working precision .*\[0, 2\]") as info:
+        conversion_matrices(W, A, B)
+    assert info.value.indices == (0, 2)
+
+
+def test_singular_to_float32_but_not_float64() -> None:
+    # condition 1e9: 1e9 * eps64 << 1 but 1e9 * eps32 ~ 120 >= 1
+    rng = np.random.default_rng(42)
+    Q = _orthogonal(rng, 2, 6)
+    W = (Q * np.logspace(0, 9, 6)[None, None, :]) @ mT(Q)
+    A, B = lora_factors(rng, 2, 6, 6, 2)
+
+    conv = run(W, A, B)
+    assert (conv.condition > 1e8).all() and (conv.condition < 1e11).all()
+    with pytest.raises(SingularMatrixError, match=r"torch\.float32.*\[0, 1\]") as info:
+        run(W, A, B, dtype=torch.float32)
+    assert info.value.indices == (0, 1)
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(4, 8), (8, 4)])
+def test_rank_deficient_non_square_W(d_out: int, d_in: int) -> None:
+    W, A, B = _good(L=3, d_out=d_out, d_in=d_in, r=2)
+    if d_out < d_in:
+        W[2, 1, :] = 0.0  # wide W with a zero row: rank 3 < 4
+    else:
+        W[2, :, 3] = W[2, :, 0]  # tall W with two equal columns: rank 3 < 4
+    with pytest.raises(SingularMatrixError, match=r"batch positions \[2\]") as info:
+        conversion_matrices(W, A, B)
+    assert info.value.indices == (2,)
+
+
+@pytest.mark.parametrize(
+    "W",
+    [
+        torch.eye(4, dtype=torch.float64) * 2,  # (d, d), not (L, d, d)
+        torch.ones(2, 3, 4, dtype=torch.float64),  # non-square
+        torch.ones(3, dtype=torch.float64),  # a vector
+    ],
+    ids=["2d", "non-square", "1d"],
+)
+def test_condition_estimate_rejects_non_stacks(W: torch.Tensor) -> None:
+    with pytest.raises(
+        ShapeError, match=rf"stack of square matrices \(L, d, d\), got shape {re.escape(str(tuple(W.shape)))}"
+    ):
+        condition_estimate(W)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.bfloat16], ids=["int64", "float16", "bfloat16"])
+def test_condition_estimate_rejects_dtypes_without_lu(dtype: torch.dtype) -> None:
+    W = (3 * torch.eye(3, dtype=torch.float64)).expand(2, 3, 3).to(dtype)
+    with pytest.raises(DTypeError, match=rf"float32 or float64 matrices, got {re.escape(str(dtype))}"):
+        condition_estimate(W)
