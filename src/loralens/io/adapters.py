@@ -1,0 +1,301 @@
+"""PEFT LoRA adapter folders -> typed stacks of factors per module type, and their base weights.
+
+A folder written by PEFT's ``save_pretrained`` holds ``adapter_config.json`` and
+``adapter_model.safetensors`` (or the older pickled ``adapter_model.bin``, read with
+``weights_only=True``). Factors are paired by parsed key, never by order or shape:
+``<module>.lora_A.weight`` (r, d_in) with ``<module>.lora_B.weight`` (d_out, r).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loralens.errors import CheckpointError, InputPathError, ModelMismatchError
+from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.files import (
+    check_finite,
+    check_float,
+    read_json,
+    read_pickle_state_dict,
+    read_safetensors,
+)
+from loralens.io.keys import (
+    ModulePath,
+    match_base_weights,
+    module_type_names,
+    parse_adapter_key,
+    parse_module_path,
+    peft_pattern_value,
+)
+
+__all__ = ["AdapterModule", "LoraAdapter", "load_lora_adapter", "read_base_weights"]
+
+CONFIG_NAME = "adapter_config.json"
+_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One module type of an adapter (e.g. every layer's ``query``), stacked over its layers.
+
+    Attributes
+    ----------
+    name : str
+        Short unique name (``query``, ``q_proj``).
+    paths : tuple of ModulePath
+        Per layer, in increasing layer order.
+    A : Tensor
+        ``(L, r, d_in)``, as stored (PEFT ``lora_A.weight``).
+    B : Tensor
+        ``(L, d_out, r)``. Where ``rank_pattern`` gives layers different ranks, ``r`` is the largest
+        and lower-rank layers are padded with zero rows of A / columns of B, which changes neither
+        ``B @ A`` nor the top ``ranks[l]`` singular subspaces.
+    ranks : tuple of int
+        True rank per layer.
+    scaling : tuple of float
+        ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) per layer; ``dW = scaling * B @ A``.
+    magnitude : Tensor or None
+        ``(L, d_out)`` DoRA magnitude vectors, when the adapter is a DoRA adapter.
+    """
+
+    name: str
+    paths: tuple[ModulePath, ...]
+    A: Tensor
+    B: Tensor
+    ranks: tuple[int, ...]
+    scaling: tuple[float, ...]
+    magnitude: Tensor | None = None
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(p.layer for p in self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the base weight this module adapts."""
+        return self.B.shape[1], self.A.shape[2]
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A loaded PEFT LoRA adapter.
+
+    Attributes
+    ----------
+    path : Path
+        The adapter folder.
+    weights_file : Path
+        The tensor file read.
+    config : dict
+        ``adapter_config.json`` as stored.
+    modules : dict
+        Module name -> :class:`AdapterModule`, in a stable order.
+    ignored_keys : tuple of str
+        Stored tensors that are not LoRA factors (``modules_to_save`` heads, embedding LoRA, ...).
+    """
+
+    path: Path
+    weights_file: Path
+    config: dict[str, Any]
+    modules: dict[str, AdapterModule]
+    ignored_keys: tuple[str, ...] = ()
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """True for GPT-2 style ``Conv1D`` bases, which store weights as (in, out)."""
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        value = self.config.get("base_model_name_or_path")
+        return str(value) if value else None
+
+    @property
+    def is_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
+
+def load_lora_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
+    """Load a PEFT LoRA adapter folder.
+
+    Honours ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
+    ``layers_to_transform`` and ``fan_in_fan_out``; records DoRA magnitudes.
+
+    Raises
+    ------
+    InputPathError
+        Missing folder, config or weights file.
+    CheckpointError
+        Invalid config, unknown ``peft_type``, corrupt tensors, unpaired factors, ranks that
+        disagree with the config, layers outside ``layers_to_transform``.
+    """
+    folder = _adapter_folder(Path(path).expanduser())
+    config = read_json(folder / CONFIG_NAME)
+    _check_peft_type(config, folder / CONFIG_NAME)
+    weights_file = _weights_file(folder)
+    tensors = (
+        read_safetensors(weights_file)
+        if weights_file.suffix == ".safetensors"
+        else read_pickle_state_dict(weights_file)
+    )
+    if not tensors:
+        raise CheckpointError(f"{weights_file}: the adapter holds no tensors")
+    check_float(tensors, weights_file)
+    check_finite(tensors, weights_file)
+
+    factors: dict[ModulePath, dict[str, Tensor]] = {}
+    ignored = []
+    for key, tensor in tensors.items():
+        parsed = parse_adapter_key(key)
+        module = parse_module_path(parsed[0]) if parsed else None
+        if parsed is None or module is None:
+            ignored.append(key)
+            continue
+        factors.setdefault(module, {})[parsed[1]] = tensor
+    if not factors:
+        raise CheckpointError(
+            f"{weights_file}: no LoRA factors (keys '<module>.lora_A.weight') among {len(tensors)} tensors"
+        )
+
+    by_type: dict[tuple[str, str, str], list[ModulePath]] = {}
+    for module in sorted(factors):
+        by_type.setdefault(module.module_type, []).append(module)
+    names = module_type_names(by_type)
+    modules = {
+        names[t]: _stack_module(names[t], paths, factors, config, weights_file)
+        for t, paths in sorted(by_type.items(), key=lambda item: names[item[0]])
+    }
+    _check_layers_to_transform(modules, config, folder / CONFIG_NAME)
+    return LoraAdapter(folder, weights_file, config, modules, tuple(sorted(ignored)))
+
+
+def read_base_weights(
+    base: BaseCheckpoint, adapter: LoraAdapter, module: str, layers: slice = slice(None)
+) -> tuple[Tensor, tuple[str, ...]]:
+    """The base weights a module of the adapter modifies, stacked as ``(L, d_out, d_in)``.
+
+    Weights are matched by layer index and module path (:func:`~loralens.io.keys.match_base_weights`),
+    transposed from ``Conv1D``'s (in, out) when the adapter says ``fan_in_fan_out``, and checked
+    against the factors' shapes. ``layers`` selects a batch of the module's layers, so a large model
+    can be processed a few layers at a time. Returns the weights (as stored dtype, on CPU) and their keys.
+
+    Raises
+    ------
+    ModelMismatchError
+        The base lacks the module, or its weight does not fit the adapter's factors.
+    """
+    mod = adapter.modules[module]
+    paths = mod.paths[layers]
+    keys = match_base_weights(paths, base.keys)
+    weights = base.read([keys[p] for p in paths])
+    d_out, d_in = mod.shape
+    stacked = []
+    for p in paths:
+        W = weights[keys[p]]
+        if adapter.fan_in_fan_out:
+            W = W.mT
+        if tuple(W.shape) != (d_out, d_in):
+            hint = " (or fan_in_fan_out is wrong in adapter_config.json)" if W.shape == (d_in, d_out) else ""
+            raise ModelMismatchError(
+                f"{adapter.path}: module {module!r} layer {p.layer} has A (r, {d_in}) and B ({d_out}, r), but base "
+                f"weight {keys[p]!r} in {base.root} is {tuple(W.shape)}: the adapter was trained on another base{hint}"
+            )
+        stacked.append(W)
+    return torch.stack(stacked), tuple(keys[p] for p in paths)
+
+
+def _adapter_folder(path: Path) -> Path:
+    if not path.exists():
+        raise InputPathError(f"{path}: no such adapter folder")
+    if path.is_file():
+        if path.name in (CONFIG_NAME, *_WEIGHT_NAMES):
+            return path.parent
+        raise InputPathError(f"{path}: expected an adapter folder (with {CONFIG_NAME}), got a file")
+    if not (path / CONFIG_NAME).is_file():
+        raise InputPathError(f"{path}: no {CONFIG_NAME}; is this a PEFT adapter folder (save_pretrained output)?")
+    return path
+
+
+def _check_peft_type(config: dict[str, Any], path: Path) -> None:
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        return
+    if not peft_type:
+        raise CheckpointError(f"{path}: no 'peft_type'; expected \"LORA\" (a PEFT LoRA adapter config)")
+    raise CheckpointError(
+        f"{path}: peft_type {config.get('peft_type')!r} is not supported; loralens reads LORA adapters"
+    )
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in _WEIGHT_NAMES:  # safetensors first: it cannot carry code
+        if (folder / name).is_file():
+            return folder / name
+    raise InputPathError(f"{folder}: no adapter weights ({' or '.join(_WEIGHT_NAMES)})")
+
+
+def _stack_module(
+    name: str,
+    paths: list[ModulePath],
+    factors: dict[ModulePath, dict[str, Tensor]],
+    config: dict[str, Any],
+    source: Path,
+) -> AdapterModule:
+    layers = [p.layer for p in paths]
+    if len(set(layers)) != len(layers):
+        raise CheckpointError(f"{source}: module {name!r} appears twice in one layer")
+    As, Bs, ranks, scaling, mags = [], [], [], [], []
+    shape: tuple[int, int] | None = None
+    for p in paths:
+        f = factors[p]
+        if "A" not in f or "B" not in f:
+            missing = "lora_A" if "A" not in f else "lora_B"
+            raise CheckpointError(f"{source}: {p.dotted} has no {missing}.weight; the adapter file is incomplete")
+        A, B = f["A"], f["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise CheckpointError(
+                f"{source}: {p.dotted}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                "are not (r, in) and (out, r)"
+            )
+        if shape is not None and (B.shape[0], A.shape[1]) != shape:
+            raise CheckpointError(f"{source}: module {name!r} changes shape across layers at layer {p.layer}")
+        shape = (B.shape[0], A.shape[1])
+        r = A.shape[0]
+        expected_r = int(peft_pattern_value(config.get("rank_pattern"), p.dotted, config.get("r", r)))
+        if r != expected_r:
+            raise CheckpointError(f"{source}: {p.dotted} has rank {r} but adapter_config.json says {expected_r}")
+        alpha = float(peft_pattern_value(config.get("alpha_pattern"), p.dotted, config.get("lora_alpha", r)))
+        ranks.append(r)
+        scaling.append(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+        As.append(A)
+        Bs.append(B)
+        mags.append(f.get("magnitude"))
+    r_max = max(ranks)
+    A_stack = torch.stack([torch.nn.functional.pad(A, (0, 0, 0, r_max - A.shape[0])) for A in As])
+    B_stack = torch.stack([torch.nn.functional.pad(B, (0, r_max - B.shape[1])) for B in Bs])
+    magnitude = None
+    if any(m is not None for m in mags):
+        if any(m is None for m in mags):
+            raise CheckpointError(f"{source}: module {name!r} has DoRA magnitudes in some layers only")
+        magnitude = torch.stack([m.reshape(-1) for m in mags if m is not None])
+    return AdapterModule(name, tuple(paths), A_stack, B_stack, tuple(ranks), tuple(scaling), magnitude)
+
+
+def _check_layers_to_transform(modules: dict[str, AdapterModule], config: dict[str, Any], path: Path) -> None:
+    allowed = config.get("layers_to_transform")
+    if allowed is None:
+        return
+    allowed_set = {allowed} if isinstance(allowed, int) else set(allowed)
+    for mod in modules.values():
+        extra = sorted(set(mod.layers) - allowed_set)
+        if extra:
+            raise CheckpointError(
+                f"{path}: module {mod.name!r} has layers {extra} outside layers_to_transform {sorted(allowed_set)}"
+            )

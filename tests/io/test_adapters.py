@@ -1,0 +1,241 @@
+"""PEFT LoRA loading, checked against the live PEFT model that loads the same folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+import checkpoints
+from loralens.errors import CheckpointError, InputPathError, ModelMismatchError, NonFiniteError
+from loralens.io.adapters import load_lora_adapter, read_base_weights
+from loralens.io.base_weights import open_base
+
+
+def _peft_reference(
+    base_dir: Path, adapter_dir: Path, arch: str, task_model: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Per adapted module (PEFT's name without base_model.model.): A, B, scaling, base weight, DoRA magnitude."""
+    import transformers
+
+    cls = {
+        ("bert", False): transformers.BertModel,
+        ("bert", True): transformers.BertForSequenceClassification,
+        ("llama", False): transformers.LlamaForCausalLM,
+        ("gpt2", False): transformers.GPT2Model,
+    }[(arch, task_model)]
+    model = PeftModel.from_pretrained(cls.from_pretrained(base_dir), adapter_dir)
+    ref = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            mag = getattr(mod, "lora_magnitude_vector", None)
+            ref[name.removeprefix("base_model.model.")] = {
+                "A": mod.lora_A["default"].weight.detach(),
+                "B": mod.lora_B["default"].weight.detach(),
+                "scaling": mod.scaling["default"],
+                "W": mod.get_base_layer().weight.detach(),
+                "magnitude": None if mag is None or "default" not in mag else mag["default"].weight.detach(),
+            }
+    return ref
+
+
+def _check_against_peft(base_dir: Path, adapter_dir: Path, arch: str, task_model: bool = False) -> None:
+    ref = _peft_reference(base_dir, adapter_dir, arch, task_model)
+    adapter = load_lora_adapter(adapter_dir)
+    base = open_base(base_dir)
+    seen = set()
+    for name, mod in adapter.modules.items():
+        W, _ = read_base_weights(base, adapter, name)
+        for l, path in enumerate(mod.paths):
+            r = ref[path.dotted]
+            rank = mod.ranks[l]
+            assert rank == r["A"].shape[0]
+            assert torch.equal(mod.A[l, :rank], r["A"]) and torch.equal(mod.B[l, :, :rank], r["B"])
+            assert not mod.A[l, rank:].any() and not mod.B[l, :, rank:].any()  # padding is zero
+            assert mod.scaling[l] == pytest.approx(r["scaling"], rel=1e-12)
+            base_W = r["W"].T if adapter.fan_in_fan_out else r["W"]  # Conv1D stores (in, out)
+            assert torch.equal(W[l], base_W)
+            if r["magnitude"] is not None:
+                assert mod.magnitude is not None and torch.equal(mod.magnitude[l], r["magnitude"])
+            seen.add(path.dotted)
+    assert seen == set(ref), "every module PEFT adapts is loaded, and nothing else"
+
+
+def test_bert_bare_adapter(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    _check_against_peft(tiny_bert, tiny_bert_adapter, "bert")
+    adapter = load_lora_adapter(tiny_bert_adapter)
+    assert list(adapter.modules) == ["query", "value"]
+    assert adapter.modules["query"].A.shape == (2, 4, 32) and adapter.modules["query"].B.shape == (2, 32, 4)
+    assert adapter.modules["query"].layers == (0, 1)
+
+
+def test_bert_task_model_adapter_on_bare_and_task_bases(tmp_path: Path) -> None:
+    task_base = checkpoints.bert_base(tmp_path / "task", task_model=True)
+    adapter_dir = checkpoints.lora_adapter(task_base, tmp_path / "a", arch="bert", task_model=True)
+    _check_against_peft(task_base, adapter_dir, "bert", task_model=True)
+    adapter = load_lora_adapter(adapter_dir)
+    assert any("classifier" in k for k in adapter.ignored_keys)  # modules_to_save head, not a LoRA factor
+    # The same adapter pairs with the bare BertModel weights (keys without "bert.").
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    tensors = load_file(task_base / "model.safetensors")
+    save_file(
+        {k.removeprefix("bert."): v for k, v in tensors.items() if k.startswith("bert.")},
+        str(bare / "model.safetensors"),
+    )
+    W_task, keys_task = read_base_weights(open_base(task_base), adapter, "value")
+    W_bare, keys_bare = read_base_weights(open_base(bare), adapter, "value")
+    assert torch.equal(W_task, W_bare)
+    assert keys_task[0] == "bert." + keys_bare[0]
+
+
+def test_llama_gqa_non_square(tmp_path: Path, tiny_llama: Path) -> None:
+    adapter_dir = checkpoints.lora_adapter(
+        tiny_llama, tmp_path / "a", arch="llama", r=4, targets=["q_proj", "k_proj", "v_proj"]
+    )
+    _check_against_peft(tiny_llama, adapter_dir, "llama")
+    adapter = load_lora_adapter(adapter_dir)
+    assert adapter.modules["q_proj"].shape == (64, 64)
+    assert adapter.modules["v_proj"].shape == (16, 64)
+    W, _ = read_base_weights(open_base(tiny_llama), adapter, "k_proj")
+    assert W.shape == (2, 16, 64)
+
+
+@pytest.mark.slow
+def test_real_smollm2_gqa(smollm2: Path, smollm2_adapter: Path) -> None:
+    _check_against_peft(smollm2, smollm2_adapter, "llama")
+    adapter = load_lora_adapter(smollm2_adapter)
+    assert adapter.modules["q_proj"].shape == (576, 576) and adapter.modules["v_proj"].shape == (192, 576)
+    assert adapter.modules["v_proj"].A.shape == (30, 8, 576) and adapter.modules["v_proj"].B.shape == (30, 192, 8)
+    assert adapter.modules["v_proj"].layers == tuple(range(30))
+
+
+def test_gpt2_conv1d_is_transposed(tmp_path: Path) -> None:
+    base_dir = checkpoints.gpt2_base(tmp_path / "g")
+    adapter_dir = checkpoints.lora_adapter(base_dir, tmp_path / "a", arch="gpt2")
+    adapter = load_lora_adapter(adapter_dir)
+    assert adapter.fan_in_fan_out
+    assert adapter.modules["c_attn"].shape == (96, 32)  # (out, in) after the transpose
+    _check_against_peft(base_dir, adapter_dir, "gpt2")
+
+
+def test_wrong_fan_in_fan_out_is_a_clear_mismatch(tmp_path: Path) -> None:
+    base_dir = checkpoints.gpt2_base(tmp_path / "g")
+    adapter_dir = checkpoints.lora_adapter(base_dir, tmp_path / "a", arch="gpt2")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = False
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelMismatchError, match="fan_in_fan_out"):
+        read_base_weights(open_base(base_dir), load_lora_adapter(adapter_dir), "c_attn")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"use_rslora": True, "r": 4, "alpha": 8},
+        {"rank_pattern": {"layer.1.attention.self.query": 8}, "r": 4},
+        {"alpha_pattern": {"value": 32}, "r": 4, "alpha": 8},
+        {"layers_to_transform": [1], "r": 2},
+        {"use_dora": True, "r": 4},
+    ],
+    ids=["rslora", "rank_pattern", "alpha_pattern", "layers_to_transform", "dora"],
+)
+def test_peft_options(tmp_path: Path, tiny_bert: Path, options: dict[str, Any]) -> None:
+    adapter_dir = checkpoints.lora_adapter(tiny_bert, tmp_path / "a", arch="bert", **options)
+    _check_against_peft(tiny_bert, adapter_dir, "bert")
+    adapter = load_lora_adapter(adapter_dir)
+    if "rank_pattern" in options:
+        assert adapter.modules["query"].ranks == (4, 8)
+    if "layers_to_transform" in options:
+        assert adapter.modules["query"].layers == (1,)
+    if options.get("use_dora"):
+        assert adapter.is_dora and adapter.modules["value"].magnitude is not None
+
+
+def test_bin_adapter_loads_like_safetensors(tmp_path: Path, tiny_bert: Path) -> None:
+    st = load_lora_adapter(checkpoints.lora_adapter(tiny_bert, tmp_path / "st", arch="bert", seed=4))
+    pk = load_lora_adapter(
+        checkpoints.lora_adapter(tiny_bert, tmp_path / "pk", arch="bert", seed=4, safe_serialization=False)
+    )
+    assert pk.weights_file.name == "adapter_model.bin"
+    for name in st.modules:
+        assert torch.equal(st.modules[name].A, pk.modules[name].A) and torch.equal(
+            st.modules[name].B, pk.modules[name].B
+        )
+
+
+def test_real_trained_adapter_on_minilm(vader_adapter: Path, minilm_path: Path) -> None:
+    _check_against_peft(minilm_path, vader_adapter, "bert", task_model=True)
+    adapter = load_lora_adapter(vader_adapter)
+    assert adapter.modules["value"].B.abs().sum() > 0  # trained: B moved away from PEFT's zero init
+
+
+def test_adapter_for_another_base(tmp_path: Path, tiny_bert_adapter: Path, minilm_path: Path) -> None:
+    with pytest.raises(ModelMismatchError, match=r"is \(384, 384\): the adapter was trained on another base"):
+        read_base_weights(open_base(minilm_path), load_lora_adapter(tiny_bert_adapter), "query")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_adapters(tmp_path: Path, tiny_bert_adapter: Path) -> None:
+    with pytest.raises(InputPathError, match="no such adapter folder"):
+        load_lora_adapter(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputPathError, match="no adapter_config.json"):
+        load_lora_adapter(tmp_path / "empty")
+
+    a = _copy(tiny_bert_adapter, tmp_path / "badjson")
+    (a / "adapter_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid JSON"):
+        load_lora_adapter(a)
+
+    a = _copy(tiny_bert_adapter, tmp_path / "prefix")
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    (a / "adapter_config.json").write_text(json.dumps(cfg | {"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(CheckpointError, match="PREFIX_TUNING.*not supported"):
+        load_lora_adapter(a)
+
+    a = _copy(tiny_bert_adapter, tmp_path / "noweights")
+    (a / "adapter_model.safetensors").unlink()
+    with pytest.raises(InputPathError, match="no adapter weights"):
+        load_lora_adapter(a)
+
+    tensors = load_file(tiny_bert_adapter / "adapter_model.safetensors")
+    key_b = next(k for k in tensors if k.endswith("lora_B.weight"))
+    for name, bad, err, match in [
+        ("unpaired", {k: v for k, v in tensors.items() if k != key_b}, CheckpointError, "has no lora_B"),
+        ("nan", tensors | {key_b: torch.full_like(tensors[key_b], float("nan"))}, NonFiniteError, "NaN or Inf"),
+        ("nokeys", {}, CheckpointError, "no tensors"),
+        ("rank", tensors | {key_b: torch.ones(tensors[key_b].shape[0], 3)}, CheckpointError, "lora_A.*lora_B"),
+    ]:
+        a = _copy(tiny_bert_adapter, tmp_path / name)
+        save_file(bad, str(a / "adapter_model.safetensors"))
+        with pytest.raises(err, match=match):
+            load_lora_adapter(a)
+
+
+def test_truncated_adapter(tmp_path: Path, tiny_bert_adapter: Path) -> None:
+    a = _copy(tiny_bert_adapter, tmp_path / "t")
+    f = a / "adapter_model.safetensors"
+    checkpoints.truncate_file(f, f.stat().st_size - 100)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_lora_adapter(a)
+
+
+def test_malicious_adapter_pickle(tmp_path: Path, tiny_bert_adapter: Path) -> None:
+    a = _copy(tiny_bert_adapter, tmp_path / "evil")
+    (a / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    checkpoints.write_malicious_pickle(a / "adapter_model.bin", marker)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_lora_adapter(a)
+    assert not marker.exists()
