@@ -1,0 +1,3 @@
+from loralens.cli import main
+
+main()

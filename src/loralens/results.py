@@ -1,0 +1,89 @@
+"""Results as files: the tensors and JSON summaries that the CLI writes and notebooks can save.
+
+Builds plain data from analysis results; writing goes through :mod:`loralens.io.outputs`.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import loralens
+from loralens.analysis import FACTORS, ModuleConversion
+from loralens.io.adapters import LoraAdapter
+from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.outputs import sha256_file
+
+__all__ = ["CONVENTIONS", "conversion_tensors", "conversion_summary", "provenance"]
+
+#: What each convention means, written into every output that carries conversion matrices.
+CONVENTIONS = {
+    "solve": "square W (d_out = d_in): conv_A = W^-1 A^T (d_in x r), conv_B = W^-1 B (d_out x r), "
+    "conv_BA = conv_B A; W as stored (out, in); one LU per W",
+    "lstsq": "non-square W: conv_A solves W^T X = A^T (d_out x r), conv_B solves W X = B (d_in x r), "
+    "least squares when over-determined, minimum norm when under-determined; conv_BA = conv_B A",
+}
+
+
+def conversion_tensors(
+    conversions: dict[str, ModuleConversion], factors: tuple[str, ...] = FACTORS
+) -> dict[str, Tensor]:
+    """``{"<module>.<A|B|BA>": (L, rows, cols)}`` stacked over layers, as in ``conversion.safetensors``."""
+    return {f"{name}.{f}": mc.matrix(f) for name, mc in conversions.items() for f in factors}
+
+
+def conversion_summary(
+    conversions: dict[str, ModuleConversion], base: BaseCheckpoint, adapter: LoraAdapter, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """JSON summary: per module shapes, layers, convention, residuals, condition estimates, scaling."""
+    modules = {}
+    for name, mc in conversions.items():
+        c = mc.conversion
+        modules[name] = {
+            "layers": list(mc.layers),
+            "base_keys": list(mc.base_keys),
+            "convention": c.convention,
+            "shapes": {f: list(mc.matrix(f).shape) for f in FACTORS},
+            "ranks": list(mc.ranks),
+            "scaling": list(mc.scaling),
+            "residual_A": _list(c.residual_A),
+            "residual_B": _list(c.residual_B),
+            "condition_1norm_estimate": _list(c.condition),
+        }
+        dora = adapter.modules[name].magnitude
+        if dora is not None:
+            modules[name]["dora_magnitude_norm"] = _list(torch.linalg.vector_norm(dora.double(), dim=-1))
+    return {
+        "modules": modules,
+        "conventions": {c: CONVENTIONS[c] for c in sorted({mc.conversion.convention for mc in conversions.values()})},
+        "settings": settings,
+        "inputs": provenance(base, adapter),
+    }
+
+
+def provenance(base: BaseCheckpoint, adapter: LoraAdapter) -> dict[str, Any]:
+    """Where the numbers come from: paths, the adapter's hash and config, versions."""
+    return {
+        "adapter": {
+            "path": str(adapter.path),
+            "weights_file": adapter.weights_file.name,
+            "sha256": sha256_file(adapter.weights_file),
+            "peft_type": adapter.config.get("peft_type"),
+            "r": adapter.config.get("r"),
+            "lora_alpha": adapter.config.get("lora_alpha"),
+            "use_rslora": bool(adapter.config.get("use_rslora", False)),
+            "use_dora": adapter.is_dora,
+            "target_modules": adapter.config.get("target_modules"),
+            "base_model_name_or_path": adapter.base_model_name_or_path,
+            "ignored_keys": len(adapter.ignored_keys),
+        },
+        "base": {"path": str(base.root), "files": [p.name for p in base.weight_files]},
+        "versions": {"loralens": loralens.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def _list(t: Tensor) -> list[float]:
+    return [float(x) for x in t.tolist()]

@@ -1,0 +1,179 @@
+"""The Python API end to end on the real MiniLM base and real adapters, against float64 numpy/scipy references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file, save_file
+
+import checkpoints
+import loralens
+from loralens.analysis import compute_conversions, layer_similarity, select_modules
+from loralens.errors import LoralensError, RankError, SingularMatrixError
+
+
+def _phi_reference(X: np.ndarray, Y: np.ndarray, i: int, j: int) -> float:
+    """phi from scipy's principal angles: sum cos^2 / min(i, j) (an independent route to the same number)."""
+    U = np.linalg.svd(X, full_matrices=False)[0][:, :i]
+    V = np.linalg.svd(Y, full_matrices=False)[0][:, :j]
+    return float(np.sum(np.cos(scipy.linalg.subspace_angles(U, V)) ** 2) / min(i, j))
+
+
+def test_conversions_on_real_minilm_match_numpy(minilm_path: Path, vader_adapter: Path) -> None:
+    adapter = loralens.load_lora_adapter(vader_adapter)
+    conversions = compute_conversions(loralens.open_base(minilm_path), adapter, device="cpu")
+    base = load_numpy(minilm_path / "model.safetensors")
+    lora = load_numpy(vader_adapter / "adapter_model.safetensors")
+    for name in ("query", "value"):
+        mc = conversions[name]
+        assert mc.layers == tuple(range(6)) and mc.conversion.convention == "solve"
+        for layer in range(6):
+            W = base[f"encoder.layer.{layer}.attention.self.{name}.weight"].astype(np.float64)
+            prefix = f"base_model.model.bert.encoder.layer.{layer}.attention.self.{name}"
+            A = lora[f"{prefix}.lora_A.weight"].astype(np.float64)
+            B = lora[f"{prefix}.lora_B.weight"].astype(np.float64)
+            # Tolerance: cond(W) ~ 1e5 here, so float64 solves agree to ~1e-16 * 1e5 relative.
+            np.testing.assert_allclose(mc.conversion.A[layer].numpy(), np.linalg.solve(W, A.T), rtol=1e-8, atol=1e-10)
+            np.testing.assert_allclose(mc.conversion.B[layer].numpy(), np.linalg.solve(W, B), rtol=1e-8, atol=1e-10)
+            np.testing.assert_allclose(mc.matrix("BA")[layer].numpy(), np.linalg.solve(W, B @ A), rtol=1e-8, atol=1e-10)
+            assert mc.conversion.condition[layer] == pytest.approx(np.linalg.cond(W, 1), rel=0.5)
+        assert float(mc.conversion.residual_B.max()) < 1e-10
+
+
+def test_figure1_similarity_on_real_minilm_matches_scipy(minilm_path: Path, vader_adapter: Path) -> None:
+    adapter = loralens.load_lora_adapter(vader_adapter)
+    conversions = compute_conversions(loralens.open_base(minilm_path), adapter, device="cpu")
+    report = layer_similarity(conversions, seed=1)
+    for name in ("query", "value"):
+        for factor in ("A", "B", "BA"):
+            s = report.modules[name][factor]
+            X = conversions[name].matrix(factor).numpy()
+            assert s.phi.shape == (6, 6) and s.i == s.j == 8
+            for a in range(6):
+                for b in range(6):
+                    assert float(s.phi[a, b]) == pytest.approx(_phi_reference(X[a], X[b], 8, 8), abs=1e-9)
+            assert s.mean_offdiag == pytest.approx(float(s.phi[~torch.eye(6, dtype=torch.bool)].mean()))
+            assert s.random_expected == pytest.approx(8 / 384)
+            assert 0 < s.random_mean_offdiag < 0.1
+        # W^-1 B A has the column space of W^-1 B when A has full row rank.
+        torch.testing.assert_close(report.modules[name]["BA"].phi, report.modules[name]["B"].phi, atol=1e-9, rtol=0)
+
+
+def test_similarity_is_seeded_and_settings_recorded(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    adapter = loralens.load_lora_adapter(tiny_bert_adapter)
+    conversions = compute_conversions(loralens.base_for(adapter, tiny_bert), adapter, device="cpu")
+    a = layer_similarity(conversions, seed=7, i=2, j=3, side="left")
+    b = layer_similarity(conversions, seed=7, i=2, j=3, side="left")
+    assert json.dumps(a.to_dict()) == json.dumps(b.to_dict())
+    assert a.to_dict()["settings"]["i"] == 2 and a.modules["query"]["A"].random_expected == pytest.approx(3 / 32)
+
+
+def test_non_square_llama_uses_least_squares(tmp_path: Path, tiny_llama: Path) -> None:
+    adapter_dir = checkpoints.lora_adapter(tiny_llama, tmp_path / "a", arch="llama", r=4, targets=["q_proj", "v_proj"])
+    adapter = loralens.load_lora_adapter(adapter_dir)
+    conversions = compute_conversions(loralens.open_base(tiny_llama), adapter, device="cpu")
+    assert conversions["q_proj"].conversion.convention == "solve"
+    v = conversions["v_proj"]
+    assert v.conversion.convention == "lstsq"
+    base = load_file(tiny_llama / "model.safetensors")
+    for layer in range(2):
+        W = base[f"model.layers.{layer}.self_attn.v_proj.weight"].double().numpy()  # (16, 64)
+        A = adapter.modules["v_proj"].A[layer].double().numpy()
+        B = adapter.modules["v_proj"].B[layer].double().numpy()
+        np.testing.assert_allclose(v.conversion.A[layer].numpy(), np.linalg.pinv(W.T) @ A.T, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(v.conversion.B[layer].numpy(), np.linalg.pinv(W) @ B, rtol=1e-8, atol=1e-10)
+    report = layer_similarity(conversions)
+    assert report.modules["v_proj"]["A"].dim == 16 and report.modules["v_proj"]["B"].dim == 64
+
+
+@pytest.mark.slow
+def test_real_smollm2_v_proj_least_squares(smollm2: Path, smollm2_adapter: Path) -> None:
+    adapter = loralens.load_lora_adapter(smollm2_adapter)
+    conversions = compute_conversions(loralens.open_base(smollm2), adapter, device="cpu", layer_batch=8)
+    v = conversions["v_proj"]
+    assert v.conversion.convention == "lstsq" and conversions["q_proj"].conversion.convention == "solve"
+    assert v.conversion.A.shape == (30, 192, 8) and v.conversion.B.shape == (30, 576, 8)
+    with safe_open(smollm2 / "model.safetensors", framework="np") as f:
+        for layer in (0, 17, 29):
+            W = f.get_tensor(f"model.layers.{layer}.self_attn.v_proj.weight").astype(np.float64)  # (192, 576)
+            A = adapter.modules["v_proj"].A[layer].double().numpy()
+            B = adapter.modules["v_proj"].B[layer].double().numpy()
+            # Tolerance: a full-row-rank (192, 576) W with cond ~ 1e2..1e3; float64 agrees to ~1e-13 relative.
+            np.testing.assert_allclose(v.conversion.A[layer].numpy(), np.linalg.pinv(W.T) @ A.T, rtol=1e-7, atol=1e-9)
+            np.testing.assert_allclose(v.conversion.B[layer].numpy(), np.linalg.pinv(W) @ B, rtol=1e-7, atol=1e-9)
+    report = layer_similarity(conversions)
+    phi = report.modules["v_proj"]["A"].phi
+    assert phi.shape == (30, 30) and report.modules["v_proj"]["A"].dim == 192
+    torch.testing.assert_close(torch.diagonal(phi), torch.ones(30, dtype=phi.dtype), atol=1e-9, rtol=0)
+
+
+def test_layer_batches_give_the_same_result(minilm_path: Path, vader_adapter: Path) -> None:
+    adapter = loralens.load_lora_adapter(vader_adapter)
+    base = loralens.open_base(minilm_path)
+    whole = compute_conversions(base, adapter, device="cpu", modules=["value"])
+    batched = compute_conversions(base, adapter, device="cpu", modules=["value"], layer_batch=4)
+    torch.testing.assert_close(whole["value"].conversion.B, batched["value"].conversion.B, rtol=0, atol=0)
+    assert batched["value"].base_keys == whole["value"].base_keys
+
+
+def test_singular_base_weight_names_the_layer(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    tensors = load_file(tiny_bert / "model.safetensors")
+    key = "encoder.layer.1.attention.self.value.weight"
+    tensors[key] = tensors[key].clone()
+    tensors[key][5] = tensors[key][4]  # two equal rows: singular
+    (tmp_path / "b").mkdir()
+    save_file(tensors, str(tmp_path / "b" / "model.safetensors"))
+    adapter = loralens.load_lora_adapter(tiny_bert_adapter)
+    with pytest.raises(SingularMatrixError, match=r"'value'.*singular at layers \[1\]") as info:
+        compute_conversions(loralens.open_base(tmp_path / "b"), adapter, device="cpu")
+    assert info.value.indices == (1,)
+
+
+def test_untrained_adapter_says_so(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    tensors = load_file(tiny_bert_adapter / "adapter_model.safetensors")
+    zeroed = {k: (torch.zeros_like(v) if k.endswith("lora_B.weight") else v) for k, v in tensors.items()}
+    folder = tmp_path / "untrained"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((tiny_bert_adapter / "adapter_config.json").read_text())
+    save_file(zeroed, str(folder / "adapter_model.safetensors"))
+    adapter = loralens.load_lora_adapter(folder)
+    conversions = compute_conversions(loralens.open_base(tiny_bert), adapter, device="cpu")
+    with pytest.raises(RankError, match="untrained adapter"):
+        layer_similarity(conversions, factors=("B",))
+
+
+def test_i_above_rank_is_refused(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    adapter = loralens.load_lora_adapter(tiny_bert_adapter)
+    conversions = compute_conversions(loralens.open_base(tiny_bert), adapter, device="cpu")
+    with pytest.raises(RankError, match="rank"):
+        layer_similarity(conversions, i=5)
+
+
+def test_module_selection(tiny_bert_adapter: Path) -> None:
+    adapter = loralens.load_lora_adapter(tiny_bert_adapter)
+    assert select_modules(adapter, ["value"]) == ["value"]
+    assert select_modules(adapter, ["self.query", "value"]) == ["query", "value"]
+    assert select_modules(adapter, None) == ["query", "value"]
+    with pytest.raises(LoralensError, match="matches no modules.*available: query, value"):
+        select_modules(adapter, ["key"])
+
+
+def test_embedded_default_adapter_analyses() -> None:
+    adapter = loralens.load_lora_adapter(loralens.examples.default_adapter())
+    assert adapter.config["r"] == 8 and sorted(adapter.modules) == ["query", "value"]
+    conversions = compute_conversions(
+        loralens.base_for(adapter, loralens.examples.default_base()), adapter, device="cpu"
+    )
+    report = layer_similarity(conversions)
+    for name in ("query", "value"):
+        for factor in ("A", "B"):
+            s = report.modules[name][factor]
+            torch.testing.assert_close(s.phi.diagonal(), torch.ones(6, dtype=s.phi.dtype))
+            assert 0 <= s.mean_offdiag <= 1

@@ -1,0 +1,163 @@
+"""The command line through a real subprocess: outputs, --json, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import checkpoints
+from loralens.cli import app
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loralens", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_similarity_json_on_the_real_adapter(minilm_path: Path, vader_adapter: Path) -> None:
+    proc = run_cli("similarity", "--base", minilm_path, "--adapter", vader_adapter, "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) == {"modules", "settings"}
+    assert set(out["modules"]) == {"query", "value"}
+    for factors in out["modules"].values():
+        assert set(factors) == {"A", "B", "BA"}
+        for f in factors.values():
+            assert len(f["phi"]) == 6 and all(len(row) == 6 for row in f["phi"])
+            assert len(f["random_phi"]) == 6
+            assert f["random_expected"] == pytest.approx(8 / 384)
+            assert f["phi"][2][2] == pytest.approx(1.0)
+            assert 0 <= f["mean_offdiag"] <= 1
+    settings = out["settings"]
+    assert settings["side"] == "left" and settings["device"] == "cpu" and settings["dtype"] == "float64"
+    assert settings["layers"] == {"query": list(range(6)), "value": list(range(6))}
+    assert settings["inputs"]["adapter"]["sha256"]
+
+
+def test_similarity_table_and_options(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    proc = run_cli(
+        "similarity",
+        "--base",
+        tiny_bert,
+        "--adapter",
+        tiny_bert_adapter,
+        "--modules",
+        "value",
+        "--i",
+        "2",
+        "--j",
+        "3",
+        "--side",
+        "left",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "value" in proc.stdout and "query" not in proc.stdout
+    assert "random" in proc.stdout and "0.0938" in proc.stdout  # max(2, 3) / 32
+
+
+def test_base_defaults_to_the_adapter_config(tmp_path: Path, tiny_bert: Path) -> None:
+    adapter = checkpoints.lora_adapter(tiny_bert, tmp_path / "a", arch="bert", base_name=str(tiny_bert))
+    proc = run_cli("similarity", "--adapter", adapter, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["settings"]["inputs"]["base"]["path"] == str(tiny_bert)
+
+
+def test_conversion_writes_safetensors_and_json(tmp_path: Path, minilm_path: Path, vader_adapter: Path) -> None:
+    out = tmp_path / "results"
+    proc = run_cli("conversion", "--base", minilm_path, "--adapter", vader_adapter, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    tensors = load_file(out / "conversion.safetensors")
+    assert sorted(tensors) == sorted(f"{m}.{f}" for m in ("query", "value") for f in ("A", "B", "BA"))
+    assert tensors["value.A"].shape == (6, 384, 8) and tensors["value.B"].shape == (6, 384, 8)
+    assert tensors["value.BA"].shape == (6, 384, 384) and tensors["value.A"].dtype == torch.float64
+    summary = json.loads((out / "conversion.json").read_text())
+    value = summary["modules"]["value"]
+    assert value["convention"] == "solve" and value["layers"] == list(range(6))
+    assert value["shapes"]["A"] == [6, 384, 8] and value["scaling"] == [1.0] * 6
+    assert max(value["residual_B"]) < 1e-10 and min(value["condition_1norm_estimate"]) > 1
+    assert "solve" in summary["conventions"]
+    assert sorted(p.name for p in out.iterdir()) == ["conversion.json", "conversion.safetensors"]  # no temp files
+
+
+def test_conversion_json_and_rerun_replaces(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    out = tmp_path / "o"
+    for _ in range(2):
+        proc = run_cli("conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["outputs"] == [str(out / "conversion.safetensors"), str(out / "conversion.json")]
+    assert sorted(p.name for p in out.iterdir()) == ["conversion.json", "conversion.safetensors"]
+
+
+def test_help_explains() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "conversion" in proc.stdout and "similarity" in proc.stdout
+    proc = run_cli("similarity", "--help")
+    assert "--side" in proc.stdout and "Figure 1" in proc.stdout
+
+
+def test_in_process_runner_matches(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["similarity", "--base", str(tiny_bert), "--adapter", str(tiny_bert_adapter), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["modules"]["query"]["A"]["i"] == 4
+
+
+def _bad_inputs(tmp: Path, tiny_bert: Path, adapter: Path, minilm: Path) -> list[tuple[str, list[str | Path], str]]:
+    """(case, argv, expected words in the one-line error)."""
+    cases: list[tuple[str, list[str | Path], str]] = [
+        ("missing adapter", ["similarity", "--base", tiny_bert, "--adapter", tmp / "nope"], "no such adapter folder"),
+        ("missing base", ["similarity", "--base", tmp / "nobase", "--adapter", adapter], "not a folder"),
+        ("adapter of another base", ["similarity", "--base", minilm, "--adapter", adapter], "another base"),
+        ("i above rank", ["similarity", "--base", tiny_bert, "--adapter", adapter, "--i", "9"], "exceeds the rank"),
+        ("unknown module", ["similarity", "--base", tiny_bert, "--adapter", adapter, "--modules", "key"], "matches no"),
+        (
+            "output is a file",
+            ["conversion", "--base", tiny_bert, "--adapter", adapter, "--out", tmp / "f.txt"],
+            "is a file",
+        ),
+    ]
+    (tmp / "f.txt").write_text("x")
+
+    nan = tmp / "nan-adapter"
+    shutil.copytree(adapter, nan)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    save_file(tensors | {key: torch.full_like(tensors[key], float("nan"))}, str(nan / "adapter_model.safetensors"))
+    cases.append(("NaN in adapter", ["similarity", "--base", tiny_bert, "--adapter", nan], "NaN or Inf"))
+
+    singular = tmp / "singular-base"
+    shutil.copytree(tiny_bert, singular)
+    base = load_file(tiny_bert / "model.safetensors")
+    k = "encoder.layer.0.attention.self.query.weight"
+    base[k] = torch.zeros_like(base[k])
+    save_file(base, str(singular / "model.safetensors"))
+    cases.append(("singular W0", ["similarity", "--base", singular, "--adapter", adapter], "singular at layers [0]"))
+
+    truncated = tmp / "truncated-base"
+    shutil.copytree(tiny_bert, truncated)
+    checkpoints.truncate_file(truncated / "model.safetensors", 1000)
+    cases.append(("truncated base", ["similarity", "--base", truncated, "--adapter", adapter], "corrupt or truncated"))
+    return cases
+
+
+def test_bad_input_gives_one_line_and_exit_2(
+    tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path, minilm_path: Path
+) -> None:
+    for case, argv, words in _bad_inputs(tmp_path, tiny_bert, tiny_bert_adapter, minilm_path):
+        proc = run_cli(*argv)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (case, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (case, proc.stderr)
+        assert words in lines[0], (case, lines[0])
+        assert "Traceback" not in proc.stderr and proc.stdout == "", case
+    assert not (tmp_path / "f.txt.tmp").exists()
