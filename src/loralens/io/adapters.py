@@ -34,6 +34,7 @@ from loralens.io.keys import (
     parse_module_path,
     peft_pattern_value,
 )
+from loralens.io.peft_config import check_lora_config
 
 __all__ = ["AdapterModule", "LoraAdapter", "load_lora_adapter", "read_base_weights"]
 
@@ -138,7 +139,7 @@ def load_lora_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     """
     folder = _adapter_folder(Path(path).expanduser())
     config = read_json(folder / CONFIG_NAME)
-    _check_peft_type(config, folder / CONFIG_NAME)
+    check_lora_config(config, folder / CONFIG_NAME)
     weights_file = _weights_file(folder)
     tensors = (
         read_safetensors(weights_file)
@@ -221,17 +222,6 @@ def _adapter_folder(path: Path) -> Path:
     if not (path / CONFIG_NAME).is_file():
         raise InputPathError(f"{path}: no {CONFIG_NAME}; is this a PEFT adapter folder (save_pretrained output)?")
     return path
-
-
-def _check_peft_type(config: dict[str, Any], path: Path) -> None:
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type == "LORA":
-        return
-    if not peft_type:
-        raise CheckpointError(f"{path}: no 'peft_type'; expected \"LORA\" (a PEFT LoRA adapter config)")
-    raise CheckpointError(
-        f"{path}: peft_type {config.get('peft_type')!r} is not supported; loralens reads LORA adapters"
-    )
 
 
 def _weights_file(folder: Path) -> Path:
