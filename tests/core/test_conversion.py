@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from loralens.core.conversion import Conversion, condition_estimate, conversion_matrices
+from loralens.core.conversion import (
+    Conversion,
+    condition_estimate,
+    conversion_matrices,
+    factorize,
+    solve_conversions,
+)
 from loralens.errors import DTypeError, NonFiniteError, ShapeError, SingularMatrixError
 
 RTOL = 1e-10  # float64 vs numpy on well-conditioned W (see module docstring)
@@ -426,3 +432,107 @@ def test_condition_estimate_rejects_dtypes_without_lu(dtype: torch.dtype) -> Non
     W = (3 * torch.eye(3, dtype=torch.float64)).expand(2, 3, 3).to(dtype)
     with pytest.raises(DTypeError, match=rf"float32 or float64 matrices, got {re.escape(str(dtype))}"):
         condition_estimate(W)
+
+
+# ------------------------------------------------------------------ one factorisation, many right-hand sides
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(9, 9), (12, 36), (36, 12)], ids=["square", "wide", "tall"])
+def test_many_adapters_equal_one_at_a_time(d_out: int, d_in: int) -> None:
+    rng = np.random.default_rng(51)
+    L = 3
+    W = shifted_gaussian(rng, L, d_out) if d_out == d_in else rng.standard_normal((L, d_out, d_in))
+    factors = [lora_factors(rng, L, d_out, d_in, r) for r in (2, 3, 5)]  # ranks may differ
+
+    joint = solve_conversions(factorize(T(W)), [T(A) for A, _ in factors], [T(B) for _, B in factors])
+
+    assert len(joint) == 3
+    for (A, B), c in zip(factors, joint, strict=True):
+        alone = run(W, A, B)
+        assert c.convention == alone.convention
+        for x, y in ((c.A, alone.A), (c.B, alone.B), (c.BA, alone.BA)):
+            assert x is not None and y is not None
+            assert_close(x, y.numpy(), rtol=1e-12)  # the same factorisation, one block solve: rounding only
+        if d_out == d_in:
+            assert (c.residual_A < EXACT_RESIDUAL).all() and (c.residual_B < EXACT_RESIDUAL).all()
+            assert_close(c.A, np.linalg.solve(W, mT(A)))
+            assert_close(c.B, np.linalg.solve(W, B))
+        else:
+            over = c.residual_A if d_out < d_in else c.residual_B  # O(1): compared, not bounded
+            assert_close(over, (alone.residual_A if d_out < d_in else alone.residual_B).numpy())
+            assert_close(c.A, np.linalg.pinv(mT(W)) @ mT(A))
+            assert_close(c.B, np.linalg.pinv(W) @ B)
+        assert torch.equal(c.condition, joint[0].condition)
+
+
+def test_factorize_reads_a_sequence_into_a_reused_buffer_and_leaves_W_alone() -> None:
+    rng = np.random.default_rng(52)
+    W = T(shifted_gaussian(rng, 3, 8))
+    A, B = (T(x) for x in lora_factors(rng, 3, 8, 8, 2))
+    halves = [w.to(torch.float16) for w in W]  # e.g. memory-mapped fp16 tensors of a checkpoint
+    kept = [h.clone() for h in halves]
+    out = torch.empty(3, 8, 8, dtype=torch.float64)
+
+    f = factorize(halves, dtype=torch.float64, out=out)
+    c = solve_conversions(f, [A], [B])[0]
+
+    assert f._factors[0].data_ptr() == out.data_ptr()  # the LU is computed in the caller's buffer
+    assert all(torch.equal(h, k) for h, k in zip(halves, kept, strict=True))  # the inputs are untouched
+    ref = conversion_matrices(torch.stack(halves), A, B)
+    torch.testing.assert_close(c.A, ref.A, rtol=0, atol=0)
+    torch.testing.assert_close(c.residual_B, ref.residual_B, rtol=0, atol=0)  # residuals against the fp16 values
+    W64 = W.clone()
+    conversion_matrices(W64, A, B)
+    assert torch.equal(W64, W)  # float64 input of the compute dtype is copied, never factored in place
+    with pytest.raises(ShapeError, match=r"out must be a contiguous \(3, 8, 8\) torch.float64"):
+        factorize(halves, out=torch.empty(2, 8, 8, dtype=torch.float64))
+    with pytest.raises(ShapeError, match=r"W\[1\] is \(8, 7\)"):
+        factorize([W[0], W[1, :, :7]])
+    with pytest.raises(DTypeError, match=r"W\[0\] has dtype torch.int8.*dequantized first"):
+        factorize([W[0].to(torch.int8)])
+
+
+def test_select_reuses_the_factors_of_a_subset_of_layers() -> None:
+    rng = np.random.default_rng(53)
+    W = shifted_gaussian(rng, 4, 6)
+    A, B = lora_factors(rng, 4, 6, 6, 2)
+    f = factorize(T(W))
+
+    sub = f.select([1, 3])
+    c = solve_conversions(sub, [T(A[[1, 3]])], [T(B[[1, 3]])])[0]
+
+    assert sub.shape == (2, 6, 6) and torch.equal(sub.condition, f.condition[[1, 3]])
+    assert_close(c.B, np.linalg.solve(W[[1, 3]], B[[1, 3]]))
+    assert_close(sub.solve_transposed(T(B[[1, 3]])), np.linalg.solve(mT(W[[1, 3]]), B[[1, 3]]))
+
+
+def test_residuals_can_be_skipped() -> None:
+    rng = np.random.default_rng(54)
+    W = shifted_gaussian(rng, 2, 5)
+    A, B = lora_factors(rng, 2, 5, 5, 2)
+    c = solve_conversions(factorize(T(W)), [T(A)], [T(B)], with_residuals=False, with_product=False)[0]
+    assert torch.isnan(c.residual_A).all() and torch.isnan(c.residual_B).all() and c.BA is None
+    assert_close(c.A, np.linalg.solve(W, mT(A)))
+
+
+def test_float32_overflow_is_not_reported_as_nan() -> None:
+    W = torch.eye(3, dtype=torch.float64).expand(2, 3, 3).clone() * 1e39  # finite in float64, inf in float32
+    A, B = torch.ones(2, 1, 3, dtype=torch.float64), torch.ones(2, 3, 1, dtype=torch.float64)
+    with pytest.raises(DTypeError, match=r"beyond the range of torch.float32; use float64"):
+        conversion_matrices(W, A, B, dtype=torch.float32)
+    assert torch.allclose(conversion_matrices(W, A, B).A, A.mT / 1e39)
+
+
+def test_solve_conversions_checks_every_adapter() -> None:
+    rng = np.random.default_rng(55)
+    W = shifted_gaussian(rng, 2, 5)
+    A, B = (T(x) for x in lora_factors(rng, 2, 5, 5, 2))
+    f = factorize(T(W))
+    with pytest.raises(ShapeError, match=r"need one B per A"):
+        solve_conversions(f, [A, A], [B])
+    with pytest.raises(ShapeError, match=r"A\[1\] \(L, r, d_in\)"):
+        solve_conversions(f, [A, A[:, :, :4]], [B, B])
+    bad = B.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"B\[1\] holds NaN or Inf at batch positions \[1\]"):
+        solve_conversions(f, [A, A], [B, bad])

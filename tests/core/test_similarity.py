@@ -162,6 +162,20 @@ def test_top_singular_vectors_span_numpy_svd(side: str) -> None:
         assert np.abs(projector(U[l]) - projector(numpy_basis(X[l], 4, side))).max() < PROJ_TOL
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shape", [(40, 5), (5, 40), (12, 6)], ids=["tall", "wide", "squarish"])
+def test_top_singular_vectors_of_thin_matrices_go_through_qr(side: str, shape: tuple[int, int]) -> None:
+    # Tall and wide matrices (conversion matrices are d x r) take the QR + small-SVD route; same subspaces.
+    X = gaussian(12, 3, *shape) * np.logspace(0, -3, shape[1])  # distinct singular values
+    U = top_singular_vectors(T(X), 4, side=side)  # type: ignore[arg-type]
+    assert U.shape == (3, shape[0] if side == "left" else shape[1], 4)
+    assert torch.allclose(U.mT @ U, torch.eye(4, dtype=torch.float64).expand(3, 4, 4), rtol=0, atol=1e-12)
+    for l in range(3):
+        assert np.abs(projector(U[l]) - projector(numpy_basis(X[l], 4, side))).max() < PROJ_TOL
+    with pytest.raises(RankError, match="exceeds the rank"):
+        top_singular_vectors(T(X[:, :, :3] if shape[1] == 40 else X[:, :3, :]), 4, side=side)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_top_singular_vectors_computes_half_in_float32(half: torch.dtype) -> None:
     X = T(gaussian(11, 8, 5)).to(half)

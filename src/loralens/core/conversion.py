@@ -16,25 +16,50 @@ Beyond the paper (its stated limitation), a non-square ``W`` gets the least-squa
 (shape ``(d_in, r)``), each in the least-squares sense when over-determined and with minimum norm
 when under-determined. One reduced QR factorisation of whichever of ``W``, ``W.T`` is tall serves
 both. Every result records which convention made it.
+
+Speed and memory: a solve costs little more than the LU itself.
+
+- :func:`factorize` copies the weights once into a working buffer of the compute dtype (half-precision
+  weights are upcast in that copy) and LAPACK factors the buffer in place. The row-major buffer holding
+  ``W`` is ``W.T`` in column-major order, so the LU of ``W.T`` needs no transposing copy and no second
+  buffer; ``W X = Y`` is then the adjoint solve with that LU.
+- One pass over the buffer yields the 1-norm of each ``W`` (for the condition estimate) and, through it,
+  the NaN/Inf check: a non-finite entry makes its column sum non-finite.
+- The condition estimate (Hager's method as LAPACK's ``gecon``) stops once every matrix has converged,
+  usually after four single-column solves, each a fraction of the LU's cost.
+- One factorisation serves any number of right-hand sides: :func:`solve_conversions` solves the
+  factors of several adapters of the same base as one block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from loralens.errors import DTypeError, NonFiniteError, ShapeError, SingularMatrixError
+from loralens.errors import DTypeError, LoralensError, NonFiniteError, ShapeError, SingularMatrixError
 
-__all__ = ["Conversion", "Convention", "conversion_matrices", "condition_estimate"]
+__all__ = [
+    "Conversion",
+    "Convention",
+    "Factorization",
+    "conversion_matrices",
+    "condition_estimate",
+    "factorize",
+    "solve_conversions",
+    "layer_working_bytes",
+    "chunk_bytes",
+]
 
 Convention = Literal["solve", "lstsq"]
 
 # Hager's estimator converges in two or three steps on almost every matrix; LAPACK's gecon stops at 5.
 _HAGER_STEPS = 5
+# Temporaries of the chunked passes (|W| column sums, residual products) hold about this many elements.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,7 @@ class Conversion:
         ``(L,)`` relative residuals ``||W X - RHS||_F / ||RHS||_F`` of the two solves (``W.T`` for A
         under ``"lstsq"``). Near machine precision for a well-conditioned square ``W``; for an
         over-determined least-squares solve it measures how much of the RHS lies outside ``W``'s range.
+        NaN when not requested (``with_residuals=False``).
     condition : Tensor
         ``(L,)`` estimate of the 1-norm condition number of ``W`` (of the triangular factor ``R``,
         which has ``W``'s singular values, under ``"lstsq"``), by Hager's method as LAPACK's ``gecon``.
@@ -68,6 +94,95 @@ class Conversion:
     residual_B: Tensor
     condition: Tensor
     convention: Convention
+
+
+@dataclass(frozen=True, eq=False)
+class Factorization:
+    """One factorisation of a stack of base weights ``W`` ``(L, d_out, d_in)``, reusable for any number of RHS.
+
+    Made by :func:`factorize`; used by :func:`solve_conversions`. ``"solve"`` holds the LU of ``W.T``
+    (computed in place in a row-major buffer, see the module docstring), ``"lstsq"`` the reduced QR of
+    whichever of ``W``, ``W.T`` is tall.
+
+    Attributes
+    ----------
+    convention : {"solve", "lstsq"}
+    shape : (L, d_out, d_in)
+    dtype : torch.dtype
+        Compute dtype of the factors and of every solution.
+    condition : Tensor
+        ``(L,)`` 1-norm condition estimates, as :attr:`Conversion.condition`.
+    weights : tuple of Tensor
+        The ``L`` matrices ``(d_out, d_in)`` as given (any float dtype): residuals are computed against them.
+    """
+
+    convention: Convention
+    shape: tuple[int, int, int]
+    dtype: torch.dtype
+    condition: Tensor
+    weights: tuple[Tensor, ...]
+    _factors: tuple[Tensor, Tensor]  # "solve": (row-major buffer holding the LU of W.T, pivots); "lstsq": (Q, R)
+    _tall_is_W: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.condition.device
+
+    def solve(self, Y: Tensor) -> Tensor:
+        """``W X = Y``: ``(L, d_out, n) -> (L, d_in, n)``; least squares / minimum norm for non-square ``W``."""
+        if self.convention == "solve":
+            buffer, pivots = self._factors
+            return torch.linalg.lu_solve(buffer.mT, pivots, Y, adjoint=True)
+        return self._least_squares(Y) if self._tall_is_W else self._minimum_norm(Y)
+
+    def solve_transposed(self, Y: Tensor) -> Tensor:
+        """``W.T X = Y``: ``(L, d_in, n) -> (L, d_out, n)``; least squares / minimum norm for non-square ``W``."""
+        if self.convention == "solve":
+            buffer, pivots = self._factors
+            return torch.linalg.lu_solve(buffer.mT, pivots, Y)
+        return self._minimum_norm(Y) if self._tall_is_W else self._least_squares(Y)
+
+    def select(self, positions: Sequence[int]) -> Factorization:
+        """The factorisation of ``W[positions]`` (copies the factors of those layers; no new factorisation)."""
+        idx = torch.as_tensor(list(positions), dtype=torch.long, device=self.device)
+        factors = (self._factors[0][idx], self._factors[1][idx])
+        weights = tuple(self.weights[int(k)] for k in positions)
+        return Factorization(
+            self.convention,
+            (len(weights), *self.shape[1:]),
+            self.dtype,
+            self.condition[idx],
+            weights,
+            factors,
+            self._tall_is_W,
+        )
+
+    def weights_times(self, X: Tensor, *, transpose: bool = False) -> Tensor:
+        """``W @ X`` (``W.T @ X`` with ``transpose``) in the compute dtype, from the weights as given.
+
+        ``(L, d_in, n) -> (L, d_out, n)``; half-precision weights are upcast a block of rows at a time.
+        """
+        L, rows = len(self.weights), self.shape[2] if transpose else self.shape[1]
+        out = torch.empty((L, rows, X.shape[-1]), dtype=self.dtype, device=X.device)
+        for k, M in enumerate(self.weights):
+            M = M.mT if transpose else M
+            if M.dtype == self.dtype:
+                torch.matmul(M, X[k], out=out[k])
+                continue
+            step = max(1, _CHUNK_ELEMENTS // M.shape[1])
+            for s in range(0, rows, step):
+                torch.matmul(M[s : s + step].to(self.dtype), X[k], out=out[k, s : s + step])
+        return out
+
+    # M = Q R is the tall one of W, W.T: M X = Y has the least-squares solution R^-1 Q.T Y,
+    # M.T X = Y the minimum-norm solution Q R^-T Y.
+    def _least_squares(self, Y: Tensor) -> Tensor:
+        Q, R = self._factors
+        return torch.linalg.solve_triangular(R, Q.mT @ Y, upper=True)
+
+    def _minimum_norm(self, Y: Tensor) -> Tensor:
+        Q, R = self._factors
+        return Q @ torch.linalg.solve_triangular(R.mT, Y, upper=False)
 
 
 def conversion_matrices(
@@ -104,24 +219,167 @@ def conversion_matrices(
     ------
     ShapeError
         Shapes that do not fit together.
+    DTypeError
+        Integer or quantized inputs, or a compute dtype other than float32/float64.
     NonFiniteError
         NaN or Inf in an input.
     SingularMatrixError
         A ``W`` that is singular to working precision; ``indices`` names the batch positions.
     """
-    _check_inputs(W, A, B, dtype)
-    W, A, B = (t.to(dtype) for t in (W, A, B))
-    d_out, d_in = W.shape[-2:]
+    _check_compute_dtype(dtype)
+    for name, t in (("W", W), ("A", A), ("B", B)):
+        _check_stack(name, t)
+    _check_fit(tuple(W.shape), A, B)
+    _check_finite("A", A)
+    _check_finite("B", B)
+    return solve_conversions(factorize(W, dtype=dtype), [A], [B], with_product=with_product)[0]
+
+
+def factorize(
+    W: Tensor | Sequence[Tensor], *, dtype: torch.dtype = torch.float64, out: Tensor | None = None
+) -> Factorization:
+    """Factor a stack of base weights once, for :func:`solve_conversions` with any number of adapters.
+
+    Parameters
+    ----------
+    W : Tensor or sequence of Tensor
+        ``(L, d_out, d_in)``, or ``L`` matrices ``(d_out, d_in)`` (e.g. memory-mapped tensors straight from
+        a checkpoint: they are copied into the working buffer without an intermediate stack). Any float dtype;
+        kept by reference for the residuals.
+    dtype : torch.dtype
+        ``float32`` or ``float64``: the compute dtype.
+    out : Tensor, optional
+        ``(L, d_out, d_in)`` contiguous buffer of ``dtype`` on ``W``'s device for square ``W``: the LU is
+        computed in it (overwritten), so a caller solving many batches can reuse one allocation. Ignored
+        for non-square ``W``.
+
+    Returns
+    -------
+    Factorization
+
+    Raises
+    ------
+    ShapeError, DTypeError, NonFiniteError, SingularMatrixError
+        As :func:`conversion_matrices`.
+    """
+    _check_compute_dtype(dtype)
+    mats = _matrices(W)
+    L, (d_out, d_in) = len(mats), mats[0].shape
+    device = mats[0].device
     if d_out == d_in:
-        conv_A, conv_B, cond = _solve_square(W, A, B)
-        convention: Convention = "solve"
+        work = _buffer(out, (L, d_out, d_in), dtype, device)
+        for k, M in enumerate(mats):
+            work[k].copy_(M)  # the upcast happens here; row-major W is column-major W.T
+        norm1 = _column_abs_sums(work).amax(dim=-1)  # (L,) ||W||_1, non-finite iff W is (or overflows dtype)
+        _check_finite_weights(norm1, mats, dtype)
+        pivots, info = _lu_in_place(work)
+        cond = _lu_condition(work, pivots, info, norm1)
+        _raise_if_singular(info > 0, cond, dtype)
+        return Factorization("solve", (L, d_out, d_in), dtype, cond, mats, (work, pivots))
+    work = torch.empty((L, d_out, d_in), dtype=dtype, device=device)
+    for k, M in enumerate(mats):
+        work[k].copy_(M)
+    _check_finite_weights(_column_abs_sums(work).amax(dim=-1), mats, dtype)
+    tall_is_W = d_out > d_in
+    Q, R = torch.linalg.qr(work if tall_is_W else work.mT, mode="reduced")  # (L, n, k), (L, k, k)
+    del work
+    cond = _triangular_condition(R)
+    exact = (R.diagonal(dim1=-2, dim2=-1) == 0).any(dim=-1)
+    _raise_if_singular(exact, cond, dtype)
+    return Factorization("lstsq", (L, d_out, d_in), dtype, cond, mats, (Q, R), tall_is_W)
+
+
+def solve_conversions(
+    factorization: Factorization,
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    *,
+    with_product: bool = True,
+    with_residuals: bool = True,
+) -> list[Conversion]:
+    """Conversion matrices of several adapters of the same base from one factorisation.
+
+    All right-hand sides are solved as one block: ``[A_1.T | B_1 | A_2.T | B_2 | ...]`` for square ``W``.
+
+    Parameters
+    ----------
+    factorization : Factorization
+        Of ``W`` ``(L, d_out, d_in)``, from :func:`factorize`.
+    As, Bs : sequences of Tensor
+        Per adapter ``A_k`` ``(L, r_k, d_in)`` and ``B_k`` ``(L, d_out, r_k)``; ranks may differ.
+    with_product : bool
+        Also return ``conv_BA = conv_B @ A`` per adapter.
+    with_residuals : bool
+        Compute the residuals (one more pass over ``W``); NaN otherwise.
+
+    Returns
+    -------
+    list of Conversion
+        One per adapter, in the compute dtype on the factorisation's device.
+    """
+    if len(As) != len(Bs) or not As:
+        raise ShapeError(f"need one B per A and at least one adapter, got {len(As)} A and {len(Bs)} B")
+    for k, (A, B) in enumerate(zip(As, Bs, strict=True)):
+        tag = "" if len(As) == 1 else f"[{k}]"
+        _check_stack("A" + tag, A)
+        _check_stack("B" + tag, B)
+        _check_fit(factorization.shape, A, B, tag)
+        _check_finite("A" + tag, A)
+        _check_finite("B" + tag, B)
+    f = factorization
+    As = [A.to(device=f.device, dtype=f.dtype) for A in As]
+    Bs = [B.to(device=f.device, dtype=f.dtype) for B in Bs]
+    ranks = [A.shape[1] for A in As]
+    if f.convention == "solve":
+        Y = torch.cat([t for A, B in zip(As, Bs, strict=True) for t in (A.mT, B)], dim=-1)  # (L, d, sum 2 r_k)
+        X = f.solve(Y)
+        res = _block_residuals(f, X, Y, [r for r in ranks for _ in (0, 1)], with_residuals)
+        starts = _offsets([r for r in ranks for _ in (0, 1)])
+        XA = [X[..., starts[2 * k] : starts[2 * k] + r] for k, r in enumerate(ranks)]
+        XB = [X[..., starts[2 * k + 1] : starts[2 * k + 1] + r] for k, r in enumerate(ranks)]
+        res_A, res_B = res[0::2], res[1::2]
     else:
-        conv_A, conv_B, cond = _solve_least_squares(W, A, B)
-        convention = "lstsq"
-    residual_A = _relative_residual(W.mT if convention == "lstsq" else W, conv_A, A.mT)
-    residual_B = _relative_residual(W, conv_B, B)
-    BA = conv_B @ A if with_product else None
-    return Conversion(conv_A, conv_B, BA, residual_A, residual_B, cond, convention)
+        Y_A = torch.cat([A.mT for A in As], dim=-1)  # (L, d_in, sum r_k)
+        Y_B = torch.cat(list(Bs), dim=-1)  # (L, d_out, sum r_k)
+        X_A, X_B = f.solve_transposed(Y_A), f.solve(Y_B)
+        starts = _offsets(ranks)
+        res_A = _block_residuals(f, X_A, Y_A, ranks, with_residuals, transpose=True)
+        res_B = _block_residuals(f, X_B, Y_B, ranks, with_residuals)
+        XA = [X_A[..., s : s + r] for s, r in zip(starts, ranks, strict=True)]
+        XB = [X_B[..., s : s + r] for s, r in zip(starts, ranks, strict=True)]
+    return [
+        Conversion(
+            XA[k],
+            XB[k],
+            XB[k] @ As[k] if with_product else None,
+            res_A[k],
+            res_B[k],
+            f.condition,
+            f.convention,
+        )
+        for k in range(len(As))
+    ]
+
+
+def layer_working_bytes(d_out: int, d_in: int, *, stored_itemsize: int, dtype: torch.dtype, rhs_columns: int) -> int:
+    """Bytes one layer occupies while :func:`factorize` and :func:`solve_conversions` run on it.
+
+    The weights as given (``stored_itemsize`` per entry), the working buffer (LU in place; for non-square
+    ``W`` the QR's copy, ``Q`` and ``R``), and the right-hand sides, solutions and residual products of
+    ``rhs_columns`` columns. Fixed-size temporaries of the chunked passes come on top, see
+    :func:`chunk_bytes`.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = d_out * d_in
+    factor = n * itemsize if d_out == d_in else 3 * n * itemsize + min(d_out, d_in) ** 2 * itemsize
+    rhs = 4 * max(d_out, d_in) * rhs_columns * itemsize  # RHS, solution, W @ X, W @ X - RHS
+    return n * stored_itemsize + factor + rhs + 8 * max(d_out, d_in) * itemsize
+
+
+def chunk_bytes(d_out: int, d_in: int, *, dtype: torch.dtype) -> int:
+    """Bytes of the temporaries of the chunked passes over ``(d_out, d_in)`` weights, whatever the number of layers."""
+    elements = min(max(_CHUNK_ELEMENTS, d_out, d_in), d_out * d_in)
+    return 2 * elements * torch.empty((), dtype=dtype).element_size()
 
 
 def condition_estimate(W: Tensor) -> Tensor:
@@ -142,74 +400,161 @@ def condition_estimate(W: Tensor) -> Tensor:
         raise ShapeError(f"expected a stack of square matrices (L, d, d), got shape {tuple(W.shape)}")
     if W.dtype not in (torch.float32, torch.float64):
         raise DTypeError(f"expected float32 or float64 matrices, got {W.dtype}")
-    LU, pivots, info = torch.linalg.lu_factor_ex(W)
-    cond = _lu_condition(W, LU, pivots)
-    return torch.where(info > 0, torch.full_like(cond, float("inf")), cond)
+    work = W.clone(memory_format=torch.contiguous_format)
+    norm1 = _column_abs_sums(work).amax(dim=-1)
+    pivots, info = _lu_in_place(work)
+    return _lu_condition(work, pivots, info, norm1)
 
 
-def _check_inputs(W: Tensor, A: Tensor, B: Tensor, dtype: torch.dtype) -> None:
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _check_compute_dtype(dtype: torch.dtype) -> None:
     if dtype not in (torch.float32, torch.float64):
         raise DTypeError(
             f"compute dtype must be float32 or float64, got {dtype} (half-precision inputs are upcast to it)"
         )
-    for name, t in (("W", W), ("A", A), ("B", B)):
-        if t.ndim != 3:
-            raise ShapeError(f"{name} must be a stack of matrices (L, rows, cols), got shape {tuple(t.shape)}")
-        if not (t.dtype.is_floating_point or t.dtype.is_complex):
-            raise ShapeError(f"{name} has dtype {t.dtype}; integer or quantized weights must be dequantized first")
-    L, d_out, d_in = W.shape
+
+
+def _check_stack(name: str, t: Tensor) -> None:
+    if t.ndim != 3:
+        raise ShapeError(f"{name} must be a stack of matrices (L, rows, cols), got shape {tuple(t.shape)}")
+    _check_float(name, t)
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if t.dtype.is_complex:
+        raise DTypeError(f"{name} has dtype {t.dtype}; conversion matrices need real weights")
+    if not t.dtype.is_floating_point or t.dtype.itemsize == 1:  # float8: quantized, scales stored elsewhere
+        raise DTypeError(f"{name} has dtype {t.dtype}; integer or quantized weights must be dequantized first")
+
+
+def _check_fit(W_shape: tuple[int, ...], A: Tensor, B: Tensor, tag: str = "") -> None:
+    L, d_out, d_in = W_shape
     r = A.shape[1]
     if A.shape != (L, r, d_in) or B.shape != (L, d_out, r):
         raise ShapeError(
-            f"shapes do not fit: W {tuple(W.shape)} (L, d_out, d_in) needs A (L, r, d_in) and "
-            f"B (L, d_out, r), got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            f"shapes do not fit: W {tuple(W_shape)} (L, d_out, d_in) needs A{tag} (L, r, d_in) and "
+            f"B{tag} (L, d_out, r), got A {tuple(A.shape)} and B {tuple(B.shape)}"
         )
-    for name, t in (("W", W), ("A", A), ("B", B)):
-        bad = ~torch.isfinite(t).flatten(1).all(dim=1)
-        if bad.any():
-            raise NonFiniteError(f"{name} holds NaN or Inf at batch positions {_positions(bad)}")
 
 
-def _solve_square(W: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(L, d, d), (L, r, d), (L, d, r) -> conv_A (L, d, r), conv_B (L, d, r), cond (L,)."""
-    LU, pivots, info = torch.linalg.lu_factor_ex(W)
-    cond = _lu_condition(W, LU, pivots)
-    _raise_if_singular(info > 0, cond, W.dtype)
-    r = A.shape[1]
-    X = torch.linalg.lu_solve(LU, pivots, torch.cat([A.mT, B], dim=-1))  # (L, d, 2r)
-    return X[..., :r], X[..., r:], cond
+def _check_finite(name: str, t: Tensor) -> None:
+    bad = ~torch.isfinite(t).flatten(1).all(dim=1)
+    if bad.any():
+        raise NonFiniteError(f"{name} holds NaN or Inf at batch positions {_positions(bad)}")
 
 
-def _solve_least_squares(W: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Non-square W (L, d_out, d_in): conv_A (L, d_out, r) from W.T X = A.T, conv_B (L, d_in, r) from W X = B.
+def _matrices(W: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """A stack (L, d_out, d_in) or a sequence of L matrices -> tuple of L (d_out, d_in) views, validated."""
+    if isinstance(W, Tensor):
+        _check_stack("W", W)
+        mats = tuple(W.unbind(0))
+    else:
+        mats = tuple(W)
+        for k, M in enumerate(mats):
+            if not isinstance(M, Tensor) or M.ndim != 2:
+                shape = tuple(M.shape) if isinstance(M, Tensor) else type(M).__name__
+                raise ShapeError(f"W[{k}] must be a matrix (rows, cols), got {shape}")
+            _check_float(f"W[{k}]", M)
+            if M.shape != mats[0].shape or M.device != mats[0].device:
+                raise ShapeError(
+                    f"W[{k}] is {tuple(M.shape)} on {M.device}, W[0] {tuple(mats[0].shape)} on {mats[0].device}: "
+                    "the matrices of one stack must share shape and device"
+                )
+    if not mats:
+        raise ShapeError("W holds no matrices (L = 0)")
+    return mats
 
-    With M the tall one of (W, W.T) and M = Q R (reduced), ``M X = Y`` has the least-squares
-    solution ``R^-1 Q.T Y`` and ``M.T X = Y`` the minimum-norm solution ``Q R^-T Y``.
+
+def _buffer(out: Tensor | None, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ShapeError(
+            f"out must be a contiguous {shape} {dtype} tensor on {device}, got {tuple(out.shape)} {out.dtype} "
+            f"on {out.device}{'' if out.is_contiguous() else ' (not contiguous)'}"
+        )
+    return out
+
+
+def _check_finite_weights(norm1: Tensor, mats: tuple[Tensor, ...], dtype: torch.dtype) -> None:
+    """Raise for matrices whose 1-norm is not finite: NaN/Inf in W, or entries beyond ``dtype``'s range."""
+    bad = ~torch.isfinite(norm1)
+    if not bool(bad.any()):
+        return
+    positions = _positions(bad)
+    nonfinite = [k for k in positions if not bool(torch.isfinite(mats[k]).all())]
+    if nonfinite:
+        raise NonFiniteError(f"W holds NaN or Inf at batch positions {nonfinite}")
+    raise DTypeError(f"W at batch positions {positions} has entries beyond the range of {dtype}; use float64")
+
+
+# ------------------------------------------------------------------------------------------ numerics
+
+
+def _column_abs_sums(work: Tensor) -> Tensor:
+    """(L, m, n) -> (L, n) sums of |entries| per column, in row blocks through one small reused temporary."""
+    L, m, n = work.shape
+    acc = torch.zeros((L, n), dtype=work.dtype, device=work.device)
+    step = max(1, min(m, _CHUNK_ELEMENTS // max(1, n)))
+    tmp = torch.empty((step, n), dtype=work.dtype, device=work.device)
+    for k in range(L):
+        for s in range(0, m, step):
+            block = work[k, s : s + step]
+            t = tmp[: block.shape[0]]
+            torch.abs(block, out=t)
+            acc[k] += t.sum(dim=0)
+    return acc
+
+
+def _lu_in_place(work: Tensor) -> tuple[Tensor, Tensor]:
+    """LU of ``work.mT`` (column-major view of the row-major buffer) computed in the buffer itself.
+
+    (L, d, d) -> pivots (L, d) int32, info (L,) int32; ``work`` then holds the factors of ``W.T``.
     """
-    tall_is_W = W.shape[-2] > W.shape[-1]
-    M = W if tall_is_W else W.mT
-    Q, R = torch.linalg.qr(M, mode="reduced")  # (L, n, k), (L, k, k), k = min(d_out, d_in)
-    cond = _triangular_condition(R)
-    diag = R.diagonal(dim1=-2, dim2=-1).abs()
-    exact = (diag == 0).any(dim=-1)
-    _raise_if_singular(exact, cond, W.dtype)
-
-    def least_squares(Y: Tensor) -> Tensor:  # M X = Y
-        return torch.linalg.solve_triangular(R, Q.mT @ Y, upper=True)
-
-    def minimum_norm(Y: Tensor) -> Tensor:  # M.T X = Y
-        return Q @ torch.linalg.solve_triangular(R.mT, Y, upper=False)
-
-    if tall_is_W:  # W X = B over-determined, W.T X = A.T under-determined
-        return minimum_norm(A.mT), least_squares(B), cond
-    return least_squares(A.mT), minimum_norm(B), cond
+    L, d, _ = work.shape
+    pivots = torch.empty((L, d), dtype=torch.int32, device=work.device)
+    info = torch.empty((L,), dtype=torch.int32, device=work.device)
+    torch.linalg.lu_factor_ex(work.mT, out=(work.mT, pivots, info))
+    # LAPACK's pivots are row numbers 1..d. Some torch CPU builds (MKL 2024) return garbage after
+    # torch.set_num_threads(n > 1); a cheap check turns silent nonsense into an error.
+    bad = ((pivots < 1) | (pivots > d)).any(dim=-1)
+    if bool(bad.any()):
+        raise LoralensError(
+            f"the LU factorisation returned invalid pivots at batch positions {_positions(bad)}: the linear-algebra "
+            "back end misbehaved (seen with MKL after torch.set_num_threads(n > 1)); keep torch's default threads"
+        )
+    return pivots, info
 
 
-def _relative_residual(M: Tensor, X: Tensor, Y: Tensor) -> Tensor:
-    """||M X - Y||_F / ||Y||_F per batch entry: (L, m, n), (L, n, r), (L, m, r) -> (L,)."""
-    num = torch.linalg.matrix_norm(M @ X - Y)
+def _relative_residual(diff: Tensor, Y: Tensor) -> Tensor:
+    """||M X - Y||_F / ||Y||_F per batch entry from ``diff = M X - Y``: (L, m, r) -> (L,)."""
+    num = torch.linalg.matrix_norm(diff)
     den = torch.linalg.matrix_norm(Y)
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), num)
+
+
+def _block_residuals(
+    f: Factorization, X: Tensor, Y: Tensor, widths: list[int], compute: bool, transpose: bool = False
+) -> list[Tensor]:
+    """Relative residuals ``||W X - Y||_F / ||Y||_F`` (``W.T`` with ``transpose``) of consecutive column blocks
+    of the given widths: each (L,); NaN when not ``compute``."""
+    if not compute:
+        return [torch.full(Y.shape[:1], float("nan"), dtype=Y.dtype, device=Y.device) for _ in widths]
+    diff = f.weights_times(X, transpose=transpose) - Y
+    return [
+        _relative_residual(diff[..., s : s + w], Y[..., s : s + w])
+        for s, w in zip(_offsets(widths), widths, strict=True)
+    ]
+
+
+def _offsets(widths: list[int]) -> list[int]:
+    starts, total = [], 0
+    for w in widths:
+        starts.append(total)
+        total += w
+    return starts
 
 
 def _raise_if_singular(exact: Tensor, cond: Tensor, dtype: torch.dtype) -> None:
@@ -222,14 +567,16 @@ def _raise_if_singular(exact: Tensor, cond: Tensor, dtype: torch.dtype) -> None:
         )
 
 
-def _lu_condition(W: Tensor, LU: Tensor, pivots: Tensor) -> Tensor:
-    """1-norm condition estimate from an LU factorisation: (L, d, d) -> (L,)."""
+def _lu_condition(work: Tensor, pivots: Tensor, info: Tensor, norm1: Tensor) -> Tensor:
+    """1-norm condition estimate of W from the in-place LU of W.T: (L,); inf where a pivot is exactly zero."""
+    LU = work.mT
     inv_norm = _hager_inverse_norm(
-        lambda x: torch.linalg.lu_solve(LU, pivots, x),
-        lambda x: torch.linalg.lu_solve(LU, pivots, x, adjoint=True),
-        LU,
+        lambda x: torch.linalg.lu_solve(LU, pivots, x, adjoint=True),  # W x = y
+        lambda x: torch.linalg.lu_solve(LU, pivots, x),  # W.T x = y
+        work,
     )
-    return torch.linalg.matrix_norm(W, ord=1) * inv_norm
+    cond = norm1 * inv_norm
+    return torch.where(info > 0, torch.full_like(cond, float("inf")), cond)
 
 
 def _triangular_condition(R: Tensor) -> Tensor:
@@ -247,25 +594,43 @@ def _hager_inverse_norm(
 ) -> Tensor:
     """Lower-bound estimate of ||M^-1||_1 for a batch (L, d, d) given solves with M and M.T.
 
-    Hager's power method on the 1-norm, with Higham's alternating-sign test vector as a safeguard.
-    Runs a fixed number of steps for the whole batch and keeps each entry's best (largest) bound,
-    which is valid because every step yields a lower bound.
+    Hager's power method on the 1-norm with LAPACK's (``dlacn2``) stopping rules, and Higham's
+    alternating-sign test vector as a safeguard (solved together with the first step). The whole batch
+    iterates until every entry has stopped; each entry keeps its best (largest) bound, which is valid
+    because every step yields a lower bound.
     """
     L, d = like.shape[0], like.shape[-1]
     opts = {"dtype": like.dtype, "device": like.device}
-    x = torch.full((L, d, 1), 1.0 / d, **opts)
-    best = torch.zeros(L, **opts)
-    eye = torch.eye(d, **opts)
     with torch.no_grad():
-        for _ in range(_HAGER_STEPS):
-            y = solve(x)
-            best = torch.maximum(best, y.abs().sum(dim=(-2, -1)))
-            sign = torch.where(y >= 0, 1.0, -1.0).to(like.dtype)
-            z = solve_adjoint(sign)
-            x = eye[z.abs().squeeze(-1).argmax(dim=-1)].unsqueeze(-1)
         k = torch.arange(d, **opts)
-        alt = ((-1.0) ** k * (1 + k / max(d - 1, 1))).expand(L, d).unsqueeze(-1)
-        best = torch.maximum(best, 2 * solve(alt).abs().sum(dim=(-2, -1)) / (3 * d))
+        alt = ((1 - 2 * (k % 2)) * (1 + k / max(d - 1, 1))).expand(L, d).unsqueeze(-1)  # (L, d, 1)
+        x = torch.full((L, d, 1), 1.0 / d, **opts)
+        Y = solve(torch.cat([x, alt], dim=-1))  # (L, d, 2)
+        y = Y[..., :1]
+        est = y.abs().sum(dim=(-2, -1))
+        best = torch.maximum(est, 2 * Y[..., 1].abs().sum(dim=-1) / (3 * d))
+        sign = torch.where(y >= 0, 1.0, -1.0).to(like.dtype)
+        active = torch.ones(L, dtype=torch.bool, device=like.device)
+        j = torch.full((L,), -1, dtype=torch.long, device=like.device)
+        for _ in range(_HAGER_STEPS - 1):
+            z = solve_adjoint(sign).squeeze(-1)  # (L, d)
+            z_abs = z.abs()
+            j_next = z_abs.argmax(dim=-1)
+            # x is a local maximum of ||M^-1 x||_1 on the unit ball, or the same e_j comes back: stop.
+            active &= (z_abs.amax(dim=-1) > (z * x.squeeze(-1)).sum(dim=-1)) & (j_next != j)
+            if not bool(active.any()):
+                break
+            j = j_next
+            x = torch.nn.functional.one_hot(j, d).to(like.dtype).unsqueeze(-1)
+            y = solve(x)
+            new_est = y.abs().sum(dim=(-2, -1))
+            new_sign = torch.where(y >= 0, 1.0, -1.0).to(like.dtype)
+            # No gain, or the same sign vector as before: the next step would repeat this one.
+            active &= (new_est > est) & (new_sign != sign).any(dim=-2).squeeze(-1)
+            best = torch.maximum(best, new_est)
+            est, sign = new_est, new_sign
+            if not bool(active.any()):
+                break
     return torch.nan_to_num(best, nan=float("inf"))
 
 

