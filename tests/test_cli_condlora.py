@@ -1,0 +1,158 @@
+"""``loralens train / compare / params / export`` through a real subprocess: --json parsed, one-line errors, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from loralens.cli import app
+from loralens.compare import compare_adapters
+from loralens.examples import default_adapter, default_condlora
+from loralens.io.adapters import load_lora_adapter
+from loralens.io.base_weights import open_base
+from loralens.io.condlora import load_condlora_adapter
+from test_compare import roberta_base_shapes_only
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loralens", *map(str, args)], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_params_json_for_roberta_base(tmp_path: Path) -> None:
+    folder = roberta_base_shapes_only(tmp_path / "roberta-base")
+    proc = run_cli("params", "--base", folder, "--r", "8", "--targets", "query,value", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["lora"], out["condlora"]) == (294_912, 24_576)
+    assert out["ratio"] == pytest.approx(24_576 / 294_912)
+    assert out["modules"]["query"]["layers"] == 12 and out["base"] == str(folder)
+    table = run_cli("params", "--base", folder)
+    assert table.returncode == 0 and "294,912" in table.stdout and "24,576" in table.stdout
+
+
+def test_compare_json_equals_the_python_api(minilm_path: Path) -> None:
+    proc = run_cli(
+        "compare", "--base", minilm_path, "--lora", default_adapter(), "--condlora", default_condlora(), "--json",
+        "--device", "cpu", "--seed", "3",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) == {"modules", "settings"} and sorted(out["modules"]) == ["query", "value"]
+    expected = compare_adapters(
+        open_base(minilm_path), load_lora_adapter(default_adapter()), load_condlora_adapter(default_condlora()), seed=3
+    )
+    for name, mc in expected.modules.items():
+        for f in ("A", "B", "BA"):
+            assert out["modules"][name][f] == pytest.approx(mc.phi[f].tolist(), abs=1e-9)
+            assert out["modules"][name]["random"][f] == pytest.approx(mc.random[f].tolist(), abs=1e-9)
+            assert out["modules"][name]["random"]["expected"][f] == pytest.approx(8 / 384)
+        assert out["modules"][name]["conv_vs_theta"]["A"] == pytest.approx(mc.conv_vs_theta["A"].tolist(), abs=1e-9)
+    assert out["settings"]["seed"] == 3 and out["settings"]["device"] == "cpu"
+    table = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "--base",
+            str(minilm_path),
+            "--lora",
+            str(default_adapter()),
+            "--condlora",
+            str(default_condlora()),
+        ],
+    )
+    assert table.exit_code == 0 and "mean" in table.stdout and "value" in table.stdout
+
+
+def test_export_writes_a_peft_folder(minilm_path: Path, tmp_path: Path) -> None:
+    proc = run_cli("export", "--base", minilm_path, "--condlora", default_condlora(), "--out", tmp_path / "as-lora")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "as-lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == ["query", "value"]
+    tensors = load_file(tmp_path / "as-lora" / "adapter_model.safetensors")
+    # loralens reads the export back as a LoRA adapter whose factors are the CondLoRA's A_l, B_l
+    exported = load_lora_adapter(tmp_path / "as-lora")
+    assert exported.modules["value"].A.shape == (6, 8, 384)
+    theta_A = load_condlora_adapter(default_condlora()).thetas["value"][0]
+    W = load_file(minilm_path / "model.safetensors")["encoder.layer.3.attention.self.value.weight"]
+    key = "base_model.model.bert.encoder.layer.3.attention.self.value.lora_A.weight"
+    torch.testing.assert_close(tensors[key], (W.double() @ theta_A.double().T).T.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_train_condlora_json(minilm_path: Path, tmp_path: Path) -> None:
+    proc = run_cli(
+        "train", "--base", minilm_path, "--method", "condlora", "--task", "vader-polarity", "--steps", "4",
+        "--max-length", "8", "--eval-size", "32", "--seed", "1", "--out", tmp_path / "run", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert (metrics["method"], metrics["settings"]["steps"], metrics["seed"]) == ("condlora", 4, 1)
+    assert metrics["trainable_params"] == 12_288 and metrics["examples_per_s"] > 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        ".loralens-output",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.json",
+    ]
+    assert load_condlora_adapter(tmp_path / "run").base_model_name_or_path == str(minilm_path)
+
+
+def test_user_errors_are_one_line_in_a_subprocess(minilm_path: Path, tmp_path: Path) -> None:
+    # adapters swapped: the CondLoRA loader names the LoRA folder's config and the fix
+    swapped = run_cli("compare", "--base", minilm_path, "--lora", default_adapter(), "--condlora", default_adapter())
+    assert_user_error(swapped, "adapter_config.json", "pass it with --lora")
+    bad_task = run_cli("train", "--base", minilm_path, "--method", "lora", "--task", "mnli", "--out", tmp_path / "y")
+    assert_user_error(bad_task, "mnli")
+    assert not (tmp_path / "y").exists()
+
+
+def test_user_errors_in_process(minilm_path: Path, tmp_path: Path) -> None:
+    def invoke(*args: str | Path):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    def check(result, *fragments: str) -> None:
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        for fragment in fragments:
+            assert fragment in result.stderr, result.stderr
+
+    check(invoke("params", "--base", minilm_path, "--targets", "q_proj"), "'q_proj' matches no weight")
+    check(invoke("params", "--base", minilm_path, "--targets", "dense"), "name one module type")
+    check(invoke("params", "--base", tmp_path / "nowhere"), "nowhere", "pass --base")
+    check(
+        invoke("export", "--condlora", default_condlora(), "--out", tmp_path / "x", "--base", tmp_path / "nowhere"),
+        "pass --base",
+    )
+    assert not (tmp_path / "x").exists()
+    check(
+        invoke("compare", "--base", minilm_path, "--lora", default_adapter(), "--condlora", tmp_path),
+        "no adapter_config",
+    )
+    check(
+        invoke(
+            "compare", "--base", minilm_path, "--lora", default_adapter(), "--condlora", default_condlora(), "--i", "9"
+        ),
+        "module 'query' at layers [0, 1, 2, 3, 4, 5]",
+    )
+    authors = tmp_path / "authors"
+    authors.mkdir()
+    config = json.loads((default_condlora() / "adapter_config.json").read_text()) | {"use_x": "type1"}
+    (authors / "adapter_config.json").write_text(json.dumps(config))
+    check(invoke("export", "--base", minilm_path, "--condlora", authors, "--out", tmp_path / "z"), "use_x 'type1'")
