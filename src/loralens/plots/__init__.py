@@ -1,0 +1,76 @@
+"""Pictures and tables of loralens results: pure, Axes-level functions and string renderers.
+
+Plots take arrays (NumPy, CPU tensors or lists) and ``ax=None`` and return the Axes (or a Figure for composed
+panels); they never save, show or compute. Tables are built from plain lists/dicts and rendered as Markdown,
+CSV, LaTeX (booktabs) or HTML strings. Saving and report assembly live in :mod:`loralens.report`.
+
+    >>> from loralens import plots
+    >>> ax = plots.similarity_heatmap(report.modules["value"]["B"].phi, average=0.05, title="value, B")
+    >>> print(plots.to_markdown(plots.table4({"lora": 294912, "condlora": 24576, "ratio": 1 / 12})))
+
+Submodules: :mod:`~loralens.plots.similarity` (Figure 1 heatmaps, per-layer lines), :mod:`~loralens.plots.tables`.
+Names are imported on first use, so ``loralens.plots.tables`` loads without matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> submodule that defines it (add new plot modules here)
+_EXPORTS = {
+    "similarity_heatmap": "loralens.plots.similarity",
+    "similarity_figure": "loralens.plots.similarity",
+    "per_layer_similarity": "loralens.plots.similarity",
+    "Table": "loralens.plots.tables",
+    "to_csv": "loralens.plots.tables",
+    "to_markdown": "loralens.plots.tables",
+    "to_latex": "loralens.plots.tables",
+    "to_html": "loralens.plots.tables",
+    "similarity_summary_table": "loralens.plots.tables",
+    "phi_long_table": "loralens.plots.tables",
+    "table3": "loralens.plots.tables",
+    "table4": "loralens.plots.tables",
+}
+
+__all__ = [  # kept literal for linters; equal to sorted(_EXPORTS) (tests/plots check it)
+    "Table",
+    "per_layer_similarity",
+    "phi_long_table",
+    "similarity_figure",
+    "similarity_heatmap",
+    "similarity_summary_table",
+    "table3",
+    "table4",
+    "to_csv",
+    "to_html",
+    "to_latex",
+    "to_markdown",
+]
+
+if TYPE_CHECKING:
+    from loralens.plots.similarity import per_layer_similarity, similarity_figure, similarity_heatmap
+    from loralens.plots.tables import (
+        Table,
+        phi_long_table,
+        similarity_summary_table,
+        table3,
+        table4,
+        to_csv,
+        to_html,
+        to_latex,
+        to_markdown,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loralens.plots' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,290 @@
+"""Figure 1 of the paper: layer x layer phi heatmaps beside their random baseline, and per-layer line plots.
+
+Pure and Axes-level (STYLE rule 6): arrays in, ``ax=None``, the Axes (or a Figure for composed panels) out.
+Nothing here computes a statistic, saves a file or touches pyplot's global state: without ``ax`` a new
+:class:`matplotlib.figure.Figure` is made directly, which needs no interactive backend. Saving and
+report assembly live in :mod:`loralens.report`.
+
+Layers are labelled 1..L as in the paper unless ``labels`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from loralens.errors import LoralensError, ShapeError
+
+__all__ = [
+    "CMAP",
+    "COLORBLIND",
+    "ANNOTATE_MAX_LAYERS",
+    "FACTOR_LABELS",
+    "similarity_heatmap",
+    "similarity_figure",
+    "per_layer_similarity",
+]
+
+#: Perceptually uniform and colour-blind safe.
+CMAP = "viridis"
+#: Cells carry their value when the matrix has at most this many layers.
+ANNOTATE_MAX_LAYERS = 16
+#: A colour-blind-safe qualitative palette (seaborn's "colorblind") for line plots.
+COLORBLIND = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133")
+#: Mathtext names of the conversion matrices (paper's Equations 3, 4) per factor.
+FACTOR_LABELS = {
+    "A": r"$W^{-1}A^\top$",
+    "B": r"$W^{-1}B$",
+    "BA": r"$W^{-1}BA$",
+}
+
+
+def similarity_heatmap(
+    phi: Any,
+    *,
+    labels: Sequence[Any] | None = None,
+    title: str | None = None,
+    average: float | None = None,
+    annotate: bool | None = None,
+    colorbar: bool = True,
+    cmap: str = CMAP,
+    ax: Axes | None = None,
+) -> Axes:
+    """Draw an ``(L, L)`` phi matrix as a heatmap on the fixed colour scale 0..1.
+
+    Parameters
+    ----------
+    phi : array-like
+        ``(L, L)`` values in [0, 1] (NaN allowed: drawn blank); a NumPy array, a CPU tensor or nested lists.
+    labels : sequence, optional
+        ``L`` tick labels for rows and columns; default ``1..L``.
+    title : str, optional
+        First title line (e.g. module and factor).
+    average : float, optional
+        Shown as "average similarity" (the caller's mean off-diagonal value) on the title's last line.
+    annotate : bool, optional
+        Write each cell's value; default when ``L <= 16``.
+    colorbar : bool
+        Add a colour bar beside the Axes.
+    cmap : str
+        Matplotlib colour map; keep it perceptually uniform (viridis, cividis).
+    ax : Axes, optional
+        Where to draw; a new Figure's Axes when None.
+
+    Returns
+    -------
+    Axes
+        Its first collection is the ``L * L`` QuadMesh; annotations are its texts.
+    """
+    values = _square(phi, "phi")
+    L = values.shape[0]
+    ticks = _labels(labels, L)
+    annotate = L <= ANNOTATE_MAX_LAYERS if annotate is None else annotate
+    if ax is None:
+        side = max(4.0, 0.32 * L + 2.0)
+        ax = Figure(figsize=(side + 1.0, side), layout="constrained").add_subplot()
+    mesh = ax.pcolormesh(
+        np.ma.masked_invalid(values),
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        edgecolors="white",
+        linewidth=0.5 if L <= 32 else 0.0,
+    )
+    ax.set_xlim(0, L)
+    ax.set_ylim(L, 0)  # row 1 at the top, as a matrix is written
+    ax.set_aspect("equal")
+    ax.tick_params(length=3)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if annotate:
+        fontsize = max(5.0, min(10.0, 80.0 / L))
+        shades = mesh.cmap(mesh.norm(values))
+        for (row, col), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                dark = _luminance(shades[row, col]) > 0.408  # seaborn's rule: dark text on light cells
+                ax.text(
+                    col + 0.5,
+                    row + 0.5,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="0.15" if dark else "white",
+                )
+    if colorbar:
+        ax.figure.colorbar(mesh, ax=ax, label=_COLORBAR_LABEL)
+    _layer_ticks(ax, ticks)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(_title(title, average), fontsize=10)
+    return ax
+
+
+def similarity_figure(
+    phi: Any,
+    random_phi: Any,
+    *,
+    module: str,
+    factor: str,
+    average: float | None = None,
+    random_average: float | None = None,
+    random_expected: float | None = None,
+    labels: Sequence[Any] | None = None,
+    subtitle: str | None = None,
+) -> Figure:
+    """The paper's Figure 1 panel pair: phi of the conversion matrices beside phi of random Gaussian matrices.
+
+    Both panels share one 0..1 colour bar. ``average`` / ``random_average`` are the mean off-diagonal
+    values to print; ``random_expected`` is ``max(i, j) / d``; ``subtitle`` a line under the figure title
+    (e.g. ``"i = j = 8, left singular vectors"``).
+
+    Returns
+    -------
+    Figure
+        With two heatmap Axes (conversion, random) and a colour bar Axes.
+    """
+    values, random_values = _square(phi, "phi"), _square(random_phi, "random_phi")
+    if values.shape != random_values.shape:
+        raise ShapeError(f"phi {values.shape} and random_phi {random_values.shape} must have the same shape")
+    L = values.shape[0]
+    side = max(4.0, 0.32 * L + 2.0)
+    fig = Figure(figsize=(2 * side + 1.4, side + 1.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    name = FACTOR_LABELS.get(factor, factor)
+    similarity_heatmap(values, labels=labels, title=f"{module}, {name}", average=average, colorbar=False, ax=left)
+    random_title = "random Gaussian, same shape"
+    if random_expected is not None:
+        random_title += f" (E = {random_expected:.3f})"
+    similarity_heatmap(
+        random_values, labels=labels, title=random_title, average=random_average, colorbar=False, ax=right
+    )
+    fig.colorbar(left.collections[0], ax=[left, right], shrink=0.85, label=_COLORBAR_LABEL)
+    heading = f"Layer x layer similarity of conversion matrices: {module}, factor {factor}"
+    fig.suptitle(heading if subtitle is None else f"{heading}\n{subtitle}", fontsize=11)
+    return fig
+
+
+def per_layer_similarity(
+    values: Mapping[str, Sequence[float]],
+    *,
+    baseline: Mapping[str, float | Sequence[float]] | float | None = None,
+    labels: Sequence[Any] | None = None,
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Axes:
+    """Per-layer phi as lines (one per series, e.g. A, B, BA of Table 3), random baselines dashed.
+
+    Parameters
+    ----------
+    values : mapping
+        Series name -> ``L`` values in [0, 1].
+    baseline : float, or mapping of series name -> float or ``L`` values, optional
+        Random baseline(s), drawn dashed in the series' colour (a float: one grey line).
+    labels : sequence, optional
+        ``L`` x tick labels; default ``1..L``.
+    """
+    if not values:
+        raise LoralensError("per_layer_similarity needs at least one series of values")
+    series = {name: _vector(v, name) for name, v in values.items()}
+    L = len(next(iter(series.values())))
+    if any(len(v) != L for v in series.values()):
+        raise ShapeError(f"all series need the same number of layers; got { ({k: len(v) for k, v in series.items()}) }")
+    ticks = _labels(labels, L)
+    if ax is None:
+        ax = Figure(figsize=(max(5.0, 0.4 * L + 2.5), 3.6), layout="constrained").add_subplot()
+    colours = [COLORBLIND[k % len(COLORBLIND)] for k in range(len(series))]
+    x = np.arange(1, L + 1)
+    for k, ((name, v), colour) in enumerate(zip(series.items(), colours, strict=True)):
+        # later series drawn thinner on top, so equal values (phi_left(BA) = phi_left(B)) stay visible
+        width = max(1.0, 2.8 - 0.7 * k)
+        ax.plot(x, v, marker="osD^v<>p"[k % 8], color=colour, label=name, linewidth=width, markersize=2.5 * width + 2)
+        ref = baseline.get(name) if isinstance(baseline, Mapping) else None
+        if ref is not None:
+            ref_values = np.full(L, float(ref)) if np.isscalar(ref) else _vector(ref, f"baseline {name}")
+            if len(ref_values) != L:
+                raise ShapeError(f"baseline {name!r} has {len(ref_values)} values for {L} layers")
+            ax.plot(x, ref_values, linestyle="--", color=colour, alpha=0.8, label=f"{name}, random")
+    if baseline is not None and not isinstance(baseline, Mapping):
+        ax.axhline(float(baseline), linestyle="--", color="0.4", label="random")
+    top = max(float(np.nanmax(v)) if np.isfinite(v).any() else 0.0 for v in series.values())
+    ax.set_ylim(0.0, min(1.05, max(0.05, 1.25 * top)))
+    ax.set_xticks(x, [str(t) for t in ticks])
+    ax.set_xlabel("layer")
+    ax.set_ylabel(r"$\varphi$")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=2 if len(series) > 2 else 1)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+_COLORBAR_LABEL = r"$\varphi$ (normalized subspace similarity)"
+
+
+def _luminance(rgba: np.ndarray) -> float:
+    """WCAG relative luminance of an RGBA colour in [0, 1]."""
+    rgb = np.asarray(rgba[:3], dtype=np.float64)
+    rgb = np.where(rgb <= 0.03928, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    return float(rgb @ np.array([0.2126, 0.7152, 0.0722]))
+
+
+def _square(values: Any, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ShapeError(f"{name} must be a numeric (L, L) array; got {type(values).__name__}") from e
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] == 0:
+        raise ShapeError(f"{name} must be a square (L, L) matrix with L >= 1; got shape {array.shape}")
+    _in_unit_interval(array, name)
+    return array
+
+
+def _vector(values: Any, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ShapeError(f"series {name!r} must be numeric; got {type(values).__name__}") from e
+    if array.ndim != 1 or len(array) == 0:
+        raise ShapeError(f"series {name!r} must be one value per layer; got shape {array.shape}")
+    _in_unit_interval(array, f"series {name!r}")
+    return array
+
+
+def _in_unit_interval(array: np.ndarray, name: str) -> None:
+    finite = array[np.isfinite(array)]
+    if np.isinf(array).any() or (finite.size and (finite.min() < -1e-9 or finite.max() > 1 + 1e-9)):
+        raise LoralensError(
+            f"{name} must hold phi values in [0, 1] (NaN allowed); got values from {np.nanmin(array):.4g} "
+            f"to {np.nanmax(array):.4g}"
+        )
+
+
+def _labels(labels: Sequence[Any] | None, L: int) -> list[Any]:
+    if labels is None:
+        return list(range(1, L + 1))
+    labels = list(labels)
+    if len(labels) != L:
+        raise ShapeError(f"{len(labels)} labels for {L} layers")
+    return labels
+
+
+def _layer_ticks(ax: Axes, labels: list[Any]) -> None:
+    """Every label up to 16 layers, else about 12 of them (cells are centred at k + 0.5)."""
+    step = 1 if len(labels) <= ANNOTATE_MAX_LAYERS else math.ceil(len(labels) / 12)
+    positions = np.arange(0, len(labels), step)
+    texts = [str(labels[k]) for k in positions]
+    ax.set_xticks(positions + 0.5, texts, rotation=0)
+    ax.set_yticks(positions + 0.5, texts, rotation=0)
+
+
+def _title(title: str | None, average: float | None) -> str:
+    lines = [title] if title else []
+    if average is not None:
+        lines.append("average similarity " + ("n/a" if average != average else f"{average:.3f}"))
+    return "\n".join(lines)

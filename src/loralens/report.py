@@ -1,0 +1,430 @@
+"""Figures and a self-contained HTML report from analysis results: the level above :mod:`loralens.plots`.
+
+:func:`figure_files` renders Figure 1 (per module and factor, the layer x layer phi heatmap beside its random
+baseline) as PNG and SVG; :func:`report_files` adds CSV/Markdown/LaTeX tables and ``report.html``, one file
+that embeds every picture (base64 PNG) and opens offline. Both return ``{file name: writer}`` for
+:func:`loralens.io.outputs.write_outputs`, which writes them atomically; nothing here prints.
+
+Inputs are plain data: ``SimilarityReport.to_dict()``, the dict of :func:`input_identities`, and optionally
+Table 3 / Table 4 data (see :mod:`loralens.plots.tables`). Figures are drawn on
+:class:`matplotlib.figure.Figure` objects rendered by the non-interactive Agg (PNG) and SVG canvases, so no
+display and no global backend setting is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import loralens
+from loralens.errors import LoralensError
+from loralens.io.adapters import LoraAdapter
+from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.condlora import CondLoraAdapter
+from loralens.io.outputs import Writer, bytes_writer, json_text
+from loralens.plots import tables
+from loralens.plots.similarity import per_layer_similarity, similarity_figure
+from loralens.results import CONVENTIONS, file_record, provenance
+
+__all__ = ["DPI", "Picture", "input_identities", "render_figure", "figure1_pictures", "figure_files", "report_files"]
+
+#: Resolution of the PNG files and of the pictures embedded in the report.
+DPI = 150
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A rendered figure: file stem, caption, PNG and SVG bytes."""
+
+    stem: str
+    caption: str
+    png: bytes
+    svg: bytes
+
+
+def input_identities(
+    base: BaseCheckpoint, adapter: LoraAdapter, condlora: CondLoraAdapter | None = None
+) -> dict[str, Any]:
+    """What the numbers come from: :func:`loralens.results.provenance` (paths, SHA-256 of the input files,
+    versions) plus both configs in full (``adapter_config.json``, the base's ``config.json``), and the same for
+    a CondLoRA adapter when given."""
+    inputs = provenance(base, adapter)
+    inputs["adapter"]["config"] = adapter.config
+    inputs["base"]["config"] = base.config
+    if condlora is not None:
+        inputs["condlora"] = {
+            "path": str(condlora.path),
+            "files": [file_record(p) for p in (condlora.path / "adapter_config.json", condlora.weights_file)],
+            "r": condlora.r,
+            "lora_alpha": condlora.lora_alpha,
+            "targets": sorted(condlora.thetas),
+            "config": condlora.config,
+        }
+    return inputs
+
+
+def render_figure(fig: Figure, dpi: int = DPI) -> tuple[bytes, bytes]:
+    """PNG (``dpi``) and SVG bytes of ``fig``, rendered without any interactive backend."""
+    FigureCanvasAgg(fig)  # Agg for PNG; savefig switches to the SVG canvas for format="svg" by itself
+    png, svg = io.BytesIO(), io.BytesIO()
+    with matplotlib.rc_context({"svg.hashsalt": "loralens"}):  # stable element ids: identical runs, identical files
+        fig.savefig(png, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+        fig.savefig(svg, format="svg", bbox_inches="tight", facecolor="white", metadata={"Date": None})
+    return png.getvalue(), svg.getvalue()
+
+
+def figure1_pictures(similarity: Mapping[str, Any], dpi: int = DPI) -> list[Picture]:
+    """Figure 1 for every module and factor of ``similarity`` (``SimilarityReport.to_dict()``)."""
+    _check_similarity(similarity)
+    settings = similarity.get("settings", {})
+    pictures = []
+    for module, factors in similarity["modules"].items():
+        layers = settings.get("layers", {}).get(module)
+        labels = None if layers is None else [k + 1 for k in layers]
+        for factor, s in factors.items():
+            side = settings.get("side", "left")
+            fig = similarity_figure(
+                s["phi"],
+                s["random_phi"],
+                module=module,
+                factor=factor,
+                average=_nan(s["mean_offdiag"]),
+                random_average=_nan(s["random_mean_offdiag"]),
+                random_expected=s["random_expected"],
+                labels=labels,
+                subtitle=f"i = {s['i']}, j = {s['j']}, {side} singular vectors, d = {s['dim']}",
+            )
+            png, svg = render_figure(fig, dpi)
+            caption = (
+                f"{module}, factor {factor}: phi between the conversion matrices of every pair of layers (left) "
+                f"and between random Gaussian matrices of the same shape (right), on one 0..1 colour scale. "
+                f"Average similarity (mean off-diagonal) {_fmt(s['mean_offdiag'])} vs "
+                f"{_fmt(s['random_mean_offdiag'])} random (expected {s['random_expected']:.4f})."
+            )
+            pictures.append(Picture(_figure1_stem(module, factor), caption, png, svg))
+    return pictures
+
+
+def figure_files(similarity: Mapping[str, Any], dpi: int = DPI) -> dict[str, Writer]:
+    """Figure 1 as ``figure1_<module>_<factor>.png`` and ``.svg``, plus every phi value in ``phi_matrices.csv``."""
+    return {
+        **_picture_files(figure1_pictures(similarity, dpi)),
+        "phi_matrices.csv": _text_writer(tables.to_csv(tables.phi_long_table(similarity))),
+    }
+
+
+def report_files(
+    similarity: Mapping[str, Any],
+    inputs: Mapping[str, Any],
+    *,
+    comparison: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+    title: str | None = None,
+    dpi: int = DPI,
+) -> dict[str, Writer]:
+    """``report.html`` with everything embedded, and beside it the pictures (PNG, SVG) and tables (CSV, MD, TeX).
+
+    Parameters
+    ----------
+    similarity : mapping
+        ``SimilarityReport.to_dict()`` (Figure 1).
+    inputs : mapping
+        :func:`input_identities` (paths, hashes, configs, versions).
+    comparison, params : mapping, optional
+        Table 3 and Table 4 data (LoRA vs CondLoRA), in the shapes :func:`loralens.plots.tables.table3` and
+        :func:`~loralens.plots.tables.table4` take.
+    """
+    pictures = figure1_pictures(similarity, dpi)
+    named_tables = {
+        "similarity_summary": tables.similarity_summary_table(similarity),
+    }
+    line_pictures = []
+    if comparison is not None:
+        named_tables["table3"] = tables.table3(comparison)
+        line_pictures = _table3_pictures(comparison, dpi)
+    if params is not None:
+        named_tables["table4"] = tables.table4(params)
+    files: dict[str, Writer] = {}
+    files.update(_picture_files([*pictures, *line_pictures]))
+    for name, table in named_tables.items():
+        files[f"{name}.csv"] = _text_writer(tables.to_csv(table))
+        files[f"{name}.md"] = _text_writer(tables.to_markdown(table))
+        files[f"{name}.tex"] = _text_writer(tables.to_latex(table, label=f"tab:{name}"))
+    files["phi_matrices.csv"] = _text_writer(tables.to_csv(tables.phi_long_table(similarity)))
+    page = _html_page(
+        title or _default_title(inputs),
+        similarity,
+        inputs,
+        pictures,
+        named_tables,
+        line_pictures,
+        ["report.html", *sorted(files)],
+        None if comparison is None else comparison.get("settings"),
+    )
+    return {"report.html": _text_writer(page), **files}
+
+
+# ---------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 2rem auto;
+       max-width: 72rem; padding: 0 1rem; color: #1a1a1a; line-height: 1.45; }
+h1 { font-size: 1.6rem; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2rem; margin-top: 2.2rem; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
+th, td { border-bottom: 1px solid #ddd; padding: .25rem .6rem; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom: .3rem; }
+figure { margin: 1.5rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: .9rem; color: #333; max-width: 60rem; }
+code, pre { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: .85rem; }
+pre { background: #f7f7f7; padding: .6rem; overflow-x: auto; }
+.notes { font-size: .85rem; color: #444; } .hash { word-break: break-all; }
+details { margin: .4rem 0 1rem; } summary { cursor: pointer; color: #0550ae; }
+"""
+
+
+def _html_page(
+    title: str,
+    similarity: Mapping[str, Any],
+    inputs: Mapping[str, Any],
+    pictures: Sequence[Picture],
+    named_tables: Mapping[str, tables.Table],
+    line_pictures: Sequence[Picture],
+    files: Sequence[str],
+    comparison_settings: Mapping[str, Any] | None = None,
+) -> str:
+    e = html.escape
+    settings = {
+        k: v for k, v in similarity.get("settings", {}).items() if k not in ("inputs", "layers") and v is not None
+    }
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        "<p>Conversion matrices W<sup>-1</sup>A<sup>T</sup>, W<sup>-1</sup>B and W<sup>-1</sup>BA of a LoRA adapter "
+        "and their normalized subspace similarity &phi; between layers, after Kim et al. 2024 "
+        "(<i>A Single Linear Layer Yields Task-Adapted Low-Rank Matrices</i>, CondLoRA). "
+        "Layers are numbered from 1 as in the paper (checkpoint layer index + 1).</p>",
+        "<h2>Inputs</h2>",
+        _inputs_html(inputs),
+        "<h2>Settings</h2>",
+        _key_values_html(settings),
+        "<h2>Figure 1: layer x layer similarity of conversion matrices</h2>",
+        tables.to_html(named_tables["similarity_summary"], 4),
+    ]
+    by_stem = {pic.stem: pic for pic in pictures}
+    for module, factors in similarity["modules"].items():
+        for factor, s in factors.items():
+            parts.append(_figure_html(by_stem[_figure1_stem(module, factor)]))
+            parts.append(
+                _phi_details_html(module, factor, s, similarity.get("settings", {}).get("layers", {}).get(module))
+            )
+    if "table3" in named_tables or "table4" in named_tables:
+        parts.append("<h2>LoRA vs CondLoRA</h2>")
+        if "table3" in named_tables:
+            parts.append(tables.to_html(named_tables["table3"], 3))
+            if comparison_settings:
+                parts.append("<details><summary>settings of the comparison</summary>")
+                parts.append(_key_values_html(comparison_settings) + "</details>")
+            parts.extend(_figure_html(pic) for pic in line_pictures)
+        if "table4" in named_tables:
+            parts.append(tables.to_html(named_tables["table4"], 4))
+    conventions = sorted(set(settings.get("conventions", {}).values()))
+    if conventions:
+        parts.append("<h2>Conventions</h2><ul>")
+        parts += [f"<li><b>{e(c)}</b>: {e(CONVENTIONS.get(c, c))}</li>" for c in conventions]
+        parts.append("</ul>")
+    parts.append("<h2>Files beside this report</h2><ul>")
+    parts += [f'<li><a href="{e(name)}">{e(name)}</a></li>' for name in files]
+    parts.append("</ul>")
+    parts.append(f'<p class="notes">Written by loralens {e(loralens.__version__)}.</p></body></html>')
+    return "\n".join(parts) + "\n"
+
+
+def _inputs_html(inputs: Mapping[str, Any]) -> str:
+    e = html.escape
+    adapter, base = inputs.get("adapter", {}), inputs.get("base", {})
+    rows = [("adapter", f"<code>{e(str(adapter.get('path')))}</code>")]
+    for record in adapter.get("files") or [{"name": adapter.get("weights_file"), "sha256": adapter.get("sha256")}]:
+        rows += _file_rows("adapter file", record)
+    rows += [
+        (
+            "adapter settings",
+            e(
+                f"{adapter.get('peft_type')}, r = {adapter.get('r')}, lora_alpha = {adapter.get('lora_alpha')}, "
+                f"target modules {adapter.get('target_modules')}, rsLoRA {adapter.get('use_rslora')}, "
+                f"DoRA {adapter.get('use_dora')}"
+            ),
+        ),
+        ("base", f"<code>{e(str(base.get('path')))}</code>"),
+    ]
+    for record in base.get("files", []):
+        rows += _file_rows("base file", record)
+    config = base.get("config") or {}
+    if config:
+        summary = ", ".join(
+            f"{k} = {config[k]}"
+            for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
+            if k in config
+        )
+        rows.append(("base config", e(summary)))
+    condlora = inputs.get("condlora")
+    if condlora:
+        rows.append(("CondLoRA adapter", f"<code>{e(str(condlora.get('path')))}</code>"))
+        for record in condlora.get("files", []):
+            rows += _file_rows("CondLoRA file", record)
+        rows.append(
+            (
+                "CondLoRA settings",
+                e(
+                    f"r = {condlora.get('r')}, lora_alpha = {condlora.get('lora_alpha')}, "
+                    f"targets {condlora.get('targets')}"
+                ),
+            )
+        )
+    rows += [(f"version: {k}", e(str(v))) for k, v in inputs.get("versions", {}).items()]
+    body = "".join(f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    details = [
+        ("adapter_config.json", adapter.get("config")),
+        ("base config.json", base.get("config")),
+        ("CondLoRA config", (condlora or {}).get("config")),
+    ]
+    extra = "".join(
+        f"<details><summary>{e(name)}</summary><pre>{e(json_text(value))}</pre></details>"
+        for name, value in details
+        if value
+    )
+    return f'<table class="inputs">{body}</table>{extra}'
+
+
+def _file_rows(what: str, record: Any) -> list[tuple[str, str]]:
+    """A file record of :func:`loralens.results.file_record` (or a bare name) as table rows."""
+    e = html.escape
+    if not isinstance(record, Mapping):
+        return [(what, f"<code>{e(str(record))}</code>")]
+    size = f" ({record['bytes']:,} bytes)" if isinstance(record.get("bytes"), int) else ""
+    rows = [(what, f"<code>{e(str(record.get('name')))}</code>{size}")]
+    if record.get("sha256"):
+        rows.append(("SHA-256", f'<code class="hash">{e(record["sha256"])}</code>'))
+    elif record.get("header_sha256"):
+        rows.append(("SHA-256 of the header", f'<code class="hash">{e(record["header_sha256"])}</code>'))
+    return rows
+
+
+def _key_values_html(values: Mapping[str, Any]) -> str:
+    e = html.escape
+    body = "".join(f"<tr><th>{e(str(k))}</th><td><code>{e(_plain(v))}</code></td></tr>" for k, v in values.items())
+    return f'<table class="settings">{body}</table>'
+
+
+def _figure_html(pic: Picture) -> str:
+    e = html.escape
+    data = base64.b64encode(pic.png).decode("ascii")
+    return (
+        f'<figure id="{e(pic.stem)}"><img src="data:image/png;base64,{data}" alt="{e(pic.caption)}">'
+        f"<figcaption>{e(pic.caption)} Files: "
+        f'<a href="{e(pic.stem)}.png">PNG</a>, <a href="{e(pic.stem)}.svg">SVG</a>.</figcaption></figure>'
+    )
+
+
+def _phi_details_html(module: str, factor: str, s: Mapping[str, Any], layers: Sequence[int] | None) -> str:
+    """The numbers behind one Figure-1 picture, folded: phi and random phi as L x L tables."""
+    labels = [str(k + 1) for k in (layers if layers is not None else range(len(s["phi"])))]
+    out = []
+    for name, matrix in (("phi", s["phi"]), ("random phi", s["random_phi"])):
+        rows = tuple((lab, *row) for lab, row in zip(labels, matrix, strict=True))
+        out.append(
+            tables.to_html(tables.Table(("layer", *labels), rows, f"{module}, {_FACTOR_TEXT[factor]}: {name}"), 3)
+        )
+    summary = f"numbers: {html.escape(module)}, {html.escape(factor)}"
+    return f"<details><summary>{summary}</summary>{''.join(out)}</details>"
+
+
+_FACTOR_TEXT = {"A": "W^-1 A^T", "B": "W^-1 B", "BA": "W^-1 B A"}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _table3_pictures(comparison: Mapping[str, Any], dpi: int) -> list[Picture]:
+    """Table 3 as a per-layer line plot per module (an extra view of the same numbers)."""
+    pictures = []
+    for module, d in comparison["modules"].items():
+        series = {f: d[f] for f in ("A", "B", "BA") if f in d}
+        random = d.get("random")
+        baseline = {f: v for f, v in random.items() if f in series} if isinstance(random, Mapping) else random
+        layers = d.get("layers")
+        labels = None if layers is None else [k + 1 for k in layers]
+        ax = per_layer_similarity(
+            series, baseline=baseline or None, labels=labels, title=f"{module}: phi(LoRA, CondLoRA) per layer"
+        )
+        png, svg = render_figure(ax.figure, dpi)  # type: ignore[arg-type]
+        caption = f"{module}: per-layer phi between the LoRA and CondLoRA factors (Table 3), random baselines dashed."
+        pictures.append(Picture(f"table3_{_safe(module)}", caption, png, svg))
+    return pictures
+
+
+_FACTOR_KEYS = ("phi", "random_phi", "mean_offdiag", "random_mean_offdiag", "random_expected", "dim", "i", "j")
+
+
+def _check_similarity(similarity: Mapping[str, Any]) -> None:
+    """The shape of ``SimilarityReport.to_dict()``, or a LoralensError naming what is missing."""
+    modules = similarity.get("modules") if isinstance(similarity, Mapping) else None
+    if not isinstance(modules, Mapping) or not modules:
+        raise LoralensError("similarity data has no modules; pass SimilarityReport.to_dict() (similarity.json)")
+    for module, factors in modules.items():
+        if not isinstance(factors, Mapping) or not factors:
+            raise LoralensError(f"similarity data: module {module!r} has no factors")
+        for factor, s in factors.items():
+            missing = [k for k in _FACTOR_KEYS if not isinstance(s, Mapping) or k not in s]
+            if missing:
+                raise LoralensError(f"similarity data: {module!r} / {factor!r} lacks {', '.join(missing)}")
+
+
+def _picture_files(pictures: Sequence[Picture]) -> dict[str, Writer]:
+    files: dict[str, Writer] = {}
+    for pic in pictures:
+        files[f"{pic.stem}.png"] = bytes_writer(pic.png)
+        files[f"{pic.stem}.svg"] = bytes_writer(pic.svg)
+    return files
+
+
+def _text_writer(text: str) -> Writer:
+    return bytes_writer(text.encode("utf-8"))
+
+
+def _default_title(inputs: Mapping[str, Any]) -> str:
+    return f"loralens report: {Path(str(inputs.get('adapter', {}).get('path', 'adapter'))).name}"
+
+
+def _figure1_stem(module: str, factor: str) -> str:
+    return f"figure1_{_safe(module)}_{_safe(factor)}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.4f}"
+
+
+def _plain(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)

@@ -1,0 +1,175 @@
+"""Figure-1 heatmaps and per-layer lines: cells, annotations, the fixed 0..1 colour scale, non-blank pictures."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import loralens.plots
+from loralens.errors import LoralensError, ShapeError
+from loralens.plots import per_layer_similarity, similarity_figure, similarity_heatmap
+
+
+def phi_matrix(L: int, seed: int = 0) -> np.ndarray:
+    """A symmetric (L, L) matrix in [0, 1] with unit diagonal, like a phi matrix."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0.0, 0.3, (L, L))
+    X = (X + X.T) / 2
+    np.fill_diagonal(X, 1.0)
+    return X
+
+
+def pixels(fig: Figure) -> np.ndarray:
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].astype(float)
+
+
+def test_heatmap_has_one_cell_and_one_annotation_per_pair() -> None:
+    phi = phi_matrix(6)
+    ax = similarity_heatmap(phi, title="value, B", average=0.123456)
+    mesh = ax.collections[0]
+    assert mesh.get_array().size == 36
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(6, 6), phi)
+    assert mesh.get_clim() == (0.0, 1.0)
+    assert mesh.cmap.name == "viridis"
+    assert [t.get_text() for t in ax.texts] == [f"{v:.2f}" for v in phi.ravel()]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "4", "5", "6"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3", "4", "5", "6"]
+    assert ax.get_xlabel() == "layer" and ax.get_ylabel() == "layer"
+    assert ax.get_title() == "value, B\naverage similarity 0.123"
+    assert len(ax.figure.axes) == 2  # the heatmap and its colour bar
+
+
+def test_heatmap_is_not_blank() -> None:
+    ax = similarity_heatmap(phi_matrix(6), average=0.1)
+    rgb = pixels(ax.figure)
+    assert rgb.std() > 20  # a blank canvas has variance 0
+    # viridis' ends are both drawn: the unit diagonal (yellow) and low values (dark purple)
+    colours = {tuple(c) for c in rgb.reshape(-1, 3)[::7].astype(int)}
+    assert any(r > 200 and g > 200 and b < 80 for r, g, b in colours)
+    assert any(r < 90 and g < 40 and b > 60 for r, g, b in colours)
+
+
+def test_annotations_only_up_to_16_layers() -> None:
+    ax = similarity_heatmap(phi_matrix(20))
+    assert ax.collections[0].get_array().size == 400
+    assert len(ax.texts) == 0
+    assert len(similarity_heatmap(phi_matrix(16)).texts) == 256
+    assert len(similarity_heatmap(phi_matrix(4), annotate=False).texts) == 0
+
+
+def test_many_layers_get_thinned_tick_labels() -> None:
+    ax = similarity_heatmap(phi_matrix(30), colorbar=False)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[0] == "1" and len(labels) <= 15
+
+
+def test_heatmap_draws_on_a_given_axes_and_takes_tensors_lists_and_labels() -> None:
+    fig = Figure()
+    ax = fig.add_subplot()
+    phi = torch.tensor(phi_matrix(3))
+    assert similarity_heatmap(phi, ax=ax, labels=[2, 4, 6], colorbar=False) is ax
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4", "6"]
+    assert len(fig.axes) == 1
+    assert similarity_heatmap(phi.tolist()).collections[0].get_array().size == 9
+
+
+def test_nan_cells_are_allowed_and_shown_as_na_average() -> None:
+    phi = phi_matrix(3)
+    phi[0, 1] = np.nan
+    ax = similarity_heatmap(phi, average=float("nan"))
+    assert ax.get_title() == "average similarity n/a"
+
+
+def test_plots_leave_pyplot_alone() -> None:
+    before = plt.get_fignums()
+    similarity_heatmap(phi_matrix(3))
+    similarity_figure(phi_matrix(3), phi_matrix(3, 1), module="value", factor="B")
+    per_layer_similarity({"A": [0.1, 0.2]})
+    assert plt.get_fignums() == before
+
+
+def test_figure_pairs_the_random_baseline_on_one_colour_scale() -> None:
+    fig = similarity_figure(
+        phi_matrix(6),
+        phi_matrix(6, 1),
+        module="value",
+        factor="B",
+        average=0.054,
+        random_average=0.0204,
+        random_expected=8 / 384,
+        subtitle="i = j = 8",
+    )
+    assert isinstance(fig, Figure)
+    left, right, bar = fig.axes
+    for ax in (left, right):
+        assert ax.collections[0].get_array().size == 36
+        assert ax.collections[0].get_clim() == (0.0, 1.0)
+        assert len(ax.texts) == 36
+    assert bar.get_ylim() == (0.0, 1.0)
+    assert "value" in left.get_title() and "average similarity 0.054" in left.get_title()
+    assert "random" in right.get_title() and "average similarity 0.020" in right.get_title()
+    assert "E = 0.021" in right.get_title()
+    assert "factor B" in fig.get_suptitle() and "i = j = 8" in fig.get_suptitle()
+    assert pixels(fig).std() > 20
+
+
+def test_figure_needs_matching_shapes() -> None:
+    with pytest.raises(ShapeError, match=r"phi \(3, 3\) and random_phi \(4, 4\)"):
+        similarity_figure(phi_matrix(3), phi_matrix(4), module="m", factor="A")
+
+
+@pytest.mark.parametrize(
+    ("phi", "error", "match"),
+    [
+        (np.ones((2, 3)), ShapeError, r"square \(L, L\).*\(2, 3\)"),
+        (np.ones(4), ShapeError, r"square"),
+        (np.full((2, 2), 1.5), LoralensError, r"\[0, 1\].*1\.5"),
+        (np.array([[1.0, np.inf], [0.0, 1.0]]), LoralensError, r"\[0, 1\]"),
+        ([["a", "b"], ["c", "d"]], ShapeError, "numeric"),
+    ],
+)
+def test_heatmap_rejects_bad_input(phi: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        similarity_heatmap(phi)
+
+
+def test_heatmap_rejects_wrong_number_of_labels() -> None:
+    with pytest.raises(ShapeError, match="2 labels for 3 layers"):
+        similarity_heatmap(phi_matrix(3), labels=[1, 2])
+
+
+def test_per_layer_lines_with_baselines() -> None:
+    values = {"A": [0.05, 0.06, 0.04], "B": [0.04, 0.03, 0.05], "BA": [0.04, 0.03, 0.06]}
+    ax = per_layer_similarity(values, baseline={"A": 0.02, "B": [0.01, 0.02, 0.03]}, labels=[1, 2, 3], title="value")
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["A", "A, random", "B", "B, random", "BA"]
+    np.testing.assert_allclose(lines[0].get_ydata(), values["A"])
+    np.testing.assert_allclose(lines[3].get_ydata(), [0.01, 0.02, 0.03])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3"]
+    assert ax.get_ylim()[0] == 0.0 and ax.get_title() == "value"
+    assert pixels(ax.figure).std() > 10
+    one = per_layer_similarity({"A": [0.1, 0.2]}, baseline=0.02)
+    assert [line.get_label() for line in one.get_lines()] == ["A", "random"]
+
+
+def test_per_layer_lines_reject_ragged_series() -> None:
+    with pytest.raises(ShapeError, match="same number of layers"):
+        per_layer_similarity({"A": [0.1, 0.2], "B": [0.1]})
+    with pytest.raises(LoralensError, match="at least one series"):
+        per_layer_similarity({})
+    with pytest.raises(ShapeError, match="baseline 'A' has 3 values for 2 layers"):
+        per_layer_similarity({"A": [0.1, 0.2]}, baseline={"A": [0.1, 0.1, 0.1]})
+
+
+def test_public_names() -> None:
+    assert sorted(loralens.plots.__all__) == sorted(loralens.plots._EXPORTS)
+    for name in loralens.plots.__all__:
+        assert callable(getattr(loralens.plots, name))
+    with pytest.raises(AttributeError):
+        loralens.plots.no_such_plot  # noqa: B018

@@ -1,0 +1,211 @@
+"""Tables from plain data: CSV round trips exactly; Markdown, LaTeX booktabs and HTML are well formed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from loralens.errors import LoralensError
+from loralens.plots.tables import (
+    Table,
+    phi_long_table,
+    similarity_summary_table,
+    table3,
+    table4,
+    to_csv,
+    to_html,
+    to_latex,
+    to_markdown,
+)
+
+#: Table 3 of the paper (RoBERTa-base, MNLI, value), in the plain shape the CondLoRA comparison produces.
+PAPER_TABLE3 = {
+    "modules": {
+        "value": {
+            "A": [0.05, 0.05, 0.06, 0.04, 0.04, 0.08, 0.03, 0.04, 0.03, 0.06, 0.05, 0.07],
+            "B": [0.04, 0.03, 0.03, 0.05, 0.05, 0.04, 0.04, 0.03, 0.02, 0.07, 0.08, 0.10],
+            "BA": [0.04, 0.03, 0.03, 0.05, 0.05, 0.05, 0.04, 0.03, 0.02, 0.07, 0.09, 0.12],
+            "random": {"A": 0.0104, "B": 0.0103, "BA": 0.0105, "expected": 8 / 768},
+        }
+    },
+    "settings": {"i": 8, "j": 8},
+}
+PAPER_TABLE4 = {
+    "lora": 294912,
+    "condlora": 24576,
+    "ratio": 24576 / 294912,
+    "speed": {"lora": 39.652, "condlora": 40.303},
+}
+
+
+def parse_csv(text: str) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(text)))
+
+
+def similarity_dict(L: int = 3) -> dict:
+    rng = np.random.default_rng(0)
+    factor = lambda: {  # noqa: E731
+        "phi": rng.uniform(0, 1, (L, L)).tolist(),
+        "random_phi": rng.uniform(0, 1, (L, L)).tolist(),
+        "mean_offdiag": 0.1 + rng.uniform(),
+        "random_mean_offdiag": 0.02,
+        "random_expected": 8 / 384,
+        "dim": 384,
+        "i": 8,
+        "j": 8,
+    }
+    return {
+        "modules": {"query": {"A": factor(), "B": factor()}, "value": {"A": factor(), "B": factor()}},
+        "settings": {"side": "left", "layers": {"query": [0, 1, 2], "value": [0, 2, 4]}},
+    }
+
+
+def test_csv_round_trips_every_cell() -> None:
+    rows = ((f"m{k}", k * 1000, 1 / (k + 3), None) for k in range(5))
+    table = Table(("name", "count", "value", "empty"), tuple(rows), "t")
+    parsed = parse_csv(to_csv(table))
+    assert parsed[0] == ["name", "count", "value", "empty"]
+    back = [(a, int(b), float(c), None if d == "" else d) for a, b, c, d in parsed[1:]]
+    assert back == list(table.rows)
+
+
+def test_table3_from_plain_data_round_trips_through_csv() -> None:
+    table = table3(PAPER_TABLE3)
+    assert table.columns == ("module", "factor", *map(str, range(1, 13)), "random")
+    parsed = parse_csv(to_csv(table))
+    assert parsed[0] == list(table.columns)
+    for row, factor in zip(parsed[1:], ("A", "B", "BA"), strict=True):
+        assert row[:2] == ["value", factor]
+        assert [float(v) for v in row[2:14]] == PAPER_TABLE3["modules"]["value"][factor]
+        assert float(row[14]) == PAPER_TABLE3["modules"]["value"]["random"][factor]
+    assert any("0.0104" in note for note in table.notes)  # 8 / 768, the exact expectation
+
+
+def test_table3_with_per_layer_random_rows_and_layer_numbers() -> None:
+    data = {"modules": {"query": {"layers": [0, 2], "A": [0.1, 0.2], "B": [0.3, 0.4], "random": {"A": [0.01, 0.02]}}}}
+    table = table3(data)
+    assert table.columns == ("module", "factor", "1", "3")
+    assert table.rows == (("query", "A", 0.1, 0.2), ("query", "A (random)", 0.01, 0.02), ("query", "B", 0.3, 0.4))
+
+
+def test_table3_takes_the_comparison_reports_dict() -> None:
+    """The shape ``loralens.compare.ComparisonReport.to_dict()`` gives: per-layer random, means, extra keys."""
+    phi = {"A": [0.05, 0.07], "B": [0.04, 0.06], "BA": [0.03, 0.05]}
+    rand = {"A": [0.02, 0.03], "B": [0.01, 0.02], "BA": [0.02, 0.02]}
+    data = {
+        "modules": {
+            "value": {
+                **phi,
+                "mean": {"A": 0.06, "B": 0.05, "BA": 0.04},
+                "random": {
+                    **rand,
+                    "mean": {"A": 0.025, "B": 0.015, "BA": 0.02},
+                    "expected": dict.fromkeys(phi, 0.0208),
+                },
+                "conv_vs_theta": {"A": [0.2, 0.3], "B": [0.1, 0.2], "mean": {"A": 0.25}, "random_expected": 0.02},
+                "layers": [0, 1],
+                "sides": {"A": "right", "B": "left", "BA": "left"},
+                "theta": "value",
+                "i": 8,
+                "j": 8,
+            }
+        },
+        "settings": {"i": None, "j": None, "seed": 0, "random_baseline": "a long sentence", "sides": {"A": "right"}},
+    }
+    table = table3(data)
+    assert table.columns == ("module", "factor", "1", "2", "mean")
+    assert [r[1] for r in table.rows] == ["A", "A (random)", "B", "B (random)", "BA", "BA (random)"]
+    assert table.rows[0] == ("value", "A", 0.05, 0.07, 0.06)
+    assert table.rows[1] == ("value", "A (random)", 0.02, 0.03, 0.025)
+    assert table.notes == ("value: random expectation max(i, j) / d = 0.0208", "Settings: seed = 0.")
+    parsed = parse_csv(to_csv(table))
+    assert [float(v) for v in parsed[5][2:4]] == phi["BA"]
+
+
+def test_table3_rejects_bad_data() -> None:
+    with pytest.raises(LoralensError, match="has no modules"):
+        table3({"modules": {}})
+    with pytest.raises(LoralensError, match="none of A, B, BA"):
+        table3({"modules": {"value": {"random": {}}}})
+    with pytest.raises(LoralensError, match="different numbers of layers"):
+        table3({"modules": {"value": {"A": [0.1, 0.2], "B": [0.1]}}})
+    with pytest.raises(LoralensError, match="different layers"):
+        table3({"modules": {"q": {"A": [0.1, 0.2]}, "v": {"A": [0.1, 0.2, 0.3]}}})
+    with pytest.raises(LoralensError, match="must be a mapping"):
+        table3({"modules": [1, 2]})
+
+
+def test_table4_markdown_latex_and_csv() -> None:
+    table = table4(PAPER_TABLE4)
+    assert table.rows == (("LoRA", 294912, 39.652), ("CondLoRA", 24576, 40.303))
+    md = to_markdown(table)
+    assert "| LoRA | 294,912 | 39.652 |" in md and "| CondLoRA | 24,576 | 40.303 |" in md
+    assert "|---|---:|---:|" in md
+    assert "0.0833" in md  # the 1/12 ratio, as a note
+    tex = to_latex(table, label="tab:params")
+    for piece in (r"\begin{tabular}{lrr}", r"\toprule", r"\midrule", r"\bottomrule", r"\label{tab:params}"):
+        assert piece in tex
+    assert r"LoRA & 294,912 & 39.652 \\" in tex
+    parsed = parse_csv(to_csv(table))
+    assert [(a, int(b), float(c)) for a, b, c in parsed[1:]] == list(table.rows)
+    assert "speed" not in to_csv(table4({"lora": {"params": 10}, "condlora": {"params": 2}}))
+    with pytest.raises(LoralensError, match="needs 'condlora'"):
+        table4({"lora": 1})
+
+
+def test_markdown_rows_have_as_many_cells_as_the_header() -> None:
+    md = to_markdown(table3(PAPER_TABLE3))
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(lines) == 2 + 3
+    assert len({line.count("|") for line in lines}) == 1
+
+
+def test_latex_escapes_special_characters_and_stands_alone_without_float() -> None:
+    table = Table(("q_proj & more", "50%"), (("a_b", 1.5),), "x_{1}")
+    tex = to_latex(table, float_env=False)
+    assert tex.startswith(r"\begin{tabular}{lr}")
+    assert r"q\_proj \& more & 50\% \\" in tex and r"a\_b & 1.500 \\" in tex
+    assert r"\caption" not in tex
+    assert r"\caption{x\_\{1\}}" in to_latex(table)
+
+
+def test_html_escapes_and_marks_numeric_columns() -> None:
+    out = to_html(Table(("<name>", "value"), (("<script>", 0.5), ("b", None)), "t & u"))
+    assert "<script>" not in out and "&lt;script&gt;" in out
+    assert "<caption>t &amp; u</caption>" in out
+    assert '<td class="num">0.500</td>' in out and '<td class="num">n/a</td>' in out
+
+
+def test_similarity_summary_and_long_phi_tables() -> None:
+    data = similarity_dict()
+    summary = similarity_summary_table(data)
+    assert [r[:3] for r in summary.rows] == [
+        ("query", "A", "1-3"),
+        ("query", "B", "1-3"),
+        ("value", "A", "1,3,5"),
+        ("value", "B", "1,3,5"),
+    ]
+    assert summary.rows[0][5] == data["modules"]["query"]["A"]["mean_offdiag"]
+    long = phi_long_table(data)
+    assert len(long.rows) == 4 * 2 * 9
+    parsed = parse_csv(to_csv(long))[1:]
+    for module, factor, kind, a, b, value in parsed:
+        labels = [k + 1 for k in data["settings"]["layers"][module]]
+        key = "phi" if kind == "conversion" else "random_phi"
+        assert float(value) == data["modules"][module][factor][key][labels.index(int(a))][labels.index(int(b))]
+
+
+def test_rows_must_match_the_columns() -> None:
+    with pytest.raises(LoralensError, match="row 0 has 1 cells for 2 columns"):
+        Table(("a", "b"), (("x",),))
+
+
+def test_tables_import_without_matplotlib() -> None:
+    code = "import sys, loralens.plots.tables; print('matplotlib' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert proc.stdout.strip() == "False"
