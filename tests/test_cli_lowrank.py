@@ -1,0 +1,150 @@
+"""``loralens overlap``, ``amplification`` and ``spectra`` end to end.
+
+The real case runs each command as a subprocess on two PEFT adapters (r = 4 and r = 16, different seeds) trained on
+Rotten Tomatoes on the real MiniLM base, parses ``--json`` and checks it against the Python API and the identities
+(phi in [0, 1], projections bounded by W's top-r, the random expectation's closed form). User errors are checked
+in process (fast) and once through a subprocess: one line ``error: ...``, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import checkpoints
+import loralens
+from loralens.cli import app
+from loralens.lowrank_analysis import amplification_report
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loralens", *map(str, args)], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def run_json(*args: str | Path) -> dict:
+    proc = run_cli(*args, "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_overlap_on_real_minilm_adapters(tmp_path: Path, minilm_path: Path, rt_adapters: dict[int, Path]) -> None:
+    out = tmp_path / "overlap"
+    data = run_json(
+        "overlap", "--base", minilm_path, "--adapter", rt_adapters[4], "--adapter", rt_adapters[16], "--out", out
+    )
+    assert set(data["modules"]) == {"query", "value"}
+    for mo in data["modules"].values():
+        assert mo["layers"] == list(range(6)) and mo["ranks"] == [[4] * 6, [16] * 6] and mo["shape"] == [384, 384]
+        for f, fo in mo["factors"].items():
+            assert fo["side"] == {"A": "right", "B": "left"}[f] and fo["dim"] == 384
+            assert len(fo["grid"]) == 6 and all(len(g) == 4 and len(g[0]) == 16 for g in fo["grid"])
+            assert all(0 <= v <= 1 for g in fo["grid"] for row in g for v in row)
+            assert fo["random_expected"][0][15] == pytest.approx(16 / 384)
+            assert fo["top_direction"] == [g[0][0] for g in fo["grid"]]
+    assert data["settings"]["dtype"] == "float64" and len(data["settings"]["inputs"]["adapters"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == [".loralens-output", "overlap.json", "overlap.png", "overlap.svg"]
+    assert (out / "overlap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (out / "overlap.svg").read_bytes()[:2000]
+    assert json.loads((out / "overlap.json").read_text())["modules"] == data["modules"]
+
+
+def test_amplification_on_real_minilm_adapters(minilm_path: Path, rt_adapters: dict[int, Path]) -> None:
+    data = run_json("amplification", "--base", minilm_path, "--adapter", rt_adapters[4], "--n-random", "5")
+    api = amplification_report(
+        loralens.open_base(minilm_path), loralens.load_lora_adapter(rt_adapters[4]), n_random=5, device="cpu"
+    ).to_dict()
+    assert data["modules"] == api["modules"]  # the CLI is the API, seeds included
+    for ma in data["modules"].values():
+        assert ma["ranks"] == [4] * 6 and ma["scaling"] == [2.0] * 6  # alpha 8 / r 4
+        for n in range(6):
+            assert ma["dW_projection"][n] < ma["W_top_projection"][n] < ma["W_norm"][n]
+            assert ma["random_expected"][n] == pytest.approx(4 * ma["W_norm"][n] / 384, rel=1e-9)
+            assert ma["amplification"][n] == pytest.approx(ma["dW_norm"][n] / ma["dW_projection"][n], rel=1e-9)
+            assert len(ma["random_projection_draws"][n]) == 5
+    assert "Table 7" in data["definition"] and data["settings"]["seed"] == 0
+
+
+def test_spectra_on_real_minilm_adapters(tmp_path: Path, minilm_path: Path, rt_adapters: dict[int, Path]) -> None:
+    out = tmp_path / "spectra"
+    data = run_json(
+        "spectra", "--base", minilm_path, "--adapter", rt_adapters[16], "--energy-threshold", "0.8", "--out", out
+    )
+    for ms in data["modules"].values():
+        assert ms["ranks"] == [16] * 6
+        for n in range(6):
+            S = ms["singular_values"][n]
+            assert len(S) == 16 and S == sorted(S, reverse=True) and S[-1] > 0
+            assert 1 <= ms["effective_rank_entropy"][n] <= 16 and 1 <= ms["effective_rank_energy"][n] <= 16
+            angles = ms["principal_angles_deg"][n]
+            assert angles == sorted(angles) and 0 <= angles[0] and angles[-1] <= 90
+    assert data["settings"]["energy_threshold"] == 0.8
+    assert sorted(p.name for p in out.iterdir()) == [".loralens-output", "spectra.json", "spectra.png", "spectra.svg"]
+
+
+def test_tables_and_self_overlap_in_process(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["overlap", "--adapter", str(tiny_bert_adapter), "--adapter", str(tiny_bert_adapter)])
+    assert result.exit_code == 0, result.output
+    assert "phi(1,1)" in result.stdout and "1.0000" in result.stdout
+    data = json.loads(
+        runner.invoke(
+            app, ["overlap", "--adapter", str(tiny_bert_adapter), "--adapter", str(tiny_bert_adapter), "--json"]
+        ).stdout
+    )
+    assert all(v == pytest.approx(1.0) for g in data["modules"]["value"]["factors"]["A"]["diagonal"] for v in g)
+    for command in ("amplification", "spectra"):
+        result = runner.invoke(app, [command, "--base", str(tiny_bert), "--adapter", str(tiny_bert_adapter)])
+        assert result.exit_code == 0, result.output
+        assert "query" in result.stdout and "value" in result.stdout
+
+
+def _bad_inputs(tmp: Path, tiny_bert: Path, adapter: Path, minilm: Path) -> list[tuple[str, list[str], str]]:
+    """(case, argv, expected words in the one-line error)."""
+    a = str(adapter)
+    only_query = str(checkpoints.lora_adapter(tiny_bert, tmp / "q", arch="bert", targets=["query"]))
+    one_layer = str(checkpoints.lora_adapter(tiny_bert, tmp / "l1", arch="bert", layers_to_transform=[1]))
+    other_base = checkpoints.bert_base(tmp / "wide", layers=2, hidden=48)
+    wide = str(checkpoints.lora_adapter(other_base, tmp / "wide-lora", arch="bert"))
+    (tmp / "f.txt").write_text("x")
+    return [
+        ("one adapter", ["overlap", "--adapter", a], "exactly two adapters"),
+        ("different bases", ["overlap", "--adapter", a, "--adapter", wide], "record different bases"),
+        ("not this base", ["overlap", "--base", str(tiny_bert), "--adapter", a, "--adapter", wide], "another base"),
+        ("module missing", ["overlap", "--adapter", a, "--adapter", only_query], "value only in"),
+        ("layers differ", ["overlap", "--adapter", a, "--adapter", one_layer], "different layers: [0] only in"),
+        ("i above rank", ["overlap", "--adapter", a, "--adapter", a, "--i", "5"], "i=5 exceeds the rank 4"),
+        ("unknown factor", ["overlap", "--adapter", a, "--adapter", a, "--factors", "C"], "unknown factor 'C'"),
+        ("adapter of another base", ["amplification", "--base", str(minilm), "--adapter", a], "another base"),
+        ("unknown module", ["spectra", "--base", str(tiny_bert), "--adapter", a, "--modules", "key"], "matches no"),
+        (
+            "output is a file",
+            ["spectra", "--base", str(tiny_bert), "--adapter", a, "--out", str(tmp / "f.txt")],
+            "is a file",
+        ),
+    ]
+
+
+def test_bad_input_gives_one_line_and_exit_2(
+    tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path, minilm_path: Path
+) -> None:
+    runner = CliRunner()
+    for case, argv, words in _bad_inputs(tmp_path, tiny_bert, tiny_bert_adapter, minilm_path):
+        result = runner.invoke(app, argv)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2, (case, result.output)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (case, result.stderr)
+        assert words in lines[0], (case, lines[0])
+        assert result.stdout == "", case
+        assert result.exception is None or isinstance(result.exception, SystemExit), (case, result.exception)
+    # and once through the real entry point
+    proc = run_cli("overlap", "--adapter", tiny_bert_adapter, "--adapter", tiny_bert_adapter, "--j", "7")
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "j=7 exceeds the rank 4" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

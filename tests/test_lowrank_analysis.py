@@ -1,0 +1,292 @@
+"""The LoRA-paper analyses through the loaders (loralens.lowrank_analysis), against numpy/scipy on the raw files.
+
+References read the safetensors files directly (``safetensors.numpy``), pair tensors by key suffix, form ``dW``
+densely and use numpy's SVD and ``scipy.linalg.subspace_angles``: a route that shares nothing with the code
+under test. Tolerances as in ``tests/core/test_lowrank.py``: ``1e-10`` absolute on phi and cos^2, ``1e-9``
+relative on norms and singular values (float32 files are upcast to float64 on both sides), ``1e-8`` radians on
+principal angles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file, save_file
+
+import checkpoints
+import loralens
+from loralens.errors import LoralensError, ModelMismatchError, RankError
+from loralens.io.outputs import json_text
+from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
+
+PHI_TOL = 1e-10
+REL = 1e-9
+ANGLE_TOL = 1e-8
+
+
+# ------------------------------------------------------------------------------------------- references
+
+
+def raw_factors(adapter_dir: Path, module: str, layer: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """A (r, d_in), B (d_out, r) float64 straight from the file, and alpha / r from the config."""
+    tensors = load_numpy(str(adapter_dir / "adapter_model.safetensors"))
+    suffix = f"layer.{layer}.attention.self.{module}"
+    (a_key,) = [k for k in tensors if k.endswith(f"{suffix}.lora_A.weight")]
+    (b_key,) = [k for k in tensors if k.endswith(f"{suffix}.lora_B.weight")]
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    A, B = tensors[a_key].astype(np.float64), tensors[b_key].astype(np.float64)
+    pattern = config.get("rank_pattern") or {}
+    r = next((v for k, v in pattern.items() if suffix.endswith(k)), config["r"])
+    assert A.shape[0] == r
+    return A, B, config["lora_alpha"] / r
+
+
+def raw_weight(base_dir: Path, module: str, layer: int) -> np.ndarray:
+    tensors = load_numpy(str(base_dir / "model.safetensors"))
+    (key,) = [k for k in tensors if k.endswith(f"layer.{layer}.attention.self.{module}.weight")]
+    return tensors[key].astype(np.float64)
+
+
+def phi_ref(X: np.ndarray, Y: np.ndarray) -> float:
+    return float(np.sum(np.cos(scipy.linalg.subspace_angles(X, Y)) ** 2) / min(X.shape[1], Y.shape[1]))
+
+
+def right_basis(A: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(A, full_matrices=False)[2].T
+
+
+def left_basis(B: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(B, full_matrices=False)[0]
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
+    """A rank-6 adapter of another seed on the same tiny BERT as ``tiny_bert_adapter`` (rank 4)."""
+    return checkpoints.lora_adapter(tiny_bert, tmp_path_factory.mktemp("bert-lora-r6"), arch="bert", r=6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pattern_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
+    """Rank 4, but 8 in layer 1's query (PEFT rank_pattern): the loader zero-pads layer 0 to rank 8."""
+    return checkpoints.lora_adapter(
+        tiny_bert,
+        tmp_path_factory.mktemp("bert-lora-pattern"),
+        arch="bert",
+        r=4,
+        rank_pattern={"layer.1.attention.self.query": 8},
+        seed=5,
+    )
+
+
+def load(path: Path) -> loralens.LoraAdapter:
+    return loralens.load_lora_adapter(path)
+
+
+# ------------------------------------------------------------------------------------------------ overlap
+
+
+def test_overlap_grids_match_scipy(tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path) -> None:
+    report = rank_overlap(
+        load(tiny_bert_adapter), load(second_adapter), base=loralens.open_base(tiny_bert), device="cpu"
+    )
+    assert set(report.modules) == {"query", "value"}
+    for name, mo in report.modules.items():
+        assert mo.ranks == ((4, 4), (6, 6)) and mo.layers == (0, 1)
+        for f, fo in mo.factors.items():
+            assert fo.grid.shape == (2, 4, 6) and fo.side == {"A": "right", "B": "left"}[f] and fo.dim == 32
+            for layer in mo.layers:
+                A1, B1, _ = raw_factors(tiny_bert_adapter, name, layer)
+                A2, B2, _ = raw_factors(second_adapter, name, layer)
+                U1, U2 = (right_basis(A1), right_basis(A2)) if f == "A" else (left_basis(B1), left_basis(B2))
+                for i in range(1, 5):
+                    for j in range(1, 7):
+                        assert abs(float(fo.grid[layer, i - 1, j - 1]) - phi_ref(U1[:, :i], U2[:, :j])) < PHI_TOL
+            assert float(fo.random_expected[1, 4]) == pytest.approx(5 / 32)
+
+
+def test_an_adapter_against_itself_has_phi_one_on_the_diagonal(tiny_bert_adapter: Path) -> None:
+    report = rank_overlap(load(tiny_bert_adapter), load(tiny_bert_adapter), device="cpu")
+    for mo in report.modules.values():
+        for fo in mo.factors.values():
+            torch.testing.assert_close(fo.diagonal, torch.ones(2, 4, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_overlap_extents_and_rank_pattern_padding(tiny_bert_adapter: Path, pattern_adapter: Path) -> None:
+    report = rank_overlap(load(pattern_adapter), load(tiny_bert_adapter), modules=["query"], factors=["A"])
+    grid = report.modules["query"].factors["A"].grid
+    assert grid.shape == (2, 8, 4)
+    assert bool(grid[0, 4:].isnan().all()) and not bool(grid[0, :4].isnan().any())  # layer 0 has rank 4
+    assert not bool(grid[1].isnan().any())
+    assert report.to_dict()["modules"]["query"]["factors"]["A"]["grid"][0][5] == [None] * 4  # JSON null
+    small = rank_overlap(load(pattern_adapter), load(tiny_bert_adapter), modules=["query"], i=2, j=3)
+    torch.testing.assert_close(small.modules["query"].factors["A"].grid, grid[:, :2, :3])
+    with pytest.raises(RankError, match=r"'query \(A\)' at layers \[0\]: grid extent i=5 exceeds the rank 4") as info:
+        rank_overlap(load(pattern_adapter), load(tiny_bert_adapter), modules=["query"], i=5)
+    assert info.value.indices == (0,)
+
+
+def test_overlap_refuses_mismatched_adapters(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    a = load(tiny_bert_adapter)
+    other_base = checkpoints.bert_base(tmp_path / "wide", layers=2, hidden=48)
+    wide_dir = checkpoints.lora_adapter(other_base, tmp_path / "wide-lora", arch="bert", r=4)
+    wide = load(wide_dir)
+    with pytest.raises(ModelMismatchError, match="record different bases"):
+        rank_overlap(a, wide)
+    with pytest.raises(ModelMismatchError, match=re.escape(str(wide_dir)) + ".*trained on another base"):
+        rank_overlap(a, wide, base=loralens.open_base(tiny_bert))  # does not fit the base given
+    same_name = load(_rename_base(wide_dir, str(a.base_model_name_or_path)))
+    with pytest.raises(ModelMismatchError, match="32 x 32 in .* but 48 x 48 in .*different bases"):
+        rank_overlap(a, same_name)
+    only_query = load(checkpoints.lora_adapter(tiny_bert, tmp_path / "q", arch="bert", targets=["query"]))
+    with pytest.raises(ModelMismatchError, match=r"value only in .*pass --modules query"):
+        rank_overlap(a, only_query)
+    assert set(rank_overlap(a, only_query, modules=["query"]).modules) == {"query"}
+    one_layer = load(checkpoints.lora_adapter(tiny_bert, tmp_path / "l1", arch="bert", layers_to_transform=[1]))
+    with pytest.raises(ModelMismatchError, match=r"different layers: \[0\] only in"):
+        rank_overlap(a, one_layer)
+    with pytest.raises(LoralensError, match="unknown factor 'BA'"):
+        rank_overlap(a, a, factors=["BA"])
+
+
+def _rename_base(adapter_dir: Path, base: str) -> Path:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    return adapter_dir
+
+
+def test_untrained_adapter_is_named(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    tensors = load_file(tiny_bert_adapter / "adapter_model.safetensors")
+    folder = tmp_path / "untrained"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((tiny_bert_adapter / "adapter_config.json").read_text())
+    save_file(
+        {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()},
+        str(folder / "adapter_model.safetensors"),
+    )
+    untrained, base = load(folder), loralens.open_base(tiny_bert)
+    with pytest.raises(RankError, match=r"'query \(B\)' at layers \[0, 1\].*untrained adapter"):
+        rank_overlap(untrained, load(tiny_bert_adapter))
+    for analysis in (amplification_report, spectra_report):
+        with pytest.raises(RankError, match=r"'query' at layers \[0, 1\].*untrained adapter"):
+            analysis(base, untrained, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ amplification
+
+
+def test_amplification_matches_dense_numpy(tiny_bert: Path, second_adapter: Path) -> None:
+    report = amplification_report(loralens.open_base(tiny_bert), load(second_adapter), n_random=4, device="cpu")
+    for name, ma in report.modules.items():
+        assert ma.random_projection.shape == (2, 4) and ma.ranks == (6, 6)
+        for layer in ma.layers:
+            A, B, s = raw_factors(second_adapter, name, layer)
+            W = raw_weight(tiny_bert, name, layer)
+            dW = s * B @ A
+            U, _, Vh = np.linalg.svd(dW)
+            U, V = U[:, :6], Vh[:6].T
+            S_W = np.linalg.svd(W, compute_uv=False)
+            projection = np.linalg.norm(U.T @ W @ V)
+            assert float(ma.dW_projection[layer]) == pytest.approx(projection, rel=REL)
+            assert float(ma.W_top_projection[layer]) == pytest.approx(np.sqrt(np.sum(S_W[:6] ** 2)), rel=REL)
+            assert float(ma.amplification[layer]) == pytest.approx(np.linalg.norm(dW) / projection, rel=REL)
+            assert float(ma.W_norm[layer]) == pytest.approx(np.linalg.norm(W), rel=REL)
+            assert float(ma.random_expected[layer]) == pytest.approx(6 * np.linalg.norm(W) / 32, rel=REL)
+            assert bool((ma.random_projection[layer] < ma.W_top_projection[layer]).all())
+
+
+def test_amplification_is_seeded_per_layer(tiny_bert: Path, second_adapter: Path) -> None:
+    base, adapter = loralens.open_base(tiny_bert), load(second_adapter)
+    whole = amplification_report(base, adapter, n_random=3, seed=1, device="cpu")
+    batched = amplification_report(base, adapter, n_random=3, seed=1, device="cpu", layer_batch=1, modules=["value"])
+    for field in ("random_projection", "dW_projection", "amplification"):
+        torch.testing.assert_close(getattr(batched.modules["value"], field), getattr(whole.modules["value"], field))
+    other = amplification_report(base, adapter, n_random=3, seed=2, device="cpu")
+    assert not torch.equal(other.modules["value"].random_projection, whole.modules["value"].random_projection)
+    assert math.isnan(float(amplification_report(base, adapter, n_random=0).modules["value"].random_mean[0]))
+
+
+def test_rank_pattern_layers_use_their_own_rank(tiny_bert: Path, pattern_adapter: Path) -> None:
+    base, adapter = loralens.open_base(tiny_bert), load(pattern_adapter)
+    amp = amplification_report(base, adapter, n_random=0, device="cpu", modules=["query"]).modules["query"]
+    spec = spectra_report(base, adapter, device="cpu", modules=["query"]).modules["query"]
+    assert amp.ranks == (4, 8)
+    for layer, r in ((0, 4), (1, 8)):
+        A, B, s = raw_factors(pattern_adapter, "query", layer)
+        W = raw_weight(tiny_bert, "query", layer)
+        assert float(amp.W_top_projection[layer]) == pytest.approx(
+            np.sqrt(np.sum(np.linalg.svd(W, compute_uv=False)[:r] ** 2)), rel=REL
+        )
+        S = np.linalg.svd(s * B @ A, compute_uv=False)[:r]
+        np.testing.assert_allclose(spec.singular_values[layer, :r].numpy(), S, rtol=REL)
+    assert bool(spec.singular_values[0, 4:].isnan().all()) and bool(spec.principal_angles[0, 4:].isnan().all())
+
+
+# ------------------------------------------------------------------------------------------------ spectra
+
+
+def test_spectra_match_dense_numpy_and_scipy(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    report = spectra_report(loralens.open_base(tiny_bert), load(tiny_bert_adapter), energy_threshold=0.75)
+    for name, ms in report.modules.items():
+        for layer in ms.layers:
+            A, B, s = raw_factors(tiny_bert_adapter, name, layer)
+            W = raw_weight(tiny_bert, name, layer)
+            dW = s * B @ A
+            S = np.linalg.svd(dW, compute_uv=False)[:4]
+            U_W = np.linalg.svd(W)[0][:, :4]
+            np.testing.assert_allclose(ms.singular_values[layer].numpy(), S, rtol=REL)
+            angles = np.sort(scipy.linalg.subspace_angles(dW, U_W))
+            np.testing.assert_allclose(ms.principal_angles[layer].numpy(), angles, atol=ANGLE_TOL)
+            p = S / S.sum()
+            assert float(ms.effective_rank_entropy[layer]) == pytest.approx(np.exp(-np.sum(p * np.log(p))), rel=REL)
+            energy = np.cumsum(S**2) / np.sum(S**2)
+            assert int(ms.effective_rank_energy[layer]) == int(np.argmax(energy >= 0.75)) + 1
+            assert float(ms.phi_W_top[layer]) == pytest.approx(phi_ref(dW, U_W), abs=PHI_TOL)
+    with pytest.raises(LoralensError, match="threshold"):
+        spectra_report(loralens.open_base(tiny_bert), load(tiny_bert_adapter), energy_threshold=1.5)
+
+
+def test_reports_are_json_ready(tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path) -> None:
+    base, a, b = loralens.open_base(tiny_bert), load(tiny_bert_adapter), load(second_adapter)
+    overlap = json.loads(json_text(rank_overlap(a, b, base=base).to_dict()))
+    assert overlap["adapters"] == [str(a.path), str(b.path)] and "phi(i, j)" in overlap["definition"]
+    assert len(overlap["modules"]["value"]["factors"]["B"]["grid"][1]) == 4
+    amp = json.loads(json_text(amplification_report(base, a, n_random=2).to_dict()))
+    assert set(amp["modules"]["query"]) >= {"dW_projection", "W_top_projection", "amplification", "random_expected"}
+    assert len(amp["modules"]["query"]["random_projection_draws"][0]) == 2
+    spec = json.loads(json_text(spectra_report(base, a).to_dict()))
+    assert len(spec["modules"]["value"]["principal_angles_deg"][0]) == 4 and spec["settings"]["energy_threshold"] == 0.9
+
+
+# ------------------------------------------------------------------------------------------- real MiniLM
+
+
+def test_real_minilm_adapters_r4_r16_against_references(minilm_path: Path, rt_adapters: dict[int, Path]) -> None:
+    a4, a16 = load(rt_adapters[4]), load(rt_adapters[16])
+    base = loralens.open_base(minilm_path)
+    overlap = rank_overlap(a4, a16, base=base, device="cpu")
+    grid = overlap.modules["value"].factors["A"].grid
+    assert grid.shape == (6, 4, 16)
+    for layer in (0, 5):
+        U1 = right_basis(raw_factors(rt_adapters[4], "value", layer)[0])
+        U2 = right_basis(raw_factors(rt_adapters[16], "value", layer)[0])
+        for i, j in ((1, 1), (4, 4), (4, 16), (2, 9)):
+            assert abs(float(grid[layer, i - 1, j - 1]) - phi_ref(U1[:, :i], U2[:, :j])) < PHI_TOL
+    amp = amplification_report(base, a16, n_random=2, device="cpu").modules["query"]
+    A, B, s = raw_factors(rt_adapters[16], "query", 3)
+    W = raw_weight(minilm_path, "query", 3)
+    U, _, Vh = np.linalg.svd(s * B @ A)
+    assert float(amp.dW_projection[3]) == pytest.approx(np.linalg.norm(U[:, :16].T @ W @ Vh[:16].T), rel=REL)
+    # trained dW is no random direction of W's top-r: it projects less of W than W's own top-16 directions
+    assert bool((amp.dW_projection < amp.W_top_projection).all())
