@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= results/demo
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean browser
 
 venv: $(STAMP)
 
@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml requirements-data.txt
 demo: $(STAMP)
 	$(VENV)/bin/loralens demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The report's browser test (tests/test_report_browser.py) drives Debian's Chromium; install it when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks

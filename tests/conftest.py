@@ -37,6 +37,33 @@ def vader_adapter(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -
 
 
 @pytest.fixture(scope="session")
+def rt_adapters(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> dict[int, Path]:
+    """Two PEFT LoRA adapters really trained on Rotten Tomatoes on MiniLM: r = 4 (seed 1) and r = 16 (seed 2).
+
+    alpha = 8, query + value, 60 steps of 16 snippets truncated to 32 tokens (about 20 s each on 2 cores).
+    """
+    from loralens.training.lora import train_lora
+
+    out = {}
+    for r, seed in ((4, 1), (16, 2)):
+        out[r] = tmp_path_factory.mktemp(f"rt-lora-r{r}")
+        train_lora(minilm_path, "rt-polarity", out_dir=out[r], r=r, steps=60, max_length=32, seed=seed, eval_size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vader_condlora(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> tuple[Path, dict]:
+    """A CondLoRA adapter (r = 8, alpha = 8, query + value) trained like :func:`vader_adapter`; (folder, metrics)."""
+    from loralens.training.trainer import train_condlora
+
+    out = tmp_path_factory.mktemp("vader-condlora")
+    metrics = train_condlora(
+        minilm_path, "vader-polarity", out_dir=out, steps=60, batch_size=16, max_length=16, seed=0, eval_size=256
+    )
+    return out, metrics
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BertModel (2 layers, hidden 32) saved as model.safetensors."""
     return checkpoints.bert_base(tmp_path_factory.mktemp("bert"), layers=2, hidden=32)

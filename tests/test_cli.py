@@ -85,16 +85,23 @@ def test_conversion_writes_safetensors_and_json(tmp_path: Path, minilm_path: Pat
     assert value["shapes"]["A"] == [6, 384, 8] and value["scaling"] == [1.0] * 6
     assert max(value["residual_B"]) < 1e-10 and min(value["condition_1norm_estimate"]) > 1
     assert "solve" in summary["conventions"]
-    assert sorted(p.name for p in out.iterdir()) == ["conversion.json", "conversion.safetensors"]  # no temp files
+    assert sorted(p.name for p in out.iterdir()) == [".loralens-output", "conversion.json", "conversion.safetensors"]
 
 
-def test_conversion_json_and_rerun_replaces(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+def test_conversion_json_and_rerun_needs_force(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     out = tmp_path / "o"
-    for _ in range(2):
-        proc = run_cli("conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out, "--json")
-        assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["outputs"] == [str(out / "conversion.safetensors"), str(out / "conversion.json")]
-    assert sorted(p.name for p in out.iterdir()) == ["conversion.json", "conversion.safetensors"]
+    argv = ["conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out, "--json"]
+    proc = run_cli(*argv)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outputs"] == [str(out / "conversion.safetensors"), str(out / "conversion.json")]
+    before = (out / "conversion.json").read_bytes()
+    refused = run_cli(*argv)
+    assert refused.returncode == 2 and "pass --force" in refused.stderr and refused.stdout == ""
+    assert (out / "conversion.json").read_bytes() == before
+    forced = run_cli(*argv, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".loralens-output", "conversion.json", "conversion.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging or old folder left beside it
 
 
 def test_help_explains() -> None:

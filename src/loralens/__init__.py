@@ -38,6 +38,16 @@ _EXPORTS = {
     "load_lora_adapter": "loralens.io.adapters",
     "BaseCheckpoint": "loralens.io.base_weights",
     "open_base": "loralens.io.base_weights",
+    "CondLoraAdapter": "loralens.io.condlora",
+    "load_condlora_adapter": "loralens.io.condlora",
+    "materialise_condlora": "loralens.io.condlora",
+    "ComparisonReport": "loralens.compare",
+    "ParameterCounts": "loralens.compare",
+    "compare_adapters": "loralens.compare",
+    "parameter_counts": "loralens.compare",
+    "rank_overlap": "loralens.lowrank_analysis",
+    "amplification_report": "loralens.lowrank_analysis",
+    "spectra_report": "loralens.lowrank_analysis",
 }
 
 __all__ = sorted([*_EXPORTS, "examples"])
@@ -53,6 +63,7 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
         compute_conversions,
         layer_similarity,
     )
+    from loralens.compare import ComparisonReport, ParameterCounts, compare_adapters, parameter_counts
     from loralens.core.conversion import Conversion, conversion_matrices
     from loralens.core.similarity import (
         pairwise_subspace_similarity,
@@ -62,6 +73,8 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
     from loralens.errors import LoralensError
     from loralens.io.adapters import LoraAdapter, load_lora_adapter
     from loralens.io.base_weights import BaseCheckpoint, open_base
+    from loralens.io.condlora import CondLoraAdapter, load_condlora_adapter, materialise_condlora
+    from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,10 @@ class InputPathError(LoralensError):
     """A path is missing, of the wrong kind, or cannot be resolved."""
 
 
+class OutputExistsError(InputPathError):
+    """The output folder exists and may not be replaced."""
+
+
 class CheckpointError(LoralensError):
     """A checkpoint or config file is corrupt, truncated, unsafe or of an unknown format."""
 

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import sys
+
+import typer
+
+try:  # recent typer vendors click as typer._click; earlier versions use click itself
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
+import loralens.cli.condlora  # noqa: F401  (registers train, compare, params, export)
+import loralens.cli.figures  # noqa: F401  (registers figure, report)
+import loralens.cli.lowrank  # noqa: F401  (registers overlap, amplification, spectra)
 from loralens.cli import core  # noqa: F401  (registers conversion, similarity, demo)
-from loralens.cli._app import app
+from loralens.cli._app import EXIT_INTERRUPTED, EXIT_USER_ERROR, app
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors, like every other user error, are one line and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:  # bare `loralens` or a command with no options: show its help
+        typer.echo(e.ctx.get_help() if e.ctx else "", err=True)
+        code = EXIT_USER_ERROR
+    except UsageError as e:
+        where = f"loralens {e.ctx.command.name} --help" if e.ctx and e.ctx.parent else "loralens --help"
+        typer.echo(f"error: {' '.join(e.format_message().split())} (see '{where}')", err=True)
+        code = EXIT_USER_ERROR
+    except typer.Abort:  # Ctrl-C while click itself is prompting or parsing
+        typer.echo("interrupted; no partial output was written", err=True)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main"]

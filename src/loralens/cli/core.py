@@ -2,37 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 import loralens
-from loralens.analysis import ModuleConversion, SimilarityReport, compute_conversions, layer_similarity
+from loralens.analysis import (
+    ModuleConversion,
+    ProgressCallback,
+    SimilarityReport,
+    compute_conversions,
+    compute_conversions_many,
+    layer_similarity,
+    layer_similarity_many,
+    parse_memory_size,
+    similarity_reports_to_dict,
+)
 from loralens.cli._app import (
     AdapterOpt,
+    AdaptersOpt,
     BaseOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
+    ForceOpt,
     JsonOpt,
     LayerBatchOpt,
+    MaxMemoryOpt,
     ModulesOpt,
+    QuietOpt,
     SideChoice,
     app,
     format_layers,
     format_number,
     load_inputs,
+    load_many,
     parse_modules,
+    progress_bar,
     run_settings,
     torch_dtype,
     user_errors,
 )
 from loralens.examples import default_adapter, default_base
-from loralens.io.outputs import json_text, json_writer, safetensors_writer, write_outputs
+from loralens.io.outputs import check_output_folder, json_text, json_writer, safetensors_writer, write_outputs
 from loralens.results import conversion_summary, conversion_tensors, provenance
+
+CONVERSION_FILES = ("conversion.safetensors", "conversion.json")
 
 
 @app.command()
@@ -44,25 +63,33 @@ def conversion(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
     layer_batch: LayerBatchOpt = None,
+    max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Compute conversion matrices W^-1 A^T, W^-1 B and W^-1 B A for every layer and write them.
 
     conversion.safetensors holds '<module>.<A|B|BA>' stacked over layers; conversion.json holds shapes,
     layers, the convention (solve for square W, least squares otherwise), residuals, condition estimates
-    and the LoRA scaling. Files are written atomically.
+    and the LoRA scaling. Files are written atomically. W^-1 B A is L x d x d per module: large for big models.
     """
     with user_errors():
+        check_output_folder(out, replace=force, names=CONVERSION_FILES)
+        budget = parse_memory_size(max_memory)
         base_ckpt, lora = load_inputs(base, adapter)
-        convs = compute_conversions(
-            base_ckpt,
-            lora,
-            modules=parse_modules(modules),
-            device=device,
-            dtype=torch_dtype(dtype),
-            layer_batch=layer_batch,
-        )
-        summary = conversion_summary(convs, base_ckpt, lora, run_settings(device, dtype))
+        with progress_bar(quiet) as progress:
+            convs = compute_conversions(
+                base_ckpt,
+                lora,
+                modules=parse_modules(modules),
+                device=device,
+                dtype=torch_dtype(dtype),
+                layer_batch=layer_batch,
+                max_memory=budget,
+                progress=progress,
+            )
+        summary = conversion_summary(convs, base_ckpt, lora, run_settings(device, dtype, max_memory=budget))
         paths = write_outputs(
             out,
             {
@@ -71,6 +98,7 @@ def conversion(
                 ),
                 "conversion.json": json_writer(summary),
             },
+            replace=force,
         )
         if json_output:
             typer.echo(json_text({"outputs": [str(p) for p in paths], **summary}), nl=False)
@@ -80,7 +108,7 @@ def conversion(
 
 @app.command()
 def similarity(
-    adapter: AdapterOpt,
+    adapter: AdaptersOpt,
     base: BaseOpt = None,
     modules: ModulesOpt = None,
     i: Annotated[
@@ -97,20 +125,43 @@ def similarity(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
     layer_batch: LayerBatchOpt = None,
+    max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Layer x layer normalized subspace similarity phi of the conversion matrices (the paper's Figure 1).
 
     For each module and each of A, B, BA: the L x L matrix phi(conv^l, conv^k), its mean off-diagonal value
     ("average similarity"), and the same for random Gaussian matrices of the same shape beside the exact
     expectation max(i, j) / d. Defaults are the paper's: left singular vectors, i = j = r.
+
+    Several --adapter of one base share each base weight's factorisation (one LU per layer for all of them).
+    With --json, one adapter gives {"modules": ..., "settings": ...}; several give
+    {"adapters": [{"adapter": <path>, "modules": ..., "layers": ..., "conventions": ..., "inputs": ...}, ...],
+    "settings": ...}, each "modules" as for one adapter.
     """
     with user_errors():
-        report = _similarity(base, adapter, parse_modules(modules), i, j, side.value, seed, device, dtype, layer_batch)
-        if json_output:
-            typer.echo(json_text(report.to_dict()), nl=False)
+        budget = parse_memory_size(max_memory)
+        opts = {"i": i, "j": j, "side": side.value, "seed": seed, "device": device, "dtype": dtype}
+        with progress_bar(quiet) as progress:
+            reports, labels = _similarity(
+                base,
+                adapter,
+                parse_modules(modules),
+                layer_batch=layer_batch,
+                max_memory=budget,
+                progress=progress,
+                **opts,
+            )
+        if len(reports) == 1:
+            if json_output:
+                typer.echo(json_text(reports[0].to_dict()), nl=False)
+            else:
+                _print_similarity(reports[0])
+        elif json_output:
+            typer.echo(json_text(_many_to_dict(reports, labels)), nl=False)
         else:
-            _print_similarity(report)
+            _print_many(reports, labels)
 
 
 @app.command()
@@ -119,7 +170,10 @@ def demo(
     device: DeviceOpt = "auto",
 ) -> None:
     """Run the main analysis on the embedded default: the real MiniLM base and a real PEFT LoRA adapter
-    (r = 8, query + value, trained on Rotten Tomatoes review polarity)."""
+    (r = 8, query + value, trained on Rotten Tomatoes review polarity). Writes the conversion matrices, the
+    phi matrices, Figure 1 (PNG, SVG) and report.html, which embeds everything and opens offline."""
+    from loralens.report import input_identities, report_files
+
     with user_errors():
         adapter = default_adapter()
         base_ckpt, lora = load_inputs(default_base(), adapter)
@@ -136,7 +190,9 @@ def demo(
                     conversion_summary(convs, base_ckpt, lora, run_settings(device, DType.float64))
                 ),
                 "similarity.json": json_writer(report.to_dict()),
+                **report_files(report.to_dict(), input_identities(base_ckpt, lora)),
             },
+            replace=True,  # the demo's own folder: a rerun replaces it
         )
         console = Console()
         console.print(f"Base: {base_ckpt.root}\nAdapter: {adapter}\n")
@@ -144,12 +200,14 @@ def demo(
         console.print("\nResults written:")
         for p in paths:
             console.print(f"  {p}")
+        console.print(f"\nReport with Figure 1 (opens offline in a browser): {out / 'report.html'}")
 
 
 def _similarity(
     base: str | None,
-    adapter: Path,
+    adapters: list[Path],
     modules: list[str] | None,
+    *,
     i: int | None,
     j: int | None,
     side: str,
@@ -157,20 +215,69 @@ def _similarity(
     device: str,
     dtype: DType,
     layer_batch: int | None,
-) -> SimilarityReport:
-    base_ckpt, lora = load_inputs(base, adapter)
-    convs = compute_conversions(
+    max_memory: int,
+    progress: ProgressCallback | None,
+) -> tuple[list[SimilarityReport], list[str]]:
+    """Reports (one per adapter) with settings and inputs recorded, and the adapters' labels."""
+    base_ckpt, loras = load_many(base, adapters)
+    convs = compute_conversions_many(
         base_ckpt,
-        lora,
+        loras,
         modules=modules,
         device=device,
         dtype=torch_dtype(dtype),
         layer_batch=layer_batch,
+        max_memory=max_memory,
         with_product=False,
+        with_residuals=False,
+        progress=progress,
     )
-    report = layer_similarity(convs, i=i, j=j, side=side, seed=seed, device=device)  # type: ignore[arg-type]
-    report.settings.update(run_settings(device, dtype), inputs=provenance(base_ckpt, lora))
-    return report
+    reports = layer_similarity_many(
+        convs,
+        i=i,
+        j=j,
+        side=side,
+        seed=seed,
+        device=device,
+        progress=progress,  # type: ignore[arg-type]
+    )
+    inputs = provenance(base_ckpt, loras[0])
+    bare = dataclasses.replace(base_ckpt, files={}, shapes={}, dtypes={})  # hash the base's files once, not per adapter
+    for k, (report, lora) in enumerate(zip(reports, loras, strict=True)):
+        adapter_inputs = inputs["adapter"] if k == 0 else provenance(bare, lora)["adapter"]
+        report.settings.update(
+            run_settings(device, dtype, max_memory=max_memory), inputs={**inputs, "adapter": adapter_inputs}
+        )
+    return reports, [str(a) for a in adapters]
+
+
+def _many_to_dict(reports: list[SimilarityReport], labels: list[str]) -> dict[str, Any]:
+    out = similarity_reports_to_dict(reports, labels)
+    for entry, report in zip(out["adapters"], reports, strict=True):
+        entry["inputs"] = {"adapter": report.settings["inputs"]["adapter"]}
+    shared = out["settings"]
+    shared["inputs"] = {k: v for k, v in shared["inputs"].items() if k != "adapter"}
+    return out
+
+
+def _print_many(reports: list[SimilarityReport], labels: list[str]) -> None:
+    table = Table(title=f"Layer x layer subspace similarity phi of {len(reports)} adapters (mean off-diagonal)")
+    for col in ("adapter", "module", "factor", "layers", "i, j", "mean phi", "random (one draw)", "E=max(i,j)/d"):
+        table.add_column(col, justify="right" if col[0] in "mrE" else "left")
+    for label, report in zip(labels, reports, strict=True):
+        for name, factors in report.modules.items():
+            for f, s in factors.items():
+                table.add_row(
+                    label,
+                    name,
+                    f,
+                    format_layers(report.layers[name]),
+                    f"{s.i}, {s.j}",
+                    format_number(s.mean_offdiag),
+                    format_number(s.random_mean_offdiag),
+                    f"{s.random_expected:.4f}",
+                )
+    Console().print(table)
 
 
 def _print_conversion(convs: dict[str, ModuleConversion], paths: list[Path]) -> None:

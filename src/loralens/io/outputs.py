@@ -1,8 +1,7 @@
 """Writing results so that nothing half-written is ever left behind.
 
-Each file is written to a temporary name in its final folder, flushed to disk, then renamed over
-the target (``os.replace`` is atomic on POSIX and Windows). A new output folder is assembled under a
-temporary name and renamed into place whole.
+An output is a folder: its files are written and flushed under a temporary folder name beside it,
+which is then renamed into place whole (``os.replace`` is atomic on POSIX and Windows).
 """
 
 from __future__ import annotations
@@ -12,16 +11,25 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
 
-from loralens.errors import InputPathError
+from loralens.errors import InputPathError, OutputExistsError
 
-__all__ = ["write_outputs", "safetensors_writer", "json_writer", "json_text", "sha256_file"]
+__all__ = [
+    "MARKER",
+    "bytes_writer",
+    "check_output_folder",
+    "write_outputs",
+    "safetensors_writer",
+    "json_writer",
+    "json_text",
+    "sha256_file",
+]
 
 Writer = Callable[[Path], None]
 
@@ -37,45 +45,86 @@ def safetensors_writer(tensors: Mapping[str, Tensor], metadata: Mapping[str, str
     return lambda path: save_file(data, str(path), metadata=dict(metadata or {}))
 
 
+def bytes_writer(data: bytes) -> Writer:
+    """A writer of raw bytes (a rendered PNG or SVG)."""
+    return lambda path: path.write_bytes(data)  # type: ignore[func-returns-value]
+
+
 def json_writer(obj: Any) -> Writer:
     text = json_text(obj)
     return lambda path: path.write_text(text, encoding="utf-8")
 
 
-def write_outputs(out_dir: Path, files: Mapping[str, Writer]) -> list[Path]:
-    """Write ``files`` (name -> writer) into ``out_dir`` atomically; return the final paths.
+#: Hidden file in every folder loralens writes: it lets ``replace=True`` (``--force``) tell a folder it may
+#: replace from one that holds somebody's other files.
+MARKER = ".loralens-output"
 
-    A folder that does not exist yet appears complete or not at all. In an existing folder each file is
-    replaced atomically and other files are left alone.
+
+def write_outputs(out_dir: Path, files: Mapping[str, Writer], *, replace: bool = False) -> list[Path]:
+    """Write ``files`` (name -> writer) as the folder ``out_dir``, atomically; return the final paths.
+
+    The new folder is assembled under a temporary name beside ``out_dir`` and renamed into place, so the path
+    shows either a complete output or none, whatever interrupts the run. A missing or empty ``out_dir`` is
+    simply created. An existing one with content is refused (OutputExistsError) unless ``replace`` is true
+    *and* it is a folder loralens wrote (it holds :data:`MARKER`, or only files named in ``files``); then the
+    old folder is renamed aside, the new one into place, and the old one deleted: an interruption between
+    the two renames leaves no output at ``out_dir`` (and the previous one beside it), never a mixture.
+    """
+    out_dir = Path(out_dir)
+    existing = check_output_folder(out_dir, replace=replace, names=files)
+    parent = out_dir.parent
+    staging: Path | None = None
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+        staging.chmod(0o777 & ~_UMASK)
+        for name, write in {**files, MARKER: json_writer({"loralens_output": sorted(files)})}.items():
+            _write_synced(staging / name, write)
+        if existing:
+            _swap_into_place(staging, out_dir)
+        else:
+            staging.replace(out_dir)  # onto a missing or empty folder: one rename
+    except OSError as e:
+        raise InputPathError(f"{out_dir}: cannot write the results ({e.strerror or e}); nothing was changed") from e
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [out_dir / name for name in files]
+
+
+def check_output_folder(out_dir: Path, *, replace: bool = False, names: Iterable[str] = ()) -> bool:
+    """Raise unless :func:`write_outputs` may write the folder ``out_dir``; return whether it has content.
+
+    Commands call this before their work, so a refused ``--out`` costs nothing. ``names``: the files about
+    to be written (an unmarked folder holding only those may be replaced).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputPathError(f"{out_dir}: the output path is a file; pass a folder")
-    parent = out_dir.parent
+    existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if not existing:
+        return False
+    if not replace:
+        raise OutputExistsError(f"{out_dir}: the output folder exists; pass --force to replace it, or choose a new one")
+    foreign = sorted(set(existing) - set(names) - {MARKER})
+    if MARKER not in existing and foreign:
+        raise OutputExistsError(
+            f"{out_dir}: not replacing a folder that holds files loralens did not write "
+            f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); choose a new or empty folder"
+        )
+    return True
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    old.rmdir()  # a free unique name for the previous folder
+    out_dir.replace(old)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        if not out_dir.exists():
-            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
-            staging.chmod(0o777 & ~_UMASK)
-            try:
-                for name, write in files.items():
-                    _write_synced(staging / name, write)
-                staging.replace(out_dir)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        else:
-            for name, write in files.items():
-                fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-                os.close(fd)
-                tmp = Path(tmp_name)
-                try:
-                    _write_synced(tmp, write)
-                    tmp.replace(out_dir / name)
-                finally:
-                    tmp.unlink(missing_ok=True)
-    except OSError as e:
-        raise InputPathError(f"{out_dir}: cannot write the results ({e.strerror or e}); nothing was changed") from e
-    return [out_dir / name for name in files]
+        staging.replace(out_dir)
+    except OSError:
+        old.replace(out_dir)  # put the previous output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

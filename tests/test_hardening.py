@@ -1,0 +1,237 @@
+"""Every bad input gets a clear answer: a table of input -> exit code and one line naming the file and the fix.
+
+Each row runs the real console entry point (:func:`loralens.cli.main`, argument parsing included) in this
+process; ``tests/test_cli.py`` runs a sample of the same through a subprocess. A row passes when the exit code
+is the expected one, stderr is exactly one line starting with ``error:`` that contains the expected words,
+stdout is empty, and no output folder or temporary file is left behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import checkpoints
+from loralens.cli import main
+
+
+@dataclass(frozen=True)
+class Row:
+    argv: list[str]
+    words: str
+    code: int = 2
+
+
+def run_main(argv: list[str | Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sys, "argv", ["loralens", *map(str, argv)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+# ----------------------------------------------------------------------------------------------- builders
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_tensors(folder: Path, name: str, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Path:
+    tensors = load_file(folder / name)
+    save_file(edit(tensors), str(folder / name))
+    return folder
+
+
+def _set(key_end: str, make: Callable[[torch.Tensor], torch.Tensor]):
+    def edit(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        key = next(k for k in t if k.endswith(key_end))
+        return t | {key: make(t[key])}
+
+    return edit
+
+
+QUERY0 = "encoder.layer.0.attention.self.query.weight"
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_adapter: Path, minilm_path: Path):
+    """case -> Row; files are built once for the module."""
+    tmp = tmp_path_factory.mktemp("bad")
+    base, adapter = str(tiny_bert), str(tiny_bert_adapter)
+    sim = ["similarity", "--base", base, "--adapter"]
+
+    def with_adapter(folder: Path) -> list[str]:
+        return ["similarity", "--base", base, "--adapter", str(folder)]
+
+    def with_base(folder: Path | str) -> list[str]:
+        return ["similarity", "--base", str(folder), "--adapter", adapter]
+
+    def adapter_copy(name: str) -> Path:
+        return _copy(tiny_bert_adapter, tmp / name)
+
+    def base_copy(name: str) -> Path:
+        return _copy(tiny_bert, tmp / name)
+
+    r: dict[str, Row] = {}
+    # --- paths
+    r["missing adapter"] = Row([*sim, str(tmp / "nope")], "no such adapter folder")
+    r["missing base"] = Row(with_base(tmp / "nobase"), "not a folder")
+    (tmp / "file.txt").write_text("x")
+    r["adapter is a file"] = Row(with_adapter(tmp / "file.txt"), "expected an adapter folder")
+    r["base is a text file"] = Row(with_base(tmp / "file.txt"), "file.txt")
+    (tmp / "empty").mkdir()
+    r["empty adapter folder"] = Row(with_adapter(tmp / "empty"), "no adapter_config.json")
+    r["empty base folder"] = Row(with_base(tmp / "empty"), "empty")
+    weights_dir = adapter_copy("weights-is-dir")
+    (weights_dir / "adapter_model.safetensors").unlink()
+    (weights_dir / "adapter_model.safetensors").mkdir()
+    r["weights file is a folder"] = Row(with_adapter(weights_dir), "adapter_model.safetensors")
+    r["output is a file"] = Row(
+        ["conversion", "--base", base, "--adapter", adapter, "--out", str(tmp / "file.txt")], "is a file"
+    )
+    r["output on a read-only file system"] = Row(
+        ["conversion", "--base", base, "--adapter", adapter, "--out", "/sys/loralens-out"], "cannot write the results"
+    )
+    # --- files
+    truncated = adapter_copy("truncated")
+    checkpoints.truncate_file(truncated / "adapter_model.safetensors", 100)
+    r["truncated adapter"] = Row(with_adapter(truncated), "corrupt or truncated")
+    for how in checkpoints.CORRUPTIONS:
+        folder = base_copy(f"base-{how}")
+        checkpoints.corrupt_safetensors_header(folder / "model.safetensors", how)
+        r[f"base header: {how}"] = Row(with_base(folder), "model.safetensors")
+    no_config = adapter_copy("no-config")
+    (no_config / "adapter_config.json").unlink()
+    r["adapter_config.json missing"] = Row(with_adapter(no_config), "no adapter_config.json")
+    bad_json = adapter_copy("bad-json")
+    (bad_json / "adapter_config.json").write_text("{not json")
+    r["adapter_config.json invalid"] = Row(with_adapter(bad_json), "invalid JSON")
+    ia3 = adapter_copy("ia3")
+    (ia3 / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    r["unknown peft_type"] = Row(with_adapter(ia3), "peft_type 'IA3' is not supported")
+    null_r = adapter_copy("null-r")
+    text = (null_r / "adapter_config.json").read_text().replace('"r": 4', '"r": null')
+    (null_r / "adapter_config.json").write_text(text)
+    r["r is null"] = Row(with_adapter(null_r), "r is None")
+    pickled = adapter_copy("pickle")
+    (pickled / "adapter_model.safetensors").unlink()
+    checkpoints.write_malicious_pickle(pickled / "adapter_model.bin", tmp / "pwned")
+    r["pickle carrying code"] = Row(with_adapter(pickled), "refused to load")
+    empty_sd = adapter_copy("empty-state-dict")
+    save_file({}, str(empty_sd / "adapter_model.safetensors"))
+    r["empty state dict"] = Row(with_adapter(empty_sd), "holds no tensors")
+    no_weights = adapter_copy("no-weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    r["adapter weights missing"] = Row(with_adapter(no_weights), "no adapter weights")
+    # --- content
+    r["adapter of another base"] = Row(["similarity", "--base", str(minilm_path), "--adapter", adapter], "another base")
+    no_query = base_copy("no-query")
+    _edit_tensors(no_query, "model.safetensors", lambda t: {k: v for k, v in t.items() if ".query." not in k})
+    r["target module absent from base"] = Row(with_base(no_query), "query")
+    r["i above the rank"] = Row([*sim, adapter, "--i", "9"], "exceeds the rank")
+    r["j above the rank"] = Row([*sim, adapter, "--j", "5"], "exceeds the rank")
+    r["unknown module"] = Row([*sim, adapter, "--modules", "key"], "matches no")
+    nan = _edit_tensors(
+        adapter_copy("nan"),
+        "adapter_model.safetensors",
+        _set("lora_A.weight", lambda a: torch.full_like(a, float("nan"))),
+    )
+    r["NaN in adapter"] = Row(with_adapter(nan), "NaN or Inf")
+    inf_base = _edit_tensors(
+        base_copy("inf"), "model.safetensors", _set(QUERY0, lambda w: w.index_fill(0, torch.tensor([0]), float("inf")))
+    )
+    r["Inf in base"] = Row(with_base(inf_base), "NaN or Inf")
+    zero_b = _edit_tensors(
+        adapter_copy("zero-b"),
+        "adapter_model.safetensors",
+        lambda t: {k: (v * 0 if "lora_B" in k else v) for k, v in t.items()},
+    )
+    r["all-zero B (untrained)"] = Row(with_adapter(zero_b), "untrained")
+    singular = _edit_tensors(base_copy("singular"), "model.safetensors", _set(QUERY0, torch.zeros_like))
+    r["exactly singular W0"] = Row(with_base(singular), "singular at layers [0]")
+    int_base = _edit_tensors(base_copy("int8"), "model.safetensors", _set(QUERY0, lambda w: w.to(torch.int8)))
+    r["integer base weights"] = Row(with_base(int_base), "dequantized first")
+    # --- usage
+    r["bad --side"] = Row([*sim, adapter, "--side", "up"], "Invalid value for '--side'")
+    r["bad --layer-batch"] = Row(
+        ["conversion", "--adapter", adapter, "--out", str(tmp / "o"), "--layer-batch", "0"], "--layer-batch"
+    )
+    r["missing --adapter"] = Row(["similarity"], "Missing option '--adapter'")
+    r["unknown command"] = Row(["nosuch"], "No such command")
+    return r
+
+
+CASES = [
+    "missing adapter",
+    "missing base",
+    "adapter is a file",
+    "base is a text file",
+    "empty adapter folder",
+    "empty base folder",
+    "weights file is a folder",
+    "output is a file",
+    "output on a read-only file system",
+    "truncated adapter",
+    *(f"base header: {how}" for how in checkpoints.CORRUPTIONS),
+    "adapter_config.json missing",
+    "adapter_config.json invalid",
+    "unknown peft_type",
+    "r is null",
+    "pickle carrying code",
+    "empty state dict",
+    "adapter weights missing",
+    "adapter of another base",
+    "target module absent from base",
+    "i above the rank",
+    "j above the rank",
+    "unknown module",
+    "NaN in adapter",
+    "Inf in base",
+    "all-zero B (untrained)",
+    "exactly singular W0",
+    "integer base weights",
+    "bad --side",
+    "bad --layer-batch",
+    "missing --adapter",
+    "unknown command",
+]
+
+
+def test_the_table_is_complete(rows: dict[str, Row]) -> None:
+    assert list(rows) == CASES and len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(
+    case: str,
+    rows: dict[str, Row],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    row = rows[case]
+    monkeypatch.chdir(tmp_path)  # anything written by mistake into the working folder would show up here
+    code, out, err = run_main(row.argv, capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == row.code, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert row.words in lines[0], lines[0]
+    assert out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pickle_did_not_run(rows: dict[str, Row], capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    argv = rows["pickle carrying code"].argv
+    marker = Path(argv[-1]).parent / "pwned"
+    code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 2 and "refused to load" in err
+    assert not marker.exists()
