@@ -103,13 +103,25 @@ while True:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_rewrite_leaves_a_complete_folder_or_none(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "out"
-    for attempt in range(8):
+    for attempt in range(6):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stderr=subprocess.DEVNULL)
-        time.sleep(0.4 + 0.13 * attempt)  # land in different phases of the loop
+        # Signal only once the loop runs (a signal during interpreter start-up tests nothing of ours), then at a
+        # different point of the loop each time: writing, the swap, or the clean-up.
+        deadline = time.monotonic() + 120
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.037 * attempt)
         proc.send_signal(sig)
-        proc.wait(timeout=60)
-        if out.exists():
-            texts = {(out / n).read_text() for n in ("x.txt", "y.txt", "z.txt")}
-            assert len(texts) == 1, "the folder mixes files of two runs"
-            assert sorted(p.name for p in out.iterdir()) == [MARKER, "x.txt", "y.txt", "z.txt"]
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the writer did not stop on {sig!r}")
+        if sig == signal.SIGINT:  # Python unwinds: the previous folder is put back if the swap was cut short
+            assert out.exists()
+        elif not out.exists():  # SIGKILL between the swap's two renames: no output, the previous one beside it
+            continue
+        texts = {(out / n).read_text() for n in ("x.txt", "y.txt", "z.txt")}
+        assert len(texts) == 1, "the folder mixes files of two runs"
+        assert sorted(p.name for p in out.iterdir()) == [MARKER, "x.txt", "y.txt", "z.txt"]
         # staging/old folders may be left beside it after SIGKILL, never inside it

@@ -121,8 +121,8 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
     out_dir.replace(old)
     try:
         staging.replace(out_dir)
-    except OSError:
-        old.replace(out_dir)  # put the previous output back
+    except BaseException:  # an OSError, or Ctrl-C between the two renames: put the previous output back
+        old.replace(out_dir)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
