@@ -9,7 +9,7 @@ interrupted run resumes.
 
 Usage (the MiniLM run in README.md, about 30 min on 2 CPU cores)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/table2.py --out results/table2
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/table2.py --out results/table2   # table in results/table2/table/
 
 The paper-scale variant on MPNet-base (RoBERTa-base's shape; outside CI, hours on CPU)::
 
@@ -174,7 +174,13 @@ def main() -> None:
                         _cached(out, method, seed, check, args.eval_size)
                         or _log(out)
                         or train_adapter(
-                            args.base, task, method=method, out_dir=out, seed=seed, **_train_kwargs(settings)
+                            args.base,
+                            task,
+                            method=method,
+                            out_dir=out,
+                            seed=seed,
+                            replace=True,  # a run folder of this script, made with other settings
+                            **_train_kwargs(settings),
                         )
                     )
                     runs[task][method].append(m)
@@ -184,9 +190,10 @@ def main() -> None:
     summary = summarise(runs)
     summary["base"] = base_name
     text = markdown(summary, base_name)
-    write_outputs(args.out, {"table2.json": json_writer(summary), "table2.md": lambda p: p.write_text(text)})
+    table = args.out / "table"  # beside runs/: write_outputs writes whole folders
+    write_outputs(table, {"table2.json": json_writer(summary), "table2.md": lambda p: p.write_text(text)}, replace=True)
     print(text)
-    print(f"written: {args.out / 'table2.md'}, {args.out / 'table2.json'}")
+    print(f"written: {table / 'table2.md'}, {table / 'table2.json'}")
 
 
 def _cached(out: Path, method: str, seed: int, settings: dict[str, Any], eval_size: int) -> dict[str, Any] | None:

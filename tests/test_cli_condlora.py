@@ -18,6 +18,7 @@ from loralens.examples import default_adapter, default_condlora
 from loralens.io.adapters import load_lora_adapter
 from loralens.io.base_weights import open_base
 from loralens.io.condlora import load_condlora_adapter
+from loralens.io.outputs import MARKER
 from test_compare import roberta_base_shapes_only
 
 
@@ -106,7 +107,7 @@ def test_train_condlora_json(minilm_path: Path, tmp_path: Path) -> None:
     assert (metrics["method"], metrics["settings"]["steps"], metrics["seed"]) == ("condlora", 4, 1)
     assert metrics["trainable_params"] == 12_288 and metrics["examples_per_s"] > 0
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        ".loralens-output",
+        MARKER,
         "adapter_config.json",
         "adapter_model.safetensors",
         "metrics.json",

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loralens.errors import LoralensError, ModelMismatchError, ShapeError
+from loralens.errors import LoralensError, ModelMismatchError, OutputExistsError, ShapeError
+from loralens.io.outputs import MARKER
 from loralens.training import load_task, split
 from loralens.training.condlora import CondLoraConfig, CondLoraLinear, CondLoraModel, _SharedTheta, export_as_lora
 
@@ -156,9 +157,7 @@ def test_save_then_load_gives_identical_outputs(
 ) -> None:
     cond_bert.save_pretrained(tmp_path / "cond", safe_serialization=safe)
     name = "adapter_model.safetensors" if safe else "adapter_model.bin"
-    assert sorted(p.name for p in (tmp_path / "cond").iterdir()) == sorted(
-        [".loralens-output", "adapter_config.json", name]
-    )
+    assert sorted(p.name for p in (tmp_path / "cond").iterdir()) == sorted([MARKER, "adapter_config.json", name])
     config = json.loads((tmp_path / "cond" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["use_x"], config["r"], config["lora_alpha"]) == (
         "ConditionalLORA",
@@ -173,6 +172,17 @@ def test_save_then_load_gives_identical_outputs(
     x = _inputs(seed=3)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**x).logits, cond_bert(**x).logits, rtol=0, atol=0)
+
+
+def test_saving_again_needs_replace(cond_bert: CondLoraModel, tmp_path: Path) -> None:
+    cond_bert.save_pretrained(tmp_path / "cond")
+    with pytest.raises(OutputExistsError, match="output folder exists"):
+        cond_bert.save_pretrained(tmp_path / "cond")
+    with torch.no_grad():
+        cond_bert.condlora["value"].linear_for_lora_B.weight.mul_(2)
+    cond_bert.save_pretrained(tmp_path / "cond", replace=True)
+    stored = load_file(tmp_path / "cond" / "adapter_model.safetensors")["value.linear_for_lora_B"]
+    torch.testing.assert_close(stored.double(), cond_bert.condlora["value"].linear_for_lora_B.weight, rtol=0, atol=0)
 
 
 def test_loading_into_another_model_is_refused(tiny_bert: Path, cond_bert: CondLoraModel, tmp_path: Path) -> None:

@@ -173,10 +173,12 @@ def write_condlora_adapter(
     *,
     safe_serialization: bool = True,
     extra_files: Mapping[str, Writer] | None = None,
+    replace: bool = False,
 ) -> list[Path]:
     """Write a CondLoRA folder atomically: ``adapter_config.json`` + ``adapter_model.safetensors``
     (``adapter_model.bin``, a ``torch.save`` pickle as the authors' code writes, with ``safe_serialization=False``),
-    plus ``extra_files`` (name -> writer) in the same atomic step."""
+    plus ``extra_files`` (name -> writer) in the same atomic step. ``replace``: replace an existing folder that
+    loralens wrote (see :func:`~loralens.io.outputs.write_outputs`)."""
     _check_config(dict(config), Path(out_dir) / CONFIG_NAME)
     tensors = {k: v.detach().cpu().contiguous() for k, v in condlora_tensors(thetas, modules_to_save).items()}
     files: dict[str, Writer] = {CONFIG_NAME: json_writer(dict(config))}
@@ -185,7 +187,7 @@ def write_condlora_adapter(
     else:
         files[BIN_NAME] = lambda path: torch.save(tensors, path)
     files.update(extra_files or {})
-    return write_outputs(Path(out_dir), files)
+    return write_outputs(Path(out_dir), files, replace=replace)
 
 
 def load_condlora_adapter(path: str | os.PathLike[str]) -> CondLoraAdapter:

@@ -335,8 +335,10 @@ class CondLoraModel(nn.Module):
         *,
         safe_serialization: bool = True,
         extra_files: Mapping[str, Writer] | None = None,
+        replace: bool = False,
     ) -> list[Path]:
-        """Write the adapter in the authors' format, atomically (``io.condlora.write_condlora_adapter``)."""
+        """Write the adapter in the authors' format, atomically (``io.condlora.write_condlora_adapter``);
+        ``replace=True`` overwrites a folder loralens wrote before (a checkpoint saved again)."""
         return write_condlora_adapter(
             out_dir,
             self.adapter_config(),
@@ -344,6 +346,7 @@ class CondLoraModel(nn.Module):
             self.modules_to_save_state(),
             safe_serialization=safe_serialization,
             extra_files=extra_files,
+            replace=replace,
         )
 
     @classmethod
