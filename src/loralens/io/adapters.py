@@ -141,7 +141,7 @@ def load_lora_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     folder = _adapter_folder(Path(path).expanduser())
     config = read_json(folder / CONFIG_NAME)
     check_lora_config(config, folder / CONFIG_NAME)
-    weights_file = _weights_file(folder)
+    weights_file = adapter_weights_file(folder)
     tensors = (
         read_safetensors(weights_file)
         if weights_file.suffix == ".safetensors"
@@ -244,7 +244,8 @@ def _adapter_folder(path: Path) -> Path:
     return path
 
 
-def _weights_file(folder: Path) -> Path:
+def adapter_weights_file(folder: Path) -> Path:
+    """The adapter tensor file in ``folder``: safetensors when present, else the ``.bin`` pickle."""
     for name in _WEIGHT_NAMES:  # safetensors first: it cannot carry code
         if (folder / name).is_file():
             return folder / name

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from loralens.core.condlora import condlora_factors
 from loralens.errors import CheckpointError, InputPathError, ModelMismatchError
-from loralens.io.adapters import AdapterModule, LoraAdapter
+from loralens.io.adapters import AdapterModule, LoraAdapter, adapter_weights_file
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.files import check_finite, check_float, read_json, read_pickle_state_dict, read_safetensors
 from loralens.io.keys import PEFT_PREFIX, ModulePath, match_base_weights, module_type_names, parse_module_path
@@ -206,7 +206,7 @@ def load_condlora_adapter(path: str | os.PathLike[str]) -> CondLoraAdapter:
     config_path = folder / CONFIG_NAME
     config = read_json(config_path)
     _check_config(config, config_path)
-    weights_file = _weights_file(folder)
+    weights_file = adapter_weights_file(folder)
     tensors = (
         read_safetensors(weights_file)
         if weights_file.suffix == ".safetensors"
@@ -385,13 +385,6 @@ def _folder(path: Path) -> Path:
     if not (path / CONFIG_NAME).is_file():
         raise InputPathError(f"{path}: no {CONFIG_NAME}; is this a CondLoRA adapter folder?")
     return path
-
-
-def _weights_file(folder: Path) -> Path:
-    for name in (SAFETENSORS_NAME, BIN_NAME):  # safetensors first: it cannot carry code
-        if (folder / name).is_file():
-            return folder / name
-    raise InputPathError(f"{folder}: no adapter weights ({SAFETENSORS_NAME} or {BIN_NAME})")
 
 
 def _check_config(config: dict[str, Any], path: Path) -> None:
