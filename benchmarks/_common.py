@@ -162,7 +162,7 @@ def llama_checkpoint(
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
         # Gaussian / sqrt(d) + 3 I: singular values in [1, 5], so every layer is well conditioned even for
         # float32 (the values do not change the cost of an LU). A plain Gaussian of this size has cond_1 ~ 1e6
-        # and now and then a layer past 1 / eps32, which loralens refuses in float32 as singular.
+        # and now and then a layer past 1 / eps32, which loralens would solve by least squares in float32.
         tensors = {k: (torch.randn(d, d, generator=gen) / d**0.5 + 3 * torch.eye(d)).to(base_dtype) for k in shard_keys}
         save_file(tensors, str(base / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard_keys, name))

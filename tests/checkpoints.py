@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "SMOLLM2_GGUF_NAME",
     "bert_base",
+    "condlora_adapter",
     "corrupt_safetensors_header",
     "gpt2_base",
     "llama_base",
@@ -395,6 +396,69 @@ def lora_adapter(
         adapter_config = json.loads(cfg_path.read_text(encoding="utf-8"))
         adapter_config["base_model_name_or_path"] = base_name
         cfg_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def condlora_adapter(
+    out_dir: str | os.PathLike[str],
+    *,
+    hidden: int,
+    r: int = 4,
+    alpha: float = 8,
+    targets: Sequence[str] = ("query", "value"),
+    seed: int = 0,
+    base_name: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a CondLoRA adapter in the format of the authors' PEFT fork, without loralens's own writer.
+
+    ``adapter_config.json`` holds the fields their ``ConditionalLoraConfig`` saves (``peft_type: "ConditionalLORA"``,
+    ``use_x: "none"``, ...); ``adapter_model.safetensors`` holds ``<target>.linear_for_lora_A`` and
+    ``<target>.linear_for_lora_B``, each ``(r, hidden)`` float32, seeded Gaussian / sqrt(hidden) (non-zero B, as
+    after training).
+
+    Args:
+        out_dir: folder to write (created if missing).
+        hidden: ``d`` of the square base weights the thetas are for.
+        r, alpha, targets: ``r``, ``lora_alpha``, ``target_modules``.
+        seed: torch seed of the thetas.
+        base_name: written as ``base_model_name_or_path`` (None when not given).
+        config: entries that replace or add to the config (e.g. ``{"use_x": "type1"}``).
+
+    Returns:
+        ``Path(out_dir)``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _seeded(seed):
+        tensors = {
+            f"{t}.linear_for_lora_{f}": torch.randn(r, hidden) / math.sqrt(hidden) for t in targets for f in "AB"
+        }
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    adapter_config = {
+        "base_model_name_or_path": base_name,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "lora_x_scaling": 0.0,
+        "modules_to_save": None,
+        "peft_type": "ConditionalLORA",
+        "r": r,
+        "revision": None,
+        "target_modules": list(targets),
+        "task_type": None,
+        "use_x": "none",
+        **(config or {}),
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
 

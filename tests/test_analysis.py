@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import checkpoints
 import loralens
 from loralens.analysis import compute_conversions, layer_similarity, select_modules
-from loralens.errors import LoralensError, RankError, SingularMatrixError
+from loralens.errors import LoralensError, NearSingularWarning, RankError, SingularMatrixError
 
 
 def _phi_reference(X: np.ndarray, Y: np.ndarray, i: int, j: int) -> float:
@@ -123,17 +123,64 @@ def test_layer_batches_give_the_same_result(minilm_path: Path, vader_adapter: Pa
     assert batched["value"].base_keys == whole["value"].base_keys
 
 
-def test_singular_base_weight_names_the_layer(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+def _base_with(folder: Path, tiny_bert: Path, key: str, W: torch.Tensor) -> Path:
+    """A copy of the tiny BERT base with the tensor ``key`` replaced by ``W`` (any float dtype)."""
     tensors = load_file(tiny_bert / "model.safetensors")
+    tensors[key] = W.contiguous()
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_exactly_singular_base_weight_names_the_layer(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     key = "encoder.layer.1.attention.self.value.weight"
-    tensors[key] = tensors[key].clone()
-    tensors[key][5] = tensors[key][4]  # two equal rows: singular
-    (tmp_path / "b").mkdir()
-    save_file(tensors, str(tmp_path / "b" / "model.safetensors"))
+    W = load_file(tiny_bert / "model.safetensors")[key].clone()
+    W[5] = 0.0  # a zero row: an exactly zero pivot
+    base = _base_with(tmp_path / "b", tiny_bert, key, W)
     adapter = loralens.load_lora_adapter(tiny_bert_adapter)
-    with pytest.raises(SingularMatrixError, match=r"'value'.*singular at layers \[1\]") as info:
-        compute_conversions(loralens.open_base(tmp_path / "b"), adapter, device="cpu")
+    with pytest.raises(SingularMatrixError, match=r"'value'.*exactly singular at layers \[1\]") as info:
+        compute_conversions(loralens.open_base(base), adapter, device="cpu")
     assert info.value.indices == (1,)
+
+
+def test_near_singular_base_weight_is_solved_by_least_squares(
+    tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path
+) -> None:
+    # value layer 1 (stored as float64): singular values in [0.01, 1] and one of 1e-17, condition past 1 / eps64
+    rng = np.random.default_rng(8)
+    d = 32
+    Q1, Q2 = (np.linalg.qr(rng.standard_normal((d, d)))[0] for _ in range(2))
+    W = (Q1 * np.concatenate([np.logspace(0, -2, d - 1), [1e-17]])) @ Q2
+    base = _base_with(tmp_path / "b", tiny_bert, "encoder.layer.1.attention.self.value.weight", torch.from_numpy(W))
+    adapter = loralens.load_lora_adapter(tiny_bert_adapter)
+
+    with pytest.warns(NearSingularWarning) as info:
+        conversions = compute_conversions(loralens.open_base(base), adapter, device="cpu")
+
+    assert len(info) == 1
+    message, c = str(info[0].message), conversions["value"].conversion
+    assert message.startswith(f"module 'value': base weight in {base} is near-singular") and "layers [1]" in message
+    for value in (c.condition[1], c.residual_A[1], c.residual_B[1]):
+        assert f"{float(value):.2g}" in message
+    assert c.fallback.tolist() == [False, True] and not conversions["query"].conversion.fallback.any()
+    A, B = (getattr(adapter.modules["value"], f)[1].double().numpy() for f in "AB")
+    cutoff = np.finfo(np.float64).eps * d  # the fallback's: singular values below eps * d * sigma_max dropped
+    for X, Y, residual in ((c.A[1], A.T, c.residual_A[1]), (c.B[1], B, c.residual_B[1])):
+        ref = scipy.linalg.lstsq(W, Y, cond=cutoff, lapack_driver="gelsd")[0]
+        # Tolerance: the kept spectrum has condition 100, so float64 agrees to ~1e-13.
+        np.testing.assert_allclose(X.numpy(), ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
+        assert float(residual) == pytest.approx(np.linalg.norm(W @ ref - Y) / np.linalg.norm(Y), rel=1e-8)
+    # Every other layer keeps its LU solution, bit for bit.
+    before = compute_conversions(loralens.open_base(tiny_bert), adapter, device="cpu")
+    assert torch.equal(c.B[0], before["value"].conversion.B[0]) and torch.equal(c.A[0], before["value"].conversion.A[0])
+    assert torch.equal(conversions["query"].conversion.B, before["query"].conversion.B)
+    # One layer per batch gives the same numbers; the similarity settings record the layer.
+    with pytest.warns(NearSingularWarning, match=r"layers \[1\]"):
+        one_by_one = compute_conversions(loralens.open_base(base), adapter, device="cpu", layer_batch=1)
+    torch.testing.assert_close(one_by_one["value"].conversion.B, c.B, rtol=1e-12, atol=0)
+    settings = layer_similarity(conversions).to_dict()["settings"]
+    assert settings["least_squares_layers"] == {"query": [], "value": [1]}
+    assert settings["conventions"] == {"query": "solve", "value": "solve"}
 
 
 def test_untrained_adapter_says_so(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:

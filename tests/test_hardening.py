@@ -3,17 +3,21 @@
 Each row runs the real console entry point (:func:`loralens.cli.main`, argument parsing included) in this
 process; ``tests/test_cli.py`` runs a sample of the same through a subprocess. A row passes when the exit code
 is the expected one, stderr is exactly one line starting with ``error:`` that contains the expected words,
-stdout is empty, and no output folder or temporary file is left behind.
+stdout is empty, and no output folder or temporary file is left behind. A row with exit code 0 is an input
+that gets an answer with a caveat (a near-singular W0): stderr is then exactly one ``warning:`` line with the
+expected words, and stdout holds the result.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,6 +64,23 @@ def _set(key_end: str, make: Callable[[torch.Tensor], torch.Tensor]):
 
 
 QUERY0 = "encoder.layer.0.attention.self.query.weight"
+
+
+def _near_singular(d: int, smallest: float, dtype: torch.dtype) -> torch.Tensor:
+    """(d, d) with singular values in [0.01, 1] and one ``smallest``: near-singular, not exactly singular."""
+    rng = np.random.default_rng(5)
+    Q1, Q2 = (np.linalg.qr(rng.standard_normal((d, d)))[0] for _ in range(2))
+    return torch.from_numpy((Q1 * np.concatenate([np.logspace(0, -2, d - 1), [smallest]])) @ Q2).to(dtype)
+
+
+#: Rows whose --out folder exists (with a file in it) and must be refused without --force, and left alone.
+EXISTING_OUTPUT = [
+    "export into an existing folder",
+    "train into an existing folder",
+    "figure into an existing folder",
+    "report into an existing folder",
+    "overlap --out into an existing folder",
+]
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +188,66 @@ def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_ad
     )
     r["missing --adapter"] = Row(["similarity"], "Missing option '--adapter'")
     r["unknown command"] = Row(["nosuch"], "No such command")
+    # --- CondLoRA inputs (compare, report --condlora)
+    cond = checkpoints.condlora_adapter(tmp / "cond", hidden=32, base_name=base)
+    cond16 = checkpoints.condlora_adapter(tmp / "cond16", hidden=16)
+    compare = ["compare", "--base", base, "--lora", adapter, "--condlora"]
+    r["compare: CondLoRA of another hidden size"] = Row([*compare, str(cond16)], "another base")
+    r["report --condlora of another hidden size"] = Row(
+        ["report", "--base", base, "--lora", adapter, "--condlora", str(cond16), "--out", str(tmp / "report-16")],
+        "another base",
+    )
+    lora3 = checkpoints.lora_adapter(checkpoints.bert_base(tmp / "bert3", layers=3), tmp / "lora3", arch="bert")
+    r["compare: LoRA with more layers than the base"] = Row(
+        ["compare", "--base", base, "--lora", str(lora3), "--condlora", str(cond)], "another base"
+    )
+    use_x = checkpoints.condlora_adapter(tmp / "cond-use-x", hidden=32, config={"use_x": "type1"})
+    r["compare: CondLoRA config with use_x"] = Row([*compare, str(use_x)], "use_x 'type1'")
+    r["compare --i above the rank"] = Row([*compare, str(cond), "--i", "5"], "exceeds the rank")
+    # --- outputs that exist
+    existing = tmp / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("somebody's notes\n")
+    out = ["--out", str(existing)]
+    r["export into an existing folder"] = Row(["export", "--base", base, "--condlora", str(cond), *out], "--force")
+    r["train into an existing folder"] = Row(
+        ["train", "--base", base, "--method", "lora", "--task", "vader-polarity", *out], "--force"
+    )
+    r["figure into an existing folder"] = Row(["figure", "--base", base, "--adapter", adapter, *out], "--force")
+    r["report into an existing folder"] = Row(["report", "--base", base, "--lora", adapter, *out], "--force")
+    r["overlap --out into an existing folder"] = Row(
+        ["overlap", "--adapter", adapter, "--adapter", adapter, *out], "--force"
+    )
+    # --- other commands, other mismatches
+    r["params: target module absent from base"] = Row(["params", "--base", base, "--targets", "q_proj"], "'q_proj'")
+    lora16 = checkpoints.lora_adapter(checkpoints.bert_base(tmp / "bert16", hidden=16), tmp / "lora16", arch="bert")
+    r["overlap: adapters of different bases"] = Row(
+        ["overlap", "--adapter", adapter, "--adapter", str(lora16)], "different bases"
+    )
+    r["overlap --i above the rank"] = Row(
+        ["overlap", "--adapter", adapter, "--adapter", adapter, "--i", "5"], "choose i <= 4"
+    )
+    big_r = checkpoints.lora_adapter(tiny_bert, tmp / "r40", arch="bert", r=40)
+    r["LoRA r larger than d"] = Row(with_adapter(big_r), "r = 40 is larger than d = 32")
+    # --- near-singular W0: least squares for that layer, one warning line, exit 0
+    near = _edit_tensors(
+        base_copy("near-singular"),
+        "model.safetensors",
+        _set(QUERY0, lambda w: _near_singular(w.shape[0], 1e-17, torch.float64)),
+    )
+    r["near-singular W0"] = Row(
+        ["conversion", "--base", str(near), "--adapter", adapter, "--out", str(tmp / "near-out"), "--json"],
+        "near-singular to float64 precision at layers [0]",
+        code=0,
+    )
+    near32 = _edit_tensors(
+        base_copy("near-singular-32"),
+        "model.safetensors",
+        _set(QUERY0, lambda w: _near_singular(w.shape[0], 1e-9, torch.float32)),
+    )
+    r["near-singular W0 in float32"] = Row(
+        [*with_base(near32), "--dtype", "float32"], "compute in float64 (--dtype float64)", code=0
+    )
     return r
 
 
@@ -203,11 +284,23 @@ CASES = [
     "bad --layer-batch",
     "missing --adapter",
     "unknown command",
+    "compare: CondLoRA of another hidden size",
+    "report --condlora of another hidden size",
+    "compare: LoRA with more layers than the base",
+    "compare: CondLoRA config with use_x",
+    "compare --i above the rank",
+    *EXISTING_OUTPUT,
+    "params: target module absent from base",
+    "overlap: adapters of different bases",
+    "overlap --i above the rank",
+    "LoRA r larger than d",
+    "near-singular W0",
+    "near-singular W0 in float32",
 ]
 
 
 def test_the_table_is_complete(rows: dict[str, Row]) -> None:
-    assert list(rows) == CASES and len(CASES) >= 30
+    assert list(rows) == CASES and len(CASES) >= 50
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -223,10 +316,40 @@ def test_bad_input(
     code, out, err = run_main(row.argv, capsys, monkeypatch)
     lines = err.strip().splitlines()
     assert code == row.code, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("error: " if row.code else "warning: "), err
     assert row.words in lines[0], lines[0]
-    assert out == ""
+    assert out == "" if row.code else out.strip()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", EXISTING_OUTPUT)
+def test_refused_outputs_are_left_alone(
+    case: str, rows: dict[str, Row], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = rows[case].argv
+    out = Path(argv[argv.index("--out") + 1])
+    beside = sorted(p.name for p in out.parent.iterdir())
+    code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 2 and "the output folder exists; pass --force" in err and str(out) in err
+    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("notes.txt", "somebody's notes\n")]
+    assert sorted(p.name for p in out.parent.iterdir()) == beside  # no temporary folder left beside it
+
+
+def test_near_singular_W0_reports_its_residual(
+    rows: dict[str, Row], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = rows["near-singular W0"].argv
+    argv = [*argv[: argv.index("--out") + 1], str(tmp_path / "out"), "--json"]
+    code, out, err = run_main(argv, capsys, monkeypatch)
+    summary = json.loads(out)
+    query, value = summary["modules"]["query"], summary["modules"]["value"]
+    assert code == 0 and query["least_squares_layers"] == [0] and value["least_squares_layers"] == []
+    assert "least_squares_layers" in summary["conventions"] and query["convention"] == "solve"
+    assert 1e-3 < query["residual_A"][0] < 1 and query["residual_A"][1] < 1e-12  # layer 1 stays an exact solve
+    for value in (query["residual_A"][0], query["residual_B"][0], query["condition_1norm_estimate"][0]):
+        assert f"{value:.2g}" in err
+    written = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert written["modules"]["query"]["least_squares_layers"] == [0]
 
 
 def test_the_pickle_did_not_run(rows: dict[str, Row], capsys: pytest.CaptureFixture[str], monkeypatch) -> None:

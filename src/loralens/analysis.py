@@ -14,12 +14,18 @@ Scale: base weights are read lazily (memory-mapped) a batch of layers at a time,
 memory budget (``max_memory``), upcast to the compute dtype inside the solver's one working buffer, and
 factored once for every adapter given (:func:`compute_conversions_many`). Long runs report progress
 through a callback, never by printing.
+
+Near-singular base weights (condition estimate * eps >= 1, not exactly singular) are solved by least squares
+for those layers only (see :mod:`loralens.core.conversion`): a :class:`~loralens.errors.NearSingularWarning`
+names the module, layers, condition estimates and residuals, and every output records the layers
+(``least_squares_layers``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +37,7 @@ from loralens.core.conversion import (
     Conversion,
     chunk_bytes,
     factorize,
+    fallback_message,
     layer_working_bytes,
     solve_conversions,
 )
@@ -49,6 +56,7 @@ from loralens.errors import (
     InputPathError,
     LoralensError,
     ModelMismatchError,
+    NearSingularWarning,
     NonFiniteError,
     RankError,
     SingularMatrixError,
@@ -60,6 +68,7 @@ from loralens.io.keys import match_base_weights, parse_module_path
 
 __all__ = [
     "FACTORS",
+    "LEAST_SQUARES_FALLBACK",
     "ModuleConversion",
     "FactorSimilarity",
     "SimilarityReport",
@@ -70,6 +79,7 @@ __all__ = [
     "compute_conversions_many",
     "layer_similarity",
     "layer_similarity_many",
+    "least_squares_layers",
     "similarity_reports_to_dict",
     "parse_memory_size",
     "layers_per_batch",
@@ -82,6 +92,14 @@ ProgressCallback = Callable[[str, int, int], None]
 
 #: The conversion matrices: W^-1 A.T, W^-1 B, and W^-1 B A.
 FACTORS = ("A", "B", "BA")
+
+#: What ``least_squares_layers`` means, written beside the conventions wherever such layers occur.
+LEAST_SQUARES_FALLBACK = (
+    "near-singular W (finite 1-norm condition estimate * eps of the compute dtype >= 1) in the listed layers: "
+    "their convention's equations (W X = B and W X = A^T for solve) are solved in the minimum-norm least-squares "
+    "sense by the truncated-SVD pseudo-inverse (singular values below eps * max(d_out, d_in) * sigma_max dropped); "
+    "residual_A / residual_B record how far W X is from the right-hand side there"
+)
 
 
 @dataclass(frozen=True)
@@ -377,6 +395,13 @@ def compute_conversions_many(
                 mod.ranks,
                 mod.scaling,
             )
+            c = convs[name].conversion
+            if bool(c.fallback.any()):
+                where = f"module {name!r}: base weight in {base.root}"
+                if len(adapters) > 1:
+                    where += f" (adapter {adapter.path})"
+                message = fallback_message(c, dtype, where, mod.layers) + "; recorded as least_squares_layers"
+                warnings.warn(message, NearSingularWarning, stacklevel=2)
         result.append(convs)
     return result
 
@@ -468,6 +493,7 @@ def _solve_batch(
             [_rows(mod.B, own).to(dev) for _, _, mod, own in members],
             with_product=with_product,
             with_residuals=with_residuals,
+            warn=False,  # compute_conversions_many warns once per module, with model layer numbers
         )
         results.extend(((a, name), c) for (a, name, _, _), c in zip(members, convs, strict=True))
     return results
@@ -526,6 +552,9 @@ def layer_similarity_many(
     unknown = [f for f in factors if f not in FACTORS]
     if unknown:
         raise LoralensError(f"unknown factor {unknown[0]!r}; choose from {', '.join(FACTORS)}")
+    for convs in conversions:
+        for name, mc in convs.items():
+            _check_rank_fits(name, mc, i, j)
     dev = resolve_device(device)
     try:
         batched = _batched_phi(conversions, i, j, side, factors, dev)
@@ -576,6 +605,7 @@ def layer_similarity_many(
             "seed": seed,
             "random_baseline": "Gaussian matrices of the same shape (rank-r products for BA), one seeded draw",
             "conventions": {name: mc.conversion.convention for name, mc in convs.items()},
+            "least_squares_layers": {name: least_squares_layers(mc) for name, mc in convs.items()},
         }
         reports.append(SimilarityReport(modules, {name: mc.layers for name, mc in convs.items()}, settings))
         if progress is not None:
@@ -586,9 +616,10 @@ def layer_similarity_many(
 def similarity_reports_to_dict(reports: Sequence[SimilarityReport], adapters: Sequence[str]) -> dict[str, Any]:
     """JSON-ready form of several adapters' reports over one base.
 
-    ``{"adapters": [{"adapter": <label>, "modules": {...}, "layers": {...}, "conventions": {...}}, ...],
-    "settings": {...}}``: each entry's ``modules`` is exactly the single-adapter ``"modules"`` object of
-    :meth:`SimilarityReport.to_dict`; ``settings`` holds what all adapters share (side, i, j, factors, seed, ...).
+    ``{"adapters": [{"adapter": <label>, "modules": {...}, "layers": {...}, "conventions": {...},
+    "least_squares_layers": {...}}, ...], "settings": {...}}``: each entry's ``modules`` is exactly the
+    single-adapter ``"modules"`` object of :meth:`SimilarityReport.to_dict`; ``settings`` holds what all adapters
+    share (side, i, j, factors, seed, ...).
     """
     if len(reports) != len(adapters) or not reports:
         raise LoralensError(f"need one label per report, got {len(reports)} reports and {len(adapters)} labels")
@@ -601,9 +632,11 @@ def similarity_reports_to_dict(reports: Sequence[SimilarityReport], adapters: Se
                 "modules": d["modules"],
                 "layers": d["settings"]["layers"],
                 "conventions": d["settings"]["conventions"],
+                "least_squares_layers": d["settings"].get("least_squares_layers", {}),
             }
         )
-    shared = {k: v for k, v in reports[0].settings.items() if k != "conventions"}
+    per_adapter = ("conventions", "least_squares_layers")
+    shared = {k: v for k, v in reports[0].settings.items() if k not in per_adapter}
     return {"adapters": entries, "settings": shared}
 
 
@@ -698,7 +731,7 @@ def _at_layers(e: BatchError, what: str, layers: Sequence[int], where: Any) -> L
     if isinstance(e, SingularMatrixError):
         fix = "use --dtype float64, or leave" if "torch.float32" in str(e) else "leave"
         return SingularMatrixError(
-            f"module {what!r}: base weight{origin} is singular at layers {named}"
+            f"module {what!r}: base weight{origin} is exactly singular at layers {named}"
             f"{' to float32 precision' if 'torch.float32' in str(e) else ''}; conversion matrices W^-1 A.T "
             f"and W^-1 B are undefined there ({fix} the module out with --modules)",
             tuple(named),
@@ -707,6 +740,25 @@ def _at_layers(e: BatchError, what: str, layers: Sequence[int], where: Any) -> L
         untrained = " (all zero: an untrained adapter? PEFT initialises lora_B to zero)" if "all zero" in str(e) else ""
         return RankError(f"module {what!r} at layers {named}: {e}{untrained}", tuple(named))
     return type(e)(f"module {what!r}{origin}: {e}", tuple(named))
+
+
+def _check_rank_fits(name: str, mc: ModuleConversion, i: int | None, j: int | None) -> None:
+    """Refuse an adapter whose rank r exceeds its base weight's d when phi would use more than d vectors."""
+    r, d = max(mc.ranks), min(mc.conversion.A.shape[1], mc.conversion.B.shape[1])  # d = min(d_out, d_in)
+    ii = i or min(mc.ranks)
+    jj = j or ii
+    if r > d and max(ii, jj) > d:
+        raise RankError(
+            f"module {name!r}: the adapter's rank r = {r} is larger than d = {d} of its base weight (lora_A has {r} "
+            f"rows for a base weight of d = {d}), so its conversion matrices have rank at most {d} and phi with "
+            f"i = {ii}, j = {jj} would use arbitrary vectors; pass --i and --j <= {d}, or use an adapter with r <= {d}",
+            tuple(mc.layers),
+        )
+
+
+def least_squares_layers(mc: ModuleConversion) -> list[int]:
+    """Model layer numbers of ``mc`` solved by the least-squares fallback (near-singular base weight)."""
+    return [mc.layers[k] for k in mc.conversion.fallback.nonzero().flatten().tolist()]
 
 
 def _rows(stack: Tensor, positions: list[int]) -> Tensor:
@@ -719,7 +771,14 @@ def _rows(stack: Tensor, positions: list[int]) -> Tensor:
 def _to_cpu(c: Conversion) -> Conversion:
     move = lambda t: None if t is None else t.cpu()  # noqa: E731
     return Conversion(
-        move(c.A), move(c.B), move(c.BA), move(c.residual_A), move(c.residual_B), move(c.condition), c.convention
+        move(c.A),
+        move(c.B),
+        move(c.BA),
+        move(c.residual_A),
+        move(c.residual_B),
+        move(c.condition),
+        c.convention,
+        move(c.fallback),
     )
 
 
@@ -729,7 +788,14 @@ def _concat(parts: list[Conversion]) -> Conversion:
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     BA = None if parts[0].BA is None else cat("BA")
     return Conversion(
-        cat("A"), cat("B"), BA, cat("residual_A"), cat("residual_B"), cat("condition"), parts[0].convention
+        cat("A"),
+        cat("B"),
+        BA,
+        cat("residual_A"),
+        cat("residual_B"),
+        cat("condition"),
+        parts[0].convention,
+        cat("fallback"),
     )
 
 

@@ -20,6 +20,7 @@ Neither prints nor writes files; Table 4 reads only tensor shapes (safetensors h
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from loralens.analysis import _at_layers, resolve_device, select_modules
 from loralens.core.condlora import condlora_factors, condlora_parameter_count, lora_parameter_count
-from loralens.core.conversion import conversion_matrices
+from loralens.core.conversion import conversion_matrices, fallback_message
 from loralens.core.similarity import (
     Side,
     basis_similarity,
@@ -37,7 +38,7 @@ from loralens.core.similarity import (
     random_similarity_expected,
     top_singular_vectors,
 )
-from loralens.errors import BatchError, LoralensError, ModelMismatchError, ShapeError
+from loralens.errors import BatchError, LoralensError, ModelMismatchError, NearSingularWarning, ShapeError
 from loralens.io.adapters import LoraAdapter, read_base_weights
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.condlora import CondLoraAdapter, target_module_paths, theta_key
@@ -177,7 +178,19 @@ def compare_adapters(
         d_out, d_in = mod.shape
         if d_out != d_in:
             raise ShapeError(f"module {name!r} is {d_out} x {d_in}: CondLoRA is only defined for square base weights")
-        W, _ = read_base_weights(base, lora, name)
+        d_theta = condlora.thetas[key][0].shape[1]
+        if d_theta != d_in:
+            raise ModelMismatchError(
+                f"{condlora.path}: target {key!r} has theta (r, {d_theta}) but LoRA module {name!r} ({lora.path}) "
+                f"and its base weights are {d_out} x {d_in}: the CondLoRA adapter was trained on another base; "
+                "pass a CondLoRA adapter of the LoRA adapter's base"
+            )
+        try:
+            W, _ = read_base_weights(base, lora, name)
+        except ModelMismatchError as e:
+            if str(lora.path) in str(e):
+                raise
+            raise ModelMismatchError(f"{lora.path} on the base {base.root}: {e}") from e
         ii = i or min(mod.ranks)
         jj = j or i or condlora.r
         try:
@@ -239,7 +252,10 @@ def _compare_module(
         phi[f] = basis_similarity(U, cond_bases[f]).cpu()
         random[f] = basis_similarity(U, _random_bases(U.shape[0], U.shape[1], j, generator, U)).cpu()
         expected[f] = random_similarity_expected(i, j, U.shape[1])
-    conv = conversion_matrices(W, A, B, dtype=W.dtype, with_product=False)  # conv.A (L, d, r), conv.B (L, d, r)
+    conv = conversion_matrices(W, A, B, dtype=W.dtype, with_product=False, warn=False)  # (L, d, r) each
+    if bool(conv.fallback.any()):  # the warning names the module and model layers, not batch positions
+        where = f"module {name!r}: base weight"
+        warnings.warn(fallback_message(conv, W.dtype, where, layers), NearSingularWarning, stacklevel=2)
     conv_vs_theta = {
         "A": basis_similarity(top_singular_vectors(conv.A, i), top_singular_vectors(theta_A.mT, j)).cpu(),
         "B": basis_similarity(top_singular_vectors(conv.B, i), top_singular_vectors(theta_B.mT, j)).cpu(),

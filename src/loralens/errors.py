@@ -2,6 +2,8 @@
 
 Every error a user can cause is a :class:`LoralensError`; the CLI turns it into one line
 on stderr and exit code 2. Messages name the file, key, layer and shapes, and the fix.
+A :class:`LoralensWarning` marks a result computed with a caveat (e.g. a near-singular base weight
+solved by least squares); the CLI shows it as one ``warning:`` line and still exits 0.
 """
 
 
@@ -55,3 +57,14 @@ class SingularMatrixError(BatchError):
 
 class RankError(BatchError):
     """A subspace dimension i or j exceeds the numerical rank, so phi would use arbitrary vectors."""
+
+
+class LoralensWarning(UserWarning):
+    """Base class of loralens's warnings: the results were computed, with a caveat the user must see.
+
+    The CLI shows each as one ``warning:`` line on stderr; the exit code stays 0.
+    """
+
+
+class NearSingularWarning(LoralensWarning):
+    """A base weight is near-singular to working precision: its layers were solved by least squares instead."""

@@ -6,14 +6,20 @@ Every case is small, seeded and float64 unless the test is about another dtype. 
   is about cond * d * eps ~ 1e-13, so 1e-10 leaves three orders of margin and still catches any wrong formula.
 - Residuals of exact solves are rounding noise, so they are bounded (``< 1e-13``), not compared; residuals of
   over-determined least-squares solves are O(1) and compared to numpy's at ``RTOL``.
+- Near-singular W (least-squares fallback) are built with a gap: singular values in [0.01, 1] plus one far below
+  eps * d (1e-17 in float64, 1e-9 in float32), so the truncated pseudo-inverse is well defined and conditioned
+  (~100); scipy's ``lstsq`` (gelsd, float64, same cutoff) is the reference, at ``RTOL`` in float64 and 1e-3 in
+  float32 (~ 100 * d * eps32).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from loralens.core.conversion import (
@@ -23,7 +29,7 @@ from loralens.core.conversion import (
     factorize,
     solve_conversions,
 )
-from loralens.errors import DTypeError, NonFiniteError, ShapeError, SingularMatrixError
+from loralens.errors import DTypeError, NearSingularWarning, NonFiniteError, ShapeError, SingularMatrixError
 
 RTOL = 1e-10  # float64 vs numpy on well-conditioned W (see module docstring)
 EXACT_RESIDUAL = 1e-13  # ||W X - RHS|| / ||RHS|| of an exact solve: ~ d * eps * cond(W) ~ 1e-14 here
@@ -71,6 +77,19 @@ def assert_close(actual: torch.Tensor | np.ndarray, expected: np.ndarray, rtol: 
 def rel_residual(M: np.ndarray, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     """numpy's ||M X - Y||_F / ||Y||_F per batch entry."""
     return np.linalg.norm(M @ X - Y, axis=(-2, -1)) / np.linalg.norm(Y, axis=(-2, -1))
+
+
+def near_singular(rng: np.random.Generator, d: int, smallest: float) -> np.ndarray:
+    """(d, d) Q1 diag(s) Q2 with s in [0.01, 1] and one singular value ``smallest`` (far below eps * d)."""
+    s = np.concatenate([np.logspace(0, -2, d - 1), [smallest]])
+    return ((_orthogonal(rng, 1, d) * s) @ _orthogonal(rng, 1, d))[0]
+
+
+def lstsq_reference(M: np.ndarray, Y: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """scipy's minimum-norm least-squares solution of ``M X = Y`` in float64 (gelsd: SVD-based), singular values
+    below ``eps(dtype) * max(M.shape) * sigma_max`` dropped, the cutoff of loralens's fallback."""
+    cond = torch.finfo(dtype).eps * max(M.shape)
+    return scipy.linalg.lstsq(M.astype(np.float64), Y.astype(np.float64), cond=cond, lapack_driver="gelsd")[0]
 
 
 def run(W: np.ndarray, A: np.ndarray, B: np.ndarray, **kwargs: object) -> Conversion:
@@ -376,39 +395,151 @@ def test_exactly_singular_W_names_its_position() -> None:
     assert info.value.indices == (1,)
 
 
-def test_numerically_singular_W_names_its_positions() -> None:
+def test_equal_rows_are_exactly_singular_and_named() -> None:
     W, A, B = _good(L=4)
-    W[0, 3, :] = W[0, 1, :]  # two equal rows: LU's last pivot is rounding noise, not exactly zero
+    W[0, 3, :] = W[0, 1, :]  # two equal rows: LAPACK's elimination makes the last pivot exactly zero
     W[2, 4, :] = W[2, 0, :]
-    with pytest.raises(SingularMatrixError, match=r"singular to working precision .*\[0, 2\]") as info:
+    with pytest.raises(SingularMatrixError, match=r"exactly singular .*batch positions \[0, 2\]") as info:
         conversion_matrices(W, A, B)
     assert info.value.indices == (0, 2)
 
 
 def test_singular_to_float32_but_not_float64() -> None:
-    # condition 1e9: 1e9 * eps64 << 1 but 1e9 * eps32 ~ 120 >= 1
+    # condition 1e9: 1e9 * eps64 << 1 but 1e9 * eps32 ~ 120 >= 1: float32 falls back, float64 solves exactly
     rng = np.random.default_rng(42)
     Q = _orthogonal(rng, 2, 6)
     W = (Q * np.logspace(0, 9, 6)[None, None, :]) @ mT(Q)
     A, B = lora_factors(rng, 2, 6, 6, 2)
 
-    conv = run(W, A, B)
-    assert (conv.condition > 1e8).all() and (conv.condition < 1e11).all()
-    with pytest.raises(SingularMatrixError, match=r"torch\.float32.*\[0, 1\]") as info:
-        run(W, A, B, dtype=torch.float32)
-    assert info.value.indices == (0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NearSingularWarning)
+        conv = run(W, A, B)
+    assert (conv.condition > 1e8).all() and (conv.condition < 1e11).all() and not conv.fallback.any()
+    with pytest.warns(NearSingularWarning, match=r"float32 precision at batch positions \[0, 1\].*in float64") as info:
+        c32 = run(W, A, B, dtype=torch.float32)
+    assert len(info) == 1 and c32.fallback.all()  # the numbers: test_near_singular_in_float32_says_to_use_float64
 
 
 @pytest.mark.parametrize(("d_out", "d_in"), [(4, 8), (8, 4)])
 def test_rank_deficient_non_square_W(d_out: int, d_in: int) -> None:
     W, A, B = _good(L=3, d_out=d_out, d_in=d_in, r=2)
+    zero = W.clone()
     if d_out < d_in:
-        W[2, 1, :] = 0.0  # wide W with a zero row: rank 3 < 4
+        zero[2, 1, :] = 0.0  # wide W with a zero row: rank 3 < 4, R has an exactly zero diagonal entry
     else:
-        W[2, :, 3] = W[2, :, 0]  # tall W with two equal columns: rank 3 < 4
-    with pytest.raises(SingularMatrixError, match=r"batch positions \[2\]") as info:
-        conversion_matrices(W, A, B)
+        zero[2, :, 1] = 0.0  # tall W with a zero column: the same
+    with pytest.raises(SingularMatrixError, match=r"exactly singular .*batch positions \[2\]") as info:
+        conversion_matrices(zero, A, B)
     assert info.value.indices == (2,)
+    # Two equal rows (columns): R's last diagonal entry is rounding noise: near-singular, least squares.
+    equal = W.clone()
+    if d_out < d_in:
+        equal[2, 3, :] = equal[2, 0, :]
+    else:
+        equal[2, :, 3] = equal[2, :, 0]
+    with pytest.warns(NearSingularWarning, match=r"batch positions \[2\]"):
+        conv = conversion_matrices(equal, A, B)
+    assert conv.convention == "lstsq" and conv.fallback.tolist() == [False, False, True]
+    M = equal[2].numpy()
+    assert_close(conv.A[2], lstsq_reference(M.T, A[2].T.numpy(), torch.float64))
+    assert_close(conv.B[2], lstsq_reference(M, B[2].numpy(), torch.float64))
+    assert_close(conv.residual_B[2:], rel_residual(M, conv.B[2].numpy(), B[2].numpy())[None])
+
+
+# ------------------------------------------------------------------ near-singular W: least-squares fallback
+
+
+def test_near_singular_square_W_is_solved_by_least_squares() -> None:
+    rng = np.random.default_rng(61)
+    L, d, r = 4, 8, 3
+    W = orthogonal_diag(rng, L, d)
+    W[2] = near_singular(rng, d, 1e-17)
+    A, B = lora_factors(rng, L, d, d, r)
+
+    with pytest.warns(NearSingularWarning) as info:
+        conv = run(W, A, B)
+
+    assert len(info) == 1
+    message = str(info[0].message)
+    assert conv.fallback.dtype == torch.bool and conv.fallback.tolist() == [False, False, True, False]
+    assert torch.isfinite(conv.condition[2]) and float(conv.condition[2]) * torch.finfo(torch.float64).eps >= 1
+    assert "near-singular to float64 precision at batch positions [2]" in message
+    for value in (conv.condition[2], conv.residual_A[2], conv.residual_B[2]):
+        assert f"{float(value):.2g}" in message  # the condition estimate and both residuals
+    assert "float64 (--dtype" not in message  # the float32 advice only in float32
+    ref_A, ref_B = lstsq_reference(W[2], mT(A)[2], torch.float64), lstsq_reference(W[2], B[2], torch.float64)
+    assert_close(conv.A[2], ref_A)
+    assert_close(conv.B[2], ref_B)
+    assert conv.BA is not None
+    assert_close(conv.BA[2], ref_B @ A[2])
+    # The residual is the RHS's part along the dropped direction: O(0.1), as numpy finds for the reference.
+    assert_close(conv.residual_A[2:3], rel_residual(W[2], ref_A, mT(A)[2])[None], rtol=1e-8)
+    assert_close(conv.residual_B[2:3], rel_residual(W[2], ref_B, B[2])[None], rtol=1e-8)
+    assert float(conv.residual_A[2]) > 1e-3 and float(conv.residual_B[2]) > 1e-3
+    # Well-conditioned layers keep the LU solution, bit for bit what they are without the bad layer.
+    good = [0, 1, 3]
+    alone = run(W[good], A[good], B[good])
+    assert not alone.fallback.any()
+    for x, y in (
+        (conv.A, alone.A),
+        (conv.B, alone.B),
+        (conv.BA, alone.BA),
+        (conv.residual_A, alone.residual_A),
+        (conv.residual_B, alone.residual_B),
+    ):
+        assert x is not None and y is not None and torch.equal(x[good], y)
+    assert_close(conv.A[good], np.linalg.solve(W[good], mT(A)[good]))
+
+
+def test_near_singular_in_float32_says_to_use_float64() -> None:
+    rng = np.random.default_rng(62)
+    L, d, r = 3, 12, 2
+    W = orthogonal_diag(rng, L, d)
+    W[1] = near_singular(rng, d, 1e-9)  # condition ~1e9 (more once rounded to float32): past 1 / eps32 only
+    W32 = W.astype(np.float32)
+    A, B = lora_factors(rng, L, d, d, r)
+
+    with pytest.warns(NearSingularWarning, match=r"float32 precision at batch positions \[1\] .*compute in float64"):
+        c32 = conversion_matrices(T(W32), T(A).float(), T(B).float(), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NearSingularWarning)
+        c64 = run(W, A, B)  # in float64 the same W is merely ill-conditioned: solved exactly
+
+    assert c32.fallback.tolist() == [False, True, False] and not c64.fallback.any()
+    A32, B32 = A.astype(np.float32), B.astype(np.float32)
+    # float32 SVD on the kept singular values (condition 100): ~ 100 * d * eps32 ~ 1e-4 relative
+    assert_close(c32.A[1], lstsq_reference(W32[1], mT(A32)[1], torch.float32), rtol=1e-3)
+    assert_close(c32.B[1], lstsq_reference(W32[1], B32[1], torch.float32), rtol=1e-3)
+    assert_close(c64.B[1], np.linalg.solve(W[1], B[1]), rtol=1e-5)  # cond 1e9 * eps64: 1e-7 forward error
+
+
+def test_fallback_layers_keep_their_residuals_and_survive_select() -> None:
+    rng = np.random.default_rng(63)
+    L, d = 3, 6
+    W = orthogonal_diag(rng, L, d)
+    W[0] = near_singular(rng, d, 1e-17)
+    A, B = lora_factors(rng, L, d, d, 2)
+    f = factorize(T(W))
+    assert f.fallback.tolist() == [True, False, False]
+
+    with pytest.warns(NearSingularWarning, match=r"batch positions \[0\]"):
+        lean = solve_conversions(f, [T(A)], [T(B)], with_residuals=False)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NearSingularWarning)
+        full = solve_conversions(f, [T(A)], [T(B)], warn=False)[0]
+        sub = f.select([2, 0])
+        picked = solve_conversions(sub, [T(A[[2, 0]])], [T(B[[2, 0]])], warn=False)[0]
+        clean = f.select([1, 2])
+
+    # Skipped residuals stay NaN, except in the fallback layer, whose residual the warning reports.
+    assert torch.isnan(lean.residual_A[1:]).all() and torch.isnan(lean.residual_B[1:]).all()
+    assert_close(lean.residual_A[:1], full.residual_A[:1].numpy(), rtol=1e-12)
+    assert_close(lean.residual_B[:1], full.residual_B[:1].numpy(), rtol=1e-12)
+    assert_close(lean.B, full.B.numpy(), rtol=1e-12)
+    # select() carries the pseudo-inverse of the layers it keeps, and only theirs.
+    assert sub.fallback.tolist() == [False, True] and clean.fallback.tolist() == [False, False]
+    assert_close(picked.B, full.B[[2, 0]].numpy(), rtol=1e-12)
+    assert_close(picked.B[1], lstsq_reference(W[0], B[0], torch.float64))
 
 
 @pytest.mark.parametrize(

@@ -239,3 +239,18 @@ def test_malicious_adapter_pickle(tmp_path: Path, tiny_bert_adapter: Path) -> No
     with pytest.raises(CheckpointError, match="refused to load"):
         load_lora_adapter(a)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8])
+def test_eight_bit_adapter_weights_are_refused_not_crashed(
+    tmp_path: Path, tiny_bert_adapter: Path, dtype: torch.dtype
+) -> None:
+    """float8 has no isfinite and no LU in torch: like int8, the user is told to dequantize, with the file named."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(tiny_bert_adapter, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].to(dtype)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"adapter_model\.safetensors: tensor '{first}' has dtype .*dequantized"):
+        load_lora_adapter(folder)

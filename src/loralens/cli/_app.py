@@ -1,6 +1,8 @@
 """Shared pieces of the ``loralens`` command line: the typer app, common options, error handling.
 
-Every user error becomes one line on stderr and exit code 2; an interrupt exits 130. The CLI package is the
+Every user error becomes one line on stderr and exit code 2; an interrupt exits 130; a loralens warning (a result
+with a caveat, e.g. a near-singular base weight solved by least squares) one ``warning:`` line, and the exit code
+stays 0. The CLI package is the
 only part of loralens that prints or exits; each command module is a thin shell of load -> compute -> render
 over the Python API and registers its commands on :data:`app`.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch
 import typer
 
 from loralens.analysis import ProgressCallback, base_for, resolve_device
-from loralens.errors import LoralensError
+from loralens.errors import LoralensError, LoralensWarning
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
 
@@ -119,15 +122,37 @@ LayerBatchOpt = Annotated[
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn LoralensError into one line and exit 2, Ctrl-C into exit 130; never a traceback for bad input."""
-    try:
+    """Turn LoralensError into one line and exit 2, Ctrl-C into exit 130; never a traceback for bad input.
+
+    Every command runs inside it, so it is also where loralens warnings become one ``warning:`` line each.
+    """
+    with one_line_warnings():
+        try:
+            yield
+        except LoralensError as e:
+            typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; no partial output was written", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show each :class:`LoralensWarning` as one ``warning: ...`` line on stderr (no source line, every time it
+    is raised); other warnings keep Python's handling. The previous warning state is restored on exit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", LoralensWarning)
+        previous = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, LoralensWarning):
+                typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+            else:
+                previous(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
         yield
-    except LoralensError as e:
-        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-        raise typer.Exit(EXIT_USER_ERROR) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted; no partial output was written", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def load_inputs(base: str | None, adapter: Path) -> tuple[BaseCheckpoint, LoraAdapter]:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 import loralens
 from loralens.analysis import (
+    LEAST_SQUARES_FALLBACK,
     ModuleConversion,
     ProgressCallback,
     SimilarityReport,
@@ -19,6 +20,7 @@ from loralens.analysis import (
     compute_conversions_many,
     layer_similarity,
     layer_similarity_many,
+    least_squares_layers,
     parse_memory_size,
     similarity_reports_to_dict,
 )
@@ -73,6 +75,8 @@ def conversion(
     conversion.safetensors holds '<module>.<A|B|BA>' stacked over layers; conversion.json holds shapes,
     layers, the convention (solve for square W, least squares otherwise), residuals, condition estimates
     and the LoRA scaling. Files are written atomically. W^-1 B A is L x d x d per module: large for big models.
+    Near-singular base weights are solved by least squares in those layers only, with a warning; conversion.json
+    lists them per module (least_squares_layers).
     """
     with user_errors():
         check_output_folder(out, replace=force, names=CONVERSION_FILES)
@@ -90,6 +94,10 @@ def conversion(
                 progress=progress,
             )
         summary = conversion_summary(convs, base_ckpt, lora, run_settings(device, dtype, max_memory=budget))
+        for name, mc in convs.items():
+            summary["modules"][name]["least_squares_layers"] = least_squares_layers(mc)
+        if any(entry["least_squares_layers"] for entry in summary["modules"].values()):
+            summary["conventions"]["least_squares_layers"] = LEAST_SQUARES_FALLBACK
         paths = write_outputs(
             out,
             {
@@ -287,10 +295,11 @@ def _print_conversion(convs: dict[str, ModuleConversion], paths: list[Path]) -> 
     for name, mc in convs.items():
         c = mc.conversion
         res = max(float(c.residual_A.max()), float(c.residual_B.max()))
+        fallback = tuple(least_squares_layers(mc))
         table.add_row(
             name,
             format_layers(mc.layers),
-            c.convention,
+            c.convention + (f" (least squares at {format_layers(fallback)})" if fallback else ""),
             "x".join(map(str, c.A.shape)),
             "x".join(map(str, c.B.shape)),
             f"{res:.1e}",

@@ -17,6 +17,15 @@ Beyond the paper (its stated limitation), a non-square ``W`` gets the least-squa
 when under-determined. One reduced QR factorisation of whichever of ``W``, ``W.T`` is tall serves
 both. Every result records which convention made it.
 
+Exactly singular and near-singular ``W``: a zero pivot of the LU (a zero diagonal entry of the QR's ``R``),
+or a condition estimate that is not finite, raises :class:`~loralens.errors.SingularMatrixError`. A finite
+condition estimate past ``1 / eps`` of the compute dtype marks ``W`` *near-singular*: its LU (QR) solution
+would be rounding noise, so those layers alone are solved in the minimum-norm least-squares sense with a
+truncated-SVD pseudo-inverse (singular values below ``eps * max(d_out, d_in) * sigma_max`` dropped; the same
+on CPU and CUDA), each convention keeping its equations. Their residuals are always computed, the result
+records them in ``Conversion.fallback``, and a :class:`~loralens.errors.NearSingularWarning` names them. Every
+other layer of the batch keeps the LU (QR) solution, bit for bit.
+
 Speed and memory: a solve costs little more than the LU itself.
 
 - :func:`factorize` copies the weights once into a working buffer of the compute dtype (half-precision
@@ -33,6 +42,7 @@ Speed and memory: a solve costs little more than the LU itself.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -40,7 +50,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from loralens.errors import DTypeError, LoralensError, NonFiniteError, ShapeError, SingularMatrixError
+from loralens.errors import (
+    DTypeError,
+    LoralensError,
+    NearSingularWarning,
+    NonFiniteError,
+    ShapeError,
+    SingularMatrixError,
+)
 
 __all__ = [
     "Conversion",
@@ -49,6 +66,7 @@ __all__ = [
     "conversion_matrices",
     "condition_estimate",
     "factorize",
+    "fallback_message",
     "solve_conversions",
     "layer_working_bytes",
     "chunk_bytes",
@@ -79,12 +97,15 @@ class Conversion:
         ``(L,)`` relative residuals ``||W X - RHS||_F / ||RHS||_F`` of the two solves (``W.T`` for A
         under ``"lstsq"``). Near machine precision for a well-conditioned square ``W``; for an
         over-determined least-squares solve it measures how much of the RHS lies outside ``W``'s range.
-        NaN when not requested (``with_residuals=False``).
+        NaN when not requested (``with_residuals=False``), except in ``fallback`` layers, which always get theirs.
     condition : Tensor
         ``(L,)`` estimate of the 1-norm condition number of ``W`` (of the triangular factor ``R``,
         which has ``W``'s singular values, under ``"lstsq"``), by Hager's method as LAPACK's ``gecon``.
     convention : {"solve", "lstsq"}
         ``"solve"``: the paper's ``W^-1`` (square ``W``); ``"lstsq"``: the least-squares generalisation.
+    fallback : Tensor
+        ``(L,)`` bool: layers whose ``W`` is near-singular to working precision (condition estimate * eps >= 1),
+        solved by minimum-norm least squares (truncated-SVD pseudo-inverse) instead of the convention's LU/QR.
     """
 
     A: Tensor
@@ -94,6 +115,7 @@ class Conversion:
     residual_B: Tensor
     condition: Tensor
     convention: Convention
+    fallback: Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +136,8 @@ class Factorization:
         ``(L,)`` 1-norm condition estimates, as :attr:`Conversion.condition`.
     weights : tuple of Tensor
         The ``L`` matrices ``(d_out, d_in)`` as given (any float dtype): residuals are computed against them.
+    fallback : Tensor
+        ``(L,)`` bool, as :attr:`Conversion.fallback`: the near-singular layers, solved by the pseudo-inverse.
     """
 
     convention: Convention
@@ -123,30 +147,54 @@ class Factorization:
     weights: tuple[Tensor, ...]
     _factors: tuple[Tensor, Tensor]  # "solve": (row-major buffer holding the LU of W.T, pivots); "lstsq": (Q, R)
     _tall_is_W: bool = False
+    # Near-singular layers: (positions (n,), U (n, d_out, k), 1/S truncated to 0 (n, k), Vh (n, k, d_in)).
+    _pinv: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
         return self.condition.device
 
+    @property
+    def fallback(self) -> Tensor:
+        mask = torch.zeros(self.shape[0], dtype=torch.bool, device=self.device)
+        if self._pinv is not None:
+            mask[self._pinv[0]] = True
+        return mask
+
     def solve(self, Y: Tensor) -> Tensor:
-        """``W X = Y``: ``(L, d_out, n) -> (L, d_in, n)``; least squares / minimum norm for non-square ``W``."""
+        """``W X = Y``: ``(L, d_out, n) -> (L, d_in, n)``; least squares / minimum norm for non-square ``W``
+        and for the near-singular layers."""
         if self.convention == "solve":
             buffer, pivots = self._factors
-            return torch.linalg.lu_solve(buffer.mT, pivots, Y, adjoint=True)
-        return self._least_squares(Y) if self._tall_is_W else self._minimum_norm(Y)
+            X = torch.linalg.lu_solve(buffer.mT, pivots, Y, adjoint=True)
+        else:
+            X = self._least_squares(Y) if self._tall_is_W else self._minimum_norm(Y)
+        return self._pseudo_inverse_solve(X, Y, transpose=False)
 
     def solve_transposed(self, Y: Tensor) -> Tensor:
-        """``W.T X = Y``: ``(L, d_in, n) -> (L, d_out, n)``; least squares / minimum norm for non-square ``W``."""
+        """``W.T X = Y``: ``(L, d_in, n) -> (L, d_out, n)``; least squares / minimum norm for non-square ``W``
+        and for the near-singular layers."""
         if self.convention == "solve":
             buffer, pivots = self._factors
-            return torch.linalg.lu_solve(buffer.mT, pivots, Y)
-        return self._minimum_norm(Y) if self._tall_is_W else self._least_squares(Y)
+            X = torch.linalg.lu_solve(buffer.mT, pivots, Y)
+        else:
+            X = self._minimum_norm(Y) if self._tall_is_W else self._least_squares(Y)
+        return self._pseudo_inverse_solve(X, Y, transpose=True)
 
     def select(self, positions: Sequence[int]) -> Factorization:
         """The factorisation of ``W[positions]`` (copies the factors of those layers; no new factorisation)."""
         idx = torch.as_tensor(list(positions), dtype=torch.long, device=self.device)
         factors = (self._factors[0][idx], self._factors[1][idx])
         weights = tuple(self.weights[int(k)] for k in positions)
+        pinv = None
+        if self._pinv is not None:
+            where = {int(p): n for n, p in enumerate(self._pinv[0].tolist())}
+            kept = [(new, where[int(old)]) for new, old in enumerate(positions) if int(old) in where]
+            if kept:
+                new_pos = torch.as_tensor([n for n, _ in kept], dtype=torch.long, device=self.device)
+                rows = torch.as_tensor([k for _, k in kept], dtype=torch.long, device=self.device)
+                _, U, S_inv, Vh = self._pinv
+                pinv = (new_pos, U[rows], S_inv[rows], Vh[rows])
         return Factorization(
             self.convention,
             (len(weights), *self.shape[1:]),
@@ -155,6 +203,7 @@ class Factorization:
             weights,
             factors,
             self._tall_is_W,
+            pinv,
         )
 
     def weights_times(self, X: Tensor, *, transpose: bool = False) -> Tensor:
@@ -184,6 +233,19 @@ class Factorization:
         Q, R = self._factors
         return Q @ torch.linalg.solve_triangular(R.mT, Y, upper=False)
 
+    # W = U S Vh: W X = Y has the minimum-norm least-squares solution Vh.T S^+ U.T Y, W.T X = Y has U S^+ Vh Y.
+    def _pseudo_inverse_solve(self, X: Tensor, Y: Tensor, *, transpose: bool) -> Tensor:
+        """Overwrite the near-singular layers of ``X`` (the LU/QR solution, rounding noise there) in place."""
+        if self._pinv is None:
+            return X
+        pos, U, S_inv, Vh = self._pinv
+        Yp = Y[pos]
+        if transpose:
+            X[pos] = U @ (S_inv.unsqueeze(-1) * (Vh @ Yp))
+        else:
+            X[pos] = Vh.mT @ (S_inv.unsqueeze(-1) * (U.mT @ Yp))
+        return X
+
 
 def conversion_matrices(
     W: Tensor,
@@ -192,6 +254,7 @@ def conversion_matrices(
     *,
     dtype: torch.dtype = torch.float64,
     with_product: bool = True,
+    warn: bool = True,
 ) -> Conversion:
     """Conversion matrices ``W^-1 A.T``, ``W^-1 B`` and ``W^-1 B A`` for a stack of layers.
 
@@ -208,6 +271,9 @@ def conversion_matrices(
         included, are cast to it).
     with_product : bool
         Also return ``conv_BA = conv_B @ A``.
+    warn : bool
+        Warn about near-singular layers (below); callers that know the model's layer numbers pass False and
+        warn themselves (see :func:`fallback_message`).
 
     Returns
     -------
@@ -224,7 +290,15 @@ def conversion_matrices(
     NonFiniteError
         NaN or Inf in an input.
     SingularMatrixError
-        A ``W`` that is singular to working precision; ``indices`` names the batch positions.
+        A ``W`` that is exactly singular (a zero pivot, or a condition estimate that is not finite);
+        ``indices`` names the batch positions.
+
+    Warns
+    -----
+    NearSingularWarning
+        Some ``W`` are near-singular to working precision (condition estimate * eps >= 1): those layers are
+        solved by minimum-norm least squares (see ``Conversion.fallback``); the message names their batch
+        positions, condition estimates and residuals.
     """
     _check_compute_dtype(dtype)
     for name, t in (("W", W), ("A", A), ("B", B)):
@@ -232,7 +306,10 @@ def conversion_matrices(
     _check_fit(tuple(W.shape), A, B)
     _check_finite("A", A)
     _check_finite("B", B)
-    return solve_conversions(factorize(W, dtype=dtype), [A], [B], with_product=with_product)[0]
+    conv = solve_conversions(factorize(W, dtype=dtype), [A], [B], with_product=with_product, warn=False)[0]
+    if warn and bool(conv.fallback.any()):
+        warnings.warn(fallback_message(conv, dtype), NearSingularWarning, stacklevel=2)
+    return conv
 
 
 def factorize(
@@ -260,7 +337,8 @@ def factorize(
     Raises
     ------
     ShapeError, DTypeError, NonFiniteError, SingularMatrixError
-        As :func:`conversion_matrices`.
+        As :func:`conversion_matrices`. Near-singular layers are not an error: their pseudo-inverse factors
+        are kept (:attr:`Factorization.fallback`) and :func:`solve_conversions` warns about them.
     """
     _check_compute_dtype(dtype)
     mats = _matrices(W)
@@ -274,8 +352,9 @@ def factorize(
         _check_finite_weights(norm1, mats, dtype)
         pivots, info = _lu_in_place(work)
         cond = _lu_condition(work, pivots, info, norm1)
-        _raise_if_singular(info > 0, cond, dtype)
-        return Factorization("solve", (L, d_out, d_in), dtype, cond, mats, (work, pivots))
+        near = _raise_if_singular(info > 0, cond, dtype)
+        pinv = _pseudo_inverse(mats, near, dtype)
+        return Factorization("solve", (L, d_out, d_in), dtype, cond, mats, (work, pivots), False, pinv)
     work = torch.empty((L, d_out, d_in), dtype=dtype, device=device)
     for k, M in enumerate(mats):
         work[k].copy_(M)
@@ -285,8 +364,9 @@ def factorize(
     del work
     cond = _triangular_condition(R)
     exact = (R.diagonal(dim1=-2, dim2=-1) == 0).any(dim=-1)
-    _raise_if_singular(exact, cond, dtype)
-    return Factorization("lstsq", (L, d_out, d_in), dtype, cond, mats, (Q, R), tall_is_W)
+    near = _raise_if_singular(exact, cond, dtype)
+    pinv = _pseudo_inverse(mats, near, dtype)
+    return Factorization("lstsq", (L, d_out, d_in), dtype, cond, mats, (Q, R), tall_is_W, pinv)
 
 
 def solve_conversions(
@@ -296,6 +376,7 @@ def solve_conversions(
     *,
     with_product: bool = True,
     with_residuals: bool = True,
+    warn: bool = True,
 ) -> list[Conversion]:
     """Conversion matrices of several adapters of the same base from one factorisation.
 
@@ -310,7 +391,10 @@ def solve_conversions(
     with_product : bool
         Also return ``conv_BA = conv_B @ A`` per adapter.
     with_residuals : bool
-        Compute the residuals (one more pass over ``W``); NaN otherwise.
+        Compute the residuals (one more pass over ``W``); NaN otherwise, except in near-singular layers.
+    warn : bool
+        Warn (:class:`~loralens.errors.NearSingularWarning`, batch positions) when near-singular layers were
+        solved by least squares; callers that know the model's layer numbers pass False and warn themselves.
 
     Returns
     -------
@@ -347,7 +431,8 @@ def solve_conversions(
         res_B = _block_residuals(f, X_B, Y_B, ranks, with_residuals)
         XA = [X_A[..., s : s + r] for s, r in zip(starts, ranks, strict=True)]
         XB = [X_B[..., s : s + r] for s, r in zip(starts, ranks, strict=True)]
-    return [
+    fallback = f.fallback
+    convs = [
         Conversion(
             XA[k],
             XB[k],
@@ -356,9 +441,35 @@ def solve_conversions(
             res_B[k],
             f.condition,
             f.convention,
+            fallback,
         )
         for k in range(len(As))
     ]
+    if warn and bool(fallback.any()):
+        for k, c in enumerate(convs):
+            tag = "" if len(convs) == 1 else f"adapter [{k}]: "
+            warnings.warn(tag + fallback_message(c, f.dtype), NearSingularWarning, stacklevel=2)
+    return convs
+
+
+def fallback_message(conversion: Conversion, dtype: torch.dtype, where: str = "W", layers: Sequence[int] = ()) -> str:
+    """What a near-singular warning says: where, the condition estimates, the residuals, and (float32) the fix.
+
+    ``layers``: the model layer numbers of the batch entries (batch positions when empty).
+    """
+    c = conversion
+    pos = _positions(c.fallback)
+    named = [layers[k] for k in pos] if layers else pos
+    at = f"at layers {named}" if layers else f"at batch positions {named}"
+    eps = torch.finfo(dtype).eps
+    precision = str(dtype).removeprefix("torch.")
+    advice = "; compute in float64 (--dtype float64) to resolve them better" if dtype != torch.float64 else ""
+    return (
+        f"{where} is near-singular to {precision} precision {at} (1-norm condition estimate "
+        f"{_numbers(c.condition[pos])} >= 1/eps = {1 / eps:.1e}): solved there by minimum-norm least squares "
+        f"(truncated-SVD pseudo-inverse) instead of W^-1, relative residual ||W X - RHS|| / ||RHS|| "
+        f"A {_numbers(c.residual_A[pos])}, B {_numbers(c.residual_B[pos])}{advice}"
+    )
 
 
 def layer_working_bytes(d_out: int, d_in: int, *, stored_itemsize: int, dtype: torch.dtype, rhs_columns: int) -> int:
@@ -539,9 +650,15 @@ def _block_residuals(
     f: Factorization, X: Tensor, Y: Tensor, widths: list[int], compute: bool, transpose: bool = False
 ) -> list[Tensor]:
     """Relative residuals ``||W X - Y||_F / ||Y||_F`` (``W.T`` with ``transpose``) of consecutive column blocks
-    of the given widths: each (L,); NaN when not ``compute``."""
+    of the given widths: each (L,); NaN when not ``compute``, except in the near-singular layers."""
     if not compute:
-        return [torch.full(Y.shape[:1], float("nan"), dtype=Y.dtype, device=Y.device) for _ in widths]
+        out = [torch.full(Y.shape[:1], float("nan"), dtype=Y.dtype, device=Y.device) for _ in widths]
+        if f._pinv is not None:
+            pos = f._pinv[0]
+            sub = f.select(pos.tolist())
+            for res, r in zip(out, _block_residuals(sub, X[pos], Y[pos], widths, True, transpose), strict=True):
+                res[pos] = r
+        return out
     diff = f.weights_times(X, transpose=transpose) - Y
     return [
         _relative_residual(diff[..., s : s + w], Y[..., s : s + w])
@@ -557,14 +674,43 @@ def _offsets(widths: list[int]) -> list[int]:
     return starts
 
 
-def _raise_if_singular(exact: Tensor, cond: Tensor, dtype: torch.dtype) -> None:
-    """Raise for exact zero pivots and for condition numbers past 1 / eps (singular to working precision)."""
-    singular = exact | ~torch.isfinite(cond) | (cond * torch.finfo(dtype).eps >= 1)
+def _raise_if_singular(exact: Tensor, cond: Tensor, dtype: torch.dtype) -> Tensor:
+    """Raise for exact zero pivots and non-finite condition estimates (exactly singular); return the (L,) mask
+    of the near-singular rest, whose finite condition estimate is past 1 / eps of ``dtype``."""
+    singular = exact | ~torch.isfinite(cond)
     if singular.any():
         raise SingularMatrixError(
-            f"base weight is singular to working precision ({dtype}) at batch positions {_positions(singular)}",
+            f"base weight is exactly singular in working precision ({dtype}: a zero pivot, or a condition "
+            f"estimate beyond its range) at batch positions {_positions(singular)}",
             indices=tuple(int(i) for i in singular.nonzero().flatten()),
         )
+    return cond * torch.finfo(dtype).eps >= 1
+
+
+def _pseudo_inverse(
+    mats: tuple[Tensor, ...], near: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Truncated SVD of the near-singular ``W`` (``near`` (L,) bool), recomputed from the weights as given.
+
+    Returns (positions (n,), U (n, d_out, k), S^+ (n, k), Vh (n, k, d_in)) with ``S^+ = 1 / S`` for singular
+    values above ``eps * max(d_out, d_in) * sigma_max`` (numpy's and MATLAB's ``pinv`` default) and 0 below;
+    None when no layer is near-singular. ``torch.linalg.svd`` works alike on CPU and CUDA (``lstsq`` has only
+    the QR-based 'gels' driver on CUDA, which does not handle rank deficiency).
+    """
+    if not bool(near.any()):
+        return None
+    pos = near.nonzero().flatten()
+    W = torch.stack([mats[int(k)].to(dtype) for k in pos])  # (n, d_out, d_in)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    tol = torch.finfo(dtype).eps * max(W.shape[-2:]) * S[..., :1]
+    S_inv = torch.where(S > tol, 1 / torch.where(S > tol, S, torch.ones_like(S)), torch.zeros_like(S))
+    return pos, U, S_inv, Vh
+
+
+def _numbers(t: Tensor) -> str:
+    """``1.2e-03`` for one value, ``[1.2e-03, 4e+17]`` for several."""
+    values = [f"{float(x):.2g}" for x in t.tolist()]
+    return values[0] if len(values) == 1 else "[" + ", ".join(values) + "]"
 
 
 def _lu_condition(work: Tensor, pivots: Tensor, info: Tensor, norm1: Tensor) -> Tensor:

@@ -214,6 +214,11 @@ def load_condlora_adapter(path: str | os.PathLike[str]) -> CondLoraAdapter:
     )
     if not tensors:
         raise CheckpointError(f"{weights_file}: the adapter holds no tensors")
+    for key, t in tensors.items():  # float8 passes check_float, but torch.isfinite is not implemented for it
+        if t.is_floating_point() and t.dtype.itemsize == 1:
+            raise CheckpointError(
+                f"{weights_file}: tensor {key!r} has dtype {t.dtype}; quantized weights must be dequantized first"
+            )
     check_float(tensors, weights_file)
     check_finite(tensors, weights_file)
     thetas, extra = _split_tensors(tensors, config, weights_file)
@@ -398,16 +403,15 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
             f"{path}: use_x {use_x!r} is an input-conditioned CondLoRA variant that is not part of the paper; "
             'loralens reads only adapters with "use_x": "none"'
         )
-    if float(config.get("lora_x_scaling") or 0.0) != 0.0:
-        raise CheckpointError(
-            f"{path}: lora_x_scaling is {config['lora_x_scaling']} but use_x is 'none'; set it to 0.0"
-        )
+    x_scaling = config.get("lora_x_scaling") or 0.0
+    if not isinstance(x_scaling, int | float) or isinstance(x_scaling, bool) or x_scaling != 0.0:
+        raise CheckpointError(f"{path}: lora_x_scaling is {x_scaling!r} but use_x is 'none'; set it to 0.0")
     r = config.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise CheckpointError(f"{path}: 'r' must be a positive integer, got {r!r}")
     alpha = config.get("lora_alpha", r)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
-        raise CheckpointError(f"{path}: 'lora_alpha' must be a positive number, got {alpha!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha < float("inf"):
+        raise CheckpointError(f"{path}: 'lora_alpha' must be a positive finite number, got {alpha!r}")
     targets = config.get("target_modules")
     if isinstance(targets, str):
         raise CheckpointError(

@@ -112,9 +112,9 @@ def check_finite(tensors: dict[str, Tensor], path: Path) -> None:
 
 
 def check_float(tensors: dict[str, Tensor], path: Path) -> None:
-    """Raise for integer or quantized tensors, which the linear algebra cannot use as stored."""
+    """Raise for integer, quantized and 8-bit float tensors, which the linear algebra cannot use as stored."""
     for key, t in tensors.items():
-        if not t.is_floating_point():
+        if not t.is_floating_point() or t.element_size() == 1:  # float8 has no isfinite, no LU: dequantize
             raise CheckpointError(
                 f"{path}: tensor {key!r} has dtype {t.dtype}; quantized or integer weights must be dequantized first"
             )
