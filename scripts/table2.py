@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from loralens.errors import LoralensError  # noqa: E402
 from loralens.io.outputs import json_writer, write_outputs  # noqa: E402
+from loralens.seed_comparison import compare_seeds  # noqa: E402
 from loralens.training import METHODS, train_adapter  # noqa: E402
 
 TASKS = ("rt-polarity", "vader-rating")
@@ -66,33 +64,6 @@ def _train_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
         "eval_size": settings["eval_size"],
         "targets": tuple(settings["target_modules"]),
     }
-
-
-def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
-    """Mean, sample std and the paired t-test (CondLoRA vs LoRA over seeds) per task, and the task average."""
-    tasks: dict[str, Any] = {}
-    for task, by_method in runs.items():
-        scores = {m: [r["after"] for r in by_method[m]] for m in METHODS}
-        seeds = [r["seed"] for r in by_method["lora"]]
-        test = stats.ttest_rel(scores["condlora"], scores["lora"])
-        tasks[task] = {
-            "metric": by_method["lora"][0]["metric"],
-            "seeds": seeds,
-            "scores": scores,
-            "before": {m: [r["before"] for r in by_method[m]] for m in METHODS},
-            "mean": {m: float(np.mean(scores[m])) for m in METHODS},
-            "std": {m: float(np.std(scores[m], ddof=1)) if len(seeds) > 1 else None for m in METHODS},
-            "paired_t": {
-                "statistic": _finite(test.statistic),
-                "p_value": _finite(test.pvalue),
-                "test": "scipy.stats.ttest_rel(condlora, lora), two-sided, pairs = seeds",
-            },
-            "trainable_params": {m: by_method[m][0]["trainable_params"] for m in METHODS},
-            "examples_per_s": {m: float(np.mean([r["examples_per_s"] for r in by_method[m]])) for m in METHODS},
-            "settings": by_method["lora"][0]["settings"] | {"seed": None},
-        }
-    average = {m: float(np.mean([t["mean"][m] for t in tasks.values()])) for m in METHODS}
-    return {"tasks": tasks, "average": average}
 
 
 def markdown(summary: dict[str, Any], base: str) -> str:
@@ -187,7 +158,10 @@ def main() -> None:
     except LoralensError as e:
         raise SystemExit(f"error: {e}") from e
 
-    summary = summarise(runs)
+    try:
+        summary = compare_seeds(runs)
+    except LoralensError as e:
+        raise SystemExit(f"error: {e}") from e
     summary["base"] = base_name
     text = markdown(summary, base_name)
     table = args.out / "table"  # beside runs/: write_outputs writes whole folders
@@ -212,10 +186,6 @@ def _cached(out: Path, method: str, seed: int, settings: dict[str, Any], eval_si
 
 def _log(out: Path) -> None:
     logging.info("training %s", out)
-
-
-def _finite(x: float) -> float | None:
-    return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:

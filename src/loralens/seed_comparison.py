@@ -1,0 +1,159 @@
+"""LoRA against CondLoRA over training seeds: the paper's Table 2 protocol, from the runs' ``metrics.json``.
+
+``loralens train`` (and :func:`loralens.training.train_adapter`) writes, beside every adapter, a ``metrics.json``
+with the held-out score before and after training, the seed, the settings and the training speed.
+:func:`compare_seeds` pairs the LoRA and CondLoRA runs of each task by seed and gives per method the mean and
+sample standard deviation of the held-out score, and the paired t-test of CondLoRA against LoRA over seeds
+(``scipy.stats.ttest_rel``, two-sided), as the paper reports it.
+
+    >>> from loralens import examples
+    >>> runs = {"rt-polarity": {"lora": [read_metrics(lo) for _, lo, _ in examples.default_adapters()],
+    ...                         "condlora": [read_metrics(c) for _, _, c in examples.default_adapters()]}}
+    >>> compare_seeds(runs)["tasks"]["rt-polarity"]["mean"]
+
+Neither prints nor writes files; :func:`loralens.plots.tables.table2` renders the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from loralens.errors import CheckpointError, InputPathError, LoralensError
+
+__all__ = ["METHODS", "PAIRED_TEST", "compare_seeds", "read_metrics"]
+
+#: The two methods compared, in table order.
+METHODS = ("lora", "condlora")
+
+#: How the paired test is computed (recorded with its result).
+PAIRED_TEST = "scipy.stats.ttest_rel(condlora, lora), two-sided, pairs = seeds"
+
+# Scores are accuracies or correlations in [-1, 1]: paired differences whose spread is below this are equal.
+_CONSTANT_DIFFERENCE = 1e-9
+
+# settings that must agree between the paired runs of one task (everything but the method's own type and seed)
+_SHARED_SETTINGS = ("r", "lora_alpha", "target_modules", "steps", "lr", "batch_size", "max_length", "split_seed")
+
+
+def read_metrics(folder: str | Path) -> dict[str, Any]:
+    """The ``metrics.json`` of a trained adapter folder, checked for the fields :func:`compare_seeds` uses."""
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        raise InputPathError(f"{path}: not found; compare_seeds needs the metrics.json that 'loralens train' writes")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e}); retrain the adapter or restore the file") from e
+    fields = ("task", "method", "metric", "seed", "after", "settings")
+    missing = [k for k in fields if k not in metrics] if isinstance(metrics, dict) else []
+    if not isinstance(metrics, dict) or missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing) or 'an object'}; it is not a loralens metrics.json")
+    return metrics
+
+
+def compare_seeds(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]) -> dict[str, Any]:
+    """Mean, sample standard deviation and the paired t-test of CondLoRA against LoRA, per task.
+
+    Parameters
+    ----------
+    runs : mapping
+        ``{task: {"lora": [metrics, ...], "condlora": [metrics, ...]}}``, one ``metrics.json`` dict per seed
+        (:func:`read_metrics`); runs are paired by their ``seed``, which must be the same set for both methods.
+
+    Returns
+    -------
+    dict
+        ``{"tasks": {task: {"metric", "seeds", "scores": {method: [per seed]}, "before", "mean", "std",
+        "paired_t": {"statistic", "p_value", "test"}, "trainable_params", "examples_per_s", "settings"}},
+        "average": {method: mean over tasks}}``. ``std`` and the test are ``None`` with fewer than two seeds,
+        and the test is ``None`` where it is undefined (the same difference on every seed).
+
+    Raises
+    ------
+    LoralensError
+        A method missing, seeds that do not pair, runs of another task, or settings that differ between the
+        paired runs (other than the method).
+    """
+    from scipy import stats  # only here: scipy.stats costs a second at import
+
+    tasks: dict[str, Any] = {}
+    for task, by_method in runs.items():
+        paired = _paired(task, by_method)
+        seeds = sorted(paired["lora"])
+        scores = {m: [float(paired[m][s]["after"]) for s in seeds] for m in METHODS}
+        diffs = [c - lo for c, lo in zip(scores["condlora"], scores["lora"], strict=True)]
+        # equal differences on every seed (to rounding): t is infinite or 0/0, not a finding
+        if len(seeds) > 1 and (_sample_std(diffs) or 0.0) > _CONSTANT_DIFFERENCE:
+            test = stats.ttest_rel(scores["condlora"], scores["lora"])
+            statistic, p_value = _finite(test.statistic), _finite(test.pvalue)
+        else:
+            statistic = p_value = None
+        first = paired["lora"][seeds[0]]
+        tasks[task] = {
+            "metric": first["metric"],
+            "seeds": seeds,
+            "scores": scores,
+            "before": {m: [_finite(paired[m][s].get("before")) for s in seeds] for m in METHODS},
+            "mean": {m: math.fsum(scores[m]) / len(seeds) for m in METHODS},
+            "std": {m: _sample_std(scores[m]) for m in METHODS},
+            "paired_t": {"statistic": statistic, "p_value": p_value, "test": PAIRED_TEST},
+            "trainable_params": {m: paired[m][seeds[0]].get("trainable_params") for m in METHODS},
+            "examples_per_s": {m: _mean([paired[m][s].get("examples_per_s") for s in seeds]) for m in METHODS},
+            "settings": {k: first["settings"].get(k) for k in _SHARED_SETTINGS if k in first["settings"]},
+        }
+    if not tasks:
+        raise LoralensError("compare_seeds got no runs; pass {task: {'lora': [...], 'condlora': [...]}}")
+    average = {m: math.fsum(t["mean"][m] for t in tasks.values()) / len(tasks) for m in METHODS}
+    return {"tasks": tasks, "average": average}
+
+
+def _paired(task: str, by_method: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[int, Mapping]]:
+    """``{method: {seed: metrics}}`` after checking that the runs pair up."""
+    out: dict[str, dict[int, Mapping]] = {}
+    for method in METHODS:
+        runs = by_method.get(method) or []
+        if not runs:
+            raise LoralensError(f"task {task!r}: no {method} runs; Table 2 pairs LoRA and CondLoRA runs by seed")
+        out[method] = {}
+        for m in runs:
+            if m.get("task") != task or m.get("method") != method:
+                raise LoralensError(
+                    f"task {task!r}, {method}: got a run of task {m.get('task')!r}, method {m.get('method')!r}"
+                )
+            if m["seed"] in out[method]:
+                raise LoralensError(f"task {task!r}, {method}: seed {m['seed']} appears twice")
+            out[method][m["seed"]] = m
+    if set(out["lora"]) != set(out["condlora"]):
+        raise LoralensError(
+            f"task {task!r}: LoRA seeds {sorted(out['lora'])} and CondLoRA seeds {sorted(out['condlora'])} "
+            "do not pair; train both methods with the same seeds"
+        )
+    for seed, lora in out["lora"].items():
+        cond = out["condlora"][seed]
+        differ = [k for k in _SHARED_SETTINGS if lora["settings"].get(k) != cond["settings"].get(k)]
+        if differ:
+            raise LoralensError(
+                f"task {task!r}, seed {seed}: LoRA and CondLoRA were trained with different {', '.join(differ)}; "
+                "Table 2 compares runs of one loop and one set of hyperparameters"
+            )
+    return out
+
+
+def _sample_std(values: Sequence[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return math.fsum(numbers) / len(numbers) if numbers else None
+
+
+def _finite(x: Any) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
