@@ -82,6 +82,45 @@ def test_compare_json_equals_the_python_api(minilm_path: Path) -> None:
     assert table.exit_code == 0 and "mean" in table.stdout and "value" in table.stdout
 
 
+def test_compare_many_pairs_gives_table3_per_pair_and_table2(minilm_path: Path) -> None:
+    """The three shipped seed pairs in one command: each pair's Table 3 equals the single-pair command's JSON, the
+    summary is their mean +- std, and Table 2 comes from the folders' metrics.json with the paired t-test."""
+    from scipy import stats
+
+    from loralens.examples import default_adapters
+    from loralens.seed_comparison import read_metrics
+
+    args: list[str | Path] = []
+    for _, lora, cond in default_adapters():
+        args += ["--lora", lora, "--condlora", cond]
+    proc = run_cli("compare", "--base", minilm_path, *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert len(data["pairs"]) == 3
+    single = json.loads(run_cli("compare", "--base", minilm_path, *args[4:8], "--json").stdout)
+    assert data["pairs"][1]["modules"]["value"]["A"] == pytest.approx(single["modules"]["value"]["A"], abs=1e-9)
+    row = data["summary"]["value"]["B"]
+    per_pair = [p["modules"]["value"]["mean"]["B"] for p in data["pairs"]]
+    assert row["per_pair"] == per_pair
+    assert row["mean"] == pytest.approx(sum(per_pair) / 3, abs=1e-9)
+    assert row["std"] == pytest.approx(float(torch.tensor(per_pair, dtype=torch.float64).std()), abs=1e-9)
+    t = data["table2"]["tasks"]["rt-polarity"]
+    lora_scores = [read_metrics(lo)["after"] for _, lo, _ in default_adapters()]
+    cond_scores = [read_metrics(c)["after"] for _, _, c in default_adapters()]
+    assert t["scores"] == {"lora": lora_scores, "condlora": cond_scores}
+    assert t["paired_t"]["p_value"] == pytest.approx(float(stats.ttest_rel(cond_scores, lora_scores).pvalue))
+    text = run_cli("compare", "--base", minilm_path, *args)
+    assert text.returncode == 0 and "Table 2, rt-polarity" in text.stdout and "paired t-test" in text.stdout
+
+
+def test_compare_pairs_must_match_in_number(minilm_path: Path) -> None:
+    proc = run_cli(
+        "compare", "--base", minilm_path, "--lora", default_adapter(), "--lora", default_adapter(),
+        "--condlora", default_condlora(),
+    )  # fmt: skip
+    assert_user_error(proc, "--lora is given 2 times and --condlora 1 times", "paired in order")
+
+
 def test_export_writes_a_peft_folder(minilm_path: Path, tmp_path: Path) -> None:
     proc = run_cli("export", "--base", minilm_path, "--condlora", default_condlora(), "--out", tmp_path / "as-lora")
     assert proc.returncode == 0, proc.stderr

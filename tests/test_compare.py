@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import checkpoints
-from loralens.compare import compare_adapters, parameter_counts
+from loralens.compare import compare_adapters, compare_adapters_many, parameter_counts
 from loralens.errors import ModelMismatchError, RankError, ShapeError
-from loralens.examples import default_adapter, default_condlora
+from loralens.examples import default_adapter, default_adapters, default_condlora
 from loralens.io.adapters import load_lora_adapter
 from loralens.io.base_weights import open_base
 from loralens.io.condlora import load_condlora_adapter, materialise_condlora
@@ -195,3 +195,34 @@ def test_a_bert_task_model_base(tmp_path: Path) -> None:
     base = checkpoints.bert_base(tmp_path / "task", layers=3, hidden=16, task_model=True)
     counts = parameter_counts(open_base(base), r=2, targets=["attention.self.query"])
     assert (counts.lora, counts.condlora) == (3 * 2 * 32, 2 * 2 * 16)
+
+
+def test_many_pairs_equal_each_pair_alone(minilm_path: Path) -> None:
+    """The three shipped seed pairs in one call (one factorisation per base weight for all of them) give, pair by
+    pair, what compare_adapters gives for that pair alone: Table 3 and conv-vs-theta, random baseline included."""
+    base = open_base(minilm_path)
+    pairs = [(load_lora_adapter(lo), load_condlora_adapter(c)) for _, lo, c in default_adapters()]
+    many = compare_adapters_many(base, pairs, seed=3)
+    assert len(many) == 3
+    for (lora, cond), got in zip(pairs, many, strict=True):
+        alone = compare_adapters(base, lora, cond, seed=3)
+        assert got.settings["lora"] == str(lora.path) and got.settings["condlora"] == str(cond.path)
+        for module, mc in alone.modules.items():
+            for f in ("A", "B", "BA"):
+                torch.testing.assert_close(got.modules[module].phi[f], mc.phi[f], rtol=0, atol=1e-12)
+                torch.testing.assert_close(got.modules[module].random[f], mc.random[f], rtol=0, atol=1e-12)
+            for f in ("A", "B"):
+                torch.testing.assert_close(
+                    got.modules[module].conv_vs_theta[f], mc.conv_vs_theta[f], rtol=0, atol=1e-10
+                )
+    # different seeds learned different adapters: the pairs' Table 3 rows are not copies of each other
+    assert not torch.equal(many[0].modules["value"].phi["A"], many[1].modules["value"].phi["A"])
+
+
+def test_many_pairs_name_the_pair_that_does_not_fit(minilm_path: Path, tmp_path: Path) -> None:
+    """A CondLoRA adapter of another hidden size in the second pair: refused before any work, its folder named."""
+    base = open_base(minilm_path)
+    good = (load_lora_adapter(default_adapter()), load_condlora_adapter(default_condlora()))
+    other = checkpoints.condlora_adapter(tmp_path / "cond", hidden=32)
+    with pytest.raises(ModelMismatchError, match=rf"{other}: target 'query' has theta \(r, 32\)"):
+        compare_adapters_many(base, [good, (good[0], load_condlora_adapter(other))])

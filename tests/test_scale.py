@@ -318,7 +318,7 @@ def test_nan_in_a_lazily_read_base_names_the_tensor(tmp_path: Path, tiny_bert: P
 def test_cli_scale_options_errors_and_help(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     base = ["--base", tiny_bert, "--adapter", tiny_bert_adapter]
     for command in ("similarity", "conversion"):
-        extra = ["--out", tmp_path / command] if command == "conversion" else []
+        extra = ["--out", tmp_path / command, "--no-product"] if command == "conversion" else []
         for bad, words in (("lots", "is not a memory size"), ("10kB", "below what one layer")):
             proc = run_cli(command, *base, *extra, "--max-memory", bad)
             lines = proc.stderr.strip().splitlines()
@@ -336,6 +336,29 @@ def test_cli_scale_options_errors_and_help(tmp_path: Path, tiny_bert: Path, tiny
     helptext = run_cli("similarity", "--help").stdout
     for option in ("--max-memory", "--dtype", "--device", "--quiet", "--adapter"):
         assert option in helptext
+
+
+def test_conversion_product_counts_against_the_memory_budget(tmp_path: Path, minilm_path: Path) -> None:
+    """W^-1 B A is L x d x d per module: refused up front when over --max-memory, left out with --no-product, and
+    the factors written are then the same as with it."""
+    args = ["--base", minilm_path, "--adapter", loralens.examples.default_adapter(), "--quiet"]
+    proc = run_cli("conversion", *args, "--out", tmp_path / "big", "--max-memory", "10MB")
+    need = 2 * 6 * 384 * 384 * 8  # query + value, 6 layers, float64
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"would take {need / 1e6:.3g} MB" in proc.stderr and "--no-product" in proc.stderr
+    assert not (tmp_path / "big").exists()
+    small_run = run_cli("conversion", *args, "--out", tmp_path / "small", "--max-memory", "10MB", "--no-product")
+    assert small_run.returncode == 0, small_run.stderr
+    assert run_cli("conversion", *args, "--out", tmp_path / "full").returncode == 0
+    small = load_file(tmp_path / "small" / "conversion.safetensors")
+    full = load_file(tmp_path / "full" / "conversion.safetensors")
+    assert sorted(small) == ["query.A", "query.B", "value.A", "value.B"]
+    assert sorted(full) == sorted([*small, "query.BA", "value.BA"])
+    for key, value in small.items():
+        assert torch.equal(value, full[key])
+    summary = json.loads((tmp_path / "small" / "conversion.json").read_text())
+    assert summary["settings"]["product"] is False and set(summary["modules"]["value"]["shapes"]) == {"A", "B"}
+    assert summary["modules"]["value"]["least_squares_layers"] == []
 
 
 def test_progress_bar_only_on_a_terminal_and_not_quiet(

@@ -13,7 +13,7 @@ from scipy import stats
 
 from loralens import examples
 from loralens.errors import CheckpointError, InputPathError, LoralensError
-from loralens.seed_comparison import compare_seeds, read_metrics
+from loralens.seed_comparison import compare_seeds, read_metrics, runs_from_folders
 
 
 def _run(method: str, seed: int, after: float, task: str = "rt-polarity", **settings: Any) -> dict[str, Any]:
@@ -106,3 +106,12 @@ def test_read_metrics_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text('{"task": "rt-polarity"}', encoding="utf-8")
     with pytest.raises(CheckpointError, match="lacks method"):
         read_metrics(tmp_path)
+
+
+def test_runs_from_the_shipped_folders() -> None:
+    pairs = examples.default_adapters()
+    runs = runs_from_folders([lo for _, lo, _ in pairs], [c for _, _, c in pairs])
+    assert list(runs) == ["rt-polarity"]
+    assert [m["seed"] for m in runs["rt-polarity"]["condlora"]] == list(examples.SEEDS)
+    with pytest.raises(LoralensError, match="a lora run given as condlora; swap the folders"):
+        runs_from_folders([pairs[0][1]], [pairs[0][1]])

@@ -82,6 +82,7 @@ __all__ = [
     "least_squares_layers",
     "similarity_reports_to_dict",
     "parse_memory_size",
+    "format_memory_size",
     "layers_per_batch",
     "ProgressCallback",
 ]
@@ -278,8 +279,8 @@ def layers_per_batch(
     n = (max_memory - fixed) // per_layer
     if n < 1:
         raise LoralensError(
-            f"--max-memory {_format_bytes(max_memory)} is below what one layer of {what} ({d_out} x {d_in}, "
-            f"{dtype}) needs: {_format_bytes(per_layer + fixed)}; raise it"
+            f"--max-memory {format_memory_size(max_memory)} is below what one layer of {what} ({d_out} x {d_in}, "
+            f"{dtype}) needs: {format_memory_size(per_layer + fixed)}; raise it"
         )
     return int(n)
 
@@ -817,7 +818,9 @@ _SIZE_UNITS = {
 }
 
 
-def _format_bytes(n: int) -> str:
+def format_memory_size(n: int) -> str:
+    """``n`` bytes in decimal units, three significant digits (``"14.2 MB"``); the inverse of :func:`parse_memory_size`
+    up to rounding."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.3g} {unit}"

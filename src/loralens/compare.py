@@ -20,7 +20,6 @@ Neither prints nor writes files; Table 4 reads only tensor shapes (safetensors h
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.analysis import _at_layers, resolve_device, select_modules
+from loralens.analysis import _at_layers, compute_conversions_many, resolve_device, select_modules
 from loralens.core.condlora import condlora_factors, condlora_parameter_count, lora_parameter_count
-from loralens.core.conversion import conversion_matrices, fallback_message
 from loralens.core.similarity import (
     Side,
     basis_similarity,
@@ -38,16 +36,19 @@ from loralens.core.similarity import (
     random_similarity_expected,
     top_singular_vectors,
 )
-from loralens.errors import BatchError, LoralensError, ModelMismatchError, NearSingularWarning, ShapeError
+from loralens.errors import BatchError, LoralensError, ModelMismatchError, ShapeError
 from loralens.io.adapters import LoraAdapter, read_base_weights
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.condlora import CondLoraAdapter, target_module_paths, theta_key
+from loralens.io.keys import match_base_weights
 
 __all__ = [
     "TABLE3_FACTORS",
     "ModuleComparison",
     "ComparisonReport",
     "compare_adapters",
+    "compare_adapters_many",
+    "comparisons_to_dict",
     "ParameterCounts",
     "parameter_counts",
 ]
@@ -164,43 +165,143 @@ def compare_adapters(
     RankError
         ``i`` or ``j`` above a factor's rank (e.g. an untrained adapter whose B is zero), naming the layers.
     """
+    return compare_adapters_many(
+        base, [(lora, condlora)], modules=modules, i=i, j=j, seed=seed, dtype=dtype, device=device
+    )[0]
+
+
+def compare_adapters_many(
+    base: BaseCheckpoint,
+    pairs: Sequence[tuple[LoraAdapter, CondLoraAdapter]],
+    *,
+    modules: Sequence[str] | None = None,
+    i: int | None = None,
+    j: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    max_memory: str | int | None = None,
+) -> list[ComparisonReport]:
+    """:func:`compare_adapters` for several (LoRA, CondLoRA) pairs of one base, e.g. one pair per training seed.
+
+    LoRA's conversion matrices (for ``conv_vs_theta``) come from one factorisation of each base weight shared by
+    all pairs (:func:`loralens.analysis.compute_conversions_many`), solved ``max_memory`` at a time. Each report
+    equals what :func:`compare_adapters` gives for its pair alone (the random baseline restarts from ``seed`` for
+    every pair). Raises as :func:`compare_adapters`, naming the pair's folders.
+    """
+    if not pairs:
+        raise LoralensError("compare: give at least one (LoRA, CondLoRA) pair")
     dev = resolve_device(device)
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    result = {}
+    targets = [_targets(base, lora, cond, modules) for lora, cond in pairs]
+    conversions = compute_conversions_many(
+        base,
+        [lora for lora, _ in pairs],
+        modules=modules,
+        device=dev,
+        dtype=dtype,
+        with_product=False,
+        with_residuals=False,
+        max_memory=max_memory,
+    )
+    reports = []
+    for (lora, cond), keys, convs in zip(pairs, targets, conversions, strict=True):
+        generator = torch.Generator(device=dev).manual_seed(seed)
+        result = {}
+        for name, key in keys.items():
+            mod, conv = lora.modules[name], convs[name].conversion
+            W, _ = read_base_weights(base, lora, name)
+            ii = i or min(mod.ranks)
+            jj = j or i or cond.r
+            try:
+                result[name] = _compare_module(
+                    name, key, mod.layers, W.to(dev, dtype), mod.A.to(dev, dtype), mod.B.to(dev, dtype),
+                    conv.A.to(dev), conv.B.to(dev), *(t.to(dev, dtype) for t in cond.thetas[key]), ii, jj,
+                    generator,
+                )  # fmt: skip
+            except BatchError as e:
+                raise _at_layers(e, name, mod.layers, None) from e
+        reports.append(ComparisonReport(result, _settings(base, lora, cond, i, j, seed, dtype, dev)))
+    return reports
+
+
+def comparisons_to_dict(reports: Sequence[ComparisonReport], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Several pairs' Table 3 as one JSON-ready dict: ``{"pairs": [report.to_dict(), ...], "summary": {module:
+    {factor: {"per_pair": [mean over layers], "mean", "std", "random"}}}, **extra, "settings": {...}}``.
+
+    ``summary`` covers the modules every pair has; factors are Table 3's ``A``, ``B``, ``BA`` and the conversion
+    matrices against the shared layer, ``conv_A``, ``conv_B``; ``std`` is the sample standard deviation over pairs
+    (0 for one pair); ``random`` the mean random baseline over pairs and layers.
+    """
+    pairs = [r.to_dict() for r in reports]
+    common = [m for m in pairs[0]["modules"] if all(m in p["modules"] for p in pairs)] if pairs else []
+    summary: dict[str, Any] = {}
+    for module in common:
+        entries = [p["modules"][module] for p in pairs]
+        rows: dict[str, Any] = {}
+        for f in (*TABLE3_FACTORS, "conv_A", "conv_B"):
+            if f in TABLE3_FACTORS:
+                per_pair = [e["mean"][f] for e in entries]
+                random = [e["random"]["mean"][f] for e in entries]
+            else:
+                per_pair = [e["conv_vs_theta"]["mean"][f[-1]] for e in entries]
+                random = [e["conv_vs_theta"]["random_expected"] for e in entries]
+            mean = sum(per_pair) / len(per_pair)
+            var = sum((v - mean) ** 2 for v in per_pair) / (len(per_pair) - 1) if len(per_pair) > 1 else 0.0
+            rows[f] = {
+                "per_pair": per_pair,
+                "mean": round(mean, 10),
+                "std": round(var**0.5, 10),
+                "random": round(sum(random) / len(random), 10),
+            }
+        summary[module] = rows
+    shared = {k: v for k, v in (reports[0].settings if reports else {}).items() if k not in ("lora", "condlora")}
+    return {"pairs": pairs, "summary": summary, **(extra or {}), "settings": shared}
+
+
+def _targets(
+    base: BaseCheckpoint, lora: LoraAdapter, cond: CondLoraAdapter, modules: Sequence[str] | None
+) -> dict[str, str]:
+    """LoRA module -> its CondLoRA target key, after checking that the pair fits together and the base."""
+    out = {}
     for name in select_modules(lora, modules):
         mod = lora.modules[name]
         key = theta_key(mod.paths[0].tail)
-        if key not in condlora.thetas:
+        if key not in cond.thetas:
             raise ModelMismatchError(
-                f"LoRA module {name!r} ({lora.path}) has no CondLoRA counterpart in {condlora.path}; its targets are "
-                f"{sorted(condlora.thetas)} (choose modules with --modules)"
+                f"LoRA module {name!r} ({lora.path}) has no CondLoRA counterpart in {cond.path}; its targets are "
+                f"{sorted(cond.thetas)} (choose modules with --modules)"
             )
         d_out, d_in = mod.shape
         if d_out != d_in:
             raise ShapeError(f"module {name!r} is {d_out} x {d_in}: CondLoRA is only defined for square base weights")
-        d_theta = condlora.thetas[key][0].shape[1]
+        d_theta = cond.thetas[key][0].shape[1]
         if d_theta != d_in:
             raise ModelMismatchError(
-                f"{condlora.path}: target {key!r} has theta (r, {d_theta}) but LoRA module {name!r} ({lora.path}) "
+                f"{cond.path}: target {key!r} has theta (r, {d_theta}) but LoRA module {name!r} ({lora.path}) "
                 f"and its base weights are {d_out} x {d_in}: the CondLoRA adapter was trained on another base; "
                 "pass a CondLoRA adapter of the LoRA adapter's base"
             )
         try:
-            W, _ = read_base_weights(base, lora, name)
+            match_base_weights(mod.paths, base.keys)
         except ModelMismatchError as e:
             if str(lora.path) in str(e):
                 raise
             raise ModelMismatchError(f"{lora.path} on the base {base.root}: {e}") from e
-        ii = i or min(mod.ranks)
-        jj = j or i or condlora.r
-        try:
-            result[name] = _compare_module(
-                name, key, mod.layers, W.to(dev, dtype), mod.A.to(dev, dtype), mod.B.to(dev, dtype),
-                *(t.to(dev, dtype) for t in condlora.thetas[key]), ii, jj, generator,
-            )  # fmt: skip
-        except BatchError as e:
-            raise _at_layers(e, name, mod.layers, None) from e
-    settings = {
+        out[name] = key
+    return out
+
+
+def _settings(
+    base: BaseCheckpoint,
+    lora: LoraAdapter,
+    cond: CondLoraAdapter,
+    i: int | None,
+    j: int | None,
+    seed: int,
+    dtype: torch.dtype,
+    dev: torch.device,
+) -> dict[str, Any]:
+    return {
         "i": i,
         "j": j,
         "i_default": "r of each adapter (the paper: i = j = 8 = r)" if i is None else None,
@@ -213,10 +314,9 @@ def compare_adapters(
         "conv_vs_theta": "phi(W_l^-1 A_l^T, theta_A^T) and phi(W_l^-1 B_l, theta_B^T), left singular vectors",
         "condlora_rule": "A_cond_l = theta_A W_l^T, B_cond_l = W_l theta_B^T (the authors' code)",
         "lora": str(lora.path),
-        "condlora": str(condlora.path),
+        "condlora": str(cond.path),
         "base": str(base.root),
     }
-    return ComparisonReport(result, settings)
 
 
 def _compare_module(
@@ -226,13 +326,16 @@ def _compare_module(
     W: Tensor,
     A: Tensor,
     B: Tensor,
+    conv_A: Tensor,
+    conv_B: Tensor,
     theta_A: Tensor,
     theta_B: Tensor,
     i: int,
     j: int,
     generator: torch.Generator,
 ) -> ModuleComparison:
-    """``W`` (L, d, d), LoRA ``A`` (L, r, d), ``B`` (L, d, r), thetas (r_c, d) -> Table 3 of one module."""
+    """``W`` (L, d, d), LoRA ``A`` (L, r, d), ``B`` (L, d, r), its conversion matrices ``W^-1 A^T``, ``W^-1 B``
+    (L, d, r) each, thetas (r_c, d) -> Table 3 of one module."""
     A_c, B_c = condlora_factors(W, theta_A, theta_B)  # (L, r_c, d), (L, d, r_c)
     side_BA: Side = "left" if B.shape[-2] >= B.shape[-1] else "right"
     sides: dict[str, Side] = {"A": "right", "B": "left", "BA": side_BA}
@@ -252,13 +355,9 @@ def _compare_module(
         phi[f] = basis_similarity(U, cond_bases[f]).cpu()
         random[f] = basis_similarity(U, _random_bases(U.shape[0], U.shape[1], j, generator, U)).cpu()
         expected[f] = random_similarity_expected(i, j, U.shape[1])
-    conv = conversion_matrices(W, A, B, dtype=W.dtype, with_product=False, warn=False)  # (L, d, r) each
-    if bool(conv.fallback.any()):  # the warning names the module and model layers, not batch positions
-        where = f"module {name!r}: base weight"
-        warnings.warn(fallback_message(conv, W.dtype, where, layers), NearSingularWarning, stacklevel=2)
     conv_vs_theta = {
-        "A": basis_similarity(top_singular_vectors(conv.A, i), top_singular_vectors(theta_A.mT, j)).cpu(),
-        "B": basis_similarity(top_singular_vectors(conv.B, i), top_singular_vectors(theta_B.mT, j)).cpu(),
+        "A": basis_similarity(top_singular_vectors(conv_A, i), top_singular_vectors(theta_A.mT, j)).cpu(),
+        "B": basis_similarity(top_singular_vectors(conv_B, i), top_singular_vectors(theta_B.mT, j)).cpu(),
     }
     d = W.shape[-1]
     return ModuleComparison(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 import loralens
-from loralens.analysis import FACTORS, ModuleConversion
+from loralens.analysis import FACTORS, LEAST_SQUARES_FALLBACK, ModuleConversion, least_squares_layers
 from loralens.io.adapters import LoraAdapter
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.outputs import sha256_file
@@ -39,32 +39,37 @@ def conversion_tensors(
 
 
 def conversion_summary(
-    conversions: dict[str, ModuleConversion], base: BaseCheckpoint, adapter: LoraAdapter, settings: dict[str, Any]
+    conversions: dict[str, ModuleConversion],
+    base: BaseCheckpoint,
+    adapter: LoraAdapter,
+    settings: dict[str, Any],
+    factors: tuple[str, ...] = FACTORS,
 ) -> dict[str, Any]:
-    """JSON summary: per module shapes, layers, convention, residuals, condition estimates, scaling."""
+    """JSON summary: per module shapes (of ``factors``, as written), layers, convention, residuals, condition
+    estimates, scaling, and the layers solved by the least-squares fallback (near-singular base weights)."""
     modules = {}
     for name, mc in conversions.items():
         c = mc.conversion
+        shapes = {"A": list(c.A.shape), "B": list(c.B.shape), "BA": [*c.B.shape[:-1], mc.A.shape[-1]]}
         modules[name] = {
             "layers": list(mc.layers),
             "base_keys": list(mc.base_keys),
             "convention": c.convention,
-            "shapes": {f: list(mc.matrix(f).shape) for f in FACTORS},
+            "shapes": {f: shapes[f] for f in factors},  # BA's without forming it
             "ranks": list(mc.ranks),
             "scaling": list(mc.scaling),
             "residual_A": _list(c.residual_A),
             "residual_B": _list(c.residual_B),
             "condition_1norm_estimate": _list(c.condition),
+            "least_squares_layers": least_squares_layers(mc),
         }
         dora = adapter.modules[name].magnitude
         if dora is not None:
             modules[name]["dora_magnitude_norm"] = _list(torch.linalg.vector_norm(dora.double(), dim=-1))
-    return {
-        "modules": modules,
-        "conventions": {c: CONVENTIONS[c] for c in sorted({mc.conversion.convention for mc in conversions.values()})},
-        "settings": settings,
-        "inputs": provenance(base, adapter),
-    }
+    conventions = {c: CONVENTIONS[c] for c in sorted({mc.conversion.convention for mc in conversions.values()})}
+    if any(entry["least_squares_layers"] for entry in modules.values()):
+        conventions["least_squares_layers"] = LEAST_SQUARES_FALLBACK
+    return {"modules": modules, "conventions": conventions, "settings": settings, "inputs": provenance(base, adapter)}
 
 
 #: Input files up to this size are hashed whole. A larger safetensors file (a shard of a big base) is identified

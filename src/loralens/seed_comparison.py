@@ -24,7 +24,7 @@ from typing import Any
 
 from loralens.errors import CheckpointError, InputPathError, LoralensError
 
-__all__ = ["METHODS", "PAIRED_TEST", "compare_seeds", "read_metrics"]
+__all__ = ["METHODS", "PAIRED_TEST", "compare_seeds", "read_metrics", "runs_from_folders"]
 
 #: The two methods compared, in table order.
 METHODS = ("lora", "condlora")
@@ -53,6 +53,25 @@ def read_metrics(folder: str | Path) -> dict[str, Any]:
     if not isinstance(metrics, dict) or missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing) or 'an object'}; it is not a loralens metrics.json")
     return metrics
+
+
+def runs_from_folders(
+    lora: Sequence[str | Path], condlora: Sequence[str | Path]
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{task: {"lora": [metrics], "condlora": [metrics]}}`` from trained adapter folders, for :func:`compare_seeds`.
+
+    Every folder needs its ``metrics.json`` (``loralens train`` writes it); runs are grouped by their task.
+    """
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for method, folders in (("lora", lora), ("condlora", condlora)):
+        for folder in folders:
+            m = read_metrics(folder)
+            if m["method"] != method:
+                raise LoralensError(
+                    f"{Path(folder) / 'metrics.json'}: a {m['method']} run given as {method}; swap the folders"
+                )
+            runs.setdefault(m["task"], {k: [] for k in METHODS})[method].append(m)
+    return runs
 
 
 def compare_seeds(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from loralens.analysis import base_for
+from loralens.analysis import base_for, parse_memory_size
 from loralens.cli._app import (
     BaseOpt,
     DeviceOpt,
@@ -19,6 +19,7 @@ from loralens.cli._app import (
     DTypeOpt,
     ForceOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModulesOpt,
     app,
     format_layers,
@@ -27,12 +28,19 @@ from loralens.cli._app import (
     torch_dtype,
     user_errors,
 )
-from loralens.compare import TABLE3_FACTORS, ComparisonReport, compare_adapters, parameter_counts
-from loralens.errors import InputPathError
+from loralens.compare import (
+    TABLE3_FACTORS,
+    ComparisonReport,
+    compare_adapters_many,
+    comparisons_to_dict,
+    parameter_counts,
+)
+from loralens.errors import InputPathError, LoralensError
 from loralens.io.adapters import load_lora_adapter
 from loralens.io.base_weights import open_base, resolve_base
 from loralens.io.condlora import load_condlora_adapter
 from loralens.io.outputs import check_output_folder, json_text
+from loralens.seed_comparison import compare_seeds, runs_from_folders
 from loralens.training.data import TASKS
 
 
@@ -122,8 +130,14 @@ def train(
 
 @app.command()
 def compare(
-    lora: Annotated[Path, typer.Option("--lora", help="PEFT LoRA adapter folder.")],
-    condlora: Annotated[Path, typer.Option("--condlora", help="CondLoRA adapter folder (authors' format).")],
+    lora: Annotated[
+        list[Path],
+        typer.Option("--lora", help="PEFT LoRA adapter folder; repeat for several (e.g. one per training seed)."),
+    ],
+    condlora: Annotated[
+        list[Path],
+        typer.Option("--condlora", help="CondLoRA adapter folder (authors' format), one per --lora, paired in order."),
+    ],
     base: BaseOpt = None,
     modules: ModulesOpt = None,
     i: Annotated[int | None, typer.Option("--i", min=1, help="LoRA subspace dimension. Default: r.")] = None,
@@ -131,6 +145,7 @@ def compare(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random baseline.")] = 0,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
+    max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
 ) -> None:
     """Per-layer phi between LoRA's and CondLoRA's factors on the same base (the paper's Table 3).
@@ -138,27 +153,56 @@ def compare(
     A on right singular vectors, B and BA on left, i = j = r, beside a seeded random baseline and max(i, j) / d;
     also phi(W_l^-1 A_l^T, theta_A^T) and phi(W_l^-1 B_l, theta_B^T): LoRA's conversion matrices against the shared
     CondLoRA layer.
+
+    Several pairs (--lora X1 --condlora Y1 --lora X2 --condlora Y2 ...; one LU per base weight for all of them)
+    give Table 3 per pair, its mean +- std over pairs, and, when every folder has the metrics.json that
+    'loralens train' writes, Table 2: held-out scores per seed, mean +- std and the paired t-test. With --json,
+    one pair prints {"modules": ..., "settings": ...}; several print {"pairs": [...], "summary": ...,
+    "table2": ..., "settings": ...}.
     """
     with user_errors():
-        lora_adapter = load_lora_adapter(lora)
-        cond = load_condlora_adapter(condlora)
-        base_ckpt = base_for(lora_adapter, base)
-        report = compare_adapters(
+        if len(lora) != len(condlora):
+            raise LoralensError(
+                f"--lora is given {len(lora)} times and --condlora {len(condlora)} times; pass one CondLoRA "
+                "adapter per LoRA adapter (they are paired in order)"
+            )
+        budget = parse_memory_size(max_memory)
+        loras = [load_lora_adapter(p) for p in lora]
+        pairs = list(zip(loras, [load_condlora_adapter(p) for p in condlora], strict=True))
+        base_ckpt = base_for(loras[0], base)
+        reports = compare_adapters_many(
             base_ckpt,
-            lora_adapter,
-            cond,
+            pairs,
             modules=parse_modules(modules),
             i=i,
             j=j,
             seed=seed,
             dtype=torch_dtype(dtype),
             device=device,
+            max_memory=budget,
         )
-        report.settings.update(run_settings(device, dtype))
+        for report in reports:
+            report.settings.update(run_settings(device, dtype, max_memory=budget))
+        if len(reports) == 1:
+            if json_output:
+                typer.echo(json_text(reports[0].to_dict()), nl=False)
+            else:
+                _print_comparison(reports[0])
+            return
+        data = comparisons_to_dict(reports, seed_table(lora, condlora))
         if json_output:
-            typer.echo(json_text(report.to_dict()), nl=False)
+            typer.echo(json_text(data), nl=False)
         else:
-            _print_comparison(report)
+            _print_pairs(data)
+
+
+def seed_table(lora: list[Path], condlora: list[Path]) -> dict[str, Any]:
+    """``{"table2": compare_seeds(...)}`` from the adapters' metrics.json, or ``{"table2": None, "table2_note":
+    why}`` when the folders do not make one (no metrics.json, runs that do not pair): Table 3 stands without it."""
+    try:
+        return {"table2": compare_seeds(runs_from_folders(lora, condlora))}
+    except LoralensError as e:
+        return {"table2": None, "table2_note": f"no Table 2: {e}"}
 
 
 @app.command()
@@ -215,6 +259,49 @@ def export(
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _print_pairs(data: dict[str, Any]) -> None:
+    """Table 3 averaged over layers, per pair and as mean +- std over pairs; then Table 2 when there is one."""
+    console = Console()
+    n = len(data["pairs"])
+    for module, summary in data["summary"].items():
+        table = Table(title=f"{module}: mean over layers of phi(LoRA, CondLoRA), {n} pairs")
+        for col in ("factor", *(f"pair {k + 1}" for k in range(n)), "mean +- std", "random"):
+            table.add_column(col, justify="left" if col == "factor" else "right")
+        for factor, s in summary.items():
+            table.add_row(
+                factor,
+                *(f"{v:.4f}" for v in s["per_pair"]),
+                f"{s['mean']:.4f} +- {s['std']:.4f}",
+                "" if s.get("random") is None else f"{s['random']:.4f}",
+            )
+        console.print(table)
+    for k, pair in enumerate(data["pairs"]):
+        console.print(f"pair {k + 1}: LoRA {pair['settings']['lora']}, CondLoRA {pair['settings']['condlora']}")
+    table2 = data.get("table2")
+    if table2 is None:
+        console.print(data.get("table2_note", ""), highlight=False)
+        return
+    for task, t in table2["tasks"].items():
+        table = Table(title=f"Table 2, {task}: held-out {t['metric']} after training")
+        for col in ("method", *(f"seed {s}" for s in t["seeds"]), "mean +- std", "params"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for method, label in (("lora", "LoRA"), ("condlora", "CondLoRA")):
+            std = t["std"][method]
+            table.add_row(
+                label,
+                *(f"{v:.4f}" for v in t["scores"][method]),
+                f"{t['mean'][method]:.4f}" + ("" if std is None else f" +- {std:.4f}"),
+                f"{t['trainable_params'][method]:,}",
+            )
+        console.print(table)
+        test = t["paired_t"]
+        if test["p_value"] is not None:
+            console.print(
+                f"paired t-test over seeds (CondLoRA - LoRA): t = {test['statistic']:.3f}, p = {test['p_value']:.3f}",
+                highlight=False,
+            )
 
 
 def _print_comparison(report: ComparisonReport) -> None:

@@ -6,22 +6,25 @@ import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 import loralens
 from loralens.analysis import (
-    LEAST_SQUARES_FALLBACK,
+    FACTORS,
     ModuleConversion,
     ProgressCallback,
     SimilarityReport,
     compute_conversions,
     compute_conversions_many,
+    format_memory_size,
     layer_similarity,
     layer_similarity_many,
     least_squares_layers,
     parse_memory_size,
+    select_modules,
     similarity_reports_to_dict,
 )
 from loralens.cli._app import (
@@ -49,7 +52,9 @@ from loralens.cli._app import (
     torch_dtype,
     user_errors,
 )
+from loralens.errors import LoralensError
 from loralens.examples import default_adapter, default_base
+from loralens.io.adapters import LoraAdapter
 from loralens.io.outputs import check_output_folder, json_text, json_writer, safetensors_writer, write_outputs
 from loralens.results import conversion_summary, conversion_tensors, provenance
 
@@ -69,12 +74,21 @@ def conversion(
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
+    product: Annotated[
+        bool,
+        typer.Option(
+            "--product/--no-product",
+            help="Also write W^-1 B A (L x d x d per module, held in memory and counted against --max-memory). "
+            "--no-product writes W^-1 A^T and W^-1 B only (L x d x r): the choice for large models.",
+        ),
+    ] = True,
 ) -> None:
     """Compute conversion matrices W^-1 A^T, W^-1 B and W^-1 B A for every layer and write them.
 
     conversion.safetensors holds '<module>.<A|B|BA>' stacked over layers; conversion.json holds shapes,
     layers, the convention (solve for square W, least squares otherwise), residuals, condition estimates
-    and the LoRA scaling. Files are written atomically. W^-1 B A is L x d x d per module: large for big models.
+    and the LoRA scaling. Files are written atomically. W^-1 B A is L x d x d per module: large for big models,
+    so it counts against --max-memory, and --no-product leaves it out.
     Near-singular base weights are solved by least squares in those layers only, with a warning; conversion.json
     lists them per module (least_squares_layers).
     """
@@ -82,6 +96,8 @@ def conversion(
         check_output_folder(out, replace=force, names=CONVERSION_FILES)
         budget = parse_memory_size(max_memory)
         base_ckpt, lora = load_inputs(base, adapter)
+        if product:
+            _check_product_size(lora, parse_modules(modules), torch_dtype(dtype), budget, max_memory)
         with progress_bar(quiet) as progress:
             convs = compute_conversions(
                 base_ckpt,
@@ -91,18 +107,17 @@ def conversion(
                 dtype=torch_dtype(dtype),
                 layer_batch=layer_batch,
                 max_memory=budget,
+                with_product=product,
                 progress=progress,
             )
-        summary = conversion_summary(convs, base_ckpt, lora, run_settings(device, dtype, max_memory=budget))
-        for name, mc in convs.items():
-            summary["modules"][name]["least_squares_layers"] = least_squares_layers(mc)
-        if any(entry["least_squares_layers"] for entry in summary["modules"].values()):
-            summary["conventions"]["least_squares_layers"] = LEAST_SQUARES_FALLBACK
+        factors = FACTORS if product else ("A", "B")
+        settings = run_settings(device, dtype, max_memory=budget)
+        summary = conversion_summary(convs, base_ckpt, lora, {**settings, "product": product}, factors)
         paths = write_outputs(
             out,
             {
                 "conversion.safetensors": safetensors_writer(
-                    conversion_tensors(convs), {"loralens": loralens.__version__}
+                    conversion_tensors(convs, factors), {"loralens": loralens.__version__}
                 ),
                 "conversion.json": json_writer(summary),
             },
@@ -112,6 +127,21 @@ def conversion(
             typer.echo(json_text({"outputs": [str(p) for p in paths], **summary}), nl=False)
         else:
             _print_conversion(convs, paths)
+
+
+def _check_product_size(
+    lora: LoraAdapter, modules: list[str] | None, dtype: torch.dtype, budget: int, max_memory: str
+) -> None:
+    """Refuse before any work when W^-1 B A (L x d x d per module) would not fit the memory budget."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    size = sum(len(lora.modules[n].layers) * lora.modules[n].shape[1] ** 2 for n in select_modules(lora, modules))
+    size *= itemsize
+    if size > budget:
+        raise LoralensError(
+            f"W^-1 B A of {lora.path} would take {format_memory_size(size)} (layers x d x d per module, "
+            f"{str(dtype).removeprefix('torch.')}), over --max-memory {max_memory}; pass --no-product to write "
+            "W^-1 A^T and W^-1 B only ('loralens similarity' gets phi of B A from the factors), or raise --max-memory"
+        )
 
 
 @app.command()
