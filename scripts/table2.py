@@ -33,13 +33,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from loralens.errors import LoralensError  # noqa: E402
 from loralens.io.outputs import json_writer, write_outputs  # noqa: E402
+from loralens.plots.tables import table2, to_markdown  # noqa: E402
 from loralens.seed_comparison import compare_seeds  # noqa: E402
 from loralens.training import METHODS, train_adapter  # noqa: E402
 
 TASKS = ("rt-polarity", "vader-rating")
 DEFAULT_STEPS = {"rt-polarity": 200, "vader-rating": 300}
 DEFAULT_MAX_LENGTH = {"rt-polarity": 64, "vader-rating": 16}
-LABELS = {"lora": "LoRA", "condlora": "CondLoRA"}
 
 
 def _per_task(values: list[str], default: dict[str, int]) -> dict[str, int]:
@@ -64,38 +64,6 @@ def _train_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
         "eval_size": settings["eval_size"],
         "targets": tuple(settings["target_modules"]),
     }
-
-
-def markdown(summary: dict[str, Any], base: str) -> str:
-    tasks = summary["tasks"]
-    head = " | ".join(f"{t} ({tasks[t]['metric']})" for t in tasks)
-    lines = [f"| method | {head} | Avg. | adapter params |", "|---|" + "---:|" * (len(tasks) + 2)]
-    for m in METHODS:
-        cells = [f"{tasks[t]['mean'][m]:.4f} ± {_fmt(tasks[t]['std'][m])}" for t in tasks]
-        params = tasks[next(iter(tasks))]["trainable_params"][m]
-        lines.append(f"| {LABELS[m]} | {' | '.join(cells)} | {summary['average'][m]:.4f} | {params:,} |")
-    tests = " | ".join(
-        f"t = {_fmt(tasks[t]['paired_t']['statistic'], 3)}, p = {_fmt(tasks[t]['paired_t']['p_value'], 3)}"
-        for t in tasks
-    )
-    lines.append(f"| paired t-test (CondLoRA − LoRA) | {tests} | | |")
-    speed = " | ".join(
-        f"{tasks[t]['examples_per_s']['lora']:.0f} / {tasks[t]['examples_per_s']['condlora']:.0f}" for t in tasks
-    )
-    lines.append(f"| training examples/s (LoRA / CondLoRA) | {speed} | | |")
-    first = tasks[next(iter(tasks))]
-    seeds = ", ".join(str(s) for s in first["seeds"])
-    s0 = first["settings"]
-    per_task = "; ".join(
-        f"{t}: {s['settings']['steps']} steps, max length {s['settings']['max_length']}" for t, s in tasks.items()
-    )
-    notes = [
-        "",
-        f"Base `{base}`, seeds {seeds}; mean ± sample std over seeds of the held-out score after training.",
-        f"Per task: {per_task}; batch {s0['batch_size']}, AdamW lr {s0['lr']}, r = {s0['r']}, "
-        f"alpha = {s0['lora_alpha']}, targets {', '.join(s0['target_modules'])}.",
-    ]
-    return "\n".join(lines + notes) + "\n"
 
 
 def main() -> None:
@@ -163,7 +131,7 @@ def main() -> None:
     except LoralensError as e:
         raise SystemExit(f"error: {e}") from e
     summary["base"] = base_name
-    text = markdown(summary, base_name)
+    text = to_markdown(table2(summary), digits=4) + f"\nBase `{base_name}`.\n"
     table = args.out / "table"  # beside runs/: write_outputs writes whole folders
     write_outputs(table, {"table2.json": json_writer(summary), "table2.md": lambda p: p.write_text(text)}, replace=True)
     print(text)
@@ -186,10 +154,6 @@ def _cached(out: Path, method: str, seed: int, settings: dict[str, Any], eval_si
 
 def _log(out: Path) -> None:
     logging.info("training %s", out)
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 if __name__ == "__main__":

@@ -12,10 +12,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import checkpoints
+import loralens
 import loralens.cli.figures
 import loralens.report
 from loralens.cli import app
+from loralens.examples import default_condlora
 from loralens.io.condlora import condlora_config, write_condlora_adapter
+from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
+
+LOWRANK_FILES = {f"{a}.{ext}" for a in ("amplification", "spectra") for ext in ("png", "svg", "csv", "md", "tex")}
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -65,7 +71,8 @@ def test_report_with_condlora_writes_one_self_contained_html(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert html.count('<img src="data:image/png;base64,') == 6 + 2  # Figure 1 x 6, Table 3 lines x 2 modules
+    # Figure 1 x 6, Table 3 lines x 2 modules, amplification and spectra (included by default)
+    assert html.count('<img src="data:image/png;base64,') == 6 + 2 + 2
     numbers = json.loads((out / "report.json").read_text())
     assert numbers["inputs"]["adapter"]["sha256"] in html
     assert numbers["settings"]["device"] == "cpu"
@@ -77,6 +84,62 @@ def test_report_with_condlora_writes_one_self_contained_html(
     for table in ("similarity_summary", "table3", "table4"):
         assert {f"{table}.csv", f"{table}.md", f"{table}.tex"} <= names
     assert {"table3_query.png", "table3_value.svg"} <= names
+    assert LOWRANK_FILES <= names and "Low-rank updates (Hu et al. 2022, Section 7)" in html
+    assert set(numbers["lowrank"]) == {"amplification", "spectra"}
+
+
+def test_report_lowrank_numbers_and_overlap_on_real_adapters(
+    tmp_path: Path, minilm_path: Path, rt_adapters: dict[int, Path]
+) -> None:
+    out = tmp_path / "report"
+    argv = ["report", "--base", minilm_path, "--lora", rt_adapters[4], "--overlap", rt_adapters[16], "--out", out]
+    proc = run_cli(*argv, "--device", "cpu", "--seed", "3", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert LOWRANK_FILES | {f"overlap.{ext}" for ext in ("png", "svg", "csv", "md", "tex")} <= names
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count('<img src="data:image/png;base64,') == 6 + 3
+    assert html.index("Low-rank updates") < html.index('<figure id="overlap">')
+    low = json.loads((out / "report.json").read_text())["lowrank"]
+    base, a4, a16 = loralens.open_base(minilm_path), *map(loralens.load_lora_adapter, (rt_adapters[4], rt_adapters[16]))
+    options = {"device": "cpu", "dtype": torch.float32}
+    # the report holds the library's numbers, with --seed passed through
+    assert low["amplification"]["modules"] == amplification_report(base, a4, seed=3, **options).to_dict()["modules"]
+    assert low["spectra"]["modules"] == spectra_report(base, a4, **options).to_dict()["modules"]
+    assert low["overlap"]["modules"] == rank_overlap(a4, a16, base=base, **options).to_dict()["modules"]
+    for analysis in low.values():
+        assert analysis["settings"]["dtype"] == "float32" and analysis["settings"]["device"] == "cpu"
+    assert low["amplification"]["settings"]["seed"] == 3
+    for module in low["overlap"]["modules"].values():
+        assert module["ranks"] == [[4] * 6, [16] * 6]
+        for f in ("A", "B"):
+            grids = module["factors"][f]["grid"]
+            assert len(grids) == 6 and all(len(g) == 4 and len(g[0]) == 16 for g in grids)
+    assert [a["path"] for a in low["overlap"]["settings"]["inputs"]["adapters"]] == [
+        str(rt_adapters[4]),
+        str(rt_adapters[16]),
+    ]
+    assert rt_adapters[16].name in html  # the overlap's caption names the second adapter
+
+
+def test_report_no_lowrank_leaves_the_analyses_out(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    argv = ["report", "--base", tiny_bert, "--lora", tiny_bert_adapter, "--device", "cpu"]
+    result = CliRunner().invoke(app, [*map(str, argv), "--out", str(tmp_path / "without"), "--no-lowrank"])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in (tmp_path / "without").iterdir()}
+    assert not names & (LOWRANK_FILES | {"overlap.png"})
+    assert "Low-rank updates" not in (tmp_path / "without" / "report.html").read_text(encoding="utf-8")
+    assert json.loads((tmp_path / "without" / "report.json").read_text())["lowrank"] is None
+    # --overlap is still drawn with --no-lowrank (here the adapter against itself: phi(i, i) = 1)
+    only = tmp_path / "only-overlap"
+    result = CliRunner().invoke(
+        app, [*map(str, argv), "--out", str(only), "--no-lowrank", "--overlap", str(tiny_bert_adapter)]
+    )
+    assert result.exit_code == 0, result.output
+    low = json.loads((only / "report.json").read_text())["lowrank"]
+    assert set(low) == {"overlap"} and (only / "overlap.png").is_file() and not (only / "amplification.png").exists()
+    diagonal = low["overlap"]["modules"]["value"]["factors"]["B"]["diagonal"]
+    assert all(v == pytest.approx(1.0) for d in diagonal for v in d)
 
 
 def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
@@ -95,12 +158,20 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, tiny_bert: Path, ti
 def test_more_bad_input_in_process(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     (tmp_path / "file.txt").write_text("x")
     adapter, o = tiny_bert_adapter, tmp_path / "o"
+    wide = checkpoints.lora_adapter(checkpoints.bert_base(tmp_path / "wide", hidden=48), tmp_path / "wl", arch="bert")
     cases = [
         (["figure", "--base", tiny_bert, "--adapter", adapter, "--out", o, "--modules", "key"], "matches no"),
         (["figure", "--base", tiny_bert, "--adapter", adapter, "--out", o, "--i", "9"], "exceeds the rank"),
         (["report", "--base", tiny_bert, "--lora", adapter, "--out", tmp_path / "file.txt"], "is a file"),
         (["report", "--base", tmp_path / "nobase", "--lora", adapter, "--out", o], "not a folder"),
         (["report", "--base", tiny_bert, "--lora", adapter, "--condlora", tmp_path / "nope", "--out", o], "nope"),
+        (["report", "--base", tiny_bert, "--lora", adapter, "--overlap", tmp_path / "nada", "--out", o], "nada"),
+        (["report", "--base", tiny_bert, "--lora", adapter, "--overlap", wide, "--out", o], "another base"),
+        (["report", "--base", tiny_bert, "--lora", adapter, "--lora", adapter, "--out", o], "without --condlora"),
+        (
+            ["report", "--base", tiny_bert, "--lora", adapter, "--lora", adapter, "--condlora", adapter, "--out", o],
+            "--lora is given 2 times and --condlora 1 times",
+        ),
     ]
     for argv, words in cases:
         result = CliRunner().invoke(app, list(map(str, argv)))
@@ -118,4 +189,15 @@ def test_demo_writes_the_report(tmp_path: Path) -> None:
     names = {p.name for p in out.iterdir()}
     assert {"report.html", "conversion.safetensors", "similarity.json", "figure1_value_B.png"} <= names
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert "minilm-rt-lora" in html and html.count("<img ") == 6
+    # Figure 1 (6), Table 3 line plots (2), amplification, spectra, overlap of the seed-0 and seed-1 LoRA adapters
+    assert "minilm-rt-lora" in html and html.count("<img ") == 6 + 2 + 3
+    assert {"table2.md", "table3_over_pairs.csv", "table3.csv", "table4.tex", "overlap.png"} <= names
+    numbers = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    # Table 2 of the three shipped seed pairs, from their metrics.json, with the paired t-test
+    table2 = numbers["pairs"]["table2"]["tasks"]["rt-polarity"]
+    assert table2["seeds"] == [0, 1, 2] and table2["paired_t"]["p_value"] is not None
+    assert [p["settings"]["condlora"] for p in numbers["pairs"]["pairs"]] == [
+        str(default_condlora(s)) for s in (0, 1, 2)
+    ]
+    assert set(numbers["lowrank"]) == {"amplification", "spectra", "overlap"}
+    assert "Held-out scores over seeds (Table 2)" in html and "t = " in proc.stdout

@@ -20,6 +20,7 @@ import checkpoints
 import loralens
 from loralens.cli import app
 from loralens.lowrank_analysis import amplification_report
+from loralens.report import DPI, overlap_picture
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -52,7 +53,9 @@ def test_overlap_on_real_minilm_adapters(tmp_path: Path, minilm_path: Path, rt_a
     assert sorted(p.name for p in out.iterdir()) == [".loralens-output", "overlap.json", "overlap.png", "overlap.svg"]
     assert (out / "overlap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in (out / "overlap.svg").read_bytes()[:2000]
-    assert json.loads((out / "overlap.json").read_text())["modules"] == data["modules"]
+    saved = json.loads((out / "overlap.json").read_text())
+    assert saved["modules"] == data["modules"]
+    assert (out / "overlap.png").read_bytes() == overlap_picture(saved, DPI).png  # the report's picture, from JSON
 
 
 def test_amplification_on_real_minilm_adapters(minilm_path: Path, rt_adapters: dict[int, Path]) -> None:
@@ -93,6 +96,7 @@ def test_tables_and_self_overlap_in_process(tiny_bert: Path, tiny_bert_adapter: 
     result = runner.invoke(app, ["overlap", "--adapter", str(tiny_bert_adapter), "--adapter", str(tiny_bert_adapter)])
     assert result.exit_code == 0, result.output
     assert "phi(1,1)" in result.stdout and "1.0000" in result.stdout
+    assert "Layers numbered from 1" in result.stdout
     data = json.loads(
         runner.invoke(
             app, ["overlap", "--adapter", str(tiny_bert_adapter), "--adapter", str(tiny_bert_adapter), "--json"]

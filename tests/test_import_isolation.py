@@ -62,3 +62,9 @@ def test_checker_reports_the_cli_stack(tmp_path: Path) -> None:
     # loralens.cli is the one module allowed to import typer and rich: the checker must see them.
     found = imported_forbidden(["loralens.cli"], FORBIDDEN, tmp_path)
     assert "typer" in found and "rich" in found
+
+
+def test_cli_start_up_does_not_import_matplotlib(tmp_path: Path) -> None:
+    # the commands that draw import loralens.report (and matplotlib) inside themselves: `loralens` starts faster
+    found = imported_forbidden(["loralens.cli"], ["matplotlib", "loralens.report", "loralens.plots.lowrank"], tmp_path)
+    assert found == []

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import html
 import io
+import json
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,8 +19,17 @@ from PIL import Image
 import loralens
 from loralens.errors import LoralensError
 from loralens.io.outputs import write_outputs
+from loralens.lowrank_analysis import DEFINITIONS, amplification_report, rank_overlap, spectra_report
 from loralens.plots import similarity_figure
-from loralens.report import figure_files, input_identities, render_figure, report_files
+from loralens.report import (
+    amplification_picture,
+    figure_files,
+    input_identities,
+    overlap_picture,
+    render_figure,
+    report_files,
+    spectra_picture,
+)
 
 TABLE3 = {
     "modules": {
@@ -154,8 +165,9 @@ def test_report_without_condlora_has_no_comparison_section(default_analysis: tup
     write_outputs(tmp_path / "r", report_files(one, inputs, title="A <small> report"))
     text = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
     assert "<title>A &lt;small&gt; report</title>" in text
-    assert "LoRA vs CondLoRA" not in text
+    assert "LoRA vs CondLoRA" not in text and "Low-rank updates" not in text
     assert not (tmp_path / "r" / "table3.csv").exists()
+    assert not (tmp_path / "r" / "amplification.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -176,3 +188,120 @@ def test_rendering_is_deterministic_and_png_is_agg() -> None:
     first, second = (render_figure(similarity_figure(phi, phi, module="m", factor="A")) for _ in range(2))
     assert first == second  # identical runs give identical files (SVG ids are salted, no dates)
     assert first[0].startswith(b"\x89PNG") and b"<svg" in first[1]
+
+
+# ---------------------------------------------------------------------- the LoRA paper's analyses (Hu et al. 2022)
+
+LOWRANK = ("amplification", "spectra", "overlap")
+
+
+@pytest.fixture(scope="module")
+def lowrank_data() -> dict[str, dict[str, Any]]:
+    """Amplification and spectra of the default adapter, and its overlap with itself (a known answer: phi(i, i) = 1)."""
+    adapter = loralens.load_lora_adapter(loralens.examples.default_adapter())
+    base = loralens.base_for(adapter, loralens.examples.default_base())
+    return {
+        "amplification": amplification_report(base, adapter, n_random=4, seed=1, device="cpu").to_dict(),
+        "spectra": spectra_report(base, adapter, energy_threshold=0.8, device="cpu").to_dict(),
+        "overlap": rank_overlap(adapter, adapter, base=base, device="cpu").to_dict(),
+    }
+
+
+@pytest.fixture(scope="module")
+def one_factor(default_analysis: tuple[dict, dict]) -> dict[str, Any]:
+    """Figure-1 data cut to one module and factor, so reports here render few pictures."""
+    similarity, _ = default_analysis
+    return {"modules": {"value": {"B": similarity["modules"]["value"]["B"]}}, "settings": similarity["settings"]}
+
+
+@pytest.fixture(scope="module")
+def written_lowrank(
+    one_factor: dict, default_analysis: tuple[dict, dict], lowrank_data: dict, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("lowrank") / "report"
+    write_outputs(out, report_files(one_factor, default_analysis[1], lowrank=lowrank_data))
+    return out
+
+
+def test_report_with_lowrank_writes_pictures_and_tables(written_lowrank: Path) -> None:
+    names = {p.name for p in written_lowrank.iterdir()}
+    assert {f"{a}.{ext}" for a in LOWRANK for ext in ("png", "svg", "csv", "md", "tex")} <= names
+    for a in LOWRANK:
+        assert Image.open(written_lowrank / f"{a}.png").format == "PNG"
+        assert ET.parse(written_lowrank / f"{a}.svg").getroot().tag.endswith("svg")
+        assert (written_lowrank / f"{a}.tex").read_text().startswith(r"\begin{table}")
+
+
+def test_report_lowrank_section_embeds_pictures_tables_and_captions(written_lowrank: Path) -> None:
+    text = (written_lowrank / "report.html").read_text(encoding="utf-8")
+    page = parse(text)
+    assert "<h2" in text and "Low-rank updates (Hu et al. 2022, Section 7)</h2>" in text
+    figures = {attrs["id"] for tag, attrs in page.tags if tag == "figure"}
+    assert set(LOWRANK) <= figures
+    images = [attrs for tag, attrs in page.tags if tag == "img"]
+    assert len(images) == 1 + 3  # Figure 1 for value/B, then the three analyses
+    for attrs in images[1:]:
+        png = Image.open(io.BytesIO(base64.b64decode((attrs["src"] or "").split(",", 1)[1])))
+        assert png.format == "PNG" and png.width > 600
+    section = text[text.index("Low-rank updates") :]
+    for a in LOWRANK:
+        assert html.escape(DEFINITIONS[a]) in section  # the caption states the definition
+        assert f'href="{a}.png"' in section and f'href="{a}.csv"' in section
+    assert section.count("<table") >= 3 and "phi(k,k)" in section and "ampl." in section and "erank 80%" in section
+
+
+def test_lowrank_csv_tables_hold_the_librarys_numbers(written_lowrank: Path, lowrank_data: dict) -> None:
+    with (written_lowrank / "amplification.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    modules = lowrank_data["amplification"]["modules"]
+    assert len(rows) == sum(len(m["layers"]) for m in modules.values())
+    for row in rows:
+        m = modules[row["module"]]
+        n = m["layers"].index(int(row["layer"]) - 1)
+        assert float(row["ampl."]) == m["amplification"][n] and float(row["dW"]) == m["dW_projection"][n]
+        assert float(row["random"]) == m["random_projection_mean"][n] and int(row["r"]) == m["ranks"][n]
+    with (written_lowrank / "overlap.csv").open(newline="") as f:
+        overlap_rows = list(csv.DictReader(f))
+    assert overlap_rows and all(float(r["phi(k,k)"]) == pytest.approx(1.0) for r in overlap_rows)  # itself
+    with (written_lowrank / "spectra.csv").open(newline="") as f:
+        spectra_rows = list(csv.DictReader(f))
+    value = lowrank_data["spectra"]["modules"]["value"]
+    first = next(r for r in spectra_rows if r["module"] == "value")
+    assert float(first["sigma_1"]) == value["singular_values"][0][0]
+    assert int(first["erank 80%"]) == value["effective_rank_energy"][0]
+
+
+def test_lowrank_report_is_byte_identical_on_reruns(one_factor: dict, lowrank_data: dict, tmp_path: Path) -> None:
+    inputs = {"adapter": {"path": "a"}, "base": {"path": "b"}}
+    for name in ("a", "b"):  # two independent renderings, from JSON round trips of the data
+        data = json.loads(json.dumps(lowrank_data))
+        write_outputs(tmp_path / name, report_files(one_factor, inputs, lowrank=data))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_lowrank_pictures_from_the_dicts(lowrank_data: dict) -> None:
+    for build, name in ((amplification_picture, "amplification"), (spectra_picture, "spectra")):
+        pic = build(lowrank_data[name], 72)
+        assert pic.stem == name and pic.png.startswith(b"\x89PNG") and b"<svg" in pic.svg[:2000]
+        assert DEFINITIONS[name] in pic.caption
+    overlap = overlap_picture(lowrank_data["overlap"], 72)
+    adapter_name = Path(lowrank_data["overlap"]["adapters"][0]).name
+    assert overlap.stem == "overlap" and adapter_name in overlap.caption
+    assert Image.open(io.BytesIO(overlap.png)).info["dpi"][0] == pytest.approx(72, abs=1)
+
+
+@pytest.mark.parametrize(
+    ("lowrank", "match"),
+    [
+        ({"amplification": {}}, "amplification data has no modules"),
+        ({"spectra": {"modules": {"value": {"layers": [0]}}}}, "'value' lacks ranks, singular_values"),
+        ({"overlap": {"modules": {"value": {"layers": [0], "ranks": [[1], [1]], "factors": {"A": {}}}}}}, "grid"),
+        ({"svd": {"modules": {}}}, "unknown analysis 'svd'; choose from amplification, spectra, overlap"),
+    ],
+)
+def test_malformed_lowrank_data_is_named(one_factor: dict, lowrank: dict, match: str) -> None:
+    with pytest.raises(LoralensError, match=match):
+        report_files(one_factor, {}, lowrank=lowrank)

@@ -6,7 +6,9 @@ that embeds every picture (base64 PNG) and opens offline. Both return ``{file na
 :func:`loralens.io.outputs.write_outputs`, which writes them atomically; nothing here prints.
 
 Inputs are plain data: ``SimilarityReport.to_dict()``, the dict of :func:`input_identities`, and optionally
-Table 3 / Table 4 data (see :mod:`loralens.plots.tables`). Figures are drawn on
+Table 3 / Table 4 data (see :mod:`loralens.plots.tables`) and the LoRA paper's analyses (Hu et al. 2022, Sec. 7:
+the ``to_dict()`` of :mod:`loralens.lowrank_analysis` reports), drawn by :func:`overlap_picture`,
+:func:`amplification_picture` and :func:`spectra_picture`. Figures are drawn on
 :class:`matplotlib.figure.Figure` objects rendered by the non-interactive Agg (PNG) and SVG canvases, so no
 display and no global backend setting is needed.
 """
@@ -33,11 +35,25 @@ from loralens.io.adapters import LoraAdapter
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.condlora import CondLoraAdapter
 from loralens.io.outputs import Writer, bytes_writer, json_text
+from loralens.lowrank_analysis import DEFINITIONS
 from loralens.plots import tables
+from loralens.plots.lowrank import amplification_figure, overlap_figure, spectra_figure
 from loralens.plots.similarity import per_layer_similarity, similarity_figure
 from loralens.results import CONVENTIONS, file_record, provenance
 
-__all__ = ["DPI", "Picture", "input_identities", "render_figure", "figure1_pictures", "figure_files", "report_files"]
+__all__ = [
+    "DPI",
+    "LOWRANK_ANALYSES",
+    "Picture",
+    "input_identities",
+    "render_figure",
+    "figure1_pictures",
+    "figure_files",
+    "overlap_picture",
+    "amplification_picture",
+    "spectra_picture",
+    "report_files",
+]
 
 #: Resolution of the PNG files and of the pictures embedded in the report.
 DPI = 150
@@ -124,12 +140,117 @@ def figure_files(similarity: Mapping[str, Any], dpi: int = DPI) -> dict[str, Wri
     }
 
 
+# ------------------------------------------------------------------ the LoRA paper's analyses (Hu et al. 2022)
+
+
+def overlap_picture(data: Mapping[str, Any], dpi: int = DPI) -> Picture:
+    """The phi(i, j) grids of two adapters (LoRA paper, Figures 3 and 4) from ``OverlapReport.to_dict()``: one row
+    of heatmaps per module and factor, one column per layer; stem ``overlap``."""
+    modules = _lowrank_modules(data, "overlap", ("layers", "ranks", "factors"))
+    for name, mo in modules.items():
+        for f, fo in mo["factors"].items():
+            if not isinstance(fo, Mapping) or "grid" not in fo or "side" not in fo:
+                raise LoralensError(f"overlap data: module {name!r}, factor {f!r} lacks its grid or side")
+    grids = {
+        f"{name}, {f} ({fo['side']})": fo["grid"] for name, mo in modules.items() for f, fo in mo["factors"].items()
+    }
+    r1, r2 = (sorted({r for mo in modules.values() for r in mo["ranks"][k]}) for k in (0, 1))
+    fig = overlap_figure(
+        grids,
+        labels=_layer_numbers(next(iter(modules.values()))["layers"]),
+        i_label=f"i (first, r={','.join(map(str, r1))})",
+        j_label=f"j (second, r={','.join(map(str, r2))})",
+        title=r"Subspace overlap $\varphi(i, j)$ of two adapters (Hu et al. 2022, Fig. 3)",
+    )
+    adapters = data.get("adapters")
+    first, second = (
+        (Path(str(a)).name for a in adapters) if isinstance(adapters, Sequence) and len(adapters) == 2 else ("?", "?")
+    )
+    caption = (
+        f"Do two adapters of one base learn the same directions? For each module, factor and layer, the grid "
+        f"shows phi(i, j): how much of the top-i singular directions of the first adapter ({first}) lie in the "
+        f"span of the top-j of the second ({second}), from 0 (orthogonal) to 1 (one contains the other). A bright "
+        f"top-left corner means the two agree on their most important directions; random subspaces would give only "
+        f"max(i, j) / d. Definition: {DEFINITIONS['overlap']}."
+    )
+    return _picture("overlap", caption, fig, dpi)
+
+
+def amplification_picture(data: Mapping[str, Any], dpi: int = DPI) -> Picture:
+    """How dW relates to W (LoRA paper, Table 7) from ``AmplificationReport.to_dict()``: per module, the projections
+    ``||U^T W V||_F`` per layer as bars beside the amplification factor; stem ``amplification``."""
+    fields = ("layers", "dW_projection", "W_top_projection", "random_projection_mean", "amplification")
+    modules = _lowrank_modules(data, "amplification", fields)
+    projections = {}
+    for name, ma in modules.items():
+        draws = len((ma.get("random_projection_draws") or [[]])[0])
+        projections[name] = {
+            r"$\Delta W$ subspaces": ma["dW_projection"],
+            "W top-r": ma["W_top_projection"],
+            **({f"random (mean of {draws})": ma["random_projection_mean"]} if draws else {}),
+        }
+    fig = amplification_figure(
+        projections,
+        {name: ma["amplification"] for name, ma in modules.items()},
+        labels={name: _layer_numbers(ma["layers"]) for name, ma in modules.items()},
+        title=r"$\|U^\top W V\|_F$ and amplification $\|\Delta W\|_F / \|U^\top W V\|_F$ (Hu et al. 2022, Table 7)",
+    )
+    caption = (
+        "Does each layer's update dW amplify directions that W already emphasises? Left: how large W is inside "
+        "dW's own r-dimensional singular subspaces, beside W's top-r singular subspaces (the most W can have in r "
+        "dimensions) and random subspaces (log scale). Right: the amplification factor ||dW||_F / ||U^T W V||_F. "
+        "A projection far below W's top-r and near random, with a large factor, means dW amplifies directions "
+        f"that W does not emphasise, as Hu et al. found. Definition: {DEFINITIONS['amplification']}."
+    )
+    return _picture("amplification", caption, fig, dpi)
+
+
+def spectra_picture(data: Mapping[str, Any], dpi: int = DPI) -> Picture:
+    """Spectra of dW from ``SpectraReport.to_dict()``: per module, dW's singular values, its principal angles to
+    W's top-r left singular subspace and its effective ranks, one line per layer; stem ``spectra``."""
+    fields = ("layers", "ranks", "singular_values", "principal_angles_deg")
+    modules = _lowrank_modules(data, "spectra", (*fields, "effective_rank_entropy", "effective_rank_energy"))
+    threshold = (data.get("settings") or {}).get("energy_threshold")
+    if not isinstance(threshold, (int, float)):
+        raise LoralensError("spectra data['settings'] lacks the energy_threshold (a number)")
+    fig = spectra_figure(
+        {name: ms["singular_values"] for name, ms in modules.items()},
+        {name: ms["principal_angles_deg"] for name, ms in modules.items()},
+        {
+            name: {"entropy": ms["effective_rank_entropy"], f"energy {threshold:.0%}": ms["effective_rank_energy"]}
+            for name, ms in modules.items()
+        },
+        ranks={name: ms["ranks"] for name, ms in modules.items()},
+        labels={name: _layer_numbers(ms["layers"]) for name, ms in modules.items()},
+        title="Spectra of dW and its column space against W's top-r left singular subspace",
+    )
+    caption = (
+        "How many directions does each layer's update dW = s B A really use, and where do they point? Left: dW's "
+        "singular values, one line per layer (log scale). Middle: the principal angles between dW's column space "
+        "and W's top-r left singular subspace (0 degrees: inside it, 90: orthogonal to it). Right: dW's effective "
+        f"ranks (entropy, and the fewest directions holding {threshold:.0%} of the energy) against its rank r, "
+        f"dashed. Definition: {DEFINITIONS['spectra']}."
+    )
+    return _picture("spectra", caption, fig, dpi)
+
+
+#: The analyses :func:`report_files` takes in ``lowrank``, in report order: name -> (picture, table builder, title).
+LOWRANK_ANALYSES = {
+    "amplification": (amplification_picture, tables.amplification_table, "How dW relates to W (Table 7)"),
+    "spectra": (spectra_picture, tables.spectra_table, "Spectra and effective ranks of dW"),
+    "overlap": (overlap_picture, tables.overlap_table, "Subspace overlap of two adapters (Figures 3 and 4)"),
+}
+
+
 def report_files(
     similarity: Mapping[str, Any],
     inputs: Mapping[str, Any],
     *,
     comparison: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
+    lowrank: Mapping[str, Mapping[str, Any]] | None = None,
+    seeds: Mapping[str, Any] | None = None,
+    pairs: Mapping[str, Any] | None = None,
     title: str | None = None,
     dpi: int = DPI,
 ) -> dict[str, Writer]:
@@ -144,23 +265,44 @@ def report_files(
     comparison, params : mapping, optional
         Table 3 and Table 4 data (LoRA vs CondLoRA), in the shapes :func:`loralens.plots.tables.table3` and
         :func:`~loralens.plots.tables.table4` take.
+    lowrank : mapping, optional
+        The LoRA paper's analyses (Hu et al. 2022, Sec. 7), any of ``"amplification"``, ``"spectra"`` and
+        ``"overlap"``, each the ``to_dict()`` of :func:`loralens.lowrank_analysis.amplification_report`,
+        :func:`~loralens.lowrank_analysis.spectra_report` or :func:`~loralens.lowrank_analysis.rank_overlap`.
+        Adds a section with each one's picture, table and caption, and ``<name>.png/.svg/.csv/.md/.tex``.
+    seeds : mapping, optional
+        Table 2 (held-out scores over seeds, paired t-test): :func:`loralens.seed_comparison.compare_seeds`.
+    pairs : mapping, optional
+        Table 3 over several pairs: :func:`loralens.compare.comparisons_to_dict`.
     """
+    unknown = sorted(set(lowrank or {}) - set(LOWRANK_ANALYSES))
+    if unknown:
+        raise LoralensError(f"lowrank: unknown analysis {unknown[0]!r}; choose from {', '.join(LOWRANK_ANALYSES)}")
+    lowrank_parts = [
+        (name, picture(lowrank[name], dpi), table(lowrank[name]), lowrank[name].get("settings") or {})
+        for name, (picture, table, _) in LOWRANK_ANALYSES.items()
+        if lowrank and name in lowrank
+    ]
     pictures = figure1_pictures(similarity, dpi)
     named_tables = {
         "similarity_summary": tables.similarity_summary_table(similarity),
     }
     line_pictures = []
+    if seeds is not None:
+        named_tables["table2"] = tables.table2(seeds)
+    if pairs is not None:
+        named_tables["table3_over_pairs"] = tables.table3_over_pairs(pairs)
     if comparison is not None:
         named_tables["table3"] = tables.table3(comparison)
         line_pictures = _table3_pictures(comparison, dpi)
     if params is not None:
         named_tables["table4"] = tables.table4(params)
     files: dict[str, Writer] = {}
-    files.update(_picture_files([*pictures, *line_pictures]))
+    files.update(_picture_files([*pictures, *line_pictures, *(part[1] for part in lowrank_parts)]))
     for name, table in named_tables.items():
-        files[f"{name}.csv"] = _text_writer(tables.to_csv(table))
-        files[f"{name}.md"] = _text_writer(tables.to_markdown(table))
-        files[f"{name}.tex"] = _text_writer(tables.to_latex(table, label=f"tab:{name}"))
+        files.update(_table_files(name, table, 3))
+    for name, _, table, _ in lowrank_parts:
+        files.update(_table_files(name, table, _LOWRANK_DIGITS))
     files["phi_matrices.csv"] = _text_writer(tables.to_csv(tables.phi_long_table(similarity)))
     page = _html_page(
         title or _default_title(inputs),
@@ -171,6 +313,7 @@ def report_files(
         line_pictures,
         ["report.html", *sorted(files)],
         None if comparison is None else comparison.get("settings"),
+        lowrank_parts,
     )
     return {"report.html": _text_writer(page), **files}
 
@@ -203,6 +346,7 @@ def _html_page(
     line_pictures: Sequence[Picture],
     files: Sequence[str],
     comparison_settings: Mapping[str, Any] | None = None,
+    lowrank_parts: Sequence[tuple[str, Picture, tables.Table, Mapping[str, Any]]] = (),
 ) -> str:
     e = html.escape
     settings = {
@@ -232,8 +376,12 @@ def _html_page(
             parts.append(
                 _phi_details_html(module, factor, s, similarity.get("settings", {}).get("layers", {}).get(module))
             )
-    if "table3" in named_tables or "table4" in named_tables:
+    if {"table2", "table3", "table3_over_pairs", "table4"} & set(named_tables):
         parts.append("<h2>LoRA vs CondLoRA</h2>")
+        if "table2" in named_tables:
+            parts.append(tables.to_html(named_tables["table2"], 4))
+        if "table3_over_pairs" in named_tables:
+            parts.append(tables.to_html(named_tables["table3_over_pairs"], 4))
         if "table3" in named_tables:
             parts.append(tables.to_html(named_tables["table3"], 3))
             if comparison_settings:
@@ -242,6 +390,20 @@ def _html_page(
             parts.extend(_figure_html(pic) for pic in line_pictures)
         if "table4" in named_tables:
             parts.append(tables.to_html(named_tables["table4"], 4))
+    if lowrank_parts:
+        parts.append(f'<h2 id="lowrank">{_LOWRANK_HEADING}</h2>')
+        parts.append(
+            "<p>The analyses of the LoRA paper itself (Hu et al. 2022, <i>LoRA: Low-Rank Adaptation of Large "
+            "Language Models</i>, Section 7) on the same adapter and base: each layer's update "
+            "&Delta;W = s B A, computed through its factors.</p>"
+        )
+        for name, pic, table, lowrank_settings in lowrank_parts:
+            parts.append(f'<h3 id="lowrank-{e(name)}">{e(LOWRANK_ANALYSES[name][2])}</h3>')
+            parts.append(_figure_html(pic))
+            parts.append(tables.to_html(table, _LOWRANK_DIGITS))
+            if lowrank_settings:
+                parts.append(f"<details><summary>settings of the {e(name)} analysis</summary>")
+                parts.append(_key_values_html(lowrank_settings) + "</details>")
     conventions = sorted(set(settings.get("conventions", {}).values()))
     if conventions:
         parts.append("<h2>Conventions</h2><ul>")
@@ -354,6 +516,8 @@ def _phi_details_html(module: str, factor: str, s: Mapping[str, Any], layers: Se
 
 
 _FACTOR_TEXT = {"A": "W^-1 A^T", "B": "W^-1 B", "BA": "W^-1 B A"}
+_LOWRANK_HEADING = "Low-rank updates (Hu et al. 2022, Section 7)"
+_LOWRANK_DIGITS = 4
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -392,6 +556,37 @@ def _check_similarity(similarity: Mapping[str, Any]) -> None:
             missing = [k for k in _FACTOR_KEYS if not isinstance(s, Mapping) or k not in s]
             if missing:
                 raise LoralensError(f"similarity data: {module!r} / {factor!r} lacks {', '.join(missing)}")
+
+
+def _picture(stem: str, caption: str, fig: Figure, dpi: int) -> Picture:
+    png, svg = render_figure(fig, dpi)
+    return Picture(stem, caption, png, svg)
+
+
+def _lowrank_modules(data: Mapping[str, Any], what: str, keys: Sequence[str]) -> Mapping[str, Any]:
+    """``data["modules"]`` of a ``lowrank_analysis`` report dict with ``keys`` in every module, or a
+    LoralensError naming what is missing."""
+    modules = data.get("modules") if isinstance(data, Mapping) else None
+    if not isinstance(modules, Mapping) or not modules:
+        raise LoralensError(f"{what} data has no modules; pass the report's to_dict() ({what}.json)")
+    for name, m in modules.items():
+        missing = [k for k in keys if not isinstance(m, Mapping) or k not in m]
+        if missing:
+            raise LoralensError(f"{what} data: module {name!r} lacks {', '.join(missing)}")
+    return modules
+
+
+def _layer_numbers(layers: Sequence[int]) -> list[int]:
+    """Checkpoint layer indices -> the 1-based numbers the report shows."""
+    return [int(k) + 1 for k in layers]
+
+
+def _table_files(name: str, table: tables.Table, digits: int) -> dict[str, Writer]:
+    return {
+        f"{name}.csv": _text_writer(tables.to_csv(table)),
+        f"{name}.md": _text_writer(tables.to_markdown(table, digits)),
+        f"{name}.tex": _text_writer(tables.to_latex(table, digits, label=f"tab:{name}")),
+    }
 
 
 def _picture_files(pictures: Sequence[Picture]) -> dict[str, Writer]:

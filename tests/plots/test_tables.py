@@ -6,15 +6,23 @@ import csv
 import io
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import loralens
 from loralens.errors import LoralensError
+from loralens.lowrank_analysis import rank_overlap
 from loralens.plots.tables import (
     Table,
+    amplification_table,
+    format_cell,
+    overlap_table,
     phi_long_table,
     similarity_summary_table,
+    spectra_table,
     table3,
     table4,
     to_csv,
@@ -209,3 +217,155 @@ def test_tables_import_without_matplotlib() -> None:
     code = "import sys, loralens.plots.tables; print('matplotlib' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert proc.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------- the LoRA paper's analyses (Hu et al. 2022)
+
+#: ``OverlapReport.to_dict()`` in miniature: layers 0 and 3; at layer 3 the first adapter has rank 1 (padded).
+OVERLAP = {
+    "modules": {
+        "value": {
+            "layers": [0, 3],
+            "shape": [8, 8],
+            "ranks": [[2, 1], [3, 3]],
+            "factors": {
+                "A": {
+                    "side": "right",
+                    "dim": 8,
+                    "grid": [[[0.9, 0.5, 0.4], [0.6, 0.7, 0.55]], [[0.8, 0.45, 0.3], [None, None, None]]],
+                    "random_expected": [[1 / 8, 2 / 8, 3 / 8], [2 / 8, 2 / 8, 3 / 8]],
+                }
+            },
+        }
+    },
+    "adapters": ["/runs/r2", "/runs/r3"],
+}
+
+AMPLIFICATION = {
+    "modules": {
+        "query": {
+            "layers": [1, 2],
+            "ranks": [4, 4],
+            "W_norm": [20.0, 21.0],
+            "dW_norm": [1.5, 1.25],
+            "dW_projection": [0.3, 0.25],
+            "W_top_projection": [9.0, 9.5],
+            "random_projection_mean": [0.21, None],  # None: no random draws (NaN in the report)
+            "random_expected": [0.2083, 0.21875],
+            "amplification": [5.0, 5.0],
+        }
+    },
+    "settings": {"n_random": 10},
+}
+
+SPECTRA = {
+    "modules": {
+        "value": {
+            "layers": [0, 1],
+            "shape": [16, 8],
+            "ranks": [2, 3],
+            "singular_values": [[2.0, 0.5, None], [3.0, 1.0, 0.25]],
+            "effective_rank_entropy": [1.6, 2.4],
+            "effective_rank_energy": [1, 2],
+            "principal_angles_deg": [[10.4, 80.6, None], [5.0, 45.0, 89.5]],
+            "phi_W_top": [0.51, 0.34],
+        }
+    },
+    "settings": {"energy_threshold": 0.8},
+}
+
+
+def test_overlap_table_reads_the_grid_extents_per_layer() -> None:
+    table = overlap_table(OVERLAP)
+    assert table.columns == ("module", "factor", "layer", "r1,r2", "phi(1,1)", "phi(k,k)", "phi(r1,r2)", "random(k,k)")
+    assert table.rows == (
+        ("value", "A", 1, "2,3", 0.9, 0.7, 0.55, 2 / 8),  # k = 2
+        ("value", "A", 4, "1,3", 0.8, 0.8, 0.3, 1 / 8),  # rank 1 at layer 3: k = 1, phi(1, 3) = 0.3
+    )
+    parsed = parse_csv(to_csv(table))
+    assert [float(v) for v in parsed[1][4:]] == [0.9, 0.7, 0.55, 0.25]
+
+
+def test_amplification_table_keeps_every_number() -> None:
+    table = amplification_table(AMPLIFICATION)
+    assert table.columns == ("module", "layer", "r", "|W|", "|dW|", "dW", "W top-r", "random", "rand. E", "ampl.")
+    assert table.rows[0] == ("query", 2, 4, 20.0, 1.5, 0.3, 9.0, 0.21, 0.2083, 5.0)
+    assert table.rows[1][7] is None and "| n/a |" in to_markdown(table)
+    parsed = parse_csv(to_csv(table))
+    assert [float(v) for v in parsed[2][3:7]] == [21.0, 1.25, 0.25, 9.5] and parsed[2][7] == ""
+
+
+def test_spectra_table_uses_each_layers_rank() -> None:
+    table = spectra_table(SPECTRA)
+    assert table.columns[5:7] == ("erank H", "erank 80%")
+    assert table.rows == (
+        ("value", 1, 2, 2.0, 0.5, 1.6, 1, "10-81", 0.51, 2 / 16),
+        ("value", 2, 3, 3.0, 0.25, 2.4, 2, "5-90", 0.34, 3 / 16),
+    )
+    assert "Layers numbered from 1" in table.notes[0]
+
+
+def test_lowrank_tables_take_the_librarys_dicts(tiny_bert_adapter: Path) -> None:
+    adapter = loralens.load_lora_adapter(tiny_bert_adapter)
+    data = rank_overlap(adapter, adapter, device="cpu").to_dict()
+    table = overlap_table(data)
+    assert len(table.rows) == 2 * 2 * len(data["modules"]["value"]["layers"])  # modules x factors x layers
+    assert all(row[3] == "4,4" and row[5] == pytest.approx(1.0) for row in table.rows)  # phi(X, X) = 1
+
+
+def test_format_cell_is_what_the_renderers_show() -> None:
+    assert (format_cell(0.12345, 4), format_cell(1234, 4), format_cell(None), format_cell(float("nan"))) == (
+        "0.1235",
+        "1,234",
+        "n/a",
+        "n/a",
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "data", "match"),
+    [
+        (overlap_table, {}, "overlap data\\['modules'\\] must be a mapping"),
+        (amplification_table, {"modules": {}}, "amplification data has no modules"),
+        (amplification_table, {"modules": {"q": {"layers": [0]}}}, "lacks ranks, W_norm"),
+        (spectra_table, {"modules": {"v": {}}}, "spectra data\\['settings'\\] must be a mapping"),
+        (spectra_table, {**SPECTRA, "settings": {}}, "lacks the energy_threshold"),
+        (
+            amplification_table,
+            {"modules": {"q": {**AMPLIFICATION["modules"]["query"], "ranks": [4]}}},
+            "'ranks'\\] has fewer values than layers",
+        ),
+    ],
+)
+def test_lowrank_tables_name_malformed_data(build: Callable[[dict], Table], data: dict, match: str) -> None:
+    with pytest.raises(LoralensError, match=match):
+        build(data)
+
+
+def test_table2_from_the_shipped_seeds() -> None:
+    from loralens import examples
+    from loralens.plots.tables import table2, to_markdown
+    from loralens.seed_comparison import compare_seeds, runs_from_folders
+
+    pairs = examples.default_adapters()
+    summary = compare_seeds(runs_from_folders([lo for _, lo, _ in pairs], [c for _, _, c in pairs]))
+    table = table2(summary)
+    t = summary["tasks"]["rt-polarity"]
+    assert table.columns == ("method", "rt-polarity (accuracy)", "Avg.", "params")
+    assert table.rows[0] == (
+        "LoRA",
+        f"{t['mean']['lora']:.4f} ± {t['std']['lora']:.4f}",
+        f"{t['mean']['lora']:.4f}",
+        73728,
+    )
+    assert table.rows[1][0] == "CondLoRA" and table.rows[1][3] == 12288
+    p = t["paired_t"]["p_value"]
+    assert table.rows[2][:2] == (
+        "paired t-test (CondLoRA − LoRA)",
+        f"t = {t['paired_t']['statistic']:.2f}, p = {p:.3f}",
+    )
+    assert "seeds 0, 1, 2" in table.notes[0]
+    text = to_markdown(table)
+    assert "0.7760 ± 0.0181" in text and "| CondLoRA |" in text
+    with pytest.raises(LoralensError, match="no tasks"):
+        table2({"tasks": {}})

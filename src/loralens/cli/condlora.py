@@ -193,7 +193,7 @@ def compare(
         if json_output:
             typer.echo(json_text(data), nl=False)
         else:
-            _print_pairs(data)
+            print_pairs(data)
 
 
 def seed_table(lora: list[Path], condlora: list[Path]) -> dict[str, Any]:
@@ -261,7 +261,7 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _print_pairs(data: dict[str, Any]) -> None:
+def print_pairs(data: dict[str, Any]) -> None:
     """Table 3 averaged over layers, per pair and as mean +- std over pairs; then Table 2 when there is one."""
     console = Console()
     n = len(data["pairs"])

@@ -53,7 +53,7 @@ from loralens.cli._app import (
     user_errors,
 )
 from loralens.errors import LoralensError
-from loralens.examples import default_adapter, default_base
+from loralens.examples import default_adapter, default_adapters, default_base
 from loralens.io.adapters import LoraAdapter
 from loralens.io.outputs import check_output_folder, json_text, json_writer, safetensors_writer, write_outputs
 from loralens.results import conversion_summary, conversion_tensors, provenance
@@ -207,10 +207,14 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("results/demo"),
     device: DeviceOpt = "auto",
 ) -> None:
-    """Run the main analysis on the embedded default: the real MiniLM base and a real PEFT LoRA adapter
-    (r = 8, query + value, trained on Rotten Tomatoes review polarity). Writes the conversion matrices, the
-    phi matrices, Figure 1 (PNG, SVG) and report.html, which embeds everything and opens offline."""
-    from loralens.report import input_identities, report_files
+    """Run the main analyses on the embedded defaults: the real MiniLM base, a real PEFT LoRA adapter (r = 8,
+    query + value, trained on Rotten Tomatoes review polarity) and LoRA / CondLoRA adapters of three training
+    seeds each. Writes the conversion matrices, the phi matrices and report.html, which embeds everything and
+    opens offline: Figure 1; the LoRA paper's analyses (amplification, spectra, and the subspace overlap of the
+    seed-0 and seed-1 LoRA adapters); CondLoRA vs LoRA: Table 2 over the three seeds with the paired t-test,
+    Table 3 per pair and over pairs, Table 4."""
+    from loralens.cli.condlora import print_pairs
+    from loralens.cli.figures import report_outputs
 
     with user_errors():
         adapter = default_adapter()
@@ -218,6 +222,14 @@ def demo(
         convs = compute_conversions(base_ckpt, lora, device=device)
         report = layer_similarity(convs, device=device)
         report.settings.update(run_settings(device, DType.float64), inputs=provenance(base_ckpt, lora))
+        seeds = default_adapters()
+        files, numbers = report_outputs(
+            default_base(),
+            [lo for _, lo, _ in seeds],
+            [c for _, _, c in seeds],
+            overlap=default_adapter(1),
+            device=device,
+        )
         paths = write_outputs(
             out,
             {
@@ -228,17 +240,17 @@ def demo(
                     conversion_summary(convs, base_ckpt, lora, run_settings(device, DType.float64))
                 ),
                 "similarity.json": json_writer(report.to_dict()),
-                **report_files(report.to_dict(), input_identities(base_ckpt, lora)),
+                **files,
             },
             replace=True,  # the demo's own folder: a rerun replaces it
         )
         console = Console()
         console.print(f"Base: {base_ckpt.root}\nAdapter: {adapter}\n")
         _print_similarity(report, console)
-        console.print("\nResults written:")
-        for p in paths:
-            console.print(f"  {p}")
-        console.print(f"\nReport with Figure 1 (opens offline in a browser): {out / 'report.html'}")
+        console.print("\nCondLoRA vs LoRA, the shipped adapters of seeds " + ", ".join(str(s) for s, _, _ in seeds))
+        print_pairs(numbers["pairs"])
+        console.print(f"\nWrote {len(paths)} files to {out}; everything is in the report (opens offline in a browser):")
+        console.print(f"  {out / 'report.html'}")
 
 
 def _similarity(

@@ -26,11 +26,15 @@ from loralens.cli._app import (
     torch_dtype,
     user_errors,
 )
-from loralens.compare import compare_adapters, parameter_counts
-from loralens.io.adapters import LoraAdapter
+from loralens.cli.condlora import seed_table
+from loralens.compare import compare_adapters_many, comparisons_to_dict, parameter_counts
+from loralens.errors import LoralensError, RankError
+from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
-from loralens.io.condlora import CondLoraAdapter, load_condlora_adapter
+from loralens.io.condlora import load_condlora_adapter
 from loralens.io.outputs import check_output_folder, json_writer, write_outputs
+from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
+from loralens.results import provenance
 
 OutOpt = Annotated[
     Path, typer.Option("--out", help="Output folder (created atomically; files in an existing one are replaced).")
@@ -76,15 +80,44 @@ def figure(
 
 @app.command()
 def report(
-    lora: Annotated[Path, typer.Option("--lora", "--adapter", help="PEFT LoRA adapter folder.")],
+    lora: Annotated[
+        list[Path],
+        typer.Option(
+            "--lora",
+            "--adapter",
+            help="PEFT LoRA adapter folder (Figure 1 and the low-rank analyses use the first); repeat it, with as "
+            "many --condlora, for several pairs (e.g. training seeds).",
+        ),
+    ],
     out: OutOpt,
     base: BaseOpt = None,
     condlora: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
-            "--condlora", help="CondLoRA adapter folder of the same base: adds Tables 3 and 4.", show_default=False
+            "--condlora",
+            help="CondLoRA adapter folder of the same base, one per --lora (paired in order): adds Tables 3 and 4, "
+            "and with several pairs Table 3 over the pairs and Table 2 (held-out scores from each folder's "
+            "metrics.json, paired t-test).",
+            show_default=False,
         ),
     ] = None,
+    overlap: Annotated[
+        Path | None,
+        typer.Option(
+            "--overlap",
+            help="A second PEFT LoRA adapter of the same base (e.g. another rank or seed): adds the rank-subspace "
+            "overlap grids phi(i, j) of --lora against it (LoRA paper, Figures 3 and 4).",
+            show_default=False,
+        ),
+    ] = None,
+    lowrank: Annotated[
+        bool,
+        typer.Option(
+            "--lowrank/--no-lowrank",
+            help="Include the LoRA paper's amplification (Table 7) and dW spectra analyses; --no-lowrank leaves "
+            "them out (--overlap is still drawn when given).",
+        ),
+    ] = True,
     modules: ModulesOpt = None,
     seed: SeedOpt = 0,
     dpi: DpiOpt = DPI,
@@ -100,22 +133,101 @@ def report(
     metrics.json when present).
 
     Figure 1 uses the paper's settings: left singular vectors, i = j = r.
-    """
-    from loralens.report import input_identities, report_files
 
+    A section "Low-rank updates" adds the LoRA paper's own analyses of each layer's dW = s B A (Hu et al. 2022,
+    Section 7), computed through the factors: amplification (how dW relates to W, Table 7; random subspaces
+    seeded by --seed) and dW's spectra (unless --no-lowrank), and with --overlap the subspace overlap of two
+    adapters. Each comes as a picture, a table and amplification/spectra/overlap .png/.svg/.csv/.md/.tex files;
+    its numbers are under "lowrank" in report.json.
+    """
     with user_errors():
         check_output_folder(out, replace=force)
-        base_ckpt, lora_adapter, sim = _analyse(base, lora, modules, device, dtype, layer_batch, seed=seed)
-        cond = load_condlora_adapter(condlora) if condlora is not None else None
-        comparison = params = None
-        if cond is not None:
-            comparison, params = _condlora_tables(base_ckpt, lora_adapter, cond, modules, seed, device, dtype)
-        similarity, inputs = sim.to_dict(), input_identities(base_ckpt, lora_adapter, cond)
-        files = report_files(similarity, inputs, comparison=comparison, params=params, dpi=dpi)
-        numbers = {**similarity, "inputs": inputs, "comparison": comparison, "parameters": params}
-        paths = write_outputs(out, {**files, "report.json": json_writer(numbers)}, replace=force)
+        files, _ = report_outputs(
+            base,
+            lora,
+            condlora or [],
+            overlap=overlap,
+            lowrank=lowrank,
+            modules=modules,
+            seed=seed,
+            dpi=dpi,
+            device=device,
+            dtype=dtype,
+            layer_batch=layer_batch,
+        )
+        paths = write_outputs(out, files, replace=force)
         _print_written(paths)
         typer.echo(f"report: {out / 'report.html'}")
+
+
+def report_outputs(
+    base: str | None,
+    lora: list[Path],
+    condlora: list[Path],
+    *,
+    overlap: Path | None = None,
+    lowrank: bool = True,
+    modules: str | None = None,
+    seed: int = 0,
+    dpi: int = DPI,
+    device: str = "auto",
+    dtype: DType = DType.float64,
+    layer_batch: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything ``loralens report`` (and ``demo``) writes, as ``({file name: writer}, report.json data)``:
+    all analyses run before anything is written."""
+    from loralens.report import input_identities, report_files
+
+    if not lora:
+        raise LoralensError("give a LoRA adapter (--lora)")
+    if condlora and len(condlora) != len(lora):
+        raise LoralensError(
+            f"--lora is given {len(lora)} times and --condlora {len(condlora)} times; pass one CondLoRA adapter "
+            "per LoRA adapter (they are paired in order)"
+        )
+    if not condlora and len(lora) > 1:
+        raise LoralensError(
+            f"--lora is given {len(lora)} times without --condlora; several LoRA adapters are compared with their "
+            "CondLoRA pairs (--lora X --condlora Y ...), or use 'loralens similarity' for several adapters"
+        )
+    base_ckpt, lora_adapter, sim = _analyse(base, lora[0], modules, device, dtype, layer_batch, seed=seed)
+    conds = [load_condlora_adapter(c) for c in condlora]
+    comparison = params = seeds = pairs = None
+    if conds:
+        loras = [lora_adapter, *(load_lora_adapter(p) for p in lora[1:])]
+        reports = compare_adapters_many(
+            base_ckpt,
+            list(zip(loras, conds, strict=True)),
+            modules=parse_modules(modules),
+            seed=seed,
+            dtype=torch_dtype(dtype),
+            device=device,
+        )
+        for r in reports:
+            r.settings.update(run_settings(device, dtype))
+        comparison = reports[0].to_dict()
+        params = parameter_counts(base_ckpt, r=conds[0].r, targets=sorted(conds[0].thetas)).to_dict()
+        params["speed"] = _training_speeds(lora, condlora)
+        params["speed_source"] = "Speed: training examples/s recorded in each adapter's metrics.json" + (
+            f" (mean over the {len(lora)} pairs)." if len(lora) > 1 else "."
+        )
+        if len(reports) > 1:
+            pairs = comparisons_to_dict(reports, seed_table(lora, condlora))
+            seeds = pairs.get("table2")
+    low = _lowrank_analyses(base_ckpt, lora_adapter, overlap, lowrank, modules, seed, device, dtype, layer_batch)
+    similarity, inputs = sim.to_dict(), input_identities(base_ckpt, lora_adapter, conds[0] if conds else None)
+    files = report_files(
+        similarity, inputs, comparison=comparison, params=params, lowrank=low, seeds=seeds, pairs=pairs, dpi=dpi
+    )
+    numbers = {
+        **similarity,
+        "inputs": inputs,
+        "comparison": comparison,
+        "pairs": pairs,
+        "parameters": params,
+        "lowrank": low,
+    }
+    return {**files, "report.json": json_writer(numbers)}, numbers
 
 
 def _analyse(
@@ -142,36 +254,51 @@ def _analyse(
     return base_ckpt, lora, sim
 
 
-def _condlora_tables(
+def _lowrank_analyses(
     base: BaseCheckpoint,
     lora: LoraAdapter,
-    cond: CondLoraAdapter,
+    other: Path | None,
+    default: bool,
     modules: str | None,
     seed: int,
     device: str,
     dtype: DType,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Table 3 (``compare_adapters``) and Table 4 (``parameter_counts`` + recorded training speeds) as plain data."""
-    comparison = compare_adapters(
-        base, lora, cond, modules=parse_modules(modules), seed=seed, dtype=torch_dtype(dtype), device=device
-    ).to_dict()
-    comparison["settings"].update(run_settings(device, dtype))
-    params = parameter_counts(base, r=cond.r, targets=sorted(cond.thetas)).to_dict()
-    params["speed"] = _training_speeds(lora.path, cond.path)
-    params["speed_source"] = "Speed: training examples/s recorded in each adapter's metrics.json."
-    return comparison, params
-
-
-def _training_speeds(lora: Path, condlora: Path) -> dict[str, float]:
-    """Training examples/s recorded in each adapter's metrics.json (``loralens train`` writes it), where present."""
-    speeds = {}
-    for key, folder in (("lora", lora), ("condlora", condlora)):
+    layer_batch: int | None,
+) -> dict[str, Any] | None:
+    """The LoRA paper's analyses as plain data (``to_dict()``): amplification and spectra when ``default``,
+    the overlap of ``lora`` against the adapter in ``other`` when given; None when neither."""
+    options: dict[str, Any] = {"modules": parse_modules(modules), "device": device, "dtype": torch_dtype(dtype)}
+    reports: dict[str, Any] = {}
+    if default:
         try:
-            value = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["examples_per_s"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(value, (int, float)):
-            speeds[key] = float(value)
+            reports["amplification"] = amplification_report(base, lora, seed=seed, layer_batch=layer_batch, **options)
+            reports["spectra"] = spectra_report(base, lora, layer_batch=layer_batch, **options)
+        except RankError as e:
+            raise RankError(f"{e}; pass --no-lowrank to leave the low-rank analyses out", e.indices) from e
+    if other is not None:
+        second = load_lora_adapter(other)
+        reports["overlap"] = rank_overlap(lora, second, base=base, **options)
+        reports["overlap"].settings["inputs"] = {"adapters": [provenance(base, a)["adapter"] for a in (lora, second)]}
+    for analysis in reports.values():
+        analysis.settings.update(run_settings(device, dtype))
+    return {name: analysis.to_dict() for name, analysis in reports.items()} or None
+
+
+def _training_speeds(lora: list[Path], condlora: list[Path]) -> dict[str, float]:
+    """Training examples/s recorded in the adapters' metrics.json (``loralens train`` writes it), mean per method
+    over the folders that have it."""
+    speeds = {}
+    for key, folders in (("lora", lora), ("condlora", condlora)):
+        values = []
+        for folder in folders:
+            try:
+                value = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["examples_per_s"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(value, (int, float)):
+                values.append(float(value))
+        if values:
+            speeds[key] = sum(values) / len(values)
     return speeds
 
 

@@ -1,21 +1,18 @@
 """``loralens overlap``, ``amplification`` and ``spectra``: the LoRA paper's own analyses (Hu et al. 2022, Sec. 7).
 
 Each command loads, calls :mod:`loralens.lowrank_analysis`, and renders: a table, one JSON object (``--json``),
-and with ``--out`` a folder holding ``<command>.json`` with a PNG and an SVG figure, written atomically.
+and with ``--out`` a folder holding ``<command>.json`` with a PNG and an SVG figure, written atomically. Tables
+and pictures are built from the ``to_dict()`` data by :mod:`loralens.plots.tables` and :mod:`loralens.report`
+(the same ones ``loralens report`` embeds), imported only when drawn: matplotlib stays out of start-up.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
-from matplotlib.figure import Figure
-from rich.console import Console
-from rich.table import Table
 
 from loralens.analysis import base_for
 from loralens.cli._app import (
@@ -29,27 +26,21 @@ from loralens.cli._app import (
     LayerBatchOpt,
     ModulesOpt,
     app,
-    format_number,
     load_inputs,
     parse_modules,
     run_settings,
     torch_dtype,
     user_errors,
 )
+from loralens.cli.figures import DPI
 from loralens.errors import LoralensError
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.outputs import bytes_writer, check_output_folder, json_text, json_writer, sha256_file, write_outputs
-from loralens.lowrank_analysis import (
-    AmplificationReport,
-    OverlapReport,
-    SpectraReport,
-    amplification_report,
-    rank_overlap,
-    spectra_report,
-)
-from loralens.plots.lowrank import amplification_figure, overlap_figure, spectra_figure
-from loralens.report import DPI, render_figure
+from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
 from loralens.results import provenance
+
+if TYPE_CHECKING:
+    from loralens.plots.tables import Table
 
 OutOpt = Annotated[
     Path | None,
@@ -97,6 +88,8 @@ def overlap(
     """Rank-subspace overlap of two adapters (LoRA paper, Figures 3 and 4): per module and layer the grid
     phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), i <= r1, j <= r2, on the right singular vectors of A
     and the left singular vectors of B. Random subspaces give max(i, j) / d."""
+    from loralens.plots.tables import overlap_table
+
     with user_errors():
         if out is not None:
             check_output_folder(out, replace=force)
@@ -116,17 +109,7 @@ def overlap(
             dtype=torch_dtype(dtype),
         )
         report.settings.update(run_settings(device, dtype), inputs=_identities(first, second, base_ckpt))
-        data = report.to_dict()
-        _emit(
-            data,
-            out,
-            "overlap",
-            lambda: _overlap_figure(report),
-            dpi,
-            json_output,
-            lambda: _print_overlap(report),
-            force,
-        )
+        _emit(report.to_dict(), out, "overlap", overlap_table, dpi, json_output, force)
 
 
 @app.command()
@@ -149,6 +132,8 @@ def amplification(
     """How dW relates to W (LoRA paper, Table 7), per module and layer: ||U^T W V||_F for dW's r-dim singular
     subspaces, for W's own top-r ones and for random ones, and the amplification factor ||dW||_F / ||U^T W V||_F.
     """
+    from loralens.plots.tables import amplification_table
+
     with user_errors():
         if out is not None:
             check_output_folder(out, replace=force)
@@ -164,17 +149,7 @@ def amplification(
             layer_batch=layer_batch,
         )
         report.settings.update(run_settings(device, dtype), inputs=provenance(base_ckpt, lora))
-        data = report.to_dict()
-        _emit(
-            data,
-            out,
-            "amplification",
-            lambda: _amplification_figure(report),
-            dpi,
-            json_output,
-            lambda: _print_amplification(report),
-            force,
-        )
+        _emit(report.to_dict(), out, "amplification", amplification_table, dpi, json_output, force)
 
 
 @app.command()
@@ -196,6 +171,8 @@ def spectra(
 ) -> None:
     """Spectra of dW = s B A per module and layer: singular values, entropy and energy effective ranks, and the
     principal angles between dW's column space and W's top-r left singular subspace."""
+    from loralens.plots.tables import spectra_table
+
     with user_errors():
         if out is not None:
             check_output_folder(out, replace=force)
@@ -210,17 +187,7 @@ def spectra(
             layer_batch=layer_batch,
         )
         report.settings.update(run_settings(device, dtype), inputs=provenance(base_ckpt, lora))
-        data = report.to_dict()
-        _emit(
-            data,
-            out,
-            "spectra",
-            lambda: _spectra_figure(report),
-            dpi,
-            json_output,
-            lambda: _print_spectra(report),
-            force,
-        )
+        _emit(report.to_dict(), out, "spectra", spectra_table, dpi, json_output, force)
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -230,25 +197,31 @@ def _emit(
     data: dict[str, Any],
     out: Path | None,
     stem: str,
-    figure: Callable[[], Figure],
+    table: Callable[[dict[str, Any]], Table],
     dpi: int,
     json_output: bool,
-    table: Callable[[], None],
     force: bool = False,
 ) -> None:
-    """Write the folder (if asked), then print JSON or the table (and the written paths)."""
+    """Write the folder (if asked: ``<stem>.json`` and the picture of :data:`loralens.report.LOWRANK_ANALYSES`),
+    then print JSON or the table (and the written paths)."""
     paths: list[Path] = []
     if out is not None:
-        png, svg = render_figure(figure(), dpi)
+        from loralens.report import LOWRANK_ANALYSES
+
+        picture = LOWRANK_ANALYSES[stem][0](data, dpi)
         paths = write_outputs(
             out,
-            {f"{stem}.json": json_writer(data), f"{stem}.png": bytes_writer(png), f"{stem}.svg": bytes_writer(svg)},
+            {
+                f"{stem}.json": json_writer(data),
+                f"{stem}.png": bytes_writer(picture.png),
+                f"{stem}.svg": bytes_writer(picture.svg),
+            },
             replace=force,
         )
     if json_output:
         typer.echo(json_text({**data, "outputs": [str(p) for p in paths]} if paths else data), nl=False)
         return
-    table()
+    _print_table(table(data))
     for p in paths:
         typer.echo(f"wrote {p}")
 
@@ -264,144 +237,17 @@ def _identities(first: LoraAdapter, second: LoraAdapter, base: Any) -> dict[str,
     }
 
 
-def _overlap_figure(report: OverlapReport) -> Figure:
-    grids = {
-        f"{name}, {f} ({fo.side})": fo.grid.numpy()
-        for name, mo in report.modules.items()
-        for f, fo in mo.factors.items()
-    }
-    layers = next(iter(report.modules.values())).layers
-    r1 = sorted({r for mo in report.modules.values() for r in mo.ranks[0]})
-    r2 = sorted({r for mo in report.modules.values() for r in mo.ranks[1]})
-    return overlap_figure(
-        grids,
-        labels=layers,
-        i_label=f"i (first, r={','.join(map(str, r1))})",
-        j_label=f"j (second, r={','.join(map(str, r2))})",
-        title=r"Subspace overlap $\varphi(i, j)$ of two adapters (Hu et al. 2022, Fig. 3)",
-    )
+def _print_table(table: Table, digits: int = 4) -> None:
+    """A :class:`loralens.plots.tables.Table` on the terminal with rich: its title above, its notes below."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table as RichTable
 
+    from loralens.plots.tables import format_cell, numeric_columns
 
-def _amplification_figure(report: AmplificationReport) -> Figure:
-    projections = {
-        name: {
-            r"$\Delta W$ subspaces": ma.dW_projection.numpy(),
-            "W top-r": ma.W_top_projection.numpy(),
-            f"random (mean of {ma.random_projection.shape[1]})": ma.random_mean.numpy(),
-        }
-        for name, ma in report.modules.items()
-    }
-    if not report.settings.get("n_random"):
-        projections = {n: {k: v for k, v in s.items() if not k.startswith("random")} for n, s in projections.items()}
-    return amplification_figure(
-        projections,
-        {name: ma.amplification.numpy() for name, ma in report.modules.items()},
-        labels={name: ma.layers for name, ma in report.modules.items()},
-        title=r"$\|U^\top W V\|_F$ and amplification $\|\Delta W\|_F / \|U^\top W V\|_F$ (Hu et al. 2022, Table 7)",
-    )
-
-
-def _spectra_figure(report: SpectraReport) -> Figure:
-    threshold = report.settings["energy_threshold"]
-    return spectra_figure(
-        {name: ms.singular_values.numpy() for name, ms in report.modules.items()},
-        {name: torch.rad2deg(ms.principal_angles).numpy() for name, ms in report.modules.items()},
-        {
-            name: {
-                "entropy": ms.effective_rank_entropy.numpy(),
-                f"energy {threshold:.0%}": ms.effective_rank_energy.numpy(),
-            }
-            for name, ms in report.modules.items()
-        },
-        ranks={name: list(ms.ranks) for name, ms in report.modules.items()},
-        labels={name: ms.layers for name, ms in report.modules.items()},
-        title="Spectra of dW and its column space against W's top-r left singular subspace",
-    )
-
-
-def _print_overlap(report: OverlapReport) -> None:
-    table = Table(
-        title="Subspace overlap phi(i, j) of two adapters (A: right, B: left singular vectors; k = min(r1, r2); "
-        "random: E[phi(k, k)] = k / d)"
-    )
-    for col in ("module", "factor", "layer", "r1,r2", "phi(1,1)", "phi(k,k)", "phi(r1,r2)", "random(k,k)"):
-        table.add_column(col, justify="left" if col in ("module", "factor") else "right")
-    for name, mo in report.modules.items():
-        for f, fo in mo.factors.items():
-            for n, layer in enumerate(mo.layers):
-                r1, r2 = (int((~fo.grid[n].isnan()).any(dim=ax).sum()) for ax in (1, 0))
-                k = min(r1, r2)
-                table.add_row(
-                    name,
-                    f,
-                    str(layer),
-                    f"{r1},{r2}",
-                    format_number(float(fo.grid[n, 0, 0])),
-                    format_number(float(fo.grid[n, k - 1, k - 1])),
-                    format_number(float(fo.grid[n, r1 - 1, r2 - 1])),
-                    f"{k / fo.dim:.4f}",
-                )
-    Console().print(table)
-
-
-def _print_amplification(report: AmplificationReport) -> None:
-    table = Table(
-        title="||U^T W V||_F for dW's, W's top-r and random r-dim subspaces (mean of the draws; E: r |W| / sqrt(d_out "
-        "d_in)); amplification = |dW| / dW (Hu et al. 2022, Table 7; |.| = Frobenius norm)"
-    )
-    cols = ("module", "layer", "r", "|W|", "|dW|", "dW", "W top-r", "random", "rand. E", "ampl.")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "module" else "right")
-    for name, ma in report.modules.items():
-        for n, layer in enumerate(ma.layers):
-            table.add_row(
-                name,
-                str(layer),
-                str(ma.ranks[n]),
-                *(
-                    _g(float(t[n]))
-                    for t in (
-                        ma.W_norm,
-                        ma.dW_norm,
-                        ma.dW_projection,
-                        ma.W_top_projection,
-                        ma.random_mean,
-                        ma.random_expected,
-                        ma.amplification,
-                    )
-                ),
-            )
-    Console().print(table)
-
-
-def _print_spectra(report: SpectraReport) -> None:
-    threshold = report.settings["energy_threshold"]
-    table = Table(
-        title="Spectra of dW: effective ranks (entropy H, energy share); principal angles (degrees, min-max) and phi "
-        "between col(dW) and W's top-r left singular subspace (random: E[phi] = r / d_out)"
-    )
-    cols = ("module", "layer", "r", "sigma_1", "sigma_r", "erank H", f"erank {threshold:.0%}")
-    for col in (*cols, "angles", "phi", "random"):
-        table.add_column(col, justify="left" if col == "module" else "right")
-    for name, ms in report.modules.items():
-        for n, layer in enumerate(ms.layers):
-            r = ms.ranks[n]
-            angles = torch.rad2deg(ms.principal_angles[n, :r])
-            table.add_row(
-                name,
-                str(layer),
-                str(r),
-                _g(float(ms.singular_values[n, 0])),
-                _g(float(ms.singular_values[n, r - 1])),
-                f"{float(ms.effective_rank_entropy[n]):.2f}",
-                str(int(ms.effective_rank_energy[n])),
-                f"{float(angles.min()):.0f}-{float(angles.max()):.0f}",
-                f"{float(ms.phi_W_top[n]):.3f}",
-                f"{r / ms.shape[0]:.3f}",
-            )
-    Console().print(table)
-
-
-def _g(x: float) -> str:
-    """Three significant digits; ``n/a`` for NaN."""
-    return "n/a" if math.isnan(x) else f"{x:.3g}"
+    shown = RichTable(title=escape(table.title), caption=escape(" ".join(table.notes)) or None)
+    for column, numeric in zip(table.columns, numeric_columns(table), strict=True):
+        shown.add_column(escape(column), justify="right" if numeric else "left")
+    for row in table.rows:
+        shown.add_row(*(escape(format_cell(cell, digits)) for cell in row))
+    Console().print(shown)

@@ -197,7 +197,13 @@ def projection_bars(
     ax.set_xticks(x, [str(t) for t in ticks])
     ax.set_xlabel("layer")
     ax.set_ylabel(r"$\|U^\top W V\|_F$")
-    ax.legend(fontsize=8)
+    # the legend sits in one row in headroom above the tallest bar, never over a bar
+    top = max((float(np.nanmax(v)) for v in series.values() if np.isfinite(v).any()), default=1.0)
+    if logy and top > 0:
+        ax.set_ylim(top=top * 12)
+    elif not logy:
+        ax.set_ylim(top=top * 1.35)
+    ax.legend(fontsize=8, ncol=len(series), loc="upper center", frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     return ax

@@ -1,7 +1,8 @@
 """Tables as strings: Markdown, CSV, LaTeX (booktabs) and HTML from plain lists and dicts (no pandas).
 
 A :class:`Table` is built from plain data by one of the builders (:func:`similarity_summary_table`,
-:func:`phi_long_table`, :func:`table3`, :func:`table4`) and rendered by :func:`to_markdown`, :func:`to_csv`,
+:func:`phi_long_table`, :func:`table3`, :func:`table4`, and for the LoRA paper's analyses :func:`overlap_table`,
+:func:`amplification_table`, :func:`spectra_table`) and rendered by :func:`to_markdown`, :func:`to_csv`,
 :func:`to_latex` or :func:`to_html`. CSV keeps every number exactly (``csv`` parses it back to the same
 values); the other formats round to ``digits``.
 
@@ -13,7 +14,10 @@ Input shapes (all plain JSON-ready data):
   "layers": [0, 1, ...] (optional), "random": {"A": x or [per layer], ..., "expected": x (optional)}}},
   "settings": {...}}``;
 - Table 4 (parameters, speed): ``{"lora": N, "condlora": M, "ratio": x}``, where N and M may also be
-  ``{"params": N, "speed": examples_per_s}``, or speeds given as ``"speed": {"lora": s, "condlora": s}``.
+  ``{"params": N, "speed": examples_per_s}``, or speeds given as ``"speed": {"lora": s, "condlora": s}``;
+- the LoRA paper's analyses (Hu et al. 2022, Sec. 7): ``OverlapReport.to_dict()``, ``AmplificationReport.to_dict()``
+  and ``SpectraReport.to_dict()`` of :mod:`loralens.lowrank_analysis` (per module ``"layers"`` and per-layer lists;
+  null where a value is NaN).
 
 Layers are numbered from 1 as in the paper (checkpoint layer index + 1).
 """
@@ -39,8 +43,15 @@ __all__ = [
     "to_html",
     "similarity_summary_table",
     "phi_long_table",
+    "table2",
     "table3",
+    "table3_over_pairs",
     "table4",
+    "overlap_table",
+    "amplification_table",
+    "spectra_table",
+    "numeric_columns",
+    "format_cell",
 ]
 
 Cell = str | int | float | None
@@ -84,8 +95,8 @@ def to_csv(table: Table) -> str:
 
 def to_markdown(table: Table, digits: int = 3) -> str:
     """A GitHub-flavoured Markdown table, numbers right-aligned, the title in bold above and notes below."""
-    numeric = _numeric_columns(table)
-    cells = [[_format(c, digits).replace("|", r"\|") for c in row] for row in table.rows]
+    numeric = numeric_columns(table)
+    cells = [[format_cell(c, digits).replace("|", r"\|") for c in row] for row in table.rows]
     header = [c.replace("|", r"\|") for c in table.columns]
     lines = [f"**{table.title}**", ""] if table.title else []
     lines.append("| " + " | ".join(header) + " |")
@@ -98,14 +109,14 @@ def to_markdown(table: Table, digits: int = 3) -> str:
 
 def to_latex(table: Table, digits: int = 3, *, label: str | None = None, float_env: bool = True) -> str:
     """A booktabs ``tabular`` (``\\usepackage{booktabs}``), in a ``table`` float with caption when ``float_env``."""
-    numeric = _numeric_columns(table)
+    numeric = numeric_columns(table)
     spec = "".join("r" if n else "l" for n in numeric)
     body = [
         rf"\begin{{tabular}}{{{spec}}}",
         r"\toprule",
         " & ".join(_latex_escape(c) for c in table.columns) + r" \\",
         r"\midrule",
-        *[" & ".join(_latex_escape(_format(c, digits)) for c in row) + r" \\" for row in table.rows],
+        *[" & ".join(_latex_escape(format_cell(c, digits)) for c in row) + r" \\" for row in table.rows],
         r"\bottomrule",
         r"\end{tabular}",
     ]
@@ -122,7 +133,7 @@ def to_latex(table: Table, digits: int = 3, *, label: str | None = None, float_e
 
 def to_html(table: Table, digits: int = 3, *, css_class: str = "numbers") -> str:
     """An HTML ``<table>`` with a caption (the title) and notes in a paragraph after it; all text escaped."""
-    numeric = _numeric_columns(table)
+    numeric = numeric_columns(table)
     align = lambda n: ' class="num"' if n else ""  # noqa: E731
     parts = [f'<table class="{html.escape(css_class)}">']
     if table.title:
@@ -137,7 +148,7 @@ def to_html(table: Table, digits: int = 3, *, css_class: str = "numbers") -> str
         parts.append(
             "<tr>"
             + "".join(
-                f"<td{align(n)}>{html.escape(_format(c, digits))}</td>" for c, n in zip(row, numeric, strict=True)
+                f"<td{align(n)}>{html.escape(format_cell(c, digits))}</td>" for c, n in zip(row, numeric, strict=True)
             )
             + "</tr>"
         )
@@ -284,6 +295,220 @@ def table4(data: Mapping[str, Any]) -> Table:
     )
 
 
+def table2(summary: Mapping[str, Any], digits: int = 4) -> Table:
+    """The paper's Table 2 from :func:`loralens.seed_comparison.compare_seeds`: per task the held-out score as
+    mean ± sample std over seeds for LoRA and CondLoRA, their average over tasks, adapter parameters, and a last
+    row with the paired t-test of CondLoRA against LoRA; the per-seed scores and settings as notes."""
+    tasks = _submapping(summary, "tasks")
+    if not tasks:
+        raise LoralensError("table 2 data has no tasks; pass loralens.seed_comparison.compare_seeds(...)")
+    average = _submapping(summary, "average")
+    columns = ("method", *(f"{task} ({_mapping(t, task)['metric']})" for task, t in tasks.items()), "Avg.", "params")
+    rows: list[tuple[Cell, ...]] = []
+    for key, name in _METHODS.items():
+        cells: list[Cell] = []
+        for t in tasks.values():
+            mean, std = t["mean"][key], t["std"][key]
+            cells.append(f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}"))
+        params = next(iter(tasks.values()))["trainable_params"][key]
+        avg = _number(average.get(key))
+        rows.append((name, *cells, "" if avg is None else f"{avg:.{digits}f}", None if params is None else int(params)))
+    tests: list[Cell] = []
+    for t in tasks.values():
+        test = t["paired_t"]
+        tests.append("n/a" if test["p_value"] is None else f"t = {test['statistic']:.2f}, p = {test['p_value']:.3f}")
+    rows.append(("paired t-test (CondLoRA − LoRA)", *tests, "", ""))
+    notes = []
+    for task, t in tasks.items():
+        seeds = ", ".join(map(str, t["seeds"]))
+        per_seed = "; ".join(f"{_METHODS[k]} " + ", ".join(f"{v:.{digits}f}" for v in t["scores"][k]) for k in _METHODS)
+        settings = t.get("settings", {})
+        shown = ", ".join(f"{k} {settings[k]}" for k in ("steps", "lr", "batch_size", "max_length") if k in settings)
+        notes.append(f"{task}: seeds {seeds} ({per_seed}); {shown}.")
+    notes.append("Mean ± sample standard deviation over seeds; the t-test pairs the runs by seed (two-sided).")
+    return Table(columns, tuple(rows), "Held-out scores over seeds (Table 2)", tuple(notes))
+
+
+def table3_over_pairs(data: Mapping[str, Any], digits: int = 4) -> Table:
+    """Table 3 over several LoRA/CondLoRA pairs (e.g. training seeds), from
+    :func:`loralens.compare.comparisons_to_dict`: per module and factor the mean phi over layers of each pair,
+    their mean ± sample std over pairs, and the mean random baseline."""
+    summary = _submapping(data, "summary")
+    pairs = data.get("pairs") or []
+    if not summary or not pairs:
+        raise LoralensError("table 3 over pairs needs 'pairs' and 'summary'; pass compare.comparisons_to_dict(...)")
+    factor_names = {**{f: f for f in _FACTORS}, "conv_A": "W^-1 A^T vs theta_A^T", "conv_B": "W^-1 B vs theta_B^T"}
+    columns = ("module", "factor", *(f"pair {k + 1}" for k in range(len(pairs))), "mean ± std", "random")
+    rows = []
+    for module, factors in summary.items():
+        for factor, s in _mapping(factors, module).items():
+            rows.append(
+                (
+                    module,
+                    factor_names.get(factor, factor),
+                    *(_number(v) for v in s["per_pair"]),
+                    f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}",
+                    _number(s.get("random")),
+                )
+            )
+    notes = tuple(
+        f"pair {k + 1}: LoRA {p['settings'].get('lora')}, CondLoRA {p['settings'].get('condlora')}"
+        for k, p in enumerate(pairs)
+    )
+    title = "phi(LoRA, CondLoRA), mean over layers, per pair (Table 3 over seeds)"
+    return Table(columns, tuple(rows), title, (*notes, "A on right, B and BA on left singular vectors; i = j = r."))
+
+
+# ------------------------------------------------------------------ the LoRA paper's analyses (Hu et al. 2022)
+
+_LAYERS_NOTE = "Layers numbered from 1 (checkpoint layer index + 1)."
+
+
+def overlap_table(data: Mapping[str, Any]) -> Table:
+    """Subspace overlap of two adapters (LoRA paper, Figures 3 and 4), one row per module, factor and layer.
+
+    ``data`` is ``OverlapReport.to_dict()``. Columns: the grid's extent ``r1,r2`` at that layer (each layer's
+    rank unless ``i``, ``j`` were given), ``phi(1,1)`` (the top directions), ``phi(k,k)`` with ``k = min(r1, r2)``,
+    ``phi(r1,r2)`` (the whole subspaces) and the random expectation ``phi(k, k) = k / d``.
+    """
+    rows: list[tuple[Cell, ...]] = []
+    for module, mo in _lowrank_modules(data, "overlap").items():
+        where = f"overlap data['modules'][{module!r}]"
+        _require(mo, ("layers", "factors"), where)
+        labels = _layer_labels(mo["layers"], len(mo["layers"]))
+        for factor, fo in _mapping(mo["factors"], f"{where}['factors']").items():
+            _require(fo, ("grid", "random_expected"), f"{where}['factors'][{factor!r}]")
+            if len(fo["grid"]) != len(labels):
+                raise LoralensError(f"{where}: factor {factor!r} has {len(fo['grid'])} grids for {len(labels)} layers")
+            for label, grid in zip(labels, fo["grid"], strict=True):
+                r1 = sum(any(v is not None for v in row) for row in grid)
+                r2 = sum(any(row[c] is not None for row in grid) for c in range(len(grid[0]) if grid else 0))
+                k = min(r1, r2)
+                if k == 0:
+                    raise LoralensError(f"{where}: factor {factor!r}, layer {label} has an empty grid")
+                rows.append(
+                    (
+                        module,
+                        factor,
+                        label,
+                        f"{r1},{r2}",
+                        _number(grid[0][0]),
+                        _number(grid[k - 1][k - 1]),
+                        _number(grid[r1 - 1][r2 - 1]),
+                        _number(fo["random_expected"][k - 1][k - 1]),
+                    )
+                )
+    return Table(
+        ("module", "factor", "layer", "r1,r2", "phi(1,1)", "phi(k,k)", "phi(r1,r2)", "random(k,k)"),
+        tuple(rows),
+        "Subspace overlap phi(i, j) of two adapters (A: right, B: left singular vectors; k = min(r1, r2); "
+        "random: E[phi(k, k)] = k / d)",
+        (_LAYERS_NOTE,),
+    )
+
+
+_AMPLIFICATION_COLUMNS = {
+    "|W|": "W_norm",
+    "|dW|": "dW_norm",
+    "dW": "dW_projection",
+    "W top-r": "W_top_projection",
+    "random": "random_projection_mean",
+    "rand. E": "random_expected",
+    "ampl.": "amplification",
+}
+
+
+def amplification_table(data: Mapping[str, Any]) -> Table:
+    """How dW relates to W (LoRA paper, Table 7), one row per module and layer.
+
+    ``data`` is ``AmplificationReport.to_dict()``. Columns: rank, ``||W||_F``, ``||dW||_F``, ``||U^T W V||_F`` for
+    dW's, W's top-r and random r-dimensional subspaces (the mean of the draws; n/a without draws), the random
+    expectation ``r ||W||_F / sqrt(d_out d_in)`` and the amplification factor ``||dW||_F / ||U^T W V||_F``.
+    """
+    rows: list[tuple[Cell, ...]] = []
+    for module, ma in _lowrank_modules(data, "amplification").items():
+        where = f"amplification data['modules'][{module!r}]"
+        _require(ma, ("layers", "ranks", *_AMPLIFICATION_COLUMNS.values()), where)
+        labels = _layer_labels(ma["layers"], len(ma["layers"]))
+        for n, label in enumerate(labels):
+            values = [_number(_at(ma, key, n, where)) for key in _AMPLIFICATION_COLUMNS.values()]
+            rows.append((module, label, int(_at(ma, "ranks", n, where)), *values))
+    return Table(
+        ("module", "layer", "r", *_AMPLIFICATION_COLUMNS),
+        tuple(rows),
+        "||U^T W V||_F for dW's, W's top-r and random r-dim subspaces (mean of the draws; E: r |W| / sqrt(d_out "
+        "d_in)); amplification = |dW| / dW (Hu et al. 2022, Table 7; |.| = Frobenius norm)",
+        (_LAYERS_NOTE,),
+    )
+
+
+def spectra_table(data: Mapping[str, Any]) -> Table:
+    """Spectra of dW = s B A, one row per module and layer.
+
+    ``data`` is ``SpectraReport.to_dict()``. Columns: rank, the largest and the r-th singular value, the entropy
+    and energy effective ranks, the principal angles between col(dW) and W's top-r left singular subspace (degrees,
+    smallest-largest), their phi (mean cos^2) and its random expectation ``r / d_out``.
+    """
+    threshold = _mapping(data.get("settings"), "spectra data['settings']").get("energy_threshold")
+    if not isinstance(threshold, (int, float)):
+        raise LoralensError("spectra data['settings'] lacks the energy_threshold (a number)")
+    rows: list[tuple[Cell, ...]] = []
+    keys = ("layers", "shape", "ranks", "singular_values", "effective_rank_entropy", "effective_rank_energy")
+    for module, ms in _lowrank_modules(data, "spectra").items():
+        where = f"spectra data['modules'][{module!r}]"
+        _require(ms, (*keys, "principal_angles_deg", "phi_W_top"), where)
+        labels = _layer_labels(ms["layers"], len(ms["layers"]))
+        for n, label in enumerate(labels):
+            r = int(_at(ms, "ranks", n, where))
+            sigma = _at(ms, "singular_values", n, where)
+            angles = [float(a) for a in _at(ms, "principal_angles_deg", n, where)[:r]]
+            energy = _at(ms, "effective_rank_energy", n, where)
+            rows.append(
+                (
+                    module,
+                    label,
+                    r,
+                    _number(sigma[0]),
+                    _number(sigma[r - 1]),
+                    _number(_at(ms, "effective_rank_entropy", n, where)),
+                    None if energy is None else int(energy),
+                    f"{min(angles):.0f}-{max(angles):.0f}",
+                    _number(_at(ms, "phi_W_top", n, where)),
+                    r / int(ms["shape"][0]),
+                )
+            )
+    cols = ("module", "layer", "r", "sigma_1", "sigma_r", "erank H", f"erank {threshold:.0%}", "angles", "phi")
+    return Table(
+        (*cols, "random"),
+        tuple(rows),
+        "Spectra of dW: effective ranks (entropy H, energy share); principal angles (degrees, min-max) and phi "
+        "between col(dW) and W's top-r left singular subspace (random: E[phi] = r / d_out)",
+        (_LAYERS_NOTE,),
+    )
+
+
+def _lowrank_modules(data: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    """``data["modules"]`` of a ``lowrank_analysis`` report dict, non-empty, or a LoralensError naming ``what``."""
+    modules = _mapping(data.get("modules") if isinstance(data, Mapping) else None, f"{what} data['modules']")
+    if not modules:
+        raise LoralensError(f"{what} data has no modules; pass the report's to_dict() ({what}.json)")
+    return modules
+
+
+def _require(d: Any, keys: Sequence[str], where: str) -> None:
+    missing = [k for k in keys if not isinstance(d, Mapping) or k not in d]
+    if missing:
+        raise LoralensError(f"{where} lacks {', '.join(missing)}")
+
+
+def _at(d: Mapping[str, Any], key: str, n: int, where: str) -> Any:
+    """The ``n``-th per-layer value of ``d[key]``, or a LoralensError naming the short list."""
+    values = d[key]
+    if not isinstance(values, Sequence) or len(values) <= n:
+        raise LoralensError(f"{where}[{key!r}] has fewer values than layers ({len(d['layers'])})")
+    return values[n]
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -317,8 +542,8 @@ def _layer_span(layers: Sequence[int] | None, L: int) -> str:
     return f"{labels[0]}-{labels[-1]}" if contiguous and L > 1 else ",".join(map(str, labels))
 
 
-def _numeric_columns(table: Table) -> list[bool]:
-    """A column is numeric when every non-empty cell is an int or float."""
+def numeric_columns(table: Table) -> list[bool]:
+    """Per column: True when every non-empty cell is an int or float (right-aligned by every renderer)."""
     return [
         all(isinstance(row[k], (int, float)) for row in table.rows if row[k] is not None)
         and any(row[k] is not None for row in table.rows)
@@ -326,7 +551,9 @@ def _numeric_columns(table: Table) -> list[bool]:
     ]
 
 
-def _format(cell: Cell, digits: int) -> str:
+def format_cell(cell: Cell, digits: int = 3) -> str:
+    """A cell as the renderers show it: floats with ``digits`` decimals, ints with thousands separators,
+    None and NaN as ``n/a``."""
     if cell is None:
         return "n/a"
     if isinstance(cell, bool):
