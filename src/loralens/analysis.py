@@ -84,6 +84,7 @@ __all__ = [
     "parse_memory_size",
     "format_memory_size",
     "layers_per_batch",
+    "at_model_layers",
     "ProgressCallback",
 ]
 
@@ -477,7 +478,7 @@ def _solve_batch(
     except DTypeError as e:
         raise DTypeError(f"module {g.name!r} at layers {batch} in {base.root}: {e}") from e
     except BatchError as e:
-        raise _at_layers(e, g.name, batch, base.root) from e
+        raise at_model_layers(e, g.name, batch, base.root) from e
     # Members with the same layers in this batch are solved together, as one block of right-hand sides.
     by_positions: dict[tuple[int, ...], list[tuple[int, str, AdapterModule, list[int]]]] = {}
     for a, name, mod in g.members:
@@ -584,7 +585,7 @@ def layer_similarity_many(
                     random, state = baselines[history]
                     generator.set_state(state)
                 except BatchError as e:
-                    raise _at_layers(e, f"{name} ({factor})", mc.layers, None) from e
+                    raise at_model_layers(e, f"{name} ({factor})", mc.layers, None) from e
                 dim = m if side == "left" else k
                 per_factor[factor] = FactorSimilarity(
                     phi,
@@ -725,8 +726,9 @@ def _random_similarity(
     ).cpu()
 
 
-def _at_layers(e: BatchError, what: str, layers: Sequence[int], where: Any) -> LoralensError:
-    """Re-raise a core error with model layer numbers instead of batch positions."""
+def at_model_layers(e: BatchError, what: str, layers: Sequence[int], where: Any) -> LoralensError:
+    """A core error about batch positions (``e.indices``) restated for module ``what`` with model layer numbers
+    (``layers[k]`` for each position) and where the weights came from (``where``, or None); for re-raising."""
     named = [layers[k] for k in e.indices] if e.indices else list(layers)
     origin = f" in {where}" if where is not None else ""
     if isinstance(e, SingularMatrixError):

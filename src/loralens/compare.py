@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.analysis import _at_layers, compute_conversions_many, resolve_device, select_modules
+from loralens.analysis import at_model_layers, compute_conversions_many, resolve_device, select_modules
 from loralens.core.condlora import condlora_factors, condlora_parameter_count, lora_parameter_count
 from loralens.core.similarity import (
     Side,
@@ -219,7 +219,7 @@ def compare_adapters_many(
                     generator,
                 )  # fmt: skip
             except BatchError as e:
-                raise _at_layers(e, name, mod.layers, None) from e
+                raise at_model_layers(e, name, mod.layers, None) from e
         reports.append(ComparisonReport(result, _settings(base, lora, cond, i, j, seed, dtype, dev)))
     return reports
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.analysis import _at_layers, resolve_device, select_modules
+from loralens.analysis import at_model_layers, resolve_device, select_modules
 from loralens.core.lowrank import (
     overlap_grid,
     random_overlap_expected,
@@ -222,7 +222,7 @@ def rank_overlap(
             try:
                 per_factor[f] = _factor_overlap(mod1, mod2, f, i, j, dev, dtype)
             except BatchError as e:
-                raise _at_layers(e, f"{name} ({f})", mod1.layers, None) from e
+                raise at_model_layers(e, f"{name} ({f})", mod1.layers, None) from e
         result[name] = ModuleOverlap(name, mod1.layers, mod1.shape, (mod1.ranks, mod2.ranks), per_factor)
     settings = {
         "factors": list(factors),
@@ -442,7 +442,7 @@ def amplification_report(
                         gen = _generator(seed, name, mod.layers[pos], dev)
                         draws[pos] = random_projection_norms(W[n], k, n_random, generator=gen).cpu()
                 except BatchError as e:
-                    raise _at_layers(e, name, [mod.layers[pos] for pos in at], base.root) from e
+                    raise at_model_layers(e, name, [mod.layers[pos] for pos in at], base.root) from e
                 for f in _PROJECTION_FIELDS:
                     per_layer[f][at] = getattr(wp, f).cpu()
         result[name] = ModuleAmplification(
@@ -554,7 +554,7 @@ def spectra_report(
                         W[idx], B[idx, :, :r], A[idx, :r], scale[idx], energy_threshold=energy_threshold
                     )
                 except BatchError as e:
-                    raise _at_layers(e, name, [mod.layers[k] for k in at], base.root) from e
+                    raise at_model_layers(e, name, [mod.layers[k] for k in at], base.root) from e
                 k = sp.singular_values.shape[-1]
                 S[at, :k] = sp.singular_values.cpu()
                 S_W[at, :k] = sp.W_singular_values.cpu()

@@ -55,6 +55,7 @@ from loralens.cli._app import (
 from loralens.errors import LoralensError
 from loralens.examples import default_adapter, default_adapters, default_base
 from loralens.io.adapters import LoraAdapter
+from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.outputs import check_output_folder, json_text, json_writer, safetensors_writer, write_outputs
 from loralens.results import conversion_summary, conversion_tensors, provenance
 
@@ -182,15 +183,16 @@ def similarity(
         budget = parse_memory_size(max_memory)
         opts = {"i": i, "j": j, "side": side.value, "seed": seed, "device": device, "dtype": dtype}
         with progress_bar(quiet) as progress:
-            reports, labels = _similarity(
+            _, _, reports = analyse_similarity(
                 base,
-                adapter,
+                adapter,  # one report per --adapter, labelled by its path
                 parse_modules(modules),
                 layer_batch=layer_batch,
                 max_memory=budget,
                 progress=progress,
                 **opts,
             )
+        labels = [str(a) for a in adapter]
         if len(reports) == 1:
             if json_output:
                 typer.echo(json_text(reports[0].to_dict()), nl=False)
@@ -253,22 +255,23 @@ def demo(
         console.print(f"  {out / 'report.html'}")
 
 
-def _similarity(
+def analyse_similarity(
     base: str | None,
     adapters: list[Path],
     modules: list[str] | None,
     *,
-    i: int | None,
-    j: int | None,
-    side: str,
-    seed: int,
-    device: str,
-    dtype: DType,
-    layer_batch: int | None,
-    max_memory: int,
-    progress: ProgressCallback | None,
-) -> tuple[list[SimilarityReport], list[str]]:
-    """Reports (one per adapter) with settings and inputs recorded, and the adapters' labels."""
+    i: int | None = None,
+    j: int | None = None,
+    side: str = "left",
+    seed: int = 0,
+    device: str = "auto",
+    dtype: DType = DType.float64,
+    layer_batch: int | None = None,
+    max_memory: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[BaseCheckpoint, list[LoraAdapter], list[SimilarityReport]]:
+    """Load, solve (one factorisation per base weight for all adapters) and compare: the base, the adapters and
+    one report per adapter, with settings and inputs (provenance) recorded. Shared by similarity, figure, report."""
     base_ckpt, loras = load_many(base, adapters)
     convs = compute_conversions_many(
         base_ckpt,
@@ -295,10 +298,9 @@ def _similarity(
     bare = dataclasses.replace(base_ckpt, files={}, shapes={}, dtypes={})  # hash the base's files once, not per adapter
     for k, (report, lora) in enumerate(zip(reports, loras, strict=True)):
         adapter_inputs = inputs["adapter"] if k == 0 else provenance(bare, lora)["adapter"]
-        report.settings.update(
-            run_settings(device, dtype, max_memory=max_memory), inputs={**inputs, "adapter": adapter_inputs}
-        )
-    return reports, [str(a) for a in adapters]
+        budget = {} if max_memory is None else {"max_memory": max_memory}
+        report.settings.update(run_settings(device, dtype, **budget), inputs={**inputs, "adapter": adapter_inputs})
+    return base_ckpt, loras, reports
 
 
 def _many_to_dict(reports: list[SimilarityReport], labels: list[str]) -> dict[str, Any]:

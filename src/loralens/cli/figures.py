@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 
-from loralens.analysis import SimilarityReport, compute_conversions, layer_similarity
 from loralens.cli._app import (
     AdapterOpt,
     BaseOpt,
@@ -20,13 +19,13 @@ from loralens.cli._app import (
     ModulesOpt,
     SideChoice,
     app,
-    load_inputs,
     parse_modules,
     run_settings,
     torch_dtype,
     user_errors,
 )
 from loralens.cli.condlora import seed_table
+from loralens.cli.core import analyse_similarity
 from loralens.compare import compare_adapters_many, comparisons_to_dict, parameter_counts
 from loralens.errors import LoralensError, RankError
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
@@ -73,7 +72,10 @@ def figure(
 
     with user_errors():
         check_output_folder(out, replace=force)
-        _, _, sim = _analyse(base, adapter, modules, device, dtype, layer_batch, i=i, j=j, side=side.value, seed=seed)
+        _, _, (sim,) = analyse_similarity(
+            base, [adapter], parse_modules(modules), i=i, j=j, side=side.value, seed=seed, device=device,
+            dtype=dtype, layer_batch=layer_batch,
+        )  # fmt: skip
         paths = write_outputs(out, figure_files(sim.to_dict(), dpi), replace=force)
         _print_written(paths)
 
@@ -190,7 +192,9 @@ def report_outputs(
             f"--lora is given {len(lora)} times without --condlora; several LoRA adapters are compared with their "
             "CondLoRA pairs (--lora X --condlora Y ...), or use 'loralens similarity' for several adapters"
         )
-    base_ckpt, lora_adapter, sim = _analyse(base, lora[0], modules, device, dtype, layer_batch, seed=seed)
+    base_ckpt, (lora_adapter,), (sim,) = analyse_similarity(
+        base, [lora[0]], parse_modules(modules), seed=seed, device=device, dtype=dtype, layer_batch=layer_batch
+    )
     conds = [load_condlora_adapter(c) for c in condlora]
     comparison = params = seeds = pairs = None
     if conds:
@@ -228,30 +232,6 @@ def report_outputs(
         "lowrank": low,
     }
     return {**files, "report.json": json_writer(numbers)}, numbers
-
-
-def _analyse(
-    base: str | None,
-    adapter: Path,
-    modules: str | None,
-    device: str,
-    dtype: DType,
-    layer_batch: int | None,
-    **similarity: Any,
-) -> tuple[BaseCheckpoint, LoraAdapter, SimilarityReport]:
-    base_ckpt, lora = load_inputs(base, adapter)
-    convs = compute_conversions(
-        base_ckpt,
-        lora,
-        modules=parse_modules(modules),
-        device=device,
-        dtype=torch_dtype(dtype),
-        layer_batch=layer_batch,
-        with_product=False,
-    )
-    sim = layer_similarity(convs, device=device, **similarity)
-    sim.settings.update(run_settings(device, dtype))
-    return base_ckpt, lora, sim
 
 
 def _lowrank_analyses(

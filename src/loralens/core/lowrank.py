@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from loralens.core.similarity import _check_rank, _working_precision, basis_similarity, random_similarity_expected
+from loralens.core.similarity import basis_similarity, random_similarity_expected, require_rank, working_precision
 from loralens.errors import LoralensError, NonFiniteError, ShapeError
 
 __all__ = [
@@ -380,7 +380,7 @@ def weight_projection(
     svd = _lowrank_svd(B, A, scale_t)
     d_out, d_in = W.shape[-2:]
     k = svd.S.shape[-1]
-    _check_rank(svd.S, k, max(d_out, d_in))
+    require_rank(svd.S, k, max(d_out, d_in))
     return _weight_projection(W, svd, n_random, generator)
 
 
@@ -535,7 +535,7 @@ def update_spectrum(
         raise LoralensError(f"energy threshold must lie in (0, 1], got {energy_threshold}")
     svd = _lowrank_svd(B, A, scale_t)
     k = svd.S.shape[-1]
-    _check_rank(svd.S, k, max(W.shape[-2:]))
+    require_rank(svd.S, k, max(W.shape[-2:]))
     return _update_spectrum(W, svd, energy_threshold)
 
 
@@ -560,7 +560,7 @@ def _update_spectrum(W: Tensor, svd: LowRankSVD, energy_threshold: float) -> Upd
 def _check_factors(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     if B.ndim < 2 or A.ndim < 2 or B.shape[-1] != A.shape[-2] or B.shape[:-2] != A.shape[:-2]:
         raise ShapeError(f"B (..., d_out, r) and A (..., r, d_in) do not fit: {tuple(B.shape)} and {tuple(A.shape)}")
-    B, A = _working_precision(B), _working_precision(A)
+    B, A = working_precision(B), working_precision(A)
     dtype = torch.promote_types(B.dtype, A.dtype)
     return B.to(dtype), A.to(dtype)
 
@@ -568,7 +568,7 @@ def _check_factors(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
 def _check_weight(W: Tensor) -> Tensor:
     if W.ndim < 2:
         raise ShapeError(f"expected matrices W (..., d_out, d_in), got shape {tuple(W.shape)}")
-    return _working_precision(W)
+    return working_precision(W)
 
 
 def _check_stack(W: Tensor, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -28,6 +28,8 @@ __all__ = [
     "mean_offdiagonal",
     "random_similarity_expected",
     "random_pairwise_similarity",
+    "require_rank",
+    "working_precision",
 ]
 
 Side = Literal["left", "right"]
@@ -57,9 +59,9 @@ def top_singular_vectors(X: Tensor, k: int, side: Side = "left") -> Tensor:
     _check_side(side)
     if X.ndim < 2:
         raise ShapeError(f"expected matrices (..., m, n), got shape {tuple(X.shape)}")
-    X = _working_precision(X)
+    X = working_precision(X)
     U, S, V = _thin_svd(X)
-    _check_rank(S, k, max(X.shape[-2:]))
+    require_rank(S, k, max(X.shape[-2:]))
     return U[..., :k] if side == "left" else V[..., :k]
 
 
@@ -87,12 +89,12 @@ def product_singular_vectors(B: Tensor, A: Tensor, k: int, side: Side = "left") 
     _check_side(side)
     if B.ndim < 2 or A.ndim < 2 or B.shape[-1] != A.shape[-2]:
         raise ShapeError(f"B (..., m, r) and A (..., r, n) do not fit: {tuple(B.shape)} and {tuple(A.shape)}")
-    B, A = _working_precision(B), _working_precision(A)
+    B, A = working_precision(B), working_precision(A)
     Q_B, R_B = torch.linalg.qr(B, mode="reduced")
     Q_A, R_A = torch.linalg.qr(A.mT, mode="reduced")
     U_c, S, Vh_c = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)
     # Relative to the product's scale: the factors' own scales cancel out of this tolerance.
-    _check_rank(S, k, max(B.shape[-2], A.shape[-1]))
+    require_rank(S, k, max(B.shape[-2], A.shape[-1]))
     return (Q_B @ U_c[..., :k]) if side == "left" else (Q_A @ Vh_c[..., :k, :].mT)
 
 
@@ -271,8 +273,11 @@ def _check_side(side: str) -> None:
         raise ShapeError(f"side must be 'left' or 'right', got {side!r}")
 
 
-def _check_rank(S: Tensor, k: int, size: int) -> None:
-    """S (..., p) singular values in descending order; raise unless every matrix has rank >= k >= 1."""
+def require_rank(S: Tensor, k: int, size: int) -> None:
+    """Raise a :class:`RankError` naming the batch positions unless every matrix has numerical rank >= k >= 1.
+
+    ``S`` (..., p): singular values in descending order; ``size``: the larger matrix dimension, for the rank
+    tolerance ``S[0] * size * eps`` (numpy's ``matrix_rank``)."""
     p = S.shape[-1]
     if k < 1:
         raise RankError(f"subspace dimension {k} must be at least 1")
@@ -294,7 +299,7 @@ def _check_rank(S: Tensor, k: int, size: int) -> None:
         )
 
 
-def _working_precision(X: Tensor) -> Tensor:
+def working_precision(X: Tensor) -> Tensor:
     """Validate an input to an SVD/QR: floating, finite; half precision is upcast to float32."""
     if not X.dtype.is_floating_point:
         raise ShapeError(f"expected a floating-point tensor, got {X.dtype}")

@@ -138,7 +138,7 @@ def load_lora_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         Invalid config, unknown ``peft_type``, corrupt tensors, unpaired factors, ranks that
         disagree with the config, layers outside ``layers_to_transform``.
     """
-    folder = _adapter_folder(Path(path).expanduser())
+    folder = adapter_folder(Path(path).expanduser())
     config = read_json(folder / CONFIG_NAME)
     check_lora_config(config, folder / CONFIG_NAME)
     weights_file = adapter_weights_file(folder)
@@ -232,15 +232,20 @@ def base_weight_matrices(
     return matrices, tuple(keys[p] for p in paths)
 
 
-def _adapter_folder(path: Path) -> Path:
+def adapter_folder(
+    path: Path, kind: str = "adapter", hint: str = "a PEFT adapter folder (save_pretrained output)"
+) -> Path:
+    """The folder of an adapter given as its folder or as one of its files; ``kind`` names it in messages
+    (``"CondLoRA adapter"``) and ``hint`` says what a folder without a config was expected to be."""
     if not path.exists():
-        raise InputPathError(f"{path}: no such adapter folder")
+        raise InputPathError(f"{path}: no such {kind} folder")
     if path.is_file():
         if path.name in (CONFIG_NAME, *_WEIGHT_NAMES):
             return path.parent
-        raise InputPathError(f"{path}: expected an adapter folder (with {CONFIG_NAME}), got a file")
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise InputPathError(f"{path}: expected {article} {kind} folder (with {CONFIG_NAME}), got a file")
     if not (path / CONFIG_NAME).is_file():
-        raise InputPathError(f"{path}: no {CONFIG_NAME}; is this a PEFT adapter folder (save_pretrained output)?")
+        raise InputPathError(f"{path}: no {CONFIG_NAME}; is this {hint}?")
     return path
 
 

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from loralens.core.condlora import condlora_factors
-from loralens.errors import CheckpointError, InputPathError, ModelMismatchError
-from loralens.io.adapters import AdapterModule, LoraAdapter, adapter_weights_file
+from loralens.errors import CheckpointError, ModelMismatchError
+from loralens.io.adapters import AdapterModule, LoraAdapter, adapter_folder, adapter_weights_file
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.files import check_finite, check_float, read_json, read_pickle_state_dict, read_safetensors
 from loralens.io.keys import PEFT_PREFIX, ModulePath, match_base_weights, module_type_names, parse_module_path
@@ -202,7 +202,7 @@ def load_condlora_adapter(path: str | os.PathLike[str]) -> CondLoraAdapter:
         anything but tensors is refused without running it), missing or unexpected keys, shapes that disagree
         with ``r`` or with each other.
     """
-    folder = _folder(Path(path).expanduser())
+    folder = adapter_folder(Path(path).expanduser(), "CondLoRA adapter", "a CondLoRA adapter folder")
     config_path = folder / CONFIG_NAME
     config = read_json(config_path)
     _check_config(config, config_path)
@@ -378,18 +378,6 @@ def _read_stack(base: BaseCheckpoint, paths: list[ModulePath], adapter: CondLora
                 f"{shape}; CondLoRA needs square ({d}, {d}) weights: the adapter was trained on another base"
             )
     return torch.stack([weights[keys[p]] for p in paths])
-
-
-def _folder(path: Path) -> Path:
-    if not path.exists():
-        raise InputPathError(f"{path}: no such CondLoRA adapter folder")
-    if path.is_file():
-        if path.name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
-            return path.parent
-        raise InputPathError(f"{path}: expected a CondLoRA adapter folder (with {CONFIG_NAME}), got a file")
-    if not (path / CONFIG_NAME).is_file():
-        raise InputPathError(f"{path}: no {CONFIG_NAME}; is this a CondLoRA adapter folder?")
-    return path
 
 
 def _check_config(config: dict[str, Any], path: Path) -> None:
