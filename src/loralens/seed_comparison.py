@@ -7,9 +7,9 @@ sample standard deviation of the held-out score, and the paired t-test of CondLo
 (``scipy.stats.ttest_rel``, two-sided), as the paper reports it.
 
     >>> from loralens import examples
-    >>> runs = {"rt-polarity": {"lora": [read_metrics(lo) for _, lo, _ in examples.default_adapters()],
-    ...                         "condlora": [read_metrics(c) for _, _, c in examples.default_adapters()]}}
-    >>> compare_seeds(runs)["tasks"]["rt-polarity"]["mean"]
+    >>> pairs = examples.default_adapters()  # (seed, LoRA folder, CondLoRA folder) for seeds 0, 1, 2
+    >>> runs = runs_from_folders([lo for _, lo, _ in pairs], [c for _, _, c in pairs])
+    >>> compare_seeds(runs)["tasks"]["rt-polarity"]["paired_t"]["p_value"]
 
 Neither prints nor writes files; :func:`loralens.plots.tables.table2` renders the result.
 """
