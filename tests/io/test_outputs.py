@@ -125,3 +125,29 @@ def test_interrupted_rewrite_leaves_a_complete_folder_or_none(tmp_path: Path, si
         assert len(texts) == 1, "the folder mixes files of two runs"
         assert sorted(p.name for p in out.iterdir()) == [MARKER, "x.txt", "y.txt", "z.txt"]
         # staging/old folders may be left beside it after SIGKILL, never inside it
+
+
+def test_ctrl_c_during_the_swap_arrives_after_both_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window the loop above can only hit by chance: Ctrl-C right after the first rename (a real SIGINT, sent
+    from inside it). It is held until the second rename is done, so the folder is complete (the new one), and only
+    then is the interrupt raised."""
+    from loralens.io import outputs
+
+    out = tmp_path / "out"
+    write_outputs(out, _files("one"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "a.json").write_text('"two"')
+    real_replace = Path.replace
+
+    def replace_then_interrupt(self: Path, target: Path) -> Path:
+        result = real_replace(self, target)
+        if self == out:  # the previous folder has just been renamed aside
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Path, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        outputs._swap_into_place(staging, out)
+    monkeypatch.undo()
+    assert (out / "a.json").read_text() == '"two"' and not staging.exists()

@@ -6,12 +6,15 @@ which is then renamed into place whole (``os.replace`` is atomic on POSIX and Wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +121,32 @@ def check_output_folder(out_dir: Path, *, replace: bool = False, names: Iterable
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
     old.rmdir()  # a free unique name for the previous folder
-    out_dir.replace(old)
-    try:
-        staging.replace(out_dir)
-    except BaseException:  # an OSError, or Ctrl-C between the two renames: put the previous output back
-        old.replace(out_dir)
-        raise
+    with _signals_held():  # Ctrl-C cannot fall between the two renames (SIGKILL can: then the old folder is beside)
+        out_dir.replace(old)
+        try:
+            staging.replace(out_dir)
+        except OSError:
+            old.replace(out_dir)  # put the previous output back
+            raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP for the block; one that arrives meanwhile is delivered right after it.
+
+    Without this a KeyboardInterrupt can land between two statements (after the first rename has returned and
+    before anything could undo it), which no try/except closes. Only the main thread can hold signals for
+    Python, and only POSIX has ``pthread_sigmask``; elsewhere the block runs as it is.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
