@@ -100,15 +100,25 @@ while True:
 """
 
 
+def _marker_inode(out: Path) -> int | None:
+    """Identity of the output folder's marker file: every completed write makes a new one."""
+    try:
+        return (out / MARKER).stat().st_ino
+    except OSError:
+        return None
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_rewrite_leaves_a_complete_folder_or_none(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "out"
     for attempt in range(6):
+        previous = _marker_inode(out)  # the folder the last attempt left, if any
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stderr=subprocess.DEVNULL)
-        # Signal only once the loop runs (a signal during interpreter start-up tests nothing of ours), then at a
-        # different point of the loop each time: writing, the swap, or the clean-up.
+        # Signal only once this writer's loop runs, i.e. it has written a folder of its own (a signal during
+        # interpreter start-up, while torch loads, tests nothing of ours), then at a different point of the loop
+        # each time: writing, the swap, or the clean-up.
         deadline = time.monotonic() + 120
-        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while _marker_inode(out) in (None, previous) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.037 * attempt)
         proc.send_signal(sig)
