@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
@@ -25,6 +25,9 @@ from loralens.analysis import ProgressCallback, base_for, resolve_device
 from loralens.errors import LoralensError, LoralensWarning
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
+
+if TYPE_CHECKING:
+    from loralens.plots.tables import Table
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -253,3 +256,19 @@ def format_layers(layers: tuple[int, ...]) -> str:
 def format_number(x: float) -> str:
     """Four decimals; ``n/a`` for NaN (phi of an untrained factor)."""
     return "n/a" if x != x else f"{x:.4f}"
+
+
+def print_table(table: Table, digits: int = 4) -> None:
+    """A :class:`loralens.plots.tables.Table` on the terminal with rich: its title above, its notes below."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table as RichTable
+
+    from loralens.plots.tables import format_cell, numeric_columns
+
+    shown = RichTable(title=escape(table.title), caption=escape(" ".join(table.notes)) or None)
+    for column, numeric in zip(table.columns, numeric_columns(table), strict=True):
+        shown.add_column(escape(column), justify="right" if numeric else "left")
+    for row in table.rows:
+        shown.add_row(*(escape(format_cell(cell, digits)) for cell in row))
+    Console().print(shown)

@@ -24,6 +24,7 @@ from loralens.cli._app import (
     app,
     format_layers,
     parse_modules,
+    print_table,
     run_settings,
     torch_dtype,
     user_errors,
@@ -262,46 +263,14 @@ def _split(text: str) -> list[str]:
 
 
 def print_pairs(data: dict[str, Any]) -> None:
-    """Table 3 averaged over layers, per pair and as mean +- std over pairs; then Table 2 when there is one."""
-    console = Console()
-    n = len(data["pairs"])
-    for module, summary in data["summary"].items():
-        table = Table(title=f"{module}: mean over layers of phi(LoRA, CondLoRA), {n} pairs")
-        for col in ("factor", *(f"pair {k + 1}" for k in range(n)), "mean +- std", "random"):
-            table.add_column(col, justify="left" if col == "factor" else "right")
-        for factor, s in summary.items():
-            table.add_row(
-                factor,
-                *(f"{v:.4f}" for v in s["per_pair"]),
-                f"{s['mean']:.4f} +- {s['std']:.4f}",
-                "" if s.get("random") is None else f"{s['random']:.4f}",
-            )
-        console.print(table)
-    for k, pair in enumerate(data["pairs"]):
-        console.print(f"pair {k + 1}: LoRA {pair['settings']['lora']}, CondLoRA {pair['settings']['condlora']}")
-    table2 = data.get("table2")
-    if table2 is None:
-        console.print(data.get("table2_note", ""), highlight=False)
-        return
-    for task, t in table2["tasks"].items():
-        table = Table(title=f"Table 2, {task}: held-out {t['metric']} after training")
-        for col in ("method", *(f"seed {s}" for s in t["seeds"]), "mean +- std", "params"):
-            table.add_column(col, justify="left" if col == "method" else "right")
-        for method, label in (("lora", "LoRA"), ("condlora", "CondLoRA")):
-            std = t["std"][method]
-            table.add_row(
-                label,
-                *(f"{v:.4f}" for v in t["scores"][method]),
-                f"{t['mean'][method]:.4f}" + ("" if std is None else f" +- {std:.4f}"),
-                f"{t['trainable_params'][method]:,}",
-            )
-        console.print(table)
-        test = t["paired_t"]
-        if test["p_value"] is not None:
-            console.print(
-                f"paired t-test over seeds (CondLoRA - LoRA): t = {test['statistic']:.3f}, p = {test['p_value']:.3f}",
-                highlight=False,
-            )
+    """Table 3 over pairs (mean over layers per pair, mean ± std), then Table 2 when the folders make one."""
+    from loralens.plots.tables import table2, table3_over_pairs
+
+    print_table(table3_over_pairs(data))
+    if data.get("table2") is None:
+        typer.echo(data.get("table2_note", ""))
+    else:
+        print_table(table2(data["table2"]))
 
 
 def _print_comparison(report: ComparisonReport) -> None:

@@ -231,6 +231,7 @@ def demo(
             [c for _, _, c in seeds],
             overlap=default_adapter(1),
             device=device,
+            similarity=report,
         )
         paths = write_outputs(
             out,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from loralens.analysis import SimilarityReport
 from loralens.cli._app import (
     AdapterOpt,
     BaseOpt,
@@ -19,6 +20,7 @@ from loralens.cli._app import (
     ModulesOpt,
     SideChoice,
     app,
+    load_inputs,
     parse_modules,
     run_settings,
     torch_dtype,
@@ -175,9 +177,11 @@ def report_outputs(
     device: str = "auto",
     dtype: DType = DType.float64,
     layer_batch: int | None = None,
+    similarity: SimilarityReport | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Everything ``loralens report`` (and ``demo``) writes, as ``({file name: writer}, report.json data)``:
-    all analyses run before anything is written."""
+    all analyses run before anything is written. ``similarity``: Figure 1's report of ``lora[0]`` when the
+    caller has it already (the demo), else computed here."""
     from loralens.report import input_identities, report_files
 
     if not lora:
@@ -192,9 +196,12 @@ def report_outputs(
             f"--lora is given {len(lora)} times without --condlora; several LoRA adapters are compared with their "
             "CondLoRA pairs (--lora X --condlora Y ...), or use 'loralens similarity' for several adapters"
         )
-    base_ckpt, (lora_adapter,), (sim,) = analyse_similarity(
-        base, [lora[0]], parse_modules(modules), seed=seed, device=device, dtype=dtype, layer_batch=layer_batch
-    )
+    if similarity is None:
+        base_ckpt, (lora_adapter,), (sim,) = analyse_similarity(
+            base, [lora[0]], parse_modules(modules), seed=seed, device=device, dtype=dtype, layer_batch=layer_batch
+        )
+    else:
+        (base_ckpt, lora_adapter), sim = load_inputs(base, lora[0]), similarity
     conds = [load_condlora_adapter(c) for c in condlora]
     comparison = params = seeds = pairs = None
     if conds:
@@ -266,12 +273,12 @@ def _lowrank_analyses(
 
 def _training_speeds(lora: list[Path], condlora: list[Path]) -> dict[str, float]:
     """Training examples/s recorded in the adapters' metrics.json (``loralens train`` writes it), mean per method
-    over the folders that have it."""
+    over the folders that have one."""
     speeds = {}
     for key, folders in (("lora", lora), ("condlora", condlora)):
         values = []
         for folder in folders:
-            try:
+            try:  # any metrics.json with a speed (not only loralens's own): Table 4 shows it
                 value = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["examples_per_s"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue

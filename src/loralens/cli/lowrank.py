@@ -28,6 +28,7 @@ from loralens.cli._app import (
     app,
     load_inputs,
     parse_modules,
+    print_table,
     run_settings,
     torch_dtype,
     user_errors,
@@ -221,7 +222,7 @@ def _emit(
     if json_output:
         typer.echo(json_text({**data, "outputs": [str(p) for p in paths]} if paths else data), nl=False)
         return
-    _print_table(table(data))
+    print_table(table(data))
     for p in paths:
         typer.echo(f"wrote {p}")
 
@@ -235,19 +236,3 @@ def _identities(first: LoraAdapter, second: LoraAdapter, base: Any) -> dict[str,
             for a in (first, second)
         ]
     }
-
-
-def _print_table(table: Table, digits: int = 4) -> None:
-    """A :class:`loralens.plots.tables.Table` on the terminal with rich: its title above, its notes below."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table as RichTable
-
-    from loralens.plots.tables import format_cell, numeric_columns
-
-    shown = RichTable(title=escape(table.title), caption=escape(" ".join(table.notes)) or None)
-    for column, numeric in zip(table.columns, numeric_columns(table), strict=True):
-        shown.add_column(escape(column), justify="right" if numeric else "left")
-    for row in table.rows:
-        shown.add_row(*(escape(format_cell(cell, digits)) for cell in row))
-    Console().print(shown)
