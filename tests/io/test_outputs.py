@@ -84,8 +84,10 @@ def test_output_path_that_is_a_file(tmp_path: Path) -> None:
 # A child process that rewrites an output folder (with replace=True) in a loop, slowly enough to be killed
 # in the middle of any step: writing, the swap, or the clean-up.
 WRITER = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+# Ctrl-C as in a terminal, whatever this process inherited (a shell's background job starts with SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from loralens.io.outputs import write_outputs
 out, n = Path(sys.argv[1]), 0
 def slow(tag):
@@ -157,7 +159,12 @@ def test_ctrl_c_during_the_swap_arrives_after_both_renames(tmp_path: Path, monke
         return result
 
     monkeypatch.setattr(Path, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        outputs._swap_into_place(staging, out)
-    monkeypatch.undo()
+    # Ctrl-C as in a terminal, whatever pytest inherited (a shell's background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            outputs._swap_into_place(staging, out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
     assert (out / "a.json").read_text() == '"two"' and not staging.exists()
