@@ -20,6 +20,7 @@ Neither prints nor writes files; Table 4 reads only tensor shapes (safetensors h
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -245,13 +246,11 @@ def comparisons_to_dict(reports: Sequence[ComparisonReport], extra: dict[str, An
             else:
                 per_pair = [e["conv_vs_theta"]["mean"][f[-1]] for e in entries]
                 random = [e["conv_vs_theta"]["random_expected"] for e in entries]
-            mean = sum(per_pair) / len(per_pair)
-            var = sum((v - mean) ** 2 for v in per_pair) / (len(per_pair) - 1) if len(per_pair) > 1 else 0.0
             rows[f] = {
                 "per_pair": per_pair,
-                "mean": round(mean, 10),
-                "std": round(var**0.5, 10),
-                "random": round(sum(random) / len(random), 10),
+                "mean": round(statistics.fmean(per_pair), 10),
+                "std": round(statistics.stdev(per_pair), 10) if len(per_pair) > 1 else 0.0,
+                "random": round(statistics.fmean(random), 10),
             }
         summary[module] = rows
     shared = {k: v for k, v in (reports[0].settings if reports else {}).items() if k not in ("lora", "condlora")}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def compare_seeds(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]])
             "seeds": seeds,
             "scores": scores,
             "before": {m: [_finite(paired[m][s].get("before")) for s in seeds] for m in METHODS},
-            "mean": {m: math.fsum(scores[m]) / len(seeds) for m in METHODS},
+            "mean": {m: statistics.fmean(scores[m]) for m in METHODS},
             "std": {m: _sample_std(scores[m]) for m in METHODS},
             "paired_t": {"statistic": statistic, "p_value": p_value, "test": PAIRED_TEST},
             "trainable_params": {m: paired[m][seeds[0]].get("trainable_params") for m in METHODS},
@@ -126,7 +127,7 @@ def compare_seeds(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]])
         }
     if not tasks:
         raise LoralensError("compare_seeds got no runs; pass {task: {'lora': [...], 'condlora': [...]}}")
-    average = {m: math.fsum(t["mean"][m] for t in tasks.values()) / len(tasks) for m in METHODS}
+    average = {m: statistics.fmean(t["mean"][m] for t in tasks.values()) for m in METHODS}
     return {"tasks": tasks, "average": average}
 
 
@@ -165,13 +166,12 @@ def _paired(task: str, by_method: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
 def _sample_std(values: Sequence[float]) -> float | None:
     if len(values) < 2:
         return None
-    mean = math.fsum(values) / len(values)
-    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values)
 
 
 def _mean(values: Sequence[Any]) -> float | None:
     numbers = [float(v) for v in values if isinstance(v, (int, float))]
-    return math.fsum(numbers) / len(numbers) if numbers else None
+    return statistics.fmean(numbers) if numbers else None
 
 
 def _finite(x: Any) -> float | None:
