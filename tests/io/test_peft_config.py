@@ -32,7 +32,7 @@ def test_a_peft_written_config_passes() -> None:
         ({"lora_alpha": None}, "lora_alpha is None; expected a finite number"),
         ({"lora_alpha": float("nan")}, "lora_alpha is nan"),
         ({"rank_pattern": [1]}, "rank_pattern is [1]; expected an object"),
-        ({"rank_pattern": {"(": 4}}, "rank_pattern key '(' is not a valid regular expression"),
+        ({"rank_pattern": {"(": 4}}, "rank_pattern key '(' is refused: not a valid regular expression"),
         ({"rank_pattern": {"q": -1}}, "rank_pattern['q'] is -1; expected a positive integer"),
         ({"alpha_pattern": {"q": "x"}}, "alpha_pattern['q'] is 'x'; expected a finite number"),
         ({"use_rslora": "yes"}, "use_rslora is 'yes'; expected true or false"),

@@ -7,11 +7,13 @@ task-model adapter (``base_model.model.bert.encoder.layer.3.attention.self.query
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from loralens.errors import ModelMismatchError
+from loralens.errors import CheckpointError, ModelMismatchError
 
 __all__ = [
     "LAYER_CONTAINERS",
@@ -22,6 +24,8 @@ __all__ = [
     "match_base_weights",
     "module_type_names",
     "peft_pattern_value",
+    "compile_module_pattern",
+    "PatternError",
 ]
 
 #: Names of the containers that hold numbered layers in common architectures
@@ -153,8 +157,49 @@ def peft_pattern_value(pattern: Mapping[str, float] | None, module_name: str, de
 
     PEFT (``utils.other.get_pattern_key``) takes the first pattern key ``k`` for which
     ``re.match(rf"(.*\\.)?({k})$", module_name)`` matches; ``module_name`` has no ``base_model.model.``.
+    The keys come from strangers' configs, so they are matched by RE2 (:func:`compile_module_pattern`): linear
+    time, where Python's backtracking engine can take minutes on a crafted key.
     """
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if compile_module_pattern(key).match(module_name):
             return value
     return default
+
+
+#: Longest pattern key accepted; PEFT's are module names of a few dozen characters.
+MAX_PATTERN_LENGTH = 1000
+
+
+class PatternError(CheckpointError):
+    """A ``rank_pattern`` / ``alpha_pattern`` key that cannot be matched safely; the message says why."""
+
+
+def compile_module_pattern(key: str) -> Any:
+    """PEFT's module-name rule ``(.*\\.)?(key)$`` compiled by RE2 (linear-time matching).
+
+    Raises PatternError for a key that is too long, not a valid expression, or uses what only a backtracking
+    engine offers (backreferences, lookaround): those are the keys that can hang a matcher.
+    """
+    if not isinstance(key, str) or len(key) > MAX_PATTERN_LENGTH:
+        raise PatternError(f"longer than {MAX_PATTERN_LENGTH} characters")
+    return _compile_re2(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile_re2(key: str) -> Any:
+    import re2  # google-re2: imported on first use, keeps start-up light
+
+    try:
+        re.compile(key)
+    except re.error as e:
+        raise PatternError(f"not a valid regular expression ({e})") from None
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own message to stderr
+    try:
+        return re2.compile(rf"(.*\.)?({key})$", options)
+    except re2.error as e:
+        reason = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise PatternError(
+            f"uses a construct that cannot be matched in linear time ({reason}); backreferences and "
+            "lookaround are refused in adapter configs"
+        ) from None

@@ -8,11 +8,11 @@ the file and the key instead of a ``TypeError`` deep in the loader.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 from loralens.errors import CheckpointError
+from loralens.io.keys import PatternError, compile_module_pattern
 
 __all__ = ["check_lora_config"]
 
@@ -68,9 +68,10 @@ def _check_pattern(config: dict[str, Any], key: str, valid: Any, what: str, path
         _bad(path, key, pattern, "an object of module-name patterns")
     for name, value in pattern.items():
         try:
-            re.compile(name)
-        except re.error as e:
-            raise CheckpointError(f"{path}: {key} key {name!r} is not a valid regular expression ({e})") from e
+            compile_module_pattern(name)
+        except PatternError as e:
+            shown = repr(name) if len(name) <= 60 else repr(name[:57]) + "..."
+            raise CheckpointError(f"{path}: {key} key {shown} is refused: {e} (fix adapter_config.json)") from None
         if not valid(value):
             _bad(path, f"{key}[{name!r}]", value, what)
 
