@@ -7,7 +7,9 @@ tensors and plain containers, so a crafted file cannot run code.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import zipfile
 from collections.abc import Iterable
@@ -21,6 +23,8 @@ from torch import Tensor
 from loralens.errors import CheckpointError, InputPathError, NonFiniteError
 
 __all__ = [
+    "os_error_fix",
+    "os_error_reason",
     "read_json",
     "safetensors_keys",
     "safetensors_shapes",
@@ -34,18 +38,60 @@ __all__ = [
 _MIN_TORCH_FOR_PICKLES = (2, 6)
 
 
+#: Largest JSON file read (a config, a shard index, metrics.json): real ones are kilobytes, a shard index of a
+#: very large model a few MiB; anything bigger is not one of them and would only cost memory and time.
+MAX_JSON_BYTES = 16 * 1024 * 1024
+#: Deepest nesting accepted in a JSON file; configs are a few levels deep. Deeper ones would exhaust Python's
+#: recursion limit in the parser (or later, when the config is written back into a report).
+MAX_JSON_DEPTH = 64
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON object from ``path``."""
+    """Parse a JSON object from ``path``: at most :data:`MAX_JSON_BYTES`, nested at most :data:`MAX_JSON_DEPTH` deep.
+
+    Every JSON file loralens reads (adapter_config.json, a base's config.json and shard index, CondLoRA
+    configs, metrics.json) comes through here.
+    """
     _check_file(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)  # not stat: a pipe or /proc file reports no size
+    except OSError as e:
+        raise InputPathError(f"{path}: cannot read ({e.strerror or e})") from e
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(
+            f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB, too large for a JSON config; "
+            "check that it is the right file"
+        )
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e}); fix or re-save the file") from e
-    except OSError as e:
-        raise InputPathError(f"{path}: cannot read ({e.strerror})") from e
+    except RecursionError as e:
+        raise CheckpointError(_too_deep(path)) from e
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise CheckpointError(_too_deep(path))
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _too_deep(path: Path) -> str:
+    return f"{path}: invalid JSON (nested more than {MAX_JSON_DEPTH} levels deep); fix or re-save the file"
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests lists/objects deeper than ``limit`` levels (iteratively: no recursion limit)."""
+    stack = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -120,11 +166,49 @@ def check_float(tensors: dict[str, Tensor], path: Path) -> None:
             )
 
 
+def os_error_reason(e: OSError) -> str:
+    """What an OSError means for the user and what to do, for a message after the path: ``file name too long
+    (...); choose a shorter name``. The system's own words for errors without a known fix."""
+    fix = os_error_fix(e)
+    words = e.strerror or type(e).__name__
+    if e.errno == errno.ENAMETOOLONG:
+        return f"{words.lower()}: the system allows {_name_max()} bytes per name; choose a shorter name or path"
+    return f"{words.lower()}; {fix}" if fix else words.lower()
+
+
+def os_error_fix(e: OSError) -> str | None:
+    """What to do about an OSError (a full disk, no permission, a file-size limit), or None when there is no
+    general advice for it."""
+    return _OS_ERROR_FIXES.get(e.errno or 0)
+
+
+_OS_ERROR_FIXES = {
+    errno.EACCES: "give your user read (and, for outputs, write) permission, or use a copy you own",
+    errno.EPERM: "give your user read (and, for outputs, write) permission, or use a copy you own",
+    errno.ENOSPC: "free space on that disk or choose a folder on another one",
+    errno.EDQUOT: "free space within your disk quota or choose a folder on another disk",
+    errno.EFBIG: "a file-size limit was reached (ulimit -f, or the file system's own); raise it or write elsewhere",
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.ELOOP: "a symbolic link points back to itself; fix the link",
+    errno.EIO: "the disk or network file system failed; retry, or copy the files to a local disk",
+}
+
+
+def _name_max() -> int:
+    try:
+        return os.pathconf("/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise InputPathError(f"{path}: no such file")
-    if not path.is_file():
-        raise InputPathError(f"{path}: expected a file, found a folder")
+    try:
+        if not path.exists():
+            raise InputPathError(f"{path}: no such file")
+        if not path.is_file():
+            raise InputPathError(f"{path}: expected a file, found a folder")
+    except OSError as e:  # a name too long, a folder on the way without permission
+        raise InputPathError(f"{path}: cannot read ({os_error_reason(e)})") from e
 
 
 def _corrupt(path: Path, e: Exception) -> CheckpointError:
