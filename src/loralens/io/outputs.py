@@ -7,6 +7,7 @@ which is then renamed into place whole (``os.replace`` is atomic on POSIX and Wi
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,10 +19,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
 from loralens.errors import InputPathError, OutputExistsError
+from loralens.io.files import os_error_fix
 
 __all__ = [
     "MARKER",
@@ -88,7 +91,10 @@ def write_outputs(out_dir: Path, files: Mapping[str, Writer], *, replace: bool =
         else:
             staging.replace(out_dir)  # onto a missing or empty folder: one rename
     except OSError as e:
-        raise InputPathError(f"{out_dir}: cannot write the results ({e.strerror or e}); nothing was changed") from e
+        fix = os_error_fix(e)
+        raise InputPathError(
+            f"{out_dir}: cannot write the results ({e.strerror or e}); nothing was changed{f'; {fix}' if fix else ''}"
+        ) from e
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -159,7 +165,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _write_synced(path: Path, write: Writer) -> None:
-    write(path)
+    try:
+        write(path)
+    except SafetensorError as e:  # safetensors reports a full disk or a file-size limit as its own error type
+        number = str(e).rpartition("(os error ")[2].rstrip(")")  # "... I/O error: File too large (os error 27)"
+        code = int(number) if number.isdigit() else errno.EIO
+        raise OSError(code, os.strerror(code) if number.isdigit() else str(e), str(path)) from e
     with path.open("rb+") as f:
         os.fsync(f.fileno())
     # mkstemp/mkdtemp make private files; results get the permissions of any file the user creates.
