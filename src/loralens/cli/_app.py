@@ -10,6 +10,7 @@ over the Python API and registers its commands on :data:`app`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 import time
 import warnings
@@ -25,6 +26,12 @@ from loralens.analysis import ProgressCallback, base_for, resolve_device
 from loralens.errors import LoralensError, LoralensWarning
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.files import os_error_reason
+
+try:  # recent typer vendors click as typer._click; earlier versions use click itself
+    from typer._click.globals import get_current_context
+except ImportError:  # pragma: no cover
+    from click.globals import get_current_context
 
 if TYPE_CHECKING:
     from loralens.plots.tables import Table
@@ -127,17 +134,113 @@ LayerBatchOpt = Annotated[
 def user_errors() -> Iterator[None]:
     """Turn LoralensError into one line and exit 2, Ctrl-C into exit 130; never a traceback for bad input.
 
-    Every command runs inside it, so it is also where loralens warnings become one ``warning:`` line each.
+    Every command runs inside it, so it is also where loralens warnings become one ``warning:`` line each, where
+    the options every command shares (``--seed``, ``--device``) are checked, and where a failing operating system
+    call (a name too long, no permission, a full disk) and a standard output that cannot be written (``>
+    /dev/full``, a closed pipe) become one line and exit 2. SIGXFSZ needs nothing here: CPython ignores it at
+    start, so a write past ``ulimit -f`` raises EFBIG (reported like a full disk) instead of killing the process.
     """
+    stdout = _GuardedStdout(sys.stdout)
+    sys.stdout = stdout  # type: ignore[assignment]
     with one_line_warnings():
         try:
+            _check_shared_options()
             yield
         except LoralensError as e:
-            typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+            _error_line(str(e))
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except _StdoutError as e:
+            _error_line(f"standard output: cannot write the results ({_stdout_reason(e.error)})")
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except OSError as e:
+            where = e.filename if e.filename is not None else "a file or folder"
+            _error_line(f"{where}: {os_error_reason(e)}")
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; no partial output was written", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        finally:
+            if sys.stdout is stdout:
+                sys.stdout = stdout.stream
+
+
+def _error_line(message: str) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+
+
+#: Seeds go to numpy (``np.random.seed`` takes 0 .. 2**32 - 1) and torch's CPU generator, which keeps 32 bits.
+MAX_SEED = 2**32 - 1
+#: Devices the analyses run on (``cuda:N`` picks one GPU).
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_shared_options() -> None:
+    """Check ``--seed`` and ``--device`` of the running command (every command that has them names them so)."""
+    ctx = get_current_context(silent=True)
+    params = ctx.params if ctx is not None else {}
+    seed = params.get("seed")
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+        raise LoralensError(
+            f"--seed {seed} is out of range; use a seed from 0 to {MAX_SEED} (2**32 - 1, what numpy and torch's "
+            "CPU generator keep)"
+        )
+    device = params.get("device")
+    if isinstance(device, str):
+        check_device(device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` other than auto, cpu, cuda and cuda:N, and a GPU this machine does not have."""
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise LoralensError(f"--device {device!r} is not supported; use auto, cpu or cuda (cuda:N for one GPU)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LoralensError(f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise LoralensError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1}; pick one of them"
+        )
+
+
+class _StdoutError(Exception):
+    """Writing to standard output failed with ``error`` (kept apart from failures on files)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: the same stream, but a failed write or flush raises
+    :class:`_StdoutError`, so that the message says it was standard output and not a file that failed."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise _StdoutError(e) from e
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise _StdoutError(e) from e
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _stdout_reason(e: OSError) -> str:
+    words = (e.strerror or type(e).__name__).lower()
+    if e.errno == errno.EPIPE:
+        return f"{words}: the program reading it stopped early; let it read the whole output"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"{words}; redirect it to a file on a disk with free space"
+    return f"{words}; redirect it to a file or to a program that reads all of it"
 
 
 @contextlib.contextmanager
@@ -233,7 +336,13 @@ class _DelayedProgress:
 
 
 def parse_modules(text: str | None) -> list[str] | None:
-    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+    """``--modules query,value`` -> ``["query", "value"]``; a name given twice is refused (it would be
+    analysed twice, or, where the results are stacked per module, clash)."""
+    names = [m.strip() for m in text.split(",") if m.strip()] if text else []
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise LoralensError(f"--modules names {', '.join(map(repr, twice))} more than once; list each module once")
+    return names or None
 
 
 def run_settings(device: str, dtype: DType, **extra: Any) -> dict[str, Any]:
