@@ -283,6 +283,11 @@ def _stack_module(
         if shape is not None and (B.shape[0], A.shape[1]) != shape:
             raise CheckpointError(f"{source}: module {name!r} changes shape across layers at layer {p.layer}")
         shape = (B.shape[0], A.shape[1])
+        if 0 in (*A.shape, *B.shape):  # rank 0 (lora_A (0, in)) or an empty layer: no adapter to analyse
+            raise CheckpointError(
+                f"{source}: {p.dotted}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are empty (rank 0 or "
+                "a zero-size dimension); the adapter file is damaged or was saved empty: re-save it"
+            )
         r = A.shape[0]
         expected_r = int(peft_pattern_value(config.get("rank_pattern"), p.dotted, config.get("r", r)))
         if r != expected_r:
