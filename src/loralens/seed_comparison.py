@@ -16,7 +16,6 @@ Neither prints nor writes files; :func:`loralens.plots.tables.table2` renders th
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -24,8 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from loralens.errors import CheckpointError, InputPathError, LoralensError
+from loralens.io.files import read_json
 
-__all__ = ["METHODS", "PAIRED_TEST", "compare_seeds", "read_metrics", "runs_from_folders"]
+__all__ = [
+    "METHODS",
+    "PAIRED_TEST",
+    "DamagedMetricsError",
+    "compare_seeds",
+    "metric_value",
+    "read_metrics",
+    "runs_from_folders",
+]
 
 #: The two methods compared, in table order.
 METHODS = ("lora", "condlora")
@@ -40,20 +48,46 @@ _CONSTANT_DIFFERENCE = 1e-9
 _SHARED_SETTINGS = ("r", "lora_alpha", "target_modules", "steps", "lr", "batch_size", "max_length", "split_seed")
 
 
+_RESTORE = "retrain the adapter or restore the file"
+
+
+class DamagedMetricsError(CheckpointError):
+    """A ``metrics.json`` that is there but cannot be used: unreadable, or a score, speed or seed that is not a
+    finite number. Unlike a missing file or runs that do not pair, this is an error, not a note under Table 3."""
+
+
 def read_metrics(folder: str | Path) -> dict[str, Any]:
     """The ``metrics.json`` of a trained adapter folder, checked for the fields :func:`compare_seeds` uses."""
     path = Path(folder) / "metrics.json"
     if not path.is_file():
         raise InputPathError(f"{path}: not found; compare_seeds needs the metrics.json that 'loralens train' writes")
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e}); retrain the adapter or restore the file") from e
+        metrics = read_json(path)
+    except CheckpointError as e:
+        detail = str(e).removeprefix(f"{path}: ")
+        raise DamagedMetricsError(f"{path}: not readable JSON: {detail}; {_RESTORE}") from e
     fields = ("task", "method", "metric", "seed", "after", "settings")
-    missing = [k for k in fields if k not in metrics] if isinstance(metrics, dict) else []
-    if not isinstance(metrics, dict) or missing:
-        raise CheckpointError(f"{path}: lacks {', '.join(missing) or 'an object'}; it is not a loralens metrics.json")
+    missing = [k for k in fields if k not in metrics]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; it is not a loralens metrics.json")
+    seed = metrics["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise DamagedMetricsError(f"{path}: 'seed' is {seed!r}, not an integer; {_RESTORE}")
+    metric_value(metrics, "after", path, optional=False)
+    for key in ("before", "examples_per_s", "trainable_params"):
+        metric_value(metrics, key, path)
     return metrics
+
+
+def metric_value(metrics: Mapping[str, Any], key: str, path: Path, *, optional: bool = True) -> float | None:
+    """``metrics[key]`` of the ``metrics.json`` at ``path`` as a finite number; None when it is absent or null and
+    ``optional``. Raises :class:`DamagedMetricsError` naming the file and key for NaN, Infinity, text and the like."""
+    value = metrics.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DamagedMetricsError(f"{path}: {key!r} is {value!r}, not a finite number; {_RESTORE}")
+    return float(value)
 
 
 def runs_from_folders(

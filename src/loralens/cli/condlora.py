@@ -41,7 +41,7 @@ from loralens.io.adapters import load_lora_adapter
 from loralens.io.base_weights import open_base, resolve_base
 from loralens.io.condlora import load_condlora_adapter
 from loralens.io.outputs import check_output_folder, json_text
-from loralens.seed_comparison import compare_seeds, runs_from_folders
+from loralens.seed_comparison import DamagedMetricsError, compare_seeds, runs_from_folders
 from loralens.training.data import TASKS
 
 
@@ -202,6 +202,8 @@ def seed_table(lora: list[Path], condlora: list[Path]) -> dict[str, Any]:
     why}`` when the folders do not make one (no metrics.json, runs that do not pair): Table 3 stands without it."""
     try:
         return {"table2": compare_seeds(runs_from_folders(lora, condlora))}
+    except DamagedMetricsError:
+        raise  # a metrics.json that is there but damaged (NaN, text, invalid JSON) is an error, not a note
     except LoralensError as e:
         return {"table2": None, "table2_note": f"no Table 2: {e}"}
 

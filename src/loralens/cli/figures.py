@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,9 +32,11 @@ from loralens.errors import LoralensError, RankError
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.condlora import load_condlora_adapter
+from loralens.io.files import read_json
 from loralens.io.outputs import check_output_folder, json_writer, write_outputs
 from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
 from loralens.results import provenance
+from loralens.seed_comparison import metric_value
 
 OutOpt = Annotated[
     Path, typer.Option("--out", help="Output folder (created atomically; files in an existing one are replaced).")
@@ -273,17 +274,18 @@ def _lowrank_analyses(
 
 def _training_speeds(lora: list[Path], condlora: list[Path]) -> dict[str, float]:
     """Training examples/s recorded in the adapters' metrics.json (``loralens train`` writes it), mean per method
-    over the folders that have one."""
+    over the folders that have one. Any metrics.json with an ``examples_per_s`` counts (not only loralens's own);
+    one that cannot be read, or whose speed is not a finite number (NaN, Infinity, text), is an error naming it."""
     speeds = {}
     for key, folders in (("lora", lora), ("condlora", condlora)):
         values = []
         for folder in folders:
-            try:  # any metrics.json with a speed (not only loralens's own): Table 4 shows it
-                value = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["examples_per_s"]
-            except (OSError, ValueError, KeyError, TypeError):
+            path = Path(folder) / "metrics.json"
+            if not path.is_file():
                 continue
-            if isinstance(value, (int, float)):
-                values.append(float(value))
+            value = metric_value(read_json(path), "examples_per_s", path)
+            if value is not None:
+                values.append(value)
         if values:
             speeds[key] = sum(values) / len(values)
     return speeds
