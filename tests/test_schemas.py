@@ -1,0 +1,225 @@
+"""Every ``--json`` output and JSON file loralens writes matches its JSON Schema in docs/schemas/.
+
+Each command runs in-process (``main()`` with ``sys.argv`` set, as a user would call it) on tiny real checkpoints
+(:func:`tiny_bert`: 2 layers, hidden 32) or, where the output needs trained runs (Table 2, ``train``), on the
+real MiniLM base with the shipped adapters. The schemas are Draft 2020-12 and refer to each other by file name
+(``common.schema.json#/$defs/...``), resolved here through a :class:`referencing.Registry` of the folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+
+import checkpoints
+from loralens.cli import main
+from loralens.examples import default_adapter, default_condlora
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
+REGISTRY = Registry().with_resources(
+    (p.name, Resource.from_contents(json.loads(p.read_text(encoding="utf-8")))) for p in SCHEMAS.glob("*.json")
+)
+COMMANDS = ("conversion", "similarity", "compare", "params", "overlap", "amplification", "spectra", "train", "report")
+
+
+def validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator(REGISTRY.contents(f"{name}.schema.json"), registry=REGISTRY)
+
+
+def assert_valid(name: str, doc: Any) -> None:
+    errors = sorted(validator(name).iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{name}: {list(e.absolute_path)}: {e.message[:300]}" for e in errors[:10])
+
+
+def run_json(argv: list[str | Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``loralens <argv>`` in-process; its stdout parsed as JSON."""
+    monkeypatch.setattr(sys, "argv", ["loralens", *map(str, argv)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out, err = capsys.readouterr()
+    assert info.value.code == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
+    """Another PEFT LoRA adapter on :func:`tiny_bert` (r = 2, another seed): a second adapter of the same base."""
+    return checkpoints.lora_adapter(tiny_bert, tmp_path_factory.mktemp("bert-lora-2"), arch="bert", r=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_condlora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CondLoRA adapter in the authors' format for :func:`tiny_bert` (hidden 32, r = 4, query + value)."""
+    return checkpoints.condlora_adapter(tmp_path_factory.mktemp("bert-condlora"), hidden=32, r=4)
+
+
+# ----------------------------------------------------------------------------------------------- the schemas
+
+
+@pytest.mark.parametrize("name", ["common", *COMMANDS])
+def test_schema_is_valid_draft_2020_12(name: str) -> None:
+    schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8"))
+    Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_every_schema_is_listed_in_output_formats() -> None:
+    page = (SCHEMAS.parent / "output-formats.md").read_text(encoding="utf-8")
+    for path in SCHEMAS.glob("*.schema.json"):
+        assert f"schemas/{path.name}" in page, f"docs/output-formats.md does not link {path.name}"
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def test_conversion(
+    tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    args = ["conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json"]
+    out = run_json([*args, "--out", tmp_path / "full"], capsys, monkeypatch)
+    assert_valid("conversion", out)
+    assert "BA" in out["modules"]["query"]["shapes"] and out["outputs"]
+    assert_valid("conversion", json.loads((tmp_path / "full" / "conversion.json").read_text()))
+    factors = run_json([*args, "--out", tmp_path / "factors", "--no-product"], capsys, monkeypatch)
+    assert_valid("conversion", factors)
+    assert "BA" not in factors["modules"]["query"]["shapes"]
+
+
+def test_similarity_one_and_several_adapters(
+    tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    args = ["similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json"]
+    one = run_json(args, capsys, monkeypatch)
+    assert_valid("similarity", one)
+    assert set(one) == {"modules", "settings"}
+    several = run_json([*args, "--adapter", second_adapter, "--i", "2"], capsys, monkeypatch)
+    assert_valid("similarity", several)
+    assert len(several["adapters"]) == 2
+
+
+def test_params(tiny_bert: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    out = run_json(["params", "--base", tiny_bert, "--r", "4", "--json"], capsys, monkeypatch)
+    assert_valid("params", out)
+
+
+def test_compare_one_pair_and_pairs_without_metrics(
+    tiny_bert: Path, tiny_bert_adapter: Path, tiny_condlora: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    pair = ["--lora", tiny_bert_adapter, "--condlora", tiny_condlora]
+    args = ["compare", "--base", tiny_bert, *pair, "--device", "cpu", "--json"]
+    one = run_json(args, capsys, monkeypatch)
+    assert_valid("compare", one)
+    two = run_json([*args, *pair], capsys, monkeypatch)
+    assert_valid("compare", two)
+    assert two["table2"] is None and two["table2_note"]  # no metrics.json in these folders
+
+
+def test_compare_pairs_with_table2(
+    minilm_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs = [a for seed in (0, 1) for a in ("--lora", default_adapter(seed), "--condlora", default_condlora(seed))]
+    out = run_json(
+        ["compare", "--base", minilm_path, *pairs, "--modules", "value", "--device", "cpu", "--json"],
+        capsys,
+        monkeypatch,
+    )
+    assert_valid("compare", out)
+    assert out["table2"]["tasks"]["rt-polarity"]["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("command", ["amplification", "spectra"])
+def test_amplification_and_spectra(
+    command: str, tiny_bert: Path, tiny_bert_adapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    argv = [command, "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json"]
+    assert_valid(command, run_json(argv, capsys, monkeypatch))
+
+
+def test_overlap(tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path, capsys, monkeypatch) -> None:
+    argv = ["overlap", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--adapter", second_adapter, "--json"]
+    assert_valid("overlap", run_json([*argv, "--device", "cpu"], capsys, monkeypatch))
+
+
+def test_report(
+    tiny_bert: Path,
+    tiny_bert_adapter: Path,
+    second_adapter: Path,
+    tiny_condlora: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """report.json with a CondLoRA pair and --overlap. Rendering dominates the time, so one module, 72 dpi, and
+    --no-lowrank: amplification and spectra have their commands' layout there (the same schemas, tested above);
+    the overlap stays because its settings differ in the report (its inputs are the two adapters only)."""
+    monkeypatch.setattr(
+        sys, "argv",
+        ["loralens", "report", "--base", str(tiny_bert), "--lora", str(tiny_bert_adapter), "--condlora",
+         str(tiny_condlora), "--overlap", str(second_adapter), "--no-lowrank", "--modules", "value", "--dpi", "72",
+         "--device", "cpu", "--out", str(tmp_path / "r")],
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert_valid("report", report)
+    assert report["comparison"] and report["parameters"]
+    assert set(report["lowrank"]) == {"overlap"}  # amplification and spectra: as their commands, tested above
+
+
+@pytest.mark.slow
+@pytest.mark.training  # one real optimizer step on MiniLM: the make test-fast lane leaves it out
+def test_train(minilm_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    argv = ["train", "--base", minilm_path, "--method", "lora", "--task", "vader-rating", "--steps", "1"]
+    sizes = ["--max-length", "8", "--eval-size", "16", "--dev-size", "16"]
+    out = run_json([*argv, *sizes, "--out", tmp_path / "run", "--json"], capsys, monkeypatch)
+    assert_valid("train", out)
+    assert out["metric"] == "pearson" and "majority_baseline" not in out
+    assert_valid("train", json.loads((tmp_path / "run" / "metrics.json").read_text()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("method", ["lora", "condlora"])
+def test_shipped_metrics(method: str, seed: int) -> None:
+    folder = default_adapter(seed) if method == "lora" else default_condlora(seed)
+    assert_valid("train", json.loads((folder / "metrics.json").read_text()))
+
+
+# ----------------------------------------------------------------------------------------------- meta
+
+
+def test_broken_documents_fail(
+    tiny_bert: Path, tiny_bert_adapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check can fail: a missing key, a wrong type, a phi out of range or a bad enum is each an error."""
+    good = run_json(
+        ["similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json"],
+        capsys,
+        monkeypatch,
+    )
+    assert_valid("similarity", good)
+
+    def broken(edit) -> Any:
+        doc = copy.deepcopy(good)
+        edit(doc)
+        return doc
+
+    cases = {
+        "missing phi": broken(lambda d: d["modules"]["query"]["A"].pop("phi")),
+        "phi as text": broken(lambda d: d["modules"]["query"]["A"].update(phi="[[1.0]]")),
+        "phi above 1": broken(lambda d: d["modules"]["query"]["B"]["phi"][0].__setitem__(0, 1.5)),
+        "unknown side": broken(lambda d: d["settings"].update(side="up")),
+        "no settings": broken(lambda d: d.pop("settings")),
+        "bad sha256": broken(lambda d: d["settings"]["inputs"]["adapter"].update(sha256="xyz")),
+    }
+    for what, doc in cases.items():
+        assert not validator("similarity").is_valid(doc), f"{what}: accepted by similarity.schema.json"
+    assert not validator("params").is_valid({"lora": "73728"}), "params.schema.json accepted a string count"
+    assert not validator("train").is_valid({}), "train.schema.json accepted an empty object"
