@@ -97,3 +97,21 @@ def smollm2_adapter(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> 
     return checkpoints.lora_adapter(
         smollm2, tmp_path_factory.mktemp("smollm2-lora"), arch="llama", r=8, targets=["q_proj", "v_proj"]
     )
+
+
+# Test lanes. `make test` runs everything; `make test-fast` leaves out the lanes below (-m "not ...").
+#: Fixtures that train a real adapter (tens of seconds each on 2 cores).
+TRAINING_FIXTURES = {"vader_adapter", "rt_adapters", "vader_condlora", "smollm2", "smollm2_adapter"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its lane: ``training`` (trains, or uses a fixture that does), ``browser`` (drives
+    Chromium), ``notebooks`` (executes notebooks/); markers set in the test files (``slow``) stay."""
+    for item in items:
+        path = Path(str(item.fspath))
+        if "training" in path.parts or TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.training)
+        if path.name == "test_report_browser.py":
+            item.add_marker(pytest.mark.browser)
+        if path.name == "test_notebooks.py":
+            item.add_marker(pytest.mark.notebooks)

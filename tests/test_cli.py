@@ -1,11 +1,9 @@
-"""The command line through a real subprocess: outputs, --json, and one-line errors with exit code 2."""
+"""The command line: outputs, --json, and one-line errors with exit code 2 (those through a real subprocess)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import checkpoints
+from clitools import run_cli, run_cli_subprocess
 from loralens.cli import app
-
-
-def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loralens", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
 
 
 def test_similarity_json_on_the_real_adapter(minilm_path: Path, vader_adapter: Path) -> None:
@@ -161,7 +154,7 @@ def test_bad_input_gives_one_line_and_exit_2(
     tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path, minilm_path: Path
 ) -> None:
     for case, argv, words in _bad_inputs(tmp_path, tiny_bert, tiny_bert_adapter, minilm_path):
-        proc = run_cli(*argv)
+        proc = run_cli_subprocess(*argv)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (case, proc.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: "), (case, proc.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from clitools import run_cli
 from loralens.cli import app
 from loralens.compare import compare_adapters
 from loralens.examples import default_adapter, default_condlora
@@ -20,12 +20,6 @@ from loralens.io.base_weights import open_base
 from loralens.io.condlora import load_condlora_adapter
 from loralens.io.outputs import MARKER
 from test_compare import roberta_base_shapes_only
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loralens", *map(str, args)], capture_output=True, text=True, timeout=300, check=False
-    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:

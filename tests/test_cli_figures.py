@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,18 +14,13 @@ import checkpoints
 import loralens
 import loralens.cli.figures
 import loralens.report
+from clitools import run_cli
 from loralens.cli import app
 from loralens.examples import default_condlora
 from loralens.io.condlora import condlora_config, write_condlora_adapter
 from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
 
 LOWRANK_FILES = {f"{a}.{ext}" for a in ("amplification", "spectra") for ext in ("png", "svg", "csv", "md", "tex")}
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loralens", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ in process (fast) and once through a subprocess: one line ``error: ...``, exit c
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +16,10 @@ from typer.testing import CliRunner
 
 import checkpoints
 import loralens
+from clitools import run_cli
 from loralens.cli import app
 from loralens.lowrank_analysis import amplification_report
 from loralens.report import DPI, overlap_picture
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loralens", *map(str, args)], capture_output=True, text=True, timeout=300, check=False
-    )
 
 
 def run_json(*args: str | Path) -> dict:

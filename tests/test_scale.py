@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import checkpoints
 import loralens
 import loralens.analysis as analysis
+from clitools import run_cli
 from loralens.analysis import (
     compute_conversions,
     compute_conversions_many,
@@ -34,12 +34,6 @@ from loralens.errors import CheckpointError, LoralensError
 
 QUERY = "encoder.layer.{}.attention.self.query.weight"
 VALUE = "encoder.layer.{}.attention.self.value.weight"
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loralens", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
 
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
