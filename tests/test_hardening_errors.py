@@ -226,7 +226,7 @@ def test_a_full_disk_while_writing(tmp_path: Path, tiny_bert: Path, tiny_bert_ad
 def test_stdout_on_a_full_device(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     with Path("/dev/full").open("w") as full:
         proc = loralens("similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--json", stdout=full)
-    assert_one_error(proc.returncode, "", proc.stderr, "standard output: cannot write the results")
+    assert_one_error(proc.returncode, "", proc.stderr, "standard output: cannot print to it")
     assert "no space left on device" in proc.stderr
 
 
@@ -237,7 +237,7 @@ def test_stdout_on_a_closed_pipe(tiny_bert: Path, tiny_bert_adapter: Path) -> No
         proc = loralens("similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--json", stdout=write)
     finally:
         os.close(write)
-    assert_one_error(proc.returncode, "", proc.stderr, "standard output: cannot write the results (broken pipe")
+    assert_one_error(proc.returncode, "", proc.stderr, "standard output: cannot print to it (broken pipe")
 
 
 def test_a_base_folder_without_read_permission(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:

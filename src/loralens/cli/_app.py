@@ -150,7 +150,7 @@ def user_errors() -> Iterator[None]:
             _error_line(str(e))
             raise typer.Exit(EXIT_USER_ERROR) from None
         except _StdoutError as e:
-            _error_line(f"standard output: cannot write the results ({_stdout_reason(e.error)})")
+            _error_line(f"standard output: cannot print to it ({_stdout_reason(e.error)})")
             raise typer.Exit(EXIT_USER_ERROR) from None
         except OSError as e:
             where = e.filename if e.filename is not None else "a file or folder"
