@@ -94,6 +94,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_ad
     r["rank-0 factors"] = Row(with_adapter(rank0), "are empty (rank 0")
     # --- options
     r["--modules query,query"] = Row([*sim, "--modules", "query,query"], "'query' more than once")
+    r["--modules query,self.query"] = Row([*sim, "--modules", "query,self.query"], "names module 'query' again")
     r["--device meta"] = Row([*sim, "--device", "meta"], "--device 'meta' is not supported")
     r["--device mps"] = Row([*sim, "--device", "mps"], "--device 'mps' is not supported")
     r["--seed 2**64"] = Row([*sim, "--seed", str(2**64)], "--seed 18446744073709551616 is out of range")
@@ -133,6 +134,7 @@ CASES = [
     "CondLoRA adapter_config.json nested 100,000 deep",
     "rank-0 factors",
     "--modules query,query",
+    "--modules query,self.query",
     "--device meta",
     "--device mps",
     "--seed 2**64",

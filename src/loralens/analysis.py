@@ -235,6 +235,8 @@ def select_modules(adapter: LoraAdapter, modules: Sequence[str] | None) -> list[
                 f"--modules {want!r} {'matches no' if not hits else 'matches several'} modules of {adapter.path}; "
                 f"available: {', '.join(adapter.modules)}"
             )
+        if hits[0] in chosen:  # e.g. query,self.query: the same module twice would be stacked twice
+            raise LoralensError(f"--modules {want!r} names module {hits[0]!r} again; list each module once")
         chosen.append(hits[0])
     return chosen
 
