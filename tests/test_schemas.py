@@ -1,6 +1,6 @@
 """Every ``--json`` output and JSON file loralens writes matches its JSON Schema in docs/schemas/.
 
-Each command runs in-process (``main()`` with ``sys.argv`` set, as a user would call it) on tiny real checkpoints
+Each command runs in-process through the real entry point (:func:`clitools.run_cli`) on tiny real checkpoints
 (:func:`tiny_bert`: 2 layers, hidden 32) or, where the output needs trained runs (Table 2, ``train``), on the
 real MiniLM base with the shipped adapters. The schemas are Draft 2020-12 and refer to each other by file name
 (``common.schema.json#/$defs/...``), resolved here through a :class:`referencing.Registry` of the folder.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 import checkpoints
-from loralens.cli import main
+from clitools import run_cli
 from loralens.examples import default_adapter, default_condlora
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
@@ -38,14 +37,11 @@ def assert_valid(name: str, doc: Any) -> None:
     assert not errors, "\n".join(f"{name}: {list(e.absolute_path)}: {e.message[:300]}" for e in errors[:10])
 
 
-def run_json(argv: list[str | Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    """``loralens <argv>`` in-process; its stdout parsed as JSON."""
-    monkeypatch.setattr(sys, "argv", ["loralens", *map(str, argv)])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    assert info.value.code == 0, err
-    return json.loads(out)
+def run_json(*args: str | Path) -> Any:
+    """``loralens *args`` in-process (:func:`clitools.run_cli`); its stdout parsed as JSON."""
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -79,72 +75,60 @@ def test_every_schema_is_listed_in_output_formats() -> None:
 # ----------------------------------------------------------------------------------------------- commands
 
 
-def test_conversion(
-    tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
-) -> None:
+def test_conversion(tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path) -> None:
     args = ["conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json"]
-    out = run_json([*args, "--out", tmp_path / "full"], capsys, monkeypatch)
+    out = run_json(*args, "--out", tmp_path / "full")
     assert_valid("conversion", out)
     assert "BA" in out["modules"]["query"]["shapes"] and out["outputs"]
     assert_valid("conversion", json.loads((tmp_path / "full" / "conversion.json").read_text()))
-    factors = run_json([*args, "--out", tmp_path / "factors", "--no-product"], capsys, monkeypatch)
+    factors = run_json(*args, "--out", tmp_path / "factors", "--no-product")
     assert_valid("conversion", factors)
     assert "BA" not in factors["modules"]["query"]["shapes"]
 
 
-def test_similarity_one_and_several_adapters(
-    tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch
-) -> None:
+def test_similarity_one_and_several_adapters(tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path) -> None:
     args = ["similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json"]
-    one = run_json(args, capsys, monkeypatch)
+    one = run_json(*args)
     assert_valid("similarity", one)
     assert set(one) == {"modules", "settings"}
-    several = run_json([*args, "--adapter", second_adapter, "--i", "2"], capsys, monkeypatch)
+    several = run_json(*args, "--adapter", second_adapter, "--i", "2")
     assert_valid("similarity", several)
     assert len(several["adapters"]) == 2
 
 
-def test_params(tiny_bert: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    out = run_json(["params", "--base", tiny_bert, "--r", "4", "--json"], capsys, monkeypatch)
+def test_params(tiny_bert: Path) -> None:
+    out = run_json("params", "--base", tiny_bert, "--r", "4", "--json")
     assert_valid("params", out)
 
 
 def test_compare_one_pair_and_pairs_without_metrics(
-    tiny_bert: Path, tiny_bert_adapter: Path, tiny_condlora: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+    tiny_bert: Path, tiny_bert_adapter: Path, tiny_condlora: Path
 ) -> None:
     pair = ["--lora", tiny_bert_adapter, "--condlora", tiny_condlora]
     args = ["compare", "--base", tiny_bert, *pair, "--device", "cpu", "--json"]
-    one = run_json(args, capsys, monkeypatch)
+    one = run_json(*args)
     assert_valid("compare", one)
-    two = run_json([*args, *pair], capsys, monkeypatch)
+    two = run_json(*args, *pair)
     assert_valid("compare", two)
     assert two["table2"] is None and two["table2_note"]  # no metrics.json in these folders
 
 
-def test_compare_pairs_with_table2(
-    minilm_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_compare_pairs_with_table2(minilm_path: Path) -> None:
     pairs = [a for seed in (0, 1) for a in ("--lora", default_adapter(seed), "--condlora", default_condlora(seed))]
-    out = run_json(
-        ["compare", "--base", minilm_path, *pairs, "--modules", "value", "--device", "cpu", "--json"],
-        capsys,
-        monkeypatch,
-    )
+    out = run_json("compare", "--base", minilm_path, *pairs, "--modules", "value", "--device", "cpu", "--json")
     assert_valid("compare", out)
     assert out["table2"]["tasks"]["rt-polarity"]["seeds"] == [0, 1]
 
 
 @pytest.mark.parametrize("command", ["amplification", "spectra"])
-def test_amplification_and_spectra(
-    command: str, tiny_bert: Path, tiny_bert_adapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch
-) -> None:
+def test_amplification_and_spectra(command: str, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     argv = [command, "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json"]
-    assert_valid(command, run_json(argv, capsys, monkeypatch))
+    assert_valid(command, run_json(*argv))
 
 
-def test_overlap(tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path, capsys, monkeypatch) -> None:
+def test_overlap(tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path) -> None:
     argv = ["overlap", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--adapter", second_adapter, "--json"]
-    assert_valid("overlap", run_json([*argv, "--device", "cpu"], capsys, monkeypatch))
+    assert_valid("overlap", run_json(*argv, "--device", "cpu"))
 
 
 def test_report(
@@ -153,21 +137,16 @@ def test_report(
     second_adapter: Path,
     tiny_condlora: Path,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """report.json with a CondLoRA pair and --overlap. Rendering dominates the time, so one module, 72 dpi, and
     --no-lowrank: amplification and spectra have their commands' layout there (the same schemas, tested above);
     the overlap stays because its settings differ in the report (its inputs are the two adapters only)."""
-    monkeypatch.setattr(
-        sys, "argv",
-        ["loralens", "report", "--base", str(tiny_bert), "--lora", str(tiny_bert_adapter), "--condlora",
-         str(tiny_condlora), "--overlap", str(second_adapter), "--no-lowrank", "--modules", "value", "--dpi", "72",
-         "--device", "cpu", "--out", str(tmp_path / "r")],
+    proc = run_cli(
+        "report", "--base", tiny_bert, "--lora", tiny_bert_adapter, "--condlora", tiny_condlora,
+        "--overlap", second_adapter, "--no-lowrank", "--modules", "value", "--dpi", "72", "--device", "cpu",
+        "--out", tmp_path / "r",
     )  # fmt: skip
-    with pytest.raises(SystemExit) as info:
-        main()
-    assert info.value.code == 0, capsys.readouterr().err
+    assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert_valid("report", report)
     assert report["comparison"] and report["parameters"]
@@ -176,10 +155,10 @@ def test_report(
 
 @pytest.mark.slow
 @pytest.mark.training  # one real optimizer step on MiniLM: the make test-fast lane leaves it out
-def test_train(minilm_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+def test_train(minilm_path: Path, tmp_path: Path) -> None:
     argv = ["train", "--base", minilm_path, "--method", "lora", "--task", "vader-rating", "--steps", "1"]
     sizes = ["--max-length", "8", "--eval-size", "16", "--dev-size", "16"]
-    out = run_json([*argv, *sizes, "--out", tmp_path / "run", "--json"], capsys, monkeypatch)
+    out = run_json(*argv, *sizes, "--out", tmp_path / "run", "--json")
     assert_valid("train", out)
     assert out["metric"] == "pearson" and "majority_baseline" not in out
     assert_valid("train", json.loads((tmp_path / "run" / "metrics.json").read_text()))
@@ -195,15 +174,9 @@ def test_shipped_metrics(method: str, seed: int) -> None:
 # ----------------------------------------------------------------------------------------------- meta
 
 
-def test_broken_documents_fail(
-    tiny_bert: Path, tiny_bert_adapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_broken_documents_fail(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     """The check can fail: a missing key, a wrong type, a phi out of range or a bad enum is each an error."""
-    good = run_json(
-        ["similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json"],
-        capsys,
-        monkeypatch,
-    )
+    good = run_json("similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json")
     assert_valid("similarity", good)
 
     def broken(edit) -> Any:
