@@ -46,6 +46,7 @@ __all__ = [
     "bert_base",
     "condlora_adapter",
     "corrupt_safetensors_header",
+    "dora_adapter",
     "gpt2_base",
     "llama_base",
     "lora_adapter",
@@ -459,6 +460,39 @@ def condlora_adapter(
         **(config or {}),
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def dora_adapter(
+    base_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    arch: str = "bert",
+    r: int = 4,
+    magnitude_spread: float = 0.3,
+    seed: int = 0,
+) -> Path:
+    """A real PEFT DoRA adapter (:func:`lora_adapter` with ``use_dora=True``) whose magnitudes moved, as in training.
+
+    PEFT initialises ``lora_magnitude_vector`` to the row norms of ``W + s B A``, which makes a fresh DoRA
+    update equal ``s B A`` exactly; each magnitude is therefore multiplied by ``1 + magnitude_spread * z``
+    (``z`` seeded standard normal, clipped to [-2, 2]) and saved back, so the update
+    ``m (W + s B A) / ||W + s B A||_row - W`` differs from ``s B A`` as a trained one does.
+
+    Returns:
+        ``Path(out_dir)``.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out_dir = lora_adapter(base_dir, out_dir, arch=arch, r=r, use_dora=True, seed=seed)
+    weights = out_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    with _seeded(seed + 1):
+        for key in sorted(k for k in tensors if "lora_magnitude_vector" in k):
+            m = tensors[key]
+            tensors[key] = m * (1 + magnitude_spread * torch.randn(m.shape).clamp(-2, 2))
+    save_file(tensors, str(weights), metadata={"format": "pt"})
     return out_dir
 
 

@@ -35,6 +35,10 @@ class DTypeError(LoralensError):
     """A dtype the computation cannot use (half-precision solves, integer or quantized weights)."""
 
 
+class UnsupportedAdapterError(LoralensError):
+    """An adapter feature that an analysis cannot honour (e.g. DoRA's update where ``s B A`` is assumed)."""
+
+
 class NonFiniteError(LoralensError):
     """A tensor holds NaN or Inf."""
 
@@ -68,3 +72,7 @@ class LoralensWarning(UserWarning):
 
 class NearSingularWarning(LoralensWarning):
     """A base weight is near-singular to working precision: its layers were solved by least squares instead."""
+
+
+class FanInFanOutWarning(LoralensWarning):
+    """``fan_in_fan_out`` in adapter_config.json contradicts how the base stores the weight; PEFT's rule was used."""

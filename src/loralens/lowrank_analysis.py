@@ -22,6 +22,14 @@ All decompositions of dW go through its factors (:mod:`loralens.core.lowrank`); 
 (its singular values for amplification, its top-r left singular vectors for spectra), batched over the layers
 read together. Layers with different ranks (``rank_pattern``) are computed in groups of equal rank; per-layer
 arrays are padded with NaN past a layer's rank. Errors name model layer numbers. Nothing here prints or writes.
+
+DoRA adapters (``use_dora``, ``lora_magnitude_vector`` tensors): their update is not ``s B A`` but
+``dW = m (W + s B A) / ||W + s B A||_row - W`` (one norm per output unit, i.e. per row of the (d_out, d_in) W),
+which is full-rank in general: a per-row rescaling of W plus a rescaled ``s B A``. Amplification and spectra are
+defined on a rank-r ``dW`` and computed from its factors, so they refuse DoRA adapters
+(:class:`~loralens.errors.UnsupportedAdapterError`) instead of reporting numbers of ``s B A`` under dW's name.
+Overlap is not affected: it compares the subspaces of the stored factors A and B themselves (what DoRA trains,
+exactly as LoRA does, for the direction of its update), and says nothing about dW.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from loralens.core.lowrank import (
     weight_projection,
 )
 from loralens.core.similarity import Side, top_singular_vectors
-from loralens.errors import BatchError, LoralensError, ModelMismatchError, RankError
+from loralens.errors import BatchError, LoralensError, ModelMismatchError, RankError, UnsupportedAdapterError
 from loralens.io.adapters import AdapterModule, LoraAdapter, read_base_weights
 from loralens.io.base_weights import BaseCheckpoint
 
@@ -416,6 +424,8 @@ def amplification_report(
 
     Raises
     ------
+    UnsupportedAdapterError
+        A DoRA adapter: its dW is not ``s B A`` (see the module docstring).
     RankError
         A layer whose dW has numerical rank below r (e.g. an untrained adapter).
     ModelMismatchError
@@ -424,8 +434,10 @@ def amplification_report(
     if n_random < 0:
         raise LoralensError(f"n_random must be >= 0, got {n_random}")
     dev = resolve_device(device)
+    names = select_modules(adapter, modules)
+    _refuse_dora(adapter, names, "amplification")
     result = {}
-    for name in select_modules(adapter, modules):
+    for name in names:
         mod = adapter.modules[name]
         L = len(mod.layers)
         per_layer = {f: torch.full((L,), float("nan"), dtype=dtype) for f in _PROJECTION_FIELDS}
@@ -531,12 +543,16 @@ def spectra_report(
 
     Cost per layer: dW's SVD through its factors (``O(r^2 d)``) and one dense ``torch.linalg.svd(W)``
     (``O(d^3)``, batched over ``layer_batch`` layers, all by default) for W's top-r left singular vectors.
+
+    Raises UnsupportedAdapterError for a DoRA adapter: its dW is not ``s B A`` (see the module docstring).
     """
     if not 0 < energy_threshold <= 1:
         raise LoralensError(f"energy threshold must lie in (0, 1], got {energy_threshold}")
     dev = resolve_device(device)
+    names = select_modules(adapter, modules)
+    _refuse_dora(adapter, names, "spectra")
     result = {}
-    for name in select_modules(adapter, modules):
+    for name in names:
         mod = adapter.modules[name]
         r_max = max(mod.ranks)
         L = len(mod.layers)
@@ -569,6 +585,19 @@ def spectra_report(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _refuse_dora(adapter: LoraAdapter, names: Sequence[str], analysis: str) -> None:
+    """Raise UnsupportedAdapterError when a selected module is DoRA: ``analysis`` is defined on ``dW = s B A``."""
+    dora = [n for n in names if adapter.modules[n].magnitude is not None]
+    if dora:
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: DoRA adapter (lora_magnitude_vector in {', '.join(dora)}): its update "
+            "m*(W+sBA)/||W+sBA|| - W is not s*B*A but full-rank in general, and the "
+            f"{analysis} analysis is defined on a rank-r dW = s*B*A, so it would report numbers of the wrong "
+            "update; loralens does not compute it for DoRA (overlap, which compares the factors A and B, still "
+            "works; a report takes --no-lowrank)"
+        )
 
 
 def _module_batches(

@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import checkpoints
-from loralens.errors import CheckpointError, InputPathError, ModelMismatchError, NonFiniteError
+from loralens.errors import CheckpointError, FanInFanOutWarning, InputPathError, ModelMismatchError, NonFiniteError
 from loralens.io.adapters import load_lora_adapter, read_base_weights
 from loralens.io.base_weights import open_base
 
@@ -125,12 +125,18 @@ def test_gpt2_conv1d_is_transposed(tmp_path: Path) -> None:
     _check_against_peft(base_dir, adapter_dir, "gpt2")
 
 
-def test_wrong_fan_in_fan_out_is_a_clear_mismatch(tmp_path: Path) -> None:
+def test_wrong_fan_in_fan_out_follows_the_base_else_is_a_clear_mismatch(tmp_path: Path) -> None:
+    """With the base's config.json, PEFT's rule (Conv1D in a GPT-2 model) wins over the flag, with a warning;
+    without it the flag is all there is, and a wrong one is a clear mismatch."""
     base_dir = checkpoints.gpt2_base(tmp_path / "g")
     adapter_dir = checkpoints.lora_adapter(base_dir, tmp_path / "a", arch="gpt2")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     config["fan_in_fan_out"] = False
     (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(FanInFanOutWarning, match="fan_in_fan_out is false, but 'c_attn' of a 'gpt2' base"):
+        W, _ = read_base_weights(open_base(base_dir), load_lora_adapter(adapter_dir), "c_attn")
+    assert W.shape == (2, 96, 32)
+    (base_dir / "config.json").unlink()
     with pytest.raises(ModelMismatchError, match="fan_in_fan_out"):
         read_base_weights(open_base(base_dir), load_lora_adapter(adapter_dir), "c_attn")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.errors import CheckpointError, InputPathError, ModelMismatchError
-from loralens.io.base_weights import BaseCheckpoint
+from loralens.errors import CheckpointError, FanInFanOutWarning, InputPathError, ModelMismatchError
+from loralens.io.base_weights import BaseCheckpoint, check_not_complex, check_weights_file
 from loralens.io.files import (
     check_finite,
     check_float,
@@ -37,10 +38,21 @@ from loralens.io.keys import (
 )
 from loralens.io.peft_config import check_lora_config
 
-__all__ = ["AdapterModule", "LoraAdapter", "load_lora_adapter", "read_base_weights", "base_weight_matrices"]
+__all__ = [
+    "AdapterModule",
+    "LoraAdapter",
+    "load_lora_adapter",
+    "read_base_weights",
+    "base_weight_matrices",
+    "stores_transposed",
+]
 
 CONFIG_NAME = "adapter_config.json"
 _WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+#: transformers models whose projections are GPT-2's ``Conv1D`` (weight stored (in, out)), and the names those
+#: modules have there; every other module of every model is an ``nn.Linear`` (stored (out, in)).
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"})
+_CONV1D_MODULES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,8 @@ class LoraAdapter:
 
     @property
     def fan_in_fan_out(self) -> bool:
-        """True for GPT-2 style ``Conv1D`` bases, which store weights as (in, out)."""
+        """The flag as adapter_config.json states it (True for GPT-2 style ``Conv1D`` bases, which store weights
+        as (in, out)); :func:`stores_transposed` decides, with PEFT's rule, whether a base weight is transposed."""
         return bool(self.config.get("fan_in_fan_out", False))
 
     @property
@@ -141,7 +154,9 @@ def load_lora_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     folder = adapter_folder(Path(path).expanduser())
     config = read_json(folder / CONFIG_NAME)
     check_lora_config(config, folder / CONFIG_NAME)
+    _check_layer_replication(config, folder / CONFIG_NAME)
     weights_file = adapter_weights_file(folder)
+    check_weights_file(weights_file)
     tensors = (
         read_safetensors(weights_file)
         if weights_file.suffix == ".safetensors"
@@ -149,6 +164,7 @@ def load_lora_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     )
     if not tensors:
         raise CheckpointError(f"{weights_file}: the adapter holds no tensors")
+    check_not_complex(tensors, weights_file)
     check_float(tensors, weights_file)
     check_finite(tensors, weights_file)
 
@@ -184,7 +200,7 @@ def read_base_weights(
     """The base weights a module of the adapter modifies, stacked as ``(L, d_out, d_in)``.
 
     Weights are matched by layer index and module path (:func:`~loralens.io.keys.match_base_weights`),
-    transposed from ``Conv1D``'s (in, out) when the adapter says ``fan_in_fan_out``, and checked
+    transposed from ``Conv1D``'s (in, out) where :func:`stores_transposed` says so, and checked
     against the factors' shapes. ``layers`` selects a batch of the module's layers, so a large model
     can be processed a few layers at a time. Returns the weights (as stored dtype, on CPU) and their keys.
 
@@ -217,10 +233,11 @@ def base_weight_matrices(
     keys = match_base_weights(paths, base.keys)
     weights = base.read([keys[p] for p in paths], check_finite=check_finite)
     d_out, d_in = mod.shape
+    transposed = stores_transposed(base, adapter, module)
     matrices = []
     for p in paths:
         W = weights[keys[p]]
-        if adapter.fan_in_fan_out:
+        if transposed:
             W = W.mT
         if tuple(W.shape) != (d_out, d_in):
             hint = " (or fan_in_fan_out is wrong in adapter_config.json)" if W.shape == (d_in, d_out) else ""
@@ -232,20 +249,55 @@ def base_weight_matrices(
     return matrices, tuple(keys[p] for p in paths)
 
 
+def stores_transposed(base: BaseCheckpoint, adapter: LoraAdapter, module: str) -> bool:
+    """Whether ``base`` stores the weights of the adapter's ``module`` as (in, out), by PEFT's own rule.
+
+    PEFT (``tuners/lora/layer.py``, ``dispatch_default``) does not trust ``fan_in_fan_out``: on an ``nn.Linear``
+    it warns and sets the flag to False, on a ``Conv1D`` to True. loralens has no module classes, only the base's
+    ``config.json``; ``Conv1D`` exists only in the models of :data:`_CONV1D_MODEL_TYPES`, as the modules named in
+    :data:`_CONV1D_MODULES`. Where the flag says otherwise, the layout wins and a
+    :class:`~loralens.errors.FanInFanOutWarning` says so, once per base and adapter. Without a ``model_type``
+    (no config.json beside the weights) the flag is all there is, and is followed.
+    """
+    stated = adapter.fan_in_fan_out
+    model_type = (base.config or {}).get("model_type")
+    if not isinstance(model_type, str):
+        return stated
+    name = adapter.modules[module].paths[0].tail.rsplit(".", 1)[-1]
+    conv1d = model_type in _CONV1D_MODEL_TYPES and name in _CONV1D_MODULES
+    seen = ("fan_in_fan_out", str(adapter.path), str(stated))
+    if conv1d != stated and seen not in base.warned:
+        base.warned.add(seen)
+        layout = "GPT-2 Conv1D, stored (in, out)" if conv1d else "nn.Linear, stored (out, in)"
+        warnings.warn(
+            f"{adapter.path / CONFIG_NAME}: fan_in_fan_out is {str(stated).lower()}, but {module!r} of a "
+            f"{model_type!r} base is {layout}; the flag is ignored, as PEFT does when it loads the adapter",
+            FanInFanOutWarning,
+            stacklevel=3,
+        )
+    return conv1d
+
+
 def adapter_folder(
     path: Path, kind: str = "adapter", hint: str = "a PEFT adapter folder (save_pretrained output)"
 ) -> Path:
     """The folder of an adapter given as its folder or as one of its files; ``kind`` names it in messages
     (``"CondLoRA adapter"``) and ``hint`` says what a folder without a config was expected to be."""
-    if not path.exists():
-        raise InputPathError(f"{path}: no such {kind} folder")
-    if path.is_file():
-        if path.name in (CONFIG_NAME, *_WEIGHT_NAMES):
-            return path.parent
-        article = "an" if kind[:1].lower() in "aeiou" else "a"
-        raise InputPathError(f"{path}: expected {article} {kind} folder (with {CONFIG_NAME}), got a file")
-    if not (path / CONFIG_NAME).is_file():
-        raise InputPathError(f"{path}: no {CONFIG_NAME}; is this {hint}?")
+    try:
+        if not path.exists():
+            raise InputPathError(f"{path}: no such {kind} folder")
+        if path.is_file():
+            if path.name in (CONFIG_NAME, *_WEIGHT_NAMES):
+                return path.parent
+            article = "an" if kind[:1].lower() in "aeiou" else "a"
+            raise InputPathError(f"{path}: expected {article} {kind} folder (with {CONFIG_NAME}), got a file")
+        if not (path / CONFIG_NAME).is_file():
+            raise InputPathError(f"{path}: no {CONFIG_NAME}; is this {hint}?")
+    except PermissionError as e:
+        raise InputPathError(
+            f"{path}: permission denied on {e.filename or path}: this user may not open the {kind} folder; give "
+            "it read permission (chmod a+rX) or use a copy you own"
+        ) from e
     return path
 
 
@@ -307,6 +359,18 @@ def _stack_module(
             raise CheckpointError(f"{source}: module {name!r} has DoRA magnitudes in some layers only")
         magnitude = torch.stack([m.reshape(-1) for m in mags if m is not None])
     return AdapterModule(name, tuple(paths), A_stack, B_stack, tuple(ranks), tuple(scaling), magnitude)
+
+
+def _check_layer_replication(config: dict[str, Any], path: Path) -> None:
+    """Refuse ``layer_replication``: PEFT then stacks copies of base layers into a deeper model, so the adapter's
+    layer l is not the base's layer l, and pairing them by index would give numbers of the wrong weights."""
+    value = config.get("layer_replication")
+    if value:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise CheckpointError(
+            f"{path}: layer_replication {shown} is not supported: the adapter's layers are copies of base layers "
+            "in another order, so they cannot be paired with the base's layers by index"
+        )
 
 
 def _check_layers_to_transform(modules: dict[str, AdapterModule], config: dict[str, Any], path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.errors import CheckpointError, InputPathError
+from loralens.errors import CheckpointError, DTypeError, InputPathError
 from loralens.io.files import check_finite as _check_finite
 from loralens.io.files import (
     check_float,
@@ -33,7 +33,7 @@ from loralens.io.files import (
     safetensors_shapes,
 )
 
-__all__ = ["BaseCheckpoint", "resolve_base", "open_base", "hf_cache_dir"]
+__all__ = ["BaseCheckpoint", "resolve_base", "open_base", "hf_cache_dir", "check_weights_file", "check_not_complex"]
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS = "model.safetensors"
@@ -46,6 +46,7 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype | str] = {
         "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
         "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
         "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+        "C64": "complex64", "C128": "complex128",
     }.items()
     if hasattr(torch, attr)
 }  # fmt: skip
@@ -68,6 +69,8 @@ class BaseCheckpoint:
     dtypes : dict
         Tensor name -> stored dtype (a ``torch.dtype``; the safetensors name as a string for dtypes torch
         lacks), from the headers.
+    warned : set
+        Caveats already warned about while reading this base (each shows once per run).
     """
 
     root: Path
@@ -77,6 +80,7 @@ class BaseCheckpoint:
     # Pickled (.bin) files must be unpickled whole; keep each one memory-mapped once per checkpoint.
     _pickles: dict[Path, dict[str, Tensor]] = field(default_factory=dict, repr=False)
     dtypes: dict[str, torch.dtype | str] = field(default_factory=dict)
+    warned: set[tuple[str, ...]] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def keys(self) -> list[str]:
@@ -90,6 +94,8 @@ class BaseCheckpoint:
         """Raise for integer or quantized tensors among ``keys``, from the headers alone (nothing is read)."""
         for k in keys:
             dtype = self.dtypes.get(k)
+            if isinstance(dtype, torch.dtype) and dtype.is_complex:
+                raise DTypeError(_complex_message(self.files[k], k, dtype))
             # float8 checkpoints are quantized: their values mean nothing without the scales stored beside them.
             is_float = isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize > 1
             if dtype is not None and not is_float:
@@ -120,6 +126,7 @@ class BaseCheckpoint:
                 if path not in self._pickles:
                     self._pickles[path] = read_pickle_state_dict(path)
                 tensors = {k: self._pickles[path][k] for k in names}
+            check_not_complex(tensors, path)
             check_float(tensors, path)
             if check_finite:
                 _check_finite(tensors, path)
@@ -142,12 +149,18 @@ def resolve_base(spec: str | os.PathLike[str]) -> Path:
     model; a model in the local Hugging Face cache. Never uses the network.
     """
     path = Path(spec).expanduser()
-    if path.exists():
-        return _weights_location(path)
-    text = str(spec)
-    found = _from_distribution(text) or _from_hf_cache(text)
-    if found is not None:
-        return _weights_location(found)
+    try:
+        if path.exists():
+            return _weights_location(path)
+        text = str(spec)
+        found = _from_distribution(text) or _from_hf_cache(text)
+        if found is not None:
+            return _weights_location(found)
+    except PermissionError as e:
+        raise InputPathError(
+            f"{path}: permission denied on {e.filename or path}: this user may not open the base folder; give "
+            "it read permission (chmod a+rX) or use a copy you own"
+        ) from e
     raise InputPathError(
         f"base {text!r} is not a folder, not an installed model package, and not in the local Hugging Face "
         f"cache ({hf_cache_dir()}); pass --base <model folder>"
@@ -161,17 +174,30 @@ def open_base(spec: str | os.PathLike[str]) -> BaseCheckpoint:
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype | str] = {}
     pickles: dict[Path, dict[str, Tensor]] = {}
-    for weight_file in _weight_files(root):
+    held: dict[Path, set[str]] = {}
+    weight_files, index = _weight_files(root)
+    for weight_file in weight_files:
+        check_weights_file(weight_file)
         if weight_file.suffix == ".safetensors":
             header = safetensors_shapes(weight_file)
             names = {k: (shape, _SAFETENSORS_DTYPES.get(dt, dt)) for k, (shape, dt) in header.items()}
         else:
             pickles[weight_file] = read_pickle_state_dict(weight_file)
             names = {k: (tuple(v.shape), v.dtype) for k, v in pickles[weight_file].items()}
+        held[weight_file] = set(names)
         for k, (shape, dtype) in names.items():
             files[k] = weight_file
             shapes[k] = shape
             dtypes[k] = dtype
+    if index is not None:
+        index_path, weight_map = index
+        for k, shard in weight_map.items():
+            if k not in held[shard]:
+                raise CheckpointError(
+                    f"{index_path}: the index and the shard disagree: it places tensor {k!r} in {shard}, which "
+                    f"does not hold it; re-download the checkpoint or regenerate {index_path.name}"
+                )
+            files[k] = shard  # the index decides where a tensor stored in several shards is read from
     if not files:
         raise CheckpointError(f"{root}: the base checkpoint holds no tensors")
     folder = root if root.is_dir() else root.parent
@@ -204,28 +230,110 @@ def _has_weights(folder: Path) -> bool:
     )
 
 
-def _weight_files(root: Path) -> list[Path]:
-    """The weight files of a checkpoint, safetensors preferred, shards listed by their index."""
+def _weight_files(root: Path) -> tuple[list[Path], tuple[Path, dict[str, Path]] | None]:
+    """The weight files of a checkpoint, safetensors preferred, shards listed by their index; and, for a sharded
+    checkpoint, ``(index path, tensor name -> shard)``."""
     if root.is_file():
-        return [root]
+        return [root], None
     for index_name in (_SAFETENSORS_INDEX, _BIN_INDEX):
         index_path = root / index_name
         if index_path.is_file():
             weight_map = read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: no 'weight_map' in the shard index")
-            shards = sorted({root / str(v) for v in weight_map.values()})
+            by_name = {str(v): _shard_path(index_path, str(k), v) for k, v in weight_map.items()}
+            shards = sorted(set(by_name.values()))
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
                 raise InputPathError(f"{index_path}: shard {missing[0]} listed in the index is missing")
-            return shards
+            return shards, (index_path, {str(k): by_name[str(v)] for k, v in weight_map.items()})
     for name in (_SAFETENSORS, _BIN):
         if (root / name).is_file():
-            return [root / name]
+            return [root / name], None
     singles = sorted(root.glob("*.safetensors"))
     if len(singles) == 1:
-        return singles
+        return singles, None
     raise InputPathError(f"{root}: cannot tell which weight files form the model; add a shard index")
+
+
+def _shard_path(index_path: Path, key: str, entry: Any) -> Path:
+    """The shard an index entry names, refused unless it stays inside the index's folder.
+
+    Refused: an entry that is not a string, an absolute path, one with ``..``, and one whose resolved path
+    (symbolic links followed) leaves the folder. The one exception is the Hugging Face cache layout, where every
+    file of ``<repo>/snapshots/<revision>/`` is a link into ``<repo>/blobs/``.
+    """
+    folder = index_path.parent
+    where = f"{index_path}: weight_map entry {key!r} -> {entry!r}"
+    if not isinstance(entry, str) or not entry:
+        raise CheckpointError(f"{where} is not a file name; fix or re-download the index")
+    relative = Path(entry)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise CheckpointError(
+            f"{where} points outside the model folder; shards must lie in {folder}: fix or re-download the index"
+        )
+    path = folder / relative
+    real, real_folder = path.resolve(), folder.resolve()
+    cache_blobs = real_folder.parent.parent / "blobs" if real_folder.parent.name == "snapshots" else None
+    if not real.is_relative_to(real_folder) and not (cache_blobs is not None and real.parent == cache_blobs):
+        raise CheckpointError(
+            f"{where} leaves the model folder through a symbolic link (to {real}); shards must lie in {folder}: "
+            "copy the shard into the folder or fix the index"
+        )
+    return path
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse, with the reason and the fix, a weights file the readers would report as corrupt or missing.
+
+    Two faults are caught before any reader sees the file: a safetensors path that is not valid UTF-8 (the
+    safetensors reader accepts UTF-8 paths only and calls the file corrupt) and a file this user may not read
+    (the safetensors reader reports that as "No such file"). Other errors are left to the readers.
+    """
+    raw = os.fsencode(path)
+    if path.suffix == ".safetensors":
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            shown, bad = (os.fsencode(p).decode("utf-8", "backslashreplace") for p in (path, _first_non_utf8(path)))
+            raise InputPathError(
+                f"{shown}: the name {bad!r} is not valid UTF-8 (byte 0x{raw[e.start]:02x}), and safetensors files "
+                "can only be opened through UTF-8 paths; rename it (or copy the model to a folder with a UTF-8 name)"
+            ) from e
+    try:
+        with path.open("rb"):
+            pass
+    except PermissionError as e:
+        raise InputPathError(
+            f"{path}: permission denied: this user may not read the file; give it read permission "
+            "(chmod a+r) or use a copy you own"
+        ) from e
+    except OSError:
+        pass  # missing files, folders and the like: the readers name them
+
+
+def check_not_complex(tensors: dict[str, Tensor], path: Path) -> None:
+    """Raise DTypeError naming the first complex tensor of ``path``: LoRA weights are real."""
+    for key, t in tensors.items():
+        if t.is_complex():
+            raise DTypeError(_complex_message(path, key, t.dtype))
+
+
+def _complex_message(path: Path, key: str, dtype: torch.dtype) -> str:
+    return (
+        f"{path}: tensor {key!r} has the complex dtype {dtype}; loralens analyses real (floating-point) weights, "
+        "so save the checkpoint with real float tensors"
+    )
+
+
+def _first_non_utf8(path: Path) -> str:
+    """The first component of ``path`` whose bytes are not valid UTF-8."""
+    for part in path.parts:
+        try:
+            os.fsencode(part).decode("utf-8")
+        except UnicodeDecodeError:
+            return part
+    return str(path)
 
 
 def _from_distribution(name: str) -> Path | None:
