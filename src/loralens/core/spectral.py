@@ -36,13 +36,13 @@ which gives 1e-6 relative agreement with a dense SVD on sigma and on subspace an
 ``1e-4 sigma_1``, and ``2e-5`` in float32, about the smallest residual that float32 arithmetic reaches reliably on
 d = 384 .. 2048 weights (sigma to ~1e-6 relative, subspace angles ~1e-4 / relative gap).
 
-For small matrices a dense ``torch.linalg.svd`` is faster: for ``n <= dense_cutover`` (default
-:data:`DENSE_CUTOVER` = 384), or ``n <= 16 p`` (the Krylov basis would need a large part of ``R^n``: the cross-over
-for k = 64 lies between n = 1024 and 1536), both measured in ``benchmarks/spectral.md``, or with ``exact=True``, the
-dense SVD is used (the matrix is formed from the closures when no dense
-form is known). Inputs are float32 or float64 (half precision is upcast by :func:`weight_operator`); everything
-runs on the inputs' device; the start block comes from a seeded CPU generator, so results are reproducible and the
-same start is used on CPU and CUDA.
+For small matrices a dense ``torch.linalg.svd`` is faster. It is used for ``n <= dense_cutover`` (default
+:data:`DENSE_CUTOVER` = 384), for ``n <= 16 p`` (``12 p`` in float32), where the Krylov basis would need a large
+part of ``R^n`` (the cross-over for k = 64 lies between n = 1024 and 1536 in float64), both measured in
+``benchmarks/spectral.md``, and with ``exact=True``; the matrix is formed from the closures when no dense form is
+known. Inputs are float32 or float64 (half precision is upcast by :func:`weight_operator`); everything runs on the
+inputs' device; the start block comes from a seeded CPU generator, so results are reproducible and the same start
+is used on CPU and CUDA.
 
 Nothing here reads files, prints or plots.
 """
@@ -78,10 +78,10 @@ DEFAULT_TOL: dict[torch.dtype, float] = {torch.float64: 1e-10, torch.float32: 2e
 #: Up to this ``min(d_out, d_in)`` a dense SVD is used (measured: ``benchmarks/spectral.md``; k = 16, CPU).
 DENSE_CUTOVER = 384
 
-#: Dense also while ``min(d_out, d_in) <= _DENSE_BLOCKS * block_size``: on slowly decaying spectra the Krylov basis
-#: needs ~10-12 blocks, and its cost then passes the dense SVD's (measured cross-over for k = 64, block 80: between
-#: d = 1024 and 1536, ``benchmarks/spectral.md``).
-_DENSE_BLOCKS = 16
+#: Dense also while ``min(d_out, d_in) <= _DENSE_BLOCKS[dtype] * block_size``: on slowly decaying spectra the Krylov
+#: basis needs ~7-12 blocks, and its cost then passes the dense SVD's (measured cross-over for k = 64, block 80:
+#: between d = 1024 and 1536 in float64, between 768 and 1024 in float32; ``benchmarks/spectral.md``).
+_DENSE_BLOCKS = {torch.float64: 16, torch.float32: 12}
 
 #: Default cap on block iterations (the basis never exceeds ``n`` columns either).
 DEFAULT_MAX_ITER = 60
@@ -361,7 +361,8 @@ def top_singular_triplets(
         Always use the dense SVD.
     dense_cutover : int, optional
         Use the dense SVD when ``n = min(d_out, d_in) <= dense_cutover`` (default :data:`DENSE_CUTOVER`) or
-        ``n <= 16 * block_size`` (where the Krylov basis would need much of ``R^n``); 0: always Krylov.
+        ``n <= 16 * block_size`` (12 in float32: where the Krylov basis would need much of ``R^n``); 0: always
+        Krylov.
 
     Returns
     -------
@@ -397,7 +398,7 @@ def top_singular_triplets(
     if isinstance(cutover, bool) or not isinstance(cutover, int) or cutover < 0:
         raise ShapeError(f"dense_cutover = {cutover!r} must be a non-negative integer")
 
-    if exact or n <= cutover or (cutover > 0 and n <= _DENSE_BLOCKS * p):
+    if exact or n <= cutover or (cutover > 0 and n <= _DENSE_BLOCKS[op.dtype] * p):
         return _dense_triplets(op, k)
     flip = op.d_out < op.d_in  # run on W^T so that the start block lives in the smaller space R^n
     res = _krylov_triplets(op.transpose() if flip else op, k, p, tol, max_iter, seed)
