@@ -14,6 +14,7 @@ except ImportError:  # pragma: no cover
 import loralens.cli.condlora  # noqa: F401  (registers train, compare, params, export)
 import loralens.cli.figures  # noqa: F401  (registers figure, report)
 import loralens.cli.lowrank  # noqa: F401  (registers overlap, amplification, spectra)
+import loralens.cli.reproduce  # noqa: F401  (registers reproduce table2)
 from loralens.cli import core  # noqa: F401  (registers conversion, similarity, demo)
 from loralens.cli._app import EXIT_INTERRUPTED, EXIT_USER_ERROR, app
 

@@ -1,0 +1,181 @@
+"""The paper's Table 2, reproduced: per task and method a learning-rate search on dev, then one run per seed at the
+chosen rate, then mean +- std on test and the paired t-test (:func:`loralens.seed_comparison.compare_seeds`).
+
+Layout of the output folder (every run folder is written whole, so an interrupted reproduction resumes: a run whose
+``metrics.json`` records the expected config is kept and skipped)::
+
+    OUT/runs/<task>/<method>-seed<k>/   adapter, metrics.json (the first seed's run also lr_search.json)
+    OUT/table/                          table2.md, table2.json (the summary, the chosen rates, the base)
+
+The search of each (task, method) runs with the first seed; its best trial is that seed's run (same seed and rate:
+the same run), and the other seeds train at the rate it chose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from loralens.errors import LoralensError
+from loralens.training.config import LR_RANGE, METHODS, TrainConfig
+from loralens.training.search import check_lr_range
+from loralens.training.trainer import LR_SEARCH_FILE, train
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "DEFAULT_STEPS",
+    "TABLE2_TASKS",
+    "parse_int_list",
+    "parse_per_task",
+    "reproduce_table2",
+]
+
+logger = logging.getLogger(__name__)
+
+TABLE2_TASKS = ("rt-polarity", "vader-rating")
+#: Per-task defaults sized for a CPU (the MiniLM run of README.md); the paper trains 50-100 epochs.
+DEFAULT_STEPS = {"rt-polarity": 200, "vader-rating": 300}
+DEFAULT_MAX_LENGTH = {"rt-polarity": 64, "vader-rating": 16}
+
+
+def parse_per_task(text: str | None, default: Mapping[str, int], option: str) -> dict[str, int]:
+    """``"rt-polarity=1000,vader-rating=500"`` over ``default``; LoralensError naming ``option`` otherwise."""
+    out = dict(default)
+    for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
+        task, _, value = item.partition("=")
+        if task.strip() not in default or not value.strip().isdigit() or int(value) < 1:
+            raise LoralensError(f"{option} takes TASK=N,... with TASK in {', '.join(default)}; got {item!r}")
+        out[task.strip()] = int(value)
+    return out
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; LoralensError naming ``option`` otherwise."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise LoralensError(f"{option} takes comma-separated integers (e.g. 0,1,2), got {text!r}") from e
+
+
+def reproduce_table2(
+    base_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    tasks: Sequence[str] = TABLE2_TASKS,
+    seeds: Sequence[int] = (0, 1, 2),
+    lr_search: int = 5,
+    lr_range: tuple[float, float] = LR_RANGE,
+    config: TrainConfig | None = None,
+    steps: Mapping[str, int] | None = None,
+    max_length: Mapping[str, int] | None = None,
+    base_name: str | None = None,
+    on_run: Callable[[str, bool], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or reuse) every run of Table 2 under ``out_dir`` and write the table; return its summary.
+
+    ``config`` holds the shared settings (method, seed, steps, max_length and lr are set per run); ``steps`` and
+    ``max_length`` per task default to :data:`DEFAULT_STEPS` and :data:`DEFAULT_MAX_LENGTH`. ``lr_search=0``
+    trains every run at ``config.lr``. ``on_run(folder, reused)`` is called before each run.
+
+    Returns ``compare_seeds(...)`` plus ``rates`` (``{task: {method: {"lr", "dev", "searched"}}}``), ``base``,
+    ``lr_search`` and ``lr_range``. Paired runs differ in their rate when it was searched per method, so the rate is
+    left out of the settings the pairing checks and reported per method instead.
+    """
+    from loralens.io.outputs import json_writer, write_outputs
+    from loralens.plots.tables import table2, to_markdown
+    from loralens.seed_comparison import compare_seeds
+
+    unknown = [t for t in tasks if t not in TABLE2_TASKS]
+    if unknown or not tasks:
+        raise LoralensError(f"Table 2 tasks are {', '.join(TABLE2_TASKS)}; got {', '.join(unknown) or 'none'}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise LoralensError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    if lr_search < 0:
+        raise LoralensError(f"lr_search must be >= 0 trials, got {lr_search}")
+    lr_range = check_lr_range(lr_range)
+    config = config if config is not None else TrainConfig()
+    steps = {**DEFAULT_STEPS, **(steps or {})}
+    max_length = {**DEFAULT_MAX_LENGTH, **(max_length or {})}
+    base_name = base_name if base_name is not None else str(base_path)
+    out_dir = Path(out_dir)
+
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    rates: dict[str, dict[str, dict[str, Any]]] = {}
+    for task in tasks:
+        runs[task] = {m: [] for m in METHODS}
+        rates[task] = {}
+        for method in METHODS:
+            shared = config.replace(method=method, steps=steps[task], epochs=None, max_length=max_length[task])
+            lr = shared.lr
+            for k, seed in enumerate(seeds):
+                folder = out_dir / "runs" / task / f"{method}-seed{seed}"
+                search = lr_search if k == 0 else 0
+                expected = shared.replace(seed=seed, lr=lr)
+                metrics = _finished(folder, expected, base_name, search, lr_range)
+                if on_run is not None:
+                    on_run(str(folder), metrics is not None)
+                if metrics is None:
+                    logger.info("training %s", folder)
+                    metrics = train(
+                        base_path, task, expected, out_dir=folder, base_name=base_name, lr_search=search,
+                        lr_range=lr_range, replace=True,  # a run folder of this command, made with other settings
+                    )  # fmt: skip
+                if k == 0:
+                    lr = metrics["settings"]["lr"]
+                    rates[task][method] = {"lr": lr, "dev": metrics["dev_best"], "searched": bool(lr_search)}
+                runs[task][method].append(metrics)
+
+    comparable = {t: {m: [_without_lr(r) for r in rs] for m, rs in by.items()} for t, by in runs.items()}
+    summary = compare_seeds(comparable)
+    summary.update(rates=rates, base=base_name, lr_search=lr_search, lr_range=list(lr_range))
+    text = to_markdown(table2(summary), digits=4) + "\n" + _rates_markdown(rates) + f"\nBase `{base_name}`.\n"
+    write_outputs(
+        out_dir / "table",
+        {"table2.json": json_writer(summary), "table2.md": lambda p: p.write_text(text, encoding="utf-8")},
+        replace=True,
+    )
+    summary["markdown"] = text
+    return summary
+
+
+def _finished(
+    folder: Path, expected: TrainConfig, base_name: str, lr_search: int, lr_range: tuple[float, float]
+) -> dict[str, Any] | None:
+    """The metrics of a finished run in ``folder`` made with ``expected`` (its rate searched when ``lr_search``)."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        recorded = metrics["config"]
+        if lr_search:
+            record = json.loads((folder / LR_SEARCH_FILE).read_text(encoding="utf-8"))
+            if (record["n_trials"], record["range"]) != (lr_search, list(lr_range)):
+                return None
+            recorded = recorded | {"lr": expected.lr}  # the searched rate; every other setting must match
+        same = recorded == expected.to_dict() and metrics["base"] == base_name
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an earlier version's or a damaged run: train it again
+    if same:
+        logger.info("reusing %s", folder)
+        return metrics
+    return None
+
+
+def _without_lr(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {**metrics, "settings": {k: v for k, v in metrics["settings"].items() if k != "lr"}}
+
+
+def _rates_markdown(rates: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    from loralens.plots.tables import Table, to_markdown
+
+    rows = tuple(
+        (task, *(f"{by[m]['lr']:.3g}" for m in METHODS), *(by[m]["dev"] for m in METHODS)) for task, by in rates.items()
+    )
+    searched = any(r["searched"] for by in rates.values() for r in by.values())
+    title = "Learning rates chosen on dev" if searched else "Learning rates (given, not searched)"
+    return to_markdown(Table(("task", "LoRA lr", "CondLoRA lr", "LoRA dev", "CondLoRA dev"), rows, title), digits=4)
