@@ -19,6 +19,10 @@ class OutputExistsError(InputPathError):
     """The output folder exists and may not be replaced."""
 
 
+class OutputPathError(InputPathError):
+    """The output path cannot take the results (a file, a dangling link, an input of the same run)."""
+
+
 class CheckpointError(LoralensError):
     """A checkpoint or config file is corrupt, truncated, unsafe or of an unknown format."""
 

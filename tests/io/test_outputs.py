@@ -88,7 +88,8 @@ import signal, sys, time
 from pathlib import Path
 # Ctrl-C as in a terminal, whatever this process inherited (a shell's background job starts with SIGINT ignored)
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from loralens.io.outputs import write_outputs
+from loralens.io.outputs import interrupt_on_termination, write_outputs
+interrupt_on_termination()  # SIGTERM and SIGHUP as the CLI handles them
 out, n = Path(sys.argv[1]), 0
 def slow(tag):
     def write(path):
@@ -110,7 +111,7 @@ def _marker_inode(out: Path) -> int | None:
         return None
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_rewrite_leaves_a_complete_folder_or_none(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "out"
     for attempt in range(6):
@@ -129,8 +130,12 @@ def test_interrupted_rewrite_leaves_a_complete_folder_or_none(tmp_path: Path, si
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail(f"the writer did not stop on {sig!r}")
-        if sig == signal.SIGINT:  # Python unwinds: the previous folder is put back if the swap was cut short
+        if sig != signal.SIGKILL:  # Python unwinds: the previous folder is put back if the swap was cut short
+            # an uncaught KeyboardInterrupt ends Python by SIGINT, whichever signal raised it
+            assert proc.returncode == -signal.SIGINT, "the writer must stop by KeyboardInterrupt"
             assert out.exists()
+            debris = sorted(p.name for p in tmp_path.iterdir() if p.name != "out")
+            assert debris == [], f"{sig!r} left staging folders beside the output: {debris}"
         elif not out.exists():  # SIGKILL between the swap's two renames: no output, the previous one beside it
             continue
         texts = {(out / n).read_text() for n in ("x.txt", "y.txt", "z.txt")}

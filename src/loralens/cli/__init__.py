@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -17,10 +19,21 @@ import loralens.cli.lowrank  # noqa: F401  (registers overlap, amplification, sp
 import loralens.cli.reproduce  # noqa: F401  (registers reproduce table2)
 from loralens.cli import core  # noqa: F401  (registers conversion, similarity, demo)
 from loralens.cli._app import EXIT_INTERRUPTED, EXIT_USER_ERROR, app
+from loralens.io.outputs import interrupt_on_termination
 
 
 def main() -> None:
-    """Console-script entry point: usage errors, like every other user error, are one line and exit 2."""
+    """Console-script entry point: usage errors, like every other user error, are one line and exit 2.
+
+    SIGTERM and SIGHUP (a closed terminal, ``kill``, a job scheduler's time limit) are handled as Ctrl-C: the
+    run stops, its staging folder is removed, nothing half-written is left, exit 130.
+    """
+    interrupt_on_termination()
+    if sys.stderr is None:  # started with stderr closed (2>&-): messages go nowhere rather than crash
+        sys.stderr = Path(os.devnull).open("w")  # noqa: SIM115  (lives as long as the process)
+    if sys.stdout is None:  # started with stdout closed (>&-): Python has no stream to print results to
+        typer.echo("error: standard output is closed; redirect it to a file or to /dev/null", err=True)
+        sys.exit(EXIT_USER_ERROR)
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError as e:  # bare `loralens` or a command with no options: show its help

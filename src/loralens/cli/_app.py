@@ -339,6 +339,8 @@ def parse_modules(text: str | None) -> list[str] | None:
     """``--modules query,value`` -> ``["query", "value"]``; a name given twice is refused (it would be
     analysed twice, or, where the results are stacked per module, clash)."""
     names = [m.strip() for m in text.split(",") if m.strip()] if text else []
+    if text is not None and not names:
+        raise LoralensError(f"--modules {text!r} names no module; list them, e.g. --modules query,value")
     twice = sorted({m for m in names if names.count(m) > 1})
     if twice:
         raise LoralensError(f"--modules names {', '.join(map(repr, twice))} more than once; list each module once")

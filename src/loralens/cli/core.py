@@ -94,7 +94,7 @@ def conversion(
     lists them per module (least_squares_layers).
     """
     with user_errors():
-        check_output_folder(out, replace=force, names=CONVERSION_FILES)
+        check_output_folder(out, replace=force, names=CONVERSION_FILES, inputs=[adapter, base])
         budget = parse_memory_size(max_memory)
         base_ckpt, lora = load_inputs(base, adapter)
         if product:
@@ -123,6 +123,7 @@ def conversion(
                 "conversion.json": json_writer(summary),
             },
             replace=force,
+            inputs=[adapter, base_ckpt.root],
         )
         if json_output:
             typer.echo(json_text({"outputs": [str(p) for p in paths], **summary}), nl=False)

@@ -74,12 +74,12 @@ def figure(
     from loralens.report import figure_files
 
     with user_errors():
-        check_output_folder(out, replace=force)
+        check_output_folder(out, replace=force, inputs=[adapter, base])
         _, _, (sim,) = analyse_similarity(
             base, [adapter], parse_modules(modules), i=i, j=j, side=side.value, seed=seed, device=device,
             dtype=dtype, layer_batch=layer_batch,
         )  # fmt: skip
-        paths = write_outputs(out, figure_files(sim.to_dict(), dpi), replace=force)
+        paths = write_outputs(out, figure_files(sim.to_dict(), dpi), replace=force, inputs=[adapter, base])
         _print_written(paths)
 
 
@@ -146,7 +146,8 @@ def report(
     its numbers are under "lowrank" in report.json.
     """
     with user_errors():
-        check_output_folder(out, replace=force)
+        inputs = [*lora, *(condlora or []), overlap, base]
+        check_output_folder(out, replace=force, inputs=inputs)
         files, _ = report_outputs(
             base,
             lora,
@@ -160,7 +161,7 @@ def report(
             dtype=dtype,
             layer_batch=layer_batch,
         )
-        paths = write_outputs(out, files, replace=force)
+        paths = write_outputs(out, files, replace=force, inputs=inputs)
         _print_written(paths)
         typer.echo(f"report: {out / 'report.html'}")
 

@@ -93,7 +93,7 @@ def overlap(
 
     with user_errors():
         if out is not None:
-            check_output_folder(out, replace=force)
+            check_output_folder(out, replace=force, inputs=[*adapter, base])
         if len(adapter) != 2:
             raise LoralensError(f"overlap compares exactly two adapters (--adapter X --adapter Y); got {len(adapter)}")
         first, second = load_lora_adapter(adapter[0]), load_lora_adapter(adapter[1])
@@ -137,7 +137,7 @@ def amplification(
 
     with user_errors():
         if out is not None:
-            check_output_folder(out, replace=force)
+            check_output_folder(out, replace=force, inputs=[adapter, base])
         base_ckpt, lora = load_inputs(base, adapter)
         report = amplification_report(
             base_ckpt,
@@ -176,7 +176,7 @@ def spectra(
 
     with user_errors():
         if out is not None:
-            check_output_folder(out, replace=force)
+            check_output_folder(out, replace=force, inputs=[adapter, base])
         base_ckpt, lora = load_inputs(base, adapter)
         report = spectra_report(
             base_ckpt,

@@ -11,10 +11,12 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,15 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
-from loralens.errors import InputPathError, OutputExistsError
+from loralens.errors import InputPathError, OutputExistsError, OutputPathError
 from loralens.io.files import os_error_fix
 
 __all__ = [
     "MARKER",
     "bytes_writer",
     "check_output_folder",
+    "interrupt_on_termination",
+    "remove_stale_staging",
     "write_outputs",
     "safetensors_writer",
     "json_writer",
@@ -66,7 +70,9 @@ def json_writer(obj: Any) -> Writer:
 MARKER = ".loralens-output"
 
 
-def write_outputs(out_dir: Path, files: Mapping[str, Writer], *, replace: bool = False) -> list[Path]:
+def write_outputs(
+    out_dir: Path, files: Mapping[str, Writer], *, replace: bool = False, inputs: Iterable[Path | str | None] = ()
+) -> list[Path]:
     """Write ``files`` (name -> writer) as the folder ``out_dir``, atomically; return the final paths.
 
     The new folder is assembled under a temporary name beside ``out_dir`` and renamed into place, so the path
@@ -80,6 +86,7 @@ def write_outputs(out_dir: Path, files: Mapping[str, Writer], *, replace: bool =
     existing = check_output_folder(out_dir, replace=replace, names=files)
     parent = out_dir.parent
     staging: Path | None = None
+    previous: Path | None = None
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
@@ -87,7 +94,7 @@ def write_outputs(out_dir: Path, files: Mapping[str, Writer], *, replace: bool =
         for name, write in {**files, MARKER: json_writer({"loralens_output": sorted(files)})}.items():
             _write_synced(staging / name, write)
         if existing:
-            _swap_into_place(staging, out_dir)
+            previous = _swap_into_place(staging, out_dir)
         else:
             staging.replace(out_dir)  # onto a missing or empty folder: one rename
     except OSError as e:
@@ -96,20 +103,28 @@ def write_outputs(out_dir: Path, files: Mapping[str, Writer], *, replace: bool =
             f"{out_dir}: cannot write the results ({e.strerror or e}); nothing was changed{f'; {fix}' if fix else ''}"
         ) from e
     finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        with _signals_held():  # a second Ctrl-C/SIGTERM cannot cut the clean-up short and leave debris
+            for leftover in (staging, previous):
+                if leftover is not None:
+                    shutil.rmtree(leftover, ignore_errors=True)
     return [out_dir / name for name in files]
 
 
-def check_output_folder(out_dir: Path, *, replace: bool = False, names: Iterable[str] = ()) -> bool:
+def check_output_folder(
+    out_dir: Path, *, replace: bool = False, names: Iterable[str] = (), inputs: Iterable[Path | str | None] = ()
+) -> bool:
     """Raise unless :func:`write_outputs` may write the folder ``out_dir``; return whether it has content.
 
-    Commands call this before their work, so a refused ``--out`` costs nothing. ``names``: the files about
-    to be written (an unmarked folder holding only those may be replaced).
+    Commands call this before their work, so a refused output costs nothing. ``names``: the files about
+    to be written (an unmarked folder holding only those may be replaced). ``inputs``: the files and folders
+    the run reads (strings that are not existing paths, such as hub names, are skipped); an output folder that
+    is one of them, holds one or lies inside one is refused whatever ``replace`` says, so results can never
+    overwrite what they were computed from.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputPathError(f"{out_dir}: the output path is a file; pass a folder")
+    _check_output_path(out_dir)
+    _refuse_input_overlap(out_dir, inputs)
+    remove_stale_staging(out_dir)
     existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if not existing:
         return False
@@ -124,7 +139,80 @@ def check_output_folder(out_dir: Path, *, replace: bool = False, names: Iterable
     return True
 
 
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
+def _check_output_path(out_dir: Path) -> None:
+    """Say what is wrong with an output path before any work: it must be a folder that can be made here."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise OutputPathError(f"{out_dir}: the output path is a dangling symbolic link; remove it or choose another")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputPathError(f"{out_dir}: the output path is a file; pass a folder")
+    resolved = out_dir.resolve()
+    if out_dir.name in ("", ".", "..") or resolved in (Path(resolved.anchor), Path.cwd().resolve()):
+        raise OutputPathError(
+            f"{out_dir}: the output must be a folder of its own (it is replaced whole); name a new or empty one"
+        )
+    for parent in resolved.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{out_dir}: {parent} is a file, so no folder can be made under it")
+            break
+
+
+def _refuse_input_overlap(out_dir: Path, inputs: Iterable[Path | str | None]) -> None:
+    out = out_dir.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        path = Path(given)
+        if not path.exists():
+            continue  # a hub name, or a file already reported missing elsewhere
+        path = path.resolve()
+        if path == out or out in path.parents or path in out.parents:
+            where = "is" if path == out else ("holds" if out in path.parents else "lies inside")
+            raise OutputPathError(
+                f"{out_dir}: the output folder {where} the input {given}; write the results to another folder"
+            )
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Delete staging folders an earlier, killed run of the same output left beside ``out_dir``; return them.
+
+    Staging and set-aside folders are named ``.<out name>.<8 random characters>.tmp`` / ``.old`` (mkdtemp's
+    names). A run that is still writing holds its staging folder for seconds; one older than
+    :data:`STALE_AFTER_S` can only be debris of a run killed outright (SIGKILL, power loss). A previous output set aside
+    by an interrupted swap (``.old``) is put back when ``out_dir`` itself is gone, instead of deleted.
+    """
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
+    try:
+        candidates = sorted(p for p in parent.iterdir() if pattern.fullmatch(p.name))
+    except OSError:
+        return []
+    for path in candidates:
+        if not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            if now - path.stat().st_mtime < STALE_AFTER_S:
+                continue
+            if path.name.endswith(".old") and not out_dir.exists() and (path / MARKER).is_file():
+                path.replace(out_dir)
+                continue
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+#: Seconds after which a staging folder beside an output counts as left by a dead run.
+STALE_AFTER_S = 600.0
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> Path:
+    """Rename ``staging`` to ``out_dir`` and the folder there aside; return where the previous one now is."""
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
     old.rmdir()  # a free unique name for the previous folder
     with _signals_held():  # Ctrl-C cannot fall between the two renames (SIGKILL can: then the old folder is beside)
@@ -134,7 +222,18 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
         except OSError:
             old.replace(out_dir)  # put the previous output back
             raise
-    shutil.rmtree(old, ignore_errors=True)
+    return old
+
+
+def interrupt_on_termination() -> None:
+    """Make SIGTERM and SIGHUP (``kill``, a closed terminal, a scheduler's time limit) raise KeyboardInterrupt,
+    as Ctrl-C does, so that a write in progress unwinds and removes its staging folder instead of leaving it.
+
+    For programs (the CLI calls it at start); a library import never changes signal handling. Main thread only.
+    """
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -142,17 +241,31 @@ def _signals_held() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP for the block; one that arrives meanwhile is delivered right after it.
 
     Without this a KeyboardInterrupt can land between two statements (after the first rename has returned and
-    before anything could undo it), which no try/except closes. Only the main thread can hold signals for
-    Python, and only POSIX has ``pthread_sigmask``; elsewhere the block runs as it is.
+    before anything could undo it), which no try/except closes. The Python-level handlers are swapped for one
+    that only notes the signal: a signal mask would not do, since the kernel hands a process-directed signal to
+    any thread that does not block it (torch's, for one), and Python then raises in the main thread all the
+    same. Only the main thread can change handlers; elsewhere the block runs as it is.
     """
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    caught: list[int] = []
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not None:  # None: a handler installed outside Python
+            previous[sig] = signal.signal(sig, lambda number, _frame: caught.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for number in caught:
+            handler = previous[number]
+            if callable(handler):
+                handler(number, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(number)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

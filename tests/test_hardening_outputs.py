@@ -1,0 +1,187 @@
+"""Hardening, round 2: output paths that would lose data or fail late, and adapter configs that would hang.
+
+Rows are checked exactly as ``tests/test_hardening.py`` checks its table: the exit code, one ``error:`` line
+with the expected words, empty stdout, nothing written. Beyond that each row says what must be left intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from loralens.io.outputs import MARKER, STALE_AFTER_S, json_writer, remove_stale_staging, write_outputs
+from test_hardening import run_main
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _exported_adapter(src: Path, dst: Path) -> Path:
+    """An adapter folder as ``loralens export`` leaves it: it carries the output marker, so --force may replace it."""
+    shutil.copytree(src, dst)
+    (dst / MARKER).write_text(json.dumps({"loralens_output": ["adapter_config.json", "adapter_model.safetensors"]}))
+    return dst
+
+
+def _expect_refusal(argv: list, words: str, capsys, monkeypatch) -> str:
+    code, out, err = run_main(argv, capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert words in lines[0], lines[0]
+    assert out == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "where"),
+    [
+        ("conversion", "the adapter itself"),
+        ("conversion", "inside the adapter"),
+        ("conversion", "above the adapter"),
+        ("conversion", "the base itself"),
+        ("figure", "the adapter itself"),
+        ("report", "the adapter itself"),
+        ("spectra", "inside the adapter"),
+        ("overlap", "the adapter itself"),
+    ],
+)
+def test_an_output_never_replaces_or_nests_with_an_input(
+    command: str, where: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """`conversion --out X --force` with X the adapter being analysed replaced the adapter with the results."""
+    project = tmp_path / "project"
+    adapter = _exported_adapter(tiny_bert_adapter, project / "adapter")
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bert, base)
+    (base / MARKER).write_text("{}")
+    out = {
+        "the adapter itself": adapter,
+        "inside the adapter": adapter / "results",
+        "above the adapter": project,
+        "the base itself": base,
+    }[where]
+    before = _tree(tmp_path)
+    argv = [command, "--base", base, "--adapter", adapter, "--out", out, "--force"]
+    if command == "overlap":
+        argv = ["overlap", "--adapter", adapter, "--adapter", tiny_bert_adapter, "--out", out, "--force"]
+    line = _expect_refusal(argv, "write the results to another folder", capsys, monkeypatch)
+    assert {"the adapter itself": "is the input", "the base itself": "is the input"}.get(where, "") in line
+    assert _tree(tmp_path) == before  # every input byte-identical, nothing added
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "project"]
+
+
+@pytest.mark.parametrize("case", ["dot", "below a file", "dangling link"])
+def test_unusable_output_paths_are_refused_before_any_work(
+    case: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """These failed only after the whole computation, with "Device or resource busy" / "Not a directory" /
+    "File exists"; now each is named up front (no analysis runs: the adapter is never even opened)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "file.txt").write_text("x")
+    (work / "link").symlink_to(work / "nowhere")
+    monkeypatch.chdir(work)
+    out, words = {
+        "dot": (".", "a folder of its own"),
+        "below a file": ("file.txt/out", "file.txt is a file"),
+        "dangling link": ("link", "dangling symbolic link"),
+    }[case]
+    opened = []
+    monkeypatch.setattr("loralens.cli.core.load_inputs", lambda *a: opened.append(a))
+    _expect_refusal(
+        ["conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out], words, capsys, monkeypatch
+    )
+    assert opened == []
+    assert sorted(p.name for p in work.iterdir()) == ["file.txt", "link"]
+
+
+def test_a_catastrophic_pattern_is_matched_in_linear_time(
+    tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """`(a|a)*$`-style keys compile in Python's re and then backtrack for minutes on a module name; RE2 matches
+    them in linear time, so the run finishes (that pattern matches no module: the default rank applies)."""
+    import re
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_bert_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    evil = "(.*a){25}x"
+    config["rank_pattern"] = {evil: 2}
+    config["alpha_pattern"] = {"(a|aa)+$": 3.0}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    name = "encoder.layer.0.attention.self.query" + "a" * 30
+    start = time.perf_counter()
+    assert re.compile(evil).pattern and not _re2_match(evil, name)
+    assert time.perf_counter() - start < 5  # the same match by Python's re takes longer than this test runs
+    code, out, err = run_main(["similarity", "--base", tiny_bert, "--adapter", adapter, "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(out)["modules"]["query"]
+
+
+def _re2_match(key: str, name: str) -> bool:
+    from loralens.io.keys import compile_module_pattern
+
+    return compile_module_pattern(key).match(name) is not None
+
+
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        (r"(query)\1", "cannot be matched in linear time"),
+        (r"(?=query)query", "cannot be matched in linear time"),
+        ("q" * 1001, "longer than 1000 characters"),
+        ("(", "not a valid regular expression"),
+    ],
+)
+def test_patterns_that_only_a_backtracking_engine_takes_are_refused(
+    key: str, words: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_bert_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["rank_pattern"] = {key: 2}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    line = _expect_refusal(["similarity", "--base", tiny_bert, "--adapter", adapter], words, capsys, monkeypatch)
+    assert "adapter_config.json" in line and "rank_pattern" in line
+
+
+def test_peft_pattern_rule_is_kept() -> None:
+    """RE2 gives PEFT's matches: a key matches a whole dotted suffix of the module name, first key wins."""
+    from loralens.io.keys import peft_pattern_value
+
+    pattern = {"layer.0.attention.self.query": 2, "query": 4, r"layer\.[12]\..*value": 6}
+    assert peft_pattern_value(pattern, "encoder.layer.0.attention.self.query", 8) == 2
+    assert peft_pattern_value(pattern, "encoder.layer.3.attention.self.query", 8) == 4
+    assert peft_pattern_value(pattern, "encoder.layer.2.attention.self.value", 8) == 6
+    assert peft_pattern_value(pattern, "encoder.layer.3.attention.self.value", 8) == 8
+    assert peft_pattern_value(pattern, "encoder.layer.3.attention.self.xquery", 8) == 8  # not a dotted suffix
+
+
+def test_stale_staging_of_a_killed_run_is_removed(tmp_path: Path) -> None:
+    """SIGKILL (or a power cut) can leave `.out.<random>.tmp` beside the output; the next run of the same output
+    removes what is older than STALE_AFTER_S, puts back a set-aside previous output, and leaves fresh ones (a
+    run still writing) and other people's files alone."""
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.abcd1234.tmp"
+    fresh = tmp_path / ".out.efgh5678.tmp"
+    other = tmp_path / ".out.notes.tmp"  # not a name mkdtemp makes
+    for folder in (stale, fresh, other):
+        folder.mkdir()
+        (folder / "x.json").write_text("{}")
+    old_output = tmp_path / ".out.ijkl9012.old"
+    old_output.mkdir()
+    (old_output / MARKER).write_text("{}")
+    past = time.time() - STALE_AFTER_S - 60
+    for folder in (stale, other, old_output):
+        os.utime(folder, (past, past))
+    assert remove_stale_staging(out) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.efgh5678.tmp", ".out.notes.tmp", "out"]
+    assert (out / MARKER).is_file()  # the previous output, put back where a killed swap had left none
+    write_outputs(out, {"a.json": json_writer({})}, replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.efgh5678.tmp", ".out.notes.tmp", "out"]
