@@ -6,15 +6,15 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= results/demo
 
-.PHONY: demo test lint venv clean browser paper-params paper-scale
+.PHONY: demo test test-fast lint docs venv clean browser paper-params paper-scale
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-data.txt
+$(STAMP): pyproject.toml requirements-data.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned, so nothing later pulls the CUDA wheels.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	# torch first, pinned by constraints.txt, so nothing later pulls the CUDA wheels.
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PIP) install -q --no-deps -r requirements-data.txt
 	touch $(STAMP)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The quick lane while working: unit, core, io and CLI tests; no training, browser or notebooks.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not training and not browser and not notebooks"
 
 # The report's browser test (tests/test_report_browser.py) drives Debian's Chromium; install it when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -49,6 +53,13 @@ paper-scale: paper-params
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks
+	$(VENV)/bin/ruff format --check src tests scripts benchmarks
+	$(VENV)/bin/lint-imports
+
+# The documentation site (docs/, mkdocs.yml), built outside the work tree; --strict fails on any warning.
+DOCS_OUT ?= /tmp/loralens-site
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d $(DOCS_OUT)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis
