@@ -27,6 +27,7 @@ from loralens.io.files import (
     read_json,
     read_pickle_state_dict,
     read_safetensors,
+    require_regular_file,
 )
 from loralens.io.keys import (
     ModulePath,
@@ -291,8 +292,9 @@ def adapter_folder(
                 return path.parent
             article = "an" if kind[:1].lower() in "aeiou" else "a"
             raise InputPathError(f"{path}: expected {article} {kind} folder (with {CONFIG_NAME}), got a file")
-        if not (path / CONFIG_NAME).is_file():
+        if not (path / CONFIG_NAME).exists():
             raise InputPathError(f"{path}: no {CONFIG_NAME}; is this {hint}?")
+        require_regular_file(path / CONFIG_NAME)
     except PermissionError as e:
         raise InputPathError(
             f"{path}: permission denied on {e.filename or path}: this user may not open the {kind} folder; give "
@@ -304,8 +306,8 @@ def adapter_folder(
 def adapter_weights_file(folder: Path) -> Path:
     """The adapter tensor file in ``folder``: safetensors when present, else the ``.bin`` pickle."""
     for name in _WEIGHT_NAMES:  # safetensors first: it cannot carry code
-        if (folder / name).is_file():
-            return folder / name
+        if (folder / name).exists():
+            return require_regular_file(folder / name)
     raise InputPathError(f"{folder}: no adapter weights ({' or '.join(_WEIGHT_NAMES)})")
 
 
@@ -347,6 +349,7 @@ def _stack_module(
         alpha = float(peft_pattern_value(config.get("alpha_pattern"), p.dotted, config.get("lora_alpha", r)))
         ranks.append(r)
         scaling.append(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+        _check_update_size(scaling[-1], A, B, p, source)
         As.append(A)
         Bs.append(B)
         mags.append(f.get("magnitude"))
@@ -359,6 +362,18 @@ def _stack_module(
             raise CheckpointError(f"{source}: module {name!r} has DoRA magnitudes in some layers only")
         magnitude = torch.stack([m.reshape(-1) for m in mags if m is not None])
     return AdapterModule(name, tuple(paths), A_stack, B_stack, tuple(ranks), tuple(scaling), magnitude)
+
+
+def _check_update_size(scale: float, A: Tensor, B: Tensor, path: ModulePath, source: Path) -> None:
+    """Refuse a scaling that makes ``s B A`` overflow float32 (the smallest compute dtype): an absurd lora_alpha
+    (1e308) would otherwise turn every update into inf/NaN and be reported as an untrained, all-zero adapter.
+    ``|s| ||B||_F ||A||_F`` bounds ``||s B A||_F``, so nothing below the limit can overflow."""
+    bound = abs(scale) * float(torch.linalg.matrix_norm(B.double())) * float(torch.linalg.matrix_norm(A.double()))
+    if not bound < torch.finfo(torch.float32).max:
+        raise CheckpointError(
+            f"{source}: {path.dotted}: the scaling alpha / r = {scale:.3g} makes the update s B A overflow "
+            f"(norm up to {bound:.3g}); fix lora_alpha (or alpha_pattern) in adapter_config.json"
+        )
 
 
 def _check_layer_replication(config: dict[str, Any], path: Path) -> None:

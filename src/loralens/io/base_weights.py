@@ -30,6 +30,7 @@ from loralens.io.files import (
     read_json,
     read_pickle_state_dict,
     read_safetensors,
+    require_regular_file,
     safetensors_shapes,
 )
 
@@ -301,6 +302,8 @@ def check_weights_file(path: Path) -> None:
                 "can only be opened through UTF-8 paths; rename it (or copy the model to a folder with a UTF-8 name)"
             ) from e
     try:
+        if path.exists() and not path.is_dir():
+            require_regular_file(path)  # opening a FIFO would block until someone writes to it
         with path.open("rb"):
             pass
     except PermissionError as e:

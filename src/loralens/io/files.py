@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import pickle
+import stat
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "os_error_fix",
     "os_error_reason",
     "read_json",
+    "require_regular_file",
     "safetensors_keys",
     "safetensors_shapes",
     "read_safetensors",
@@ -205,10 +207,33 @@ def _check_file(path: Path) -> None:
     try:
         if not path.exists():
             raise InputPathError(f"{path}: no such file")
-        if not path.is_file():
+        if path.is_dir():
             raise InputPathError(f"{path}: expected a file, found a folder")
+        require_regular_file(path)
     except OSError as e:  # a name too long, a folder on the way without permission
         raise InputPathError(f"{path}: cannot read ({os_error_reason(e)})") from e
+
+
+def require_regular_file(path: Path) -> Path:
+    """Raise InputPathError unless ``path`` (after symbolic links) is a regular file.
+
+    A FIFO blocks the reader until someone writes to it, and a device such as /dev/zero or /dev/urandom
+    never ends: reading either would hang the run, so they are refused by their kind before any read.
+    """
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode):
+        return path
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "special file")
+    raise InputPathError(f"{path}: is a {kind}, not a regular file; point to the checkpoint's own file")
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
 
 
 def _corrupt(path: Path, e: Exception) -> CheckpointError:

@@ -1,4 +1,6 @@
-"""Hardening, round 2: output paths that would lose data or fail late, and adapter configs that would hang.
+"""Hardening, round 2: output paths that would lose data or fail late, adapter configs that would hang, and
+faults of our own choosing beyond the issue's list (special files that block a reader, closed streams, absurd
+scalings, empty option values).
 
 Rows are checked exactly as ``tests/test_hardening.py`` checks its table: the exit code, one ``error:`` line
 with the expected words, empty stdout, nothing written. Beyond that each row says what must be left intact.
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,3 +189,62 @@ def test_stale_staging_of_a_killed_run_is_removed(tmp_path: Path) -> None:
     assert (out / MARKER).is_file()  # the previous output, put back where a killed swap had left none
     write_outputs(out, {"a.json": json_writer({})}, replace=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.efgh5678.tmp", ".out.notes.tmp", "out"]
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("base weights are a FIFO", "named pipe (FIFO), not a regular file"),
+        ("adapter config is a FIFO", "named pipe (FIFO), not a regular file"),
+        ("adapter weights are /dev/zero", "character device, not a regular file"),
+        ("adapter config is /dev/urandom", "character device, not a regular file"),
+        ("lora_alpha 1e308", "makes the update s B A overflow"),
+        ("--modules ,", "names no module"),
+    ],
+)
+def test_faults_of_our_own(
+    case: str, words: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Before: a FIFO base hung the run forever (it was opened to test permissions); FIFO or device configs and
+    weights were reported as missing ("no adapter_config.json"); lora_alpha 1e308 overflowed s B A to inf and was
+    reported as an all-zero, untrained adapter; `--modules ,` silently analysed every module."""
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(tiny_bert, base)
+    shutil.copytree(tiny_bert_adapter, adapter)
+    command = "similarity"
+    extra: list[str] = []
+    if case == "base weights are a FIFO":
+        (base / "model.safetensors").unlink()
+        os.mkfifo(base / "model.safetensors")
+    elif case == "adapter config is a FIFO":
+        (adapter / "adapter_config.json").unlink()
+        os.mkfifo(adapter / "adapter_config.json")
+    elif case == "adapter weights are /dev/zero":
+        (adapter / "adapter_model.safetensors").unlink()
+        (adapter / "adapter_model.safetensors").symlink_to("/dev/zero")
+    elif case == "adapter config is /dev/urandom":
+        (adapter / "adapter_config.json").unlink()
+        (adapter / "adapter_config.json").symlink_to("/dev/urandom")
+    elif case == "lora_alpha 1e308":
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e308}))
+        command = "amplification"
+    elif case == "--modules ,":
+        extra = ["--modules", ","]
+    _expect_refusal([command, "--base", base, "--adapter", adapter, *extra], words, capsys, monkeypatch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_a_closed_stdout_is_one_line(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    """`loralens ... >&-` started Python with no sys.stdout: an AttributeError traceback on the first print."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "loralens", "similarity", "--base", str(tiny_bert), "--adapter", str(tiny_bert_adapter)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.close(1),
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: standard output is closed; redirect it to a file or to /dev/null"
