@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from loralens.io.outputs import MARKER, STALE_AFTER_S, json_writer, remove_stale_staging, write_outputs
 from test_hardening import run_main
@@ -200,6 +201,7 @@ def test_stale_staging_of_a_killed_run_is_removed(tmp_path: Path) -> None:
         ("adapter config is /dev/urandom", "character device, not a regular file"),
         ("lora_alpha 1e308", "makes the update s B A overflow"),
         ("--modules ,", "names no module"),
+        ("keys carry the adapter name", "re-save the adapter with model.save_pretrained"),
     ],
 )
 def test_faults_of_our_own(
@@ -207,7 +209,8 @@ def test_faults_of_our_own(
 ) -> None:
     """Before: a FIFO base hung the run forever (it was opened to test permissions); FIFO or device configs and
     weights were reported as missing ("no adapter_config.json"); lora_alpha 1e308 overflowed s B A to inf and was
-    reported as an all-zero, untrained adapter; `--modules ,` silently analysed every module."""
+    reported as an all-zero, untrained adapter; `--modules ,` silently analysed every module; a PeftModel's own
+    state dict (keys `lora_A.default.weight`) was "no LoRA factors" with no hint why."""
     base, adapter = tmp_path / "base", tmp_path / "adapter"
     shutil.copytree(tiny_bert, base)
     shutil.copytree(tiny_bert_adapter, adapter)
@@ -231,6 +234,10 @@ def test_faults_of_our_own(
         command = "amplification"
     elif case == "--modules ,":
         extra = ["--modules", ","]
+    elif case == "keys carry the adapter name":  # torch.save(peft_model.state_dict()) instead of save_pretrained
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        named = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+        save_file(named, str(adapter / "adapter_model.safetensors"))
     _expect_refusal([command, "--base", base, "--adapter", adapter, *extra], words, capsys, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,6 +180,13 @@ def load_lora_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
             continue
         factors.setdefault(module, {})[parsed[1]] = tensor
     if not factors:
+        named = sorted({m.group(1) for k in tensors if (m := _NAMED_FACTOR.search(k))})
+        if named:  # model.state_dict() of a PeftModel keeps the adapter name; save_pretrained strips it
+            raise CheckpointError(
+                f"{weights_file}: the LoRA keys carry an adapter name ({', '.join(map(repr, named[:3]))}, e.g. "
+                "'lora_A.default.weight'): a model.state_dict(), not what PEFT saves; re-save the adapter with "
+                "model.save_pretrained(folder)"
+            )
         raise CheckpointError(
             f"{weights_file}: no LoRA factors (keys '<module>.lora_A.weight') among {len(tensors)} tensors"
         )
@@ -362,6 +370,10 @@ def _stack_module(
             raise CheckpointError(f"{source}: module {name!r} has DoRA magnitudes in some layers only")
         magnitude = torch.stack([m.reshape(-1) for m in mags if m is not None])
     return AdapterModule(name, tuple(paths), A_stack, B_stack, tuple(ranks), tuple(scaling), magnitude)
+
+
+#: ``...query.lora_A.default.weight``: a factor key with PEFT's in-memory adapter name still in it.
+_NAMED_FACTOR = re.compile(r"\.lora_[AB]\.([^.]+)\.weight$")
 
 
 def _check_update_size(scale: float, A: Tensor, B: Tensor, path: ModulePath, source: Path) -> None:
