@@ -37,12 +37,11 @@ which gives 1e-6 relative agreement with a dense SVD on sigma and on subspace an
 d = 384 .. 2048 weights (sigma to ~1e-6 relative, subspace angles ~1e-4 / relative gap).
 
 For small matrices a dense ``torch.linalg.svd`` is faster. It is used for ``n <= dense_cutover`` (default
-:data:`DENSE_CUTOVER` = 384), for ``n <= 16 p`` (``12 p`` in float32), where the Krylov basis would need a large
-part of ``R^n`` (the cross-over for k = 64 lies between n = 1024 and 1536 in float64), both measured in
-``benchmarks/spectral.md``, and with ``exact=True``; the matrix is formed from the closures when no dense form is
-known. Inputs are float32 or float64 (half precision is upcast by :func:`weight_operator`); everything runs on the
-inputs' device; the start block comes from a seeded CPU generator, so results are reproducible and the same start
-is used on CPU and CUDA.
+:data:`DENSE_CUTOVER` = 384), for ``n <= 12 k``, where the Krylov basis would need a large part of ``R^n`` (the
+cross-over for k = 64 lies near n = 1024), both measured in ``benchmarks/spectral.md``, and with ``exact=True``; the
+matrix is formed from the closures when no dense form is known. Inputs are float32 or float64 (half precision is
+upcast by :func:`weight_operator`); everything runs on the inputs' device; the start block comes from a seeded CPU
+generator, so results are reproducible and the same start is used on CPU and CUDA.
 
 Nothing here reads files, prints or plots.
 """
@@ -78,10 +77,10 @@ DEFAULT_TOL: dict[torch.dtype, float] = {torch.float64: 1e-10, torch.float32: 2e
 #: Up to this ``min(d_out, d_in)`` a dense SVD is used (measured: ``benchmarks/spectral.md``; k = 16, CPU).
 DENSE_CUTOVER = 384
 
-#: Dense also while ``min(d_out, d_in) <= _DENSE_BLOCKS[dtype] * block_size``: on slowly decaying spectra the Krylov
-#: basis needs ~7-12 blocks, and its cost then passes the dense SVD's (measured cross-over for k = 64, block 80:
-#: between d = 1024 and 1536 in float64, between 768 and 1024 in float32; ``benchmarks/spectral.md``).
-_DENSE_BLOCKS = {torch.float64: 16, torch.float32: 12}
+#: Dense also while ``min(d_out, d_in) <= _DENSE_K_FACTOR * k``: for many wanted triplets the Krylov basis needs a
+#: large part of ``R^n`` (measured cross-over for k = 64: d = 1024 in float64, ``benchmarks/spectral.md``).
+_DENSE_K_FACTOR = 12
+
 
 #: Default cap on block iterations (the basis never exceeds ``n`` columns either).
 DEFAULT_MAX_ITER = 60
@@ -321,12 +320,14 @@ def _probe(op: StackOperator) -> None:
 
 
 def default_block_size(k: int) -> int:
-    """Krylov block size for ``k`` wanted triplets: ``k`` plus an oversampling of ``max(4, k // 4)``.
+    """Krylov block size for ``k`` wanted triplets: ``max(12, k // 4)``.
 
-    The oversampling lets the block separate the wanted triplets from a cluster at the k boundary; measured in
-    ``benchmarks/spectral.md`` against ``p = k`` and ``p = 2k``.
+    Smaller blocks than ``k`` need fewer products in all (a higher polynomial degree per product) at the price of
+    more iterations; measured on one CPU core at d = 2048 (``benchmarks/spectral.md``), k = 16 was fastest with
+    12 columns and k = 64 with 16, 1.4-1.6x faster than a block of ``k`` plus oversampling. A cluster of more than
+    ``p`` (near-)equal singular values converges slowly (the residual test still guards the answer).
     """
-    return k + max(4, k // 4)
+    return max(12, k // 4)
 
 
 def top_singular_triplets(
@@ -354,15 +355,14 @@ def top_singular_triplets(
         Most block iterations (default :data:`DEFAULT_MAX_ITER`); the basis also stops at ``min(d_out, d_in)``
         columns, where the result is exact.
     block_size : int, optional
-        Columns per Krylov block (default :func:`default_block_size`), ``>= k``.
+        Columns per Krylov block (default :func:`default_block_size`); may be below ``k``.
     seed : int
         Seed of the Gaussian start block (drawn on the CPU in float64, then moved): the same result every run.
     exact : bool
         Always use the dense SVD.
     dense_cutover : int, optional
         Use the dense SVD when ``n = min(d_out, d_in) <= dense_cutover`` (default :data:`DENSE_CUTOVER`) or
-        ``n <= 16 * block_size`` (12 in float32: where the Krylov basis would need much of ``R^n``); 0: always
-        Krylov.
+        ``n <= 12 k`` (where the Krylov basis would need much of ``R^n``); 0: always Krylov.
 
     Returns
     -------
@@ -389,8 +389,8 @@ def top_singular_triplets(
     if not (math.isfinite(tol) and tol > eps):
         raise ShapeError(f"tol = {tol!r} must be a finite number above the dtype's eps ({eps:.1e})")
     p = default_block_size(k) if block_size is None else block_size
-    if isinstance(p, bool) or not isinstance(p, int) or p < k:
-        raise ShapeError(f"block_size = {p!r} must be an integer >= k = {k}")
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ShapeError(f"block_size = {p!r} must be a positive integer")
     max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ShapeError(f"max_iter = {max_iter!r} must be a positive integer")
@@ -398,7 +398,7 @@ def top_singular_triplets(
     if isinstance(cutover, bool) or not isinstance(cutover, int) or cutover < 0:
         raise ShapeError(f"dense_cutover = {cutover!r} must be a non-negative integer")
 
-    if exact or n <= cutover or (cutover > 0 and n <= _DENSE_BLOCKS[op.dtype] * p):
+    if exact or n <= cutover or (cutover > 0 and n <= _DENSE_K_FACTOR * k):
         return _dense_triplets(op, k)
     flip = op.d_out < op.d_in  # run on W^T so that the start block lives in the smaller space R^n
     res = _krylov_triplets(op.transpose() if flip else op, k, p, tol, max_iter, seed)
