@@ -250,9 +250,11 @@ def test_cli_refuses_a_rate_that_cannot_train(minilm_path: Path, tmp_path: Path,
 
 @pytest.mark.slow
 def test_condlora_learns_at_a_high_rate_with_the_default_protocol(minilm_path: Path, tmp_path: Path) -> None:
-    """CondLoRA at lr 5e-3 on real Rotten Tomatoes: with the defaults (linear schedule, 10 % warmup, clipping,
-    best dev checkpoint) the test accuracy is clearly above the majority class (measured 0.680 against 0.574 on the
-    256 test examples; dev 0.523 for the first 30 steps, then rising). Slow: about 6 min on a loaded 2-core CPU."""
+    """CondLoRA at lr 5e-3 (the top of the paper's search range) on real Rotten Tomatoes learns with the defaults
+    (linear schedule, 10 % warmup, clipping at 1.0, best dev checkpoint): measured 0.680 test accuracy against a
+    majority class of 0.574 (dev stays at the majority rate 0.523 for the first 30 steps, then rises). In this short
+    setting a constant rate without warmup or clipping also learned (0.688), so this checks that the defaults learn
+    at a rate where CondLoRA's step is large, not the rescue itself. Slow: 6-10 min on a loaded 2-core CPU."""
     m = train_adapter(
         minilm_path, "rt-polarity", method="condlora", out_dir=tmp_path / "run", lr=5e-3, steps=60, max_length=32,
         eval_size=256, dev_size=128,

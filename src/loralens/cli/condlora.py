@@ -84,7 +84,7 @@ def train(
     r: ROpt = 8,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, help="lora_alpha; the update is scaled alpha / r.")] = 8,
     targets: TargetsOpt = "query,value",
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps [default: 200].")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps (default 200).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the train split, not --steps.")] = None,
     lr: Annotated[float, typer.Option("--lr", help="AdamW's peak learning rate.")] = 2e-3,
     schedule: Annotated[Schedule, typer.Option("--schedule", help="Rate after warmup.")] = Schedule.linear,
@@ -92,14 +92,14 @@ def train(
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip gradients' norm; 0: off.")] = 1.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
     eval_every: Annotated[
-        int | None, typer.Option("--eval-every", min=1, help="Score dev every N steps [default: 10 times a run].")
+        int | None, typer.Option("--eval-every", min=1, help="Score dev every N steps (default: 10 times a run).")
     ] = None,
     select: Annotated[Select, typer.Option("--select", help="Save the best-dev or the last checkpoint.")] = Select.best,
     lr_search: Annotated[
         int, typer.Option("--lr-search", min=0, help="Optuna trials searching --lr on dev first (0: no search).")
     ] = 0,
     lr_range: Annotated[
-        str | None, typer.Option("--lr-range", help="LO,HI: log-uniform search range [default: 5e-5,5e-3].")
+        str | None, typer.Option("--lr-range", help="LO,HI: log-uniform search range (default 5e-5,5e-3).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     max_length: Annotated[int, typer.Option("--max-length", min=1, help="Truncate inputs to this many tokens.")] = 128,
