@@ -154,7 +154,7 @@ def test_default_path_is_dense_for_small_matrices() -> None:
     res = top_singular_triplets(weight_operator(T(W)), 4)
     assert res.method == "dense"
     check_against_dense(W, res, 4, 1e-12, 1e-10)
-    # above DENSE_CUTOVER (384) and 12 k: Krylov by default
+    # above DENSE_CUTOVER (384 in float64) and 12 k: Krylov by default
     W = stack_with_spectrum(1, 400, 400, power_spectrum(400), seed=4)
     res = top_singular_triplets(weight_operator(T(W)), 2)
     assert res.method == "krylov"

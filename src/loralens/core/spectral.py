@@ -37,11 +37,12 @@ which gives 1e-6 relative agreement with a dense SVD on sigma and on subspace an
 d = 384 .. 2048 weights (sigma to ~1e-6 relative, subspace angles ~1e-4 / relative gap).
 
 For small matrices a dense ``torch.linalg.svd`` is faster. It is used for ``n <= dense_cutover`` (default
-:data:`DENSE_CUTOVER` = 384), for ``n <= 12 k``, where the Krylov basis would need a large part of ``R^n`` (the
-cross-over for k = 64 lies near n = 1024), both measured in ``benchmarks/spectral.md``, and with ``exact=True``; the
-matrix is formed from the closures when no dense form is known. Inputs are float32 or float64 (half precision is
-upcast by :func:`weight_operator`); everything runs on the inputs' device; the start block comes from a seeded CPU
-generator, so results are reproducible and the same start is used on CPU and CUDA.
+:data:`DENSE_CUTOVER`: 384 in float64, 256 in float32), for ``n <= 12 k`` (``8 k`` in float32), where the Krylov
+basis would need a large part of ``R^n`` (the cross-over for k = 64 lies near n = 1024, 512 in float32), both
+measured in ``benchmarks/spectral.md``, and with ``exact=True``; the matrix is formed from the closures when no
+dense form is known. Inputs are float32 or float64 (half precision is upcast by :func:`weight_operator`); everything
+runs on the inputs' device; the start block comes from a seeded CPU generator, so results are reproducible and the
+same start is used on CPU and CUDA.
 
 Nothing here reads files, prints or plots.
 """
@@ -74,12 +75,13 @@ __all__ = [
 #: Residual tolerance relative to sigma_1, per dtype (see the module docstring for what each reaches).
 DEFAULT_TOL: dict[torch.dtype, float] = {torch.float64: 1e-10, torch.float32: 2e-5}
 
-#: Up to this ``min(d_out, d_in)`` a dense SVD is used (measured: ``benchmarks/spectral.md``; k = 16, CPU).
-DENSE_CUTOVER = 384
+#: Up to this ``min(d_out, d_in)`` a dense SVD is used, per dtype (measured CPU cross-over for k = 16:
+#: between 384 and 512 in float64, 256 and 384 in float32; ``benchmarks/spectral.md``).
+DENSE_CUTOVER: dict[torch.dtype, int] = {torch.float64: 384, torch.float32: 256}
 
-#: Dense also while ``min(d_out, d_in) <= _DENSE_K_FACTOR * k``: for many wanted triplets the Krylov basis needs a
-#: large part of ``R^n`` (measured cross-over for k = 64: d = 1024 in float64, ``benchmarks/spectral.md``).
-_DENSE_K_FACTOR = 12
+#: Dense also while ``min(d_out, d_in) <= factor * k``: for many wanted triplets the Krylov basis needs a large part
+#: of ``R^n`` (measured cross-over for k = 64: near d = 1024 in float64, 512 in float32).
+_DENSE_K_FACTOR: dict[torch.dtype, int] = {torch.float64: 12, torch.float32: 8}
 
 
 #: Default cap on block iterations (the basis never exceeds ``n`` columns either).
@@ -361,8 +363,8 @@ def top_singular_triplets(
     exact : bool
         Always use the dense SVD.
     dense_cutover : int, optional
-        Use the dense SVD when ``n = min(d_out, d_in) <= dense_cutover`` (default :data:`DENSE_CUTOVER`) or
-        ``n <= 12 k`` (where the Krylov basis would need much of ``R^n``); 0: always Krylov.
+        Use the dense SVD when ``n = min(d_out, d_in) <= dense_cutover`` (default :data:`DENSE_CUTOVER` of the
+        dtype) or ``n <= 12 k`` (``8 k`` in float32: the Krylov basis would need much of ``R^n``); 0: always Krylov.
 
     Returns
     -------
@@ -394,11 +396,11 @@ def top_singular_triplets(
     max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ShapeError(f"max_iter = {max_iter!r} must be a positive integer")
-    cutover = DENSE_CUTOVER if dense_cutover is None else dense_cutover
+    cutover = DENSE_CUTOVER[op.dtype] if dense_cutover is None else dense_cutover
     if isinstance(cutover, bool) or not isinstance(cutover, int) or cutover < 0:
         raise ShapeError(f"dense_cutover = {cutover!r} must be a non-negative integer")
 
-    if exact or n <= cutover or (cutover > 0 and n <= _DENSE_K_FACTOR * k):
+    if exact or n <= cutover or (cutover > 0 and n <= _DENSE_K_FACTOR[op.dtype] * k):
         return _dense_triplets(op, k)
     flip = op.d_out < op.d_in  # run on W^T so that the start block lives in the smaller space R^n
     res = _krylov_triplets(op.transpose() if flip else op, k, p, tol, max_iter, seed)
