@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-try:  # recent typer vendors click as typer._click; earlier versions use click itself
+if TYPE_CHECKING:  # typed against the installed typer, which vendors click as typer._click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
-except ImportError:  # pragma: no cover
-    from click.exceptions import NoArgsIsHelpError, UsageError
+else:
+    try:  # recent typer vendors click as typer._click; earlier versions use click itself
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover
+        from click.exceptions import NoArgsIsHelpError, UsageError
 
 import loralens.cli.condlora  # noqa: F401  (registers train, compare, params, export)
 import loralens.cli.figures  # noqa: F401  (registers figure, report)

@@ -28,13 +28,15 @@ from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.files import os_error_reason
 
-try:  # recent typer vendors click as typer._click; earlier versions use click itself
+if TYPE_CHECKING:  # typed against the installed typer, which vendors click as typer._click
     from typer._click.globals import get_current_context
-except ImportError:  # pragma: no cover
-    from click.globals import get_current_context
 
-if TYPE_CHECKING:
     from loralens.plots.tables import Table
+else:
+    try:  # recent typer vendors click as typer._click; earlier versions use click itself
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover
+        from click.globals import get_current_context
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

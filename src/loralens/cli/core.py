@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 import typer
@@ -52,6 +52,7 @@ from loralens.cli._app import (
     torch_dtype,
     user_errors,
 )
+from loralens.core.similarity import Side
 from loralens.errors import LoralensError
 from loralens.examples import default_adapter, default_adapters, default_base
 from loralens.io.adapters import LoraAdapter
@@ -182,7 +183,6 @@ def similarity(
     """
     with user_errors():
         budget = parse_memory_size(max_memory)
-        opts = {"i": i, "j": j, "side": side.value, "seed": seed, "device": device, "dtype": dtype}
         with progress_bar(quiet) as progress:
             _, _, reports = analyse_similarity(
                 base,
@@ -191,7 +191,12 @@ def similarity(
                 layer_batch=layer_batch,
                 max_memory=budget,
                 progress=progress,
-                **opts,
+                i=i,
+                j=j,
+                side=side.value,
+                seed=seed,
+                device=device,
+                dtype=dtype,
             )
         labels = [str(a) for a in adapter]
         if len(reports) == 1:
@@ -291,10 +296,10 @@ def analyse_similarity(
         convs,
         i=i,
         j=j,
-        side=side,
+        side=cast(Side, side),  # "left" or "right": the --side choices
         seed=seed,
         device=device,
-        progress=progress,  # type: ignore[arg-type]
+        progress=progress,
     )
     inputs = provenance(base_ckpt, loras[0])
     bare = dataclasses.replace(base_ckpt, files={}, shapes={}, dtypes={})  # hash the base's files once, not per adapter

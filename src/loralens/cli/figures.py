@@ -228,12 +228,12 @@ def report_outputs(
             pairs = comparisons_to_dict(reports, seed_table(lora, condlora))
             seeds = pairs.get("table2")
     low = _lowrank_analyses(base_ckpt, lora_adapter, overlap, lowrank, modules, seed, device, dtype, layer_batch)
-    similarity, inputs = sim.to_dict(), input_identities(base_ckpt, lora_adapter, conds[0] if conds else None)
+    sim_data, inputs = sim.to_dict(), input_identities(base_ckpt, lora_adapter, conds[0] if conds else None)
     files = report_files(
-        similarity, inputs, comparison=comparison, params=params, lowrank=low, seeds=seeds, pairs=pairs, dpi=dpi
+        sim_data, inputs, comparison=comparison, params=params, lowrank=low, seeds=seeds, pairs=pairs, dpi=dpi
     )
     numbers = {
-        **similarity,
+        **sim_data,
         "inputs": inputs,
         "comparison": comparison,
         "pairs": pairs,
