@@ -84,8 +84,9 @@ DENSE_CUTOVER: dict[torch.dtype, int] = {torch.float64: 384, torch.float32: 256}
 _DENSE_K_FACTOR: dict[torch.dtype, int] = {torch.float64: 12, torch.float32: 8}
 
 
-#: Default cap on block iterations (the basis never exceeds ``n`` columns either).
-DEFAULT_MAX_ITER = 60
+#: Default cap on block iterations (the basis never exceeds ``n`` columns either). There is no restart: the engine
+#: holds ``2 * batch * (d_out + d_in) * m`` numbers for a basis of ``m`` columns (``m <= max_iter * block_size``).
+DEFAULT_MAX_ITER = 100
 
 
 class SpectralConvergenceError(BatchError):
@@ -355,7 +356,8 @@ def top_singular_triplets(
         Residual tolerance relative to ``sigma_1``; default :data:`DEFAULT_TOL` for the dtype. Must exceed ``eps``.
     max_iter : int, optional
         Most block iterations (default :data:`DEFAULT_MAX_ITER`); the basis also stops at ``min(d_out, d_in)``
-        columns, where the result is exact.
+        columns, where the result is exact. Memory grows with the basis: ``W V``, ``W^T U`` and both bases,
+        ``2 batch (d_out + d_in) m`` numbers for ``m`` columns (measured: 192-480 columns at d = 2048).
     block_size : int, optional
         Columns per Krylov block (default :func:`default_block_size`); may be below ``k``.
     seed : int
