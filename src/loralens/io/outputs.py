@@ -41,7 +41,8 @@ __all__ = [
     "sha256_file",
 ]
 
-Writer = Callable[[Path], None]
+#: Writes one output file at the given path; whatever it returns (e.g. a byte count) is ignored.
+Writer = Callable[[Path], object]
 
 
 def json_text(obj: Any) -> str:
@@ -57,7 +58,7 @@ def safetensors_writer(tensors: Mapping[str, Tensor], metadata: Mapping[str, str
 
 def bytes_writer(data: bytes) -> Writer:
     """A writer of raw bytes (a rendered PNG or SVG)."""
-    return lambda path: path.write_bytes(data)  # type: ignore[func-returns-value]
+    return lambda path: path.write_bytes(data)
 
 
 def json_writer(obj: Any) -> Writer:
