@@ -66,7 +66,9 @@ def conversion_summary(
         dora = adapter.modules[name].magnitude
         if dora is not None:
             modules[name]["dora_magnitude_norm"] = _list(torch.linalg.vector_norm(dora.double(), dim=-1))
-    conventions = {c: CONVENTIONS[c] for c in sorted({mc.conversion.convention for mc in conversions.values()})}
+    conventions: dict[str, str] = {
+        c: CONVENTIONS[c] for c in sorted({mc.conversion.convention for mc in conversions.values()})
+    }
     if any(entry["least_squares_layers"] for entry in modules.values()):
         conventions["least_squares_layers"] = LEAST_SQUARES_FALLBACK
     return {"modules": modules, "conventions": conventions, "settings": settings, "inputs": provenance(base, adapter)}
