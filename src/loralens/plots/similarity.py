@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, SupportsFloat, cast
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -104,7 +104,7 @@ def similarity_heatmap(
         spine.set_visible(False)
     if annotate:
         fontsize = max(5.0, min(10.0, 80.0 / L))
-        shades = mesh.cmap(mesh.norm(values))
+        shades = np.asarray(mesh.cmap(mesh.norm(values)))  # (L, L, 4) RGBA: a colour map maps an array to an array
         for (row, col), value in np.ndenumerate(values):
             if np.isfinite(value):
                 dark = _luminance(shades[row, col]) > 0.408  # seaborn's rule: dark text on light cells
@@ -206,7 +206,10 @@ def per_layer_similarity(
         ax.plot(x, v, marker="osD^v<>p"[k % 8], color=colour, label=name, linewidth=width, markersize=2.5 * width + 2)
         ref = baseline.get(name) if isinstance(baseline, Mapping) else None
         if ref is not None:
-            ref_values = np.full(L, float(ref)) if np.isscalar(ref) else _vector(ref, f"baseline {name}")
+            # np.isscalar narrows ref to a union float() is not typed for (complex, str, ...); here ref is a number
+            ref_values = (
+                np.full(L, float(cast(SupportsFloat, ref))) if np.isscalar(ref) else _vector(ref, f"baseline {name}")
+            )
             if len(ref_values) != L:
                 raise ShapeError(f"baseline {name!r} has {len(ref_values)} values for {L} layers")
             ax.plot(x, ref_values, linestyle="--", color=colour, alpha=0.8, label=f"{name}, random")

@@ -243,7 +243,7 @@ def table3(data: Mapping[str, Any]) -> Table:
     for module, d, factors, random, _ in entries:
         means, random_means = _submapping(d, "mean"), _submapping(random, "mean")
         for f in factors:
-            ref = random.get(f)
+            ref: Any = random.get(f)  # JSON data: None, a number or a list of per-layer values
             per_layer = ref is not None and not isinstance(ref, (int, float))
             row: list[Cell] = [module, f, *[_number(v) for v in d[f]]]
             row += [_number(means.get(f))] if has_mean else []
@@ -276,7 +276,8 @@ def table3(data: Mapping[str, Any]) -> Table:
 
 def table4(data: Mapping[str, Any]) -> Table:
     """The paper's Table 4: trainable parameters (and training speed when given) of LoRA and CondLoRA."""
-    speeds = data.get("speed") if isinstance(data.get("speed"), Mapping) else {}
+    speed_data = data.get("speed")
+    speeds: Mapping[str, Any] = speed_data if isinstance(speed_data, Mapping) else {}
     rows = []
     for key, name in _METHODS.items():
         if key not in data:
