@@ -746,11 +746,10 @@ def _hager_inverse_norm(
     because every step yields a lower bound.
     """
     L, d = like.shape[0], like.shape[-1]
-    opts = {"dtype": like.dtype, "device": like.device}
     with torch.no_grad():
-        k = torch.arange(d, **opts)
+        k = torch.arange(d, dtype=like.dtype, device=like.device)
         alt = ((1 - 2 * (k % 2)) * (1 + k / max(d - 1, 1))).expand(L, d).unsqueeze(-1)  # (L, d, 1)
-        x = torch.full((L, d, 1), 1.0 / d, **opts)
+        x = torch.full((L, d, 1), 1.0 / d, dtype=like.dtype, device=like.device)
         Y = solve(torch.cat([x, alt], dim=-1))  # (L, d, 2)
         y = Y[..., :1]
         est = y.abs().sum(dim=(-2, -1))

@@ -238,12 +238,12 @@ def random_pairwise_similarity(
         ``"left"`` and ``n`` for ``"right"``.
     """
     m, n = shape
-    opts = {"generator": generator, "dtype": dtype, "device": device}
     j = i if j is None else j
     if rank is None:
-        G = torch.randn(L, m, n, **opts)
+        G = torch.randn(L, m, n, generator=generator, dtype=dtype, device=device)
         return pairwise_subspace_similarity(G, i=i, j=j, side=side)
-    G1, G2 = torch.randn(L, m, rank, **opts), torch.randn(L, rank, n, **opts)
+    G1 = torch.randn(L, m, rank, generator=generator, dtype=dtype, device=device)
+    G2 = torch.randn(L, rank, n, generator=generator, dtype=dtype, device=device)
     k = max(i, j)
     U = product_singular_vectors(G1, G2, k, side)
     return pairwise_basis_similarity(U[..., :i], U[..., :j])
