@@ -488,7 +488,7 @@ def _solve_batch(
         if own:
             positions = tuple(index[mod.layers[k]] for k in own)
             by_positions.setdefault(positions, []).append((a, name, mod, own))
-    results = []
+    results: list[tuple[tuple[int, str], Conversion]] = []
     for positions, members in by_positions.items():
         sub = fact if list(positions) == list(range(len(batch))) else fact.select(positions)
         convs = solve_conversions(
@@ -774,16 +774,15 @@ def _rows(stack: Tensor, positions: list[int]) -> Tensor:
 
 
 def _to_cpu(c: Conversion) -> Conversion:
-    move = lambda t: None if t is None else t.cpu()  # noqa: E731
     return Conversion(
-        move(c.A),
-        move(c.B),
-        move(c.BA),
-        move(c.residual_A),
-        move(c.residual_B),
-        move(c.condition),
+        c.A.cpu(),
+        c.B.cpu(),
+        None if c.BA is None else c.BA.cpu(),  # the only optional field: None without with_product
+        c.residual_A.cpu(),
+        c.residual_B.cpu(),
+        c.condition.cpu(),
         c.convention,
-        move(c.fallback),
+        c.fallback.cpu(),
     )
 
 
