@@ -213,10 +213,11 @@ def compare_adapters_many(
             W, _ = read_base_weights(base, lora, name)
             ii = i or min(mod.ranks)
             jj = j or i or cond.r
+            theta_A, theta_B = cond.thetas[key]
             try:
                 result[name] = _compare_module(
                     name, key, mod.layers, W.to(dev, dtype), mod.A.to(dev, dtype), mod.B.to(dev, dtype),
-                    conv.A.to(dev), conv.B.to(dev), *(t.to(dev, dtype) for t in cond.thetas[key]), ii, jj,
+                    conv.A.to(dev), conv.B.to(dev), theta_A.to(dev, dtype), theta_B.to(dev, dtype), ii, jj,
                     generator,
                 )  # fmt: skip
             except BatchError as e:
@@ -425,7 +426,7 @@ def parameter_counts(base: BaseCheckpoint, *, r: int, targets: Sequence[str]) ->
         raise LoralensError("parameter_counts: give at least one target module (e.g. query,value)")
     owners = [k[: -len(".weight")] for k in base.keys if k.endswith(".weight") and len(base.shapes[k]) == 2]
     per_target = target_module_paths(targets, owners, base.root)
-    lora_shapes = []
+    lora_shapes: list[tuple[int, int]] = []
     module_types = {}
     modules = {}
     for key, groups in per_target.items():
@@ -436,13 +437,14 @@ def parameter_counts(base: BaseCheckpoint, *, r: int, targets: Sequence[str]) ->
                 "shares one theta per target name, so name one module type (e.g. attention.output.dense)"
             )
         d_out, d_in = shapes[0]
-        lora_shapes.extend((int(o), int(n)) for o, n in shapes)
+        pairs = [(int(o), int(n)) for o, n in shapes]  # (d_out, d_in) of each layer's weight
+        lora_shapes.extend(pairs)
         module_types[key] = (int(d_out), int(d_in))
         modules[key] = {
             "layers": len(shapes),
             "shape": [int(d_out), int(d_in)],
             "square": d_out == d_in,
-            "lora": lora_parameter_count(shapes, r),
+            "lora": lora_parameter_count(pairs, r),
             "condlora": condlora_parameter_count({key: (d_out, d_in)}, r),
         }
     return ParameterCounts(
