@@ -127,7 +127,7 @@ def train(
             select=select.value, eval_size=eval_size, dev_size=dev_size,
         )  # fmt: skip
         search_range = parse_lr_range(lr_range)
-        check_output_folder(out, replace=force)
+        check_output_folder(out, replace=force, inputs=[base])
         folder = resolve_base(base)
         if not folder.is_dir():
             raise InputPathError(f"{folder}: training needs a model folder (config.json, weights, tokenizer)")
@@ -274,7 +274,7 @@ def export(
     from loralens.training.condlora import export_as_lora
 
     with user_errors():
-        check_output_folder(out, replace=force)
+        check_output_folder(out, replace=force, inputs=[condlora, base])
         cond = load_condlora_adapter(condlora)
         spec = base if base is not None else cond.base_model_name_or_path
         if spec is None:
