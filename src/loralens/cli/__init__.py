@@ -17,11 +17,12 @@ else:
     except ImportError:  # pragma: no cover
         from click.exceptions import NoArgsIsHelpError, UsageError
 
-import loralens.cli.condlora  # noqa: F401  (registers train, compare, params, export)
-import loralens.cli.figures  # noqa: F401  (registers figure, report)
+# Registration order is the order of the help panels and of the commands in them.
+from loralens.cli import core  # noqa: F401, I001  (registers conversion, similarity, demo)
 import loralens.cli.lowrank  # noqa: F401  (registers overlap, amplification, spectra)
+import loralens.cli.figures  # noqa: F401  (registers figure, report)
+import loralens.cli.condlora  # noqa: F401  (registers train, compare, params, export)
 import loralens.cli.reproduce  # noqa: F401  (registers reproduce table2)
-from loralens.cli import core  # noqa: F401  (registers conversion, similarity, demo)
 from loralens.cli._app import EXIT_INTERRUPTED, EXIT_USER_ERROR, app
 from loralens.io.outputs import interrupt_on_termination
 

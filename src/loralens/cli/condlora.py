@@ -75,7 +75,7 @@ class Select(str, Enum):
     last = "last"
 
 
-@app.command()
+@app.command(rich_help_panel="Training", short_help="Train a LoRA or CondLoRA adapter with the paper's protocol.")
 def train(
     base: RequiredBaseOpt,
     method: Annotated[Method, typer.Option("--method", help="lora (PEFT) or condlora (one shared layer per type).")],
@@ -155,7 +155,10 @@ def train(
             )
 
 
-@app.command()
+@app.command(
+    rich_help_panel="CondLoRA",
+    short_help="LoRA vs CondLoRA per layer (Table 3), seeds (Table 2).",
+)
 def compare(
     lora: Annotated[
         list[Path],
@@ -234,7 +237,7 @@ def seed_table(lora: list[Path], condlora: list[Path]) -> dict[str, Any]:
         return {"table2": None, "table2_note": f"no Table 2: {e}"}
 
 
-@app.command()
+@app.command(rich_help_panel="CondLoRA", short_help="Trainable parameters of LoRA and CondLoRA (Table 4).")
 def params(
     base: RequiredBaseOpt,
     r: ROpt = 8,
@@ -260,7 +263,7 @@ def params(
         console.print(f"CondLoRA / LoRA = {counts.ratio:.4f} (1/{1 / counts.ratio:.1f})", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel="CondLoRA", short_help="Write a CondLoRA adapter as a standard PEFT LoRA folder.")
 def export(
     condlora: Annotated[Path, typer.Option("--condlora", help="CondLoRA adapter folder (authors' format).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for the PEFT LoRA adapter.")],

@@ -63,7 +63,7 @@ from loralens.results import conversion_summary, conversion_tensors, provenance
 CONVERSION_FILES = ("conversion.safetensors", "conversion.json")
 
 
-@app.command()
+@app.command(rich_help_panel="Analysis", short_help="Conversion matrices W^-1 A^T, W^-1 B, W^-1 B A per layer.")
 def conversion(
     adapter: AdapterOpt,
     out: Annotated[Path, typer.Option("--out", help="Output folder for conversion.safetensors and conversion.json.")],
@@ -147,7 +147,7 @@ def _check_product_size(
         )
 
 
-@app.command()
+@app.command(rich_help_panel="Analysis", short_help="Layer x layer phi of conversion matrices (Figure 1).")
 def similarity(
     adapter: AdaptersOpt,
     base: BaseOpt = None,
@@ -210,7 +210,7 @@ def similarity(
             _print_many(reports, labels)
 
 
-@app.command()
+@app.command(rich_help_panel="Report", short_help="Every analysis on the embedded MiniLM and adapters.")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("results/demo"),
     device: DeviceOpt = "auto",

@@ -46,7 +46,7 @@ DpiOpt = Annotated[int, typer.Option("--dpi", min=72, max=600, help="Resolution 
 DPI = 150  # loralens.report.DPI; the report (and matplotlib) is imported only by the commands that draw
 
 
-@app.command()
+@app.command(rich_help_panel="Report", short_help="Figure 1 heatmaps as PNG/SVG, with every phi value as CSV.")
 def figure(
     adapter: AdapterOpt,
     out: OutOpt,
@@ -83,7 +83,7 @@ def figure(
         _print_written(paths)
 
 
-@app.command()
+@app.command(rich_help_panel="Report", short_help="One self-contained report.html with everything.")
 def report(
     lora: Annotated[
         list[Path],

@@ -54,7 +54,10 @@ OutOpt = Annotated[
 DpiOpt = Annotated[int, typer.Option("--dpi", min=72, max=600, help="Resolution of the PNG file.")]
 
 
-@app.command()
+@app.command(
+    rich_help_panel="Analysis",
+    short_help="Subspace overlap of two adapters (LoRA paper, Figs. 3-4).",
+)
 def overlap(
     adapter: Annotated[
         list[Path],
@@ -113,7 +116,7 @@ def overlap(
         _emit(report.to_dict(), out, "overlap", overlap_table, dpi, json_output, force)
 
 
-@app.command()
+@app.command(rich_help_panel="Analysis", short_help="How dW amplifies W's directions (LoRA paper, Table 7).")
 def amplification(
     adapter: AdapterOpt,
     base: BaseOpt = None,
@@ -153,7 +156,7 @@ def amplification(
         _emit(report.to_dict(), out, "amplification", amplification_table, dpi, json_output, force)
 
 
-@app.command()
+@app.command(rich_help_panel="Analysis", short_help="Singular values and effective rank of each dW = s B A.")
 def spectra(
     adapter: AdapterOpt,
     base: BaseOpt = None,

@@ -10,7 +10,12 @@ import typer
 from loralens.cli._app import app, user_errors
 
 reproduce_app = typer.Typer(help="Reproduce a table of the paper from scratch (resumable).", no_args_is_help=True)
-app.add_typer(reproduce_app, name="reproduce")
+app.add_typer(
+    reproduce_app,
+    name="reproduce",
+    rich_help_panel="Training",
+    short_help="Reproduce the paper's Table 2 from scratch (resumable).",
+)
 
 
 @reproduce_app.command("table2")
