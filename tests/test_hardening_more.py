@@ -255,3 +255,37 @@ def test_a_closed_stdout_is_one_line(tiny_bert: Path, tiny_bert_adapter: Path) -
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: standard output is closed; redirect it to a file or to /dev/null"
+
+
+def test_dora_product_is_said_to_be_the_factors_not_the_update(
+    tiny_bert: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """similarity's BA (W^-1 B A) and compare's BA column use B A; for DoRA that is not the update, so it is said
+    once, in one warning line; A and B, which DoRA trains as LoRA does, are computed as before."""
+    import checkpoints
+
+    dora = checkpoints.dora_adapter(tiny_bert, tmp_path / "dora")
+    capsys.readouterr()  # PEFT's progress bars while building it
+    code, out, err = run_main(["similarity", "--base", tiny_bert, "--adapter", dora, "--json"], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("warning: "), err
+    assert "DoRA adapter: the B A results (W^-1 B A, phi of BA) are of the product" in lines[0]
+    assert str(dora) in lines[0]
+    assert set(json.loads(out)["modules"]["query"]) == {"A", "B", "BA"}
+
+
+def test_adapters_with_ignored_fan_in_fan_out_flags_go_together(
+    tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Two adapters of one BERT base, one with a wrong `fan_in_fan_out: true` (PEFT ignores it on nn.Linear): the
+    weights are read the same way, so several-adapter similarity takes both (it compared the raw flags)."""
+    flagged = tmp_path / "flagged"
+    shutil.copytree(tiny_bert_adapter, flagged)
+    config = json.loads((flagged / "adapter_config.json").read_text())
+    (flagged / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    argv = ["similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--adapter", flagged, "--json"]
+    code, out, err = run_main(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert [line.split(":")[0] for line in err.strip().splitlines()] == ["warning"]  # the flag is ignored, once
+    one, two = json.loads(out)["adapters"]
+    assert one["modules"]["query"]["B"]["phi"] == two["modules"]["query"]["B"]["phi"]  # same factors, same numbers

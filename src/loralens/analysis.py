@@ -52,6 +52,7 @@ from loralens.core.similarity import (
 )
 from loralens.errors import (
     BatchError,
+    DoraProductWarning,
     DTypeError,
     InputPathError,
     LoralensError,
@@ -61,7 +62,7 @@ from loralens.errors import (
     RankError,
     SingularMatrixError,
 )
-from loralens.io.adapters import AdapterModule, LoraAdapter, base_weight_matrices
+from loralens.io.adapters import AdapterModule, LoraAdapter, base_weight_matrices, stores_transposed
 from loralens.io.base_weights import BaseCheckpoint, open_base
 from loralens.io.files import check_finite
 from loralens.io.keys import match_base_weights, parse_module_path
@@ -85,6 +86,7 @@ __all__ = [
     "format_memory_size",
     "layers_per_batch",
     "at_model_layers",
+    "warn_if_dora_product",
     "ProgressCallback",
 ]
 
@@ -322,6 +324,20 @@ def compute_conversions(
     )[0]
 
 
+def warn_if_dora_product(adapter: LoraAdapter) -> None:
+    """One :class:`~loralens.errors.DoraProductWarning` when ``adapter`` is DoRA: what is derived from ``B A``
+    (``W^-1 B A``, its phi, Table 3's BA column) is then of the product of its factors, not of its update, which
+    is ``m (W + s B A) / ||W + s B A||_row - W``. The factors' own results (A and B) are unaffected."""
+    if adapter.is_dora:
+        warnings.warn(
+            DoraProductWarning(
+                f"{adapter.path}: DoRA adapter: the B A results (W^-1 B A, phi of BA) are of the product of its "
+                "factors, which is not its update m (W + s B A) / ||W + s B A||_row - W; A and B are unaffected"
+            ),
+            stacklevel=2,
+        )
+
+
 def compute_conversions_many(
     base: BaseCheckpoint,
     adapters: Sequence[LoraAdapter],
@@ -349,6 +365,8 @@ def compute_conversions_many(
     dev = resolve_device(device)
     budget = None if max_memory is None else parse_memory_size(max_memory)
     groups = _module_groups(base, adapters, modules)
+    for adapter in adapters:  # every caller derives a B A result from these conversions (W^-1 B A, its phi)
+        warn_if_dora_product(adapter)
     base.check_float([k for g in groups for k in g.keys.values()])
     total = sum(len(g.keys) for g in groups)
     done = 0
@@ -437,8 +455,10 @@ def _module_groups(
                     f"{g.name!r} on the same base weights is {g.shape[0]} x {g.shape[1]}; the adapters are for "
                     "different bases"
                 )
-            fan = {adapters[b].fan_in_fan_out for b, _, _ in g.members}
-            if fan and fan != {adapter.fan_in_fan_out}:
+            # By PEFT's rule (the base's layout wins over the flag), not by the raw flags: adapters whose flags
+            # differ but whose weights are read the same way are compatible.
+            fan = {stores_transposed(base, adapters[b], member) for b, member, _ in g.members}
+            if fan and fan != {stores_transposed(base, adapter, name)}:
                 raise ModelMismatchError(
                     f"{adapter.path}: fan_in_fan_out disagrees with another adapter of the same base; "
                     "fix adapter_config.json"

@@ -80,3 +80,7 @@ class NearSingularWarning(LoralensWarning):
 
 class FanInFanOutWarning(LoralensWarning):
     """``fan_in_fan_out`` in adapter_config.json contradicts how the base stores the weight; PEFT's rule was used."""
+
+
+class DoraProductWarning(LoralensWarning):
+    """A DoRA adapter's ``B A`` was analysed: the product of its factors, not its update (which DoRA rescales)."""
