@@ -307,10 +307,10 @@ def _random_projection_norms(W: Tensor, k: int, n: int, generator: torch.Generat
     *batch, d_out, d_in = W.shape
     flat = W.reshape(-1, d_out, d_in)
     out = torch.empty(flat.shape[0], n, dtype=W.dtype, device=W.device)
-    opts = {"generator": generator, "dtype": W.dtype, "device": W.device}
     for b, Wb in enumerate(flat):
-        Q_1 = torch.linalg.qr(torch.randn(n, d_out, k, **opts)).Q  # (n, d_out, k)
-        Q_2 = torch.linalg.qr(torch.randn(n, d_in, k, **opts)).Q  # (n, d_in, k)
+        # Q_1 (n, d_out, k), Q_2 (n, d_in, k)
+        Q_1 = torch.linalg.qr(torch.randn(n, d_out, k, generator=generator, dtype=W.dtype, device=W.device)).Q
+        Q_2 = torch.linalg.qr(torch.randn(n, d_in, k, generator=generator, dtype=W.dtype, device=W.device)).Q
         out[b] = _projection_norm(Wb, Q_1, Q_2)
     return out.reshape(*batch, n)
 
