@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,8 @@ class _SharedTheta(nn.Module):
     ``W``: ``(L, d, d)`` non-persistent buffer, the base weights of the ``L`` layers in model order.
     """
 
+    W: Tensor  # registered as a buffer in __init__ (declared for type checkers; nn.Module's __getattr__ is untyped)
+
     def __init__(self, W: Tensor, r: int, scaling: float) -> None:
         super().__init__()
         d = W.shape[-1]
@@ -137,6 +139,8 @@ class CondLoraLinear(nn.Module):
     The second product and the sum are one ``addmm`` into the base output (no ``(tokens, d)`` temporary, no
     separate scaling pass): per layer, the only work beyond the base layer is ``x A_l^T`` and that ``addmm``.
     """
+
+    _shared: _SharedTheta  # set with object.__setattr__ in __init__ (declared for type checkers)
 
     def __init__(self, base_layer: nn.Linear, shared: _SharedTheta, index: int, scaling: float, dropout: float) -> None:
         super().__init__()
@@ -233,14 +237,18 @@ class CondLoraModel(nn.Module):
 
     def _refresh(self, *_: Any) -> None:
         if not self.merged:
-            for shared in self.condlora.values():
+            for shared in self._shared_thetas().values():
                 shared.refresh()
 
     def _clear(self, *_: Any) -> None:
-        for shared in self.condlora.values():
+        for shared in self._shared_thetas().values():
             shared.clear()
 
     # -- inspection -------------------------------------------------------------------------------------------
+    def _shared_thetas(self) -> Mapping[str, _SharedTheta]:
+        """:attr:`condlora` as typed: every entry is a :class:`_SharedTheta` (``ModuleDict`` yields ``nn.Module``)."""
+        return cast("Mapping[str, _SharedTheta]", self.condlora)
+
     def _wrapped(self) -> Iterator[CondLoraLinear]:
         return (m for m in self.model.modules() if isinstance(m, CondLoraLinear))
 
@@ -262,13 +270,13 @@ class CondLoraModel(nn.Module):
     @torch.no_grad()
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Theta key -> ``A`` ``(L, r, d)``, ``B`` ``(L, d, r)`` of every layer (detached; order of ``layer_names``)."""
-        return {key: shared.factors() for key, shared in self.condlora.items()}
+        return {key: shared.factors() for key, shared in self._shared_thetas().items()}
 
     def thetas(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Theta key -> ``(theta_A, theta_B)``, each ``(r, d)`` (detached)."""
         return {
             key: (s.linear_for_lora_A.weight.detach(), s.linear_for_lora_B.weight.detach())
-            for key, s in self.condlora.items()
+            for key, s in self._shared_thetas().items()
         }
 
     def modules_to_save_state(self) -> dict[str, Tensor]:
@@ -285,7 +293,7 @@ class CondLoraModel(nn.Module):
         """Add ``dW_l = scaling * B_l A_l`` to every target weight (inference at the base model's cost)."""
         if self.merged:
             return
-        for shared in self.condlora.values():
+        for shared in self._shared_thetas().values():
             A, B = shared.factors()
             dW = self.condlora_config.scaling * (B @ A)  # (L, d, d)
             for m in self._wrapped():
@@ -381,7 +389,7 @@ class CondLoraModel(nn.Module):
 
     @torch.no_grad()
     def _load(self, adapter: CondLoraAdapter) -> None:
-        for key, shared in self.condlora.items():
+        for key, shared in self._shared_thetas().items():
             for theta, stored in zip(
                 (shared.linear_for_lora_A.weight, shared.linear_for_lora_B.weight), adapter.thetas[key], strict=True
             ):
@@ -444,7 +452,7 @@ def _find_modules_to_save(model: nn.Module, config: CondLoraConfig) -> list[str]
     else:
         strict = True
     names = [n for n, _ in model.named_modules() if n]
-    found = []
+    found: list[str] = []
     for w in wanted:
         hits = [n for n in names if n == w or n.endswith("." + w)]
         if not hits and strict:
