@@ -55,6 +55,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(VENV)/bin/ruff format --check src tests scripts benchmarks
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy src
 
 # The documentation site (docs/, mkdocs.yml), built outside the work tree; --strict fails on any warning.
 DOCS_OUT ?= /tmp/loralens-site
