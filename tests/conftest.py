@@ -31,7 +31,15 @@ def vader_adapter(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -
 
     out = tmp_path_factory.mktemp("vader-lora")
     train_lora(
-        minilm_path, "vader-polarity", out_dir=out, steps=60, batch_size=16, max_length=16, seed=0, eval_size=256
+        minilm_path,
+        "vader-polarity",
+        out_dir=out,
+        steps=60,
+        batch_size=16,
+        max_length=16,
+        seed=0,
+        eval_size=256,
+        dev_size=128,
     )
     return out
 
@@ -47,7 +55,17 @@ def rt_adapters(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> 
     out = {}
     for r, seed in ((4, 1), (16, 2)):
         out[r] = tmp_path_factory.mktemp(f"rt-lora-r{r}")
-        train_lora(minilm_path, "rt-polarity", out_dir=out[r], r=r, steps=60, max_length=32, seed=seed, eval_size=64)
+        train_lora(
+            minilm_path,
+            "rt-polarity",
+            out_dir=out[r],
+            r=r,
+            steps=60,
+            max_length=32,
+            seed=seed,
+            eval_size=64,
+            dev_size=64,
+        )
     return out
 
 
@@ -58,7 +76,15 @@ def vader_condlora(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) 
 
     out = tmp_path_factory.mktemp("vader-condlora")
     metrics = train_condlora(
-        minilm_path, "vader-polarity", out_dir=out, steps=60, batch_size=16, max_length=16, seed=0, eval_size=256
+        minilm_path,
+        "vader-polarity",
+        out_dir=out,
+        steps=60,
+        batch_size=16,
+        max_length=16,
+        seed=0,
+        eval_size=256,
+        dev_size=128,
     )
     return out, metrics
 

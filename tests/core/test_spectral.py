@@ -41,15 +41,6 @@ SIGMA_REL32 = 1e-5
 ANGLE32 = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the 2-core test machine is shared, and MKL's threads spin badly under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 
 
