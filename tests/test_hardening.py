@@ -313,13 +313,19 @@ def test_bad_input(
 ) -> None:
     row = rows[case]
     monkeypatch.chdir(tmp_path)  # anything written by mistake into the working folder would show up here
-    code, out, err = run_main(row.argv, capsys, monkeypatch)
+    check_row(row, *run_main(row.argv, capsys, monkeypatch))
+    assert list(tmp_path.iterdir()) == []
+
+
+def check_row(row: Row, code: int | str | None, out: str, err: str) -> None:
+    """What every row of a bad-input table must give: the exit code; exactly one ``error:`` line (``warning:`` for
+    exit 0) holding the row's words; no traceback; stdout empty on error, the result on a warning."""
     lines = err.strip().splitlines()
     assert code == row.code, err
     assert len(lines) == 1 and lines[0].startswith("error: " if row.code else "warning: "), err
     assert row.words in lines[0], lines[0]
+    assert "Traceback" not in err
     assert out == "" if row.code else out.strip()
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", EXISTING_OUTPUT)

@@ -23,7 +23,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import checkpoints
-from test_hardening import Row, run_main
+from test_hardening import Row, check_row, run_main
 
 LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes on Linux)
 
@@ -168,11 +168,7 @@ def test_error(
 
 
 def assert_one_error(code: int | str | None, out: str, err: str, words: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert words in lines[0], lines[0]
-    assert "Traceback" not in err and out == ""
+    check_row(Row([], words), code, out, err)
 
 
 # ----------------------------------------------------------------------------------------------- subprocesses

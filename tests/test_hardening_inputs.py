@@ -32,7 +32,7 @@ from loralens.errors import FanInFanOutWarning, UnsupportedAdapterError
 from loralens.io.adapters import load_lora_adapter, read_base_weights
 from loralens.io.base_weights import open_base
 from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
-from test_hardening import Row, run_main
+from test_hardening import Row, check_row, run_main
 
 QUERY0 = "encoder.layer.0.attention.self.query.weight"
 NOBODY = 65534
@@ -197,12 +197,7 @@ def test_bad_input(
 ) -> None:
     row = rows[case]
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_main(row.argv, capsys, monkeypatch)
-    lines = err.strip().splitlines()
-    assert code == row.code, err
-    assert len(lines) == 1 and lines[0].startswith("error: " if row.code else "warning: "), err
-    assert row.words in lines[0], lines[0]
-    assert out == "" if row.code else out.strip()
+    check_row(row, *run_main(row.argv, capsys, monkeypatch))
     assert list(tmp_path.iterdir()) == []
 
 

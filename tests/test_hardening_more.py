@@ -20,7 +20,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from loralens.io.outputs import MARKER, STALE_AFTER_S, json_writer, remove_stale_staging, write_outputs
-from test_hardening import run_main
+from test_hardening import Row, check_row, run_main
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -36,11 +36,8 @@ def _exported_adapter(src: Path, dst: Path) -> Path:
 
 def _expect_refusal(argv: list, words: str, capsys, monkeypatch) -> str:
     code, out, err = run_main(argv, capsys, monkeypatch)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert words in lines[0], lines[0]
-    assert out == ""
-    return lines[0]
+    check_row(Row(argv, words), code, out, err)
+    return err.strip()
 
 
 @pytest.mark.parametrize(
