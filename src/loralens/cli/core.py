@@ -254,12 +254,15 @@ def demo(
             replace=True,  # the demo's own folder: a rerun replaces it
         )
         console = Console()
-        console.print(f"Base: {base_ckpt.root}\nAdapter: {adapter}\n")
+        console.print(f"Base: {base_ckpt.root}\nAdapter: {adapter}\n", soft_wrap=True)  # paths never broken
         _print_similarity(report, console)
         console.print("\nCondLoRA vs LoRA, the shipped adapters of seeds " + ", ".join(str(s) for s, _, _ in seeds))
         print_pairs(numbers["pairs"])
-        console.print(f"\nWrote {len(paths)} files to {out}; everything is in the report (opens offline in a browser):")
-        console.print(f"  {out / 'report.html'}")
+        console.print(
+            f"\nWrote {len(paths)} files to {out}; everything is in the report (opens offline in a browser):",
+            soft_wrap=True,
+        )
+        console.print(f"  {out / 'report.html'}", soft_wrap=True)
 
 
 def analyse_similarity(
@@ -359,7 +362,7 @@ def _print_conversion(convs: dict[str, ModuleConversion], paths: list[Path]) -> 
     console = Console()
     console.print(table)
     for p in paths:
-        console.print(f"wrote {p}")
+        console.print(f"wrote {p}", soft_wrap=True)
 
 
 def _print_similarity(report: SimilarityReport, console: Console | None = None) -> None:
