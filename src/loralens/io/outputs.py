@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -86,16 +86,18 @@ def write_outputs(
     out_dir = Path(out_dir)
     existing = check_output_folder(out_dir, replace=replace, names=files)
     parent = out_dir.parent
-    staging: Path | None = None
-    previous: Path | None = None
+    # Both names are fixed before either folder exists: a signal can then never fall between a folder appearing
+    # and the clean-up below knowing of it (a name returned by mkdtemp, or by the swap, could be lost that way).
+    staging = _free_name(out_dir, ".tmp")
+    previous = _free_name(out_dir, ".old")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+        staging.mkdir(mode=0o777)
         staging.chmod(0o777 & ~_UMASK)
         for name, write in {**files, MARKER: json_writer({"loralens_output": sorted(files)})}.items():
             _write_synced(staging / name, write)
         if existing:
-            previous = _swap_into_place(staging, out_dir)
+            _swap_into_place(staging, out_dir, previous)
         else:
             staging.replace(out_dir)  # onto a missing or empty folder: one rename
     except OSError as e:
@@ -104,10 +106,7 @@ def write_outputs(
             f"{out_dir}: cannot write the results ({e.strerror or e}); nothing was changed{f'; {fix}' if fix else ''}"
         ) from e
     finally:
-        with _signals_held():  # a second Ctrl-C/SIGTERM cannot cut the clean-up short and leave debris
-            for leftover in (staging, previous):
-                if leftover is not None:
-                    shutil.rmtree(leftover, ignore_errors=True)
+        _remove_leftovers(staging, previous)
     return [out_dir / name for name in files]
 
 
@@ -212,18 +211,40 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
 STALE_AFTER_S = 600.0
 
 
-def _swap_into_place(staging: Path, out_dir: Path) -> Path:
-    """Rename ``staging`` to ``out_dir`` and the folder there aside; return where the previous one now is."""
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    old.rmdir()  # a free unique name for the previous folder
+def _free_name(out_dir: Path, suffix: str) -> Path:
+    """A path beside ``out_dir`` named ``.<out name>.<8 random characters><suffix>`` that nothing holds yet."""
+    while True:
+        token = "".join(secrets.choice(_NAME_CHARACTERS) for _ in range(8))
+        path = out_dir.parent / f".{out_dir.name}.{token}{suffix}"
+        if not os.path.lexists(path):
+            return path
+
+
+# the characters of mkdtemp's names, which remove_stale_staging recognises
+_NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _swap_into_place(staging: Path, out_dir: Path, previous: Path) -> None:
+    """Rename ``staging`` to ``out_dir``, and the folder there aside to the free name ``previous``."""
     with _signals_held():  # Ctrl-C cannot fall between the two renames (SIGKILL can: then the old folder is beside)
-        out_dir.replace(old)
+        out_dir.replace(previous)
         try:
             staging.replace(out_dir)
         except OSError:
-            old.replace(out_dir)  # put the previous output back
+            previous.replace(out_dir)  # put the previous output back
             raise
-    return old
+
+
+def _remove_leftovers(*paths: Path) -> None:
+    """Delete ``paths`` (those that exist), even when a Ctrl-C/SIGTERM arrives meanwhile; it is raised after."""
+    try:
+        with _signals_held():  # a second signal cannot cut the clean-up short and leave debris
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+    except KeyboardInterrupt:  # one that arrived just before the handlers were held: finish, then stop
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def interrupt_on_termination() -> None:
