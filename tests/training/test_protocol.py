@@ -210,6 +210,40 @@ def test_search_runs_diverged_trials_as_such() -> None:
         search_lr(run, TrainConfig(), 2, (2e-3, 5e-3))
 
 
+def test_an_interrupted_search_resumes_from_its_journal(tmp_path: Path) -> None:
+    """Trials recorded before an interruption are not trained again; the result equals an uninterrupted search's;
+    the best trial is trained once more when it came from the journal (its model was not kept)."""
+    trained: list[float] = []
+    stop = False
+
+    def run(config: TrainConfig) -> SimpleNamespace:
+        if len(trained) == 3 and stop:
+            raise KeyboardInterrupt  # the session ends during the fourth trial
+        trained.append(config.lr)
+        return SimpleNamespace(config=config, dev_score=-abs(math.log10(config.lr) + 3.3), selected_step=1)
+
+    journal = tmp_path / "trials.json"
+    reference, _ = search_lr(run, TrainConfig(seed=3), 6)
+    trained.clear()
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        search_lr(run, TrainConfig(seed=3), 6, journal=journal)
+    assert [t["number"] for t in json.loads(journal.read_text())["trials"]] == [0, 1, 2]
+    first_three, stop = list(trained), False
+    trained.clear()
+    record, best = search_lr(run, TrainConfig(seed=3), 6, journal=journal)
+    assert record["trials"] == reference["trials"] and record["best"] == reference["best"]
+    resumed = [t["lr"] for t in reference["trials"][3:]]
+    if reference["best"]["number"] < 3:  # the winner was among the journal's trials: trained again, once
+        resumed.append(reference["best"]["lr"])
+    assert trained == resumed and first_three == [t["lr"] for t in reference["trials"][:3]]
+    assert best.config.lr == reference["best"]["lr"]
+    # a journal of another search (other settings) is not replayed
+    trained.clear()
+    search_lr(run, TrainConfig(seed=3, r=4), 6, journal=journal)
+    assert len(trained) == 6
+
+
 @pytest.mark.slow
 def test_real_search_records_its_trials(minilm_path: Path, tmp_path: Path) -> None:
     m = train_adapter(
@@ -227,6 +261,7 @@ def test_real_search_records_its_trials(minilm_path: Path, tmp_path: Path) -> No
     best = max(record["trials"], key=lambda t: t["dev"])
     assert m["settings"]["lr"] == best["lr"] == record["best"]["lr"] == m["lr_search"]["best"]["lr"]
     assert m["dev_best"] == best["dev"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the trials' journal is gone with the search
     # the same sampler seed proposes the same rates without training (what the CLI's rerun would try)
     again, _ = search_lr(lambda c: SimpleNamespace(config=c, dev_score=0.0), TrainConfig(seed=1), 2)
     assert [t["lr"] for t in again["trials"]] == [t["lr"] for t in record["trials"]]

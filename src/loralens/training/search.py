@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from loralens.errors import LoralensError
@@ -61,6 +63,7 @@ def search_lr(
     config: TrainConfig,
     n_trials: int,
     lr_range: tuple[float, float] = LR_RANGE,
+    journal: Path | None = None,
 ) -> tuple[dict[str, Any], R]:
     """Search the learning rate: ``n_trials`` runs ``run(config.replace(lr=...))``, maximising their dev score.
 
@@ -71,6 +74,12 @@ def search_lr(
     ``n_trials``, ``sampler``, ``trials`` (``number``, ``lr``, ``dev``, ``state``, ``selected_step``) and
     ``best`` (``number``, ``lr``, ``dev``); ``best`` is the best trial's own result (only that one is kept).
     Raises LoralensError for a bad ``n_trials`` or range, or when every trial diverged.
+
+    ``journal``: a JSON file that records each finished trial as it ends, so that a search cut short (a stopped
+    session, Ctrl-C) resumes: TPE seeded alike proposes the same rates given the same earlier scores, so a trial
+    the journal holds at the same rate is taken from it instead of trained again. Only the best trial's model is
+    needed at the end; if that trial was taken from the journal, it is trained once more (same seed, same rate).
+    The caller deletes the journal once the search's result is written.
     """
     if not (isinstance(n_trials, int) and n_trials >= 1):
         raise LoralensError(f"the learning-rate search needs at least 1 trial, got {n_trials!r}")
@@ -81,22 +90,33 @@ def search_lr(
         raise LoralensError(f"--lr-search needs optuna ({e}); install it with `pip install loralens[train]`") from e
 
     trials: list[dict[str, Any]] = []
-    best: list[R] = []
+    best: dict[int, R] = {}  # trial number -> its model: only the best trained one is kept in memory
+    done = _read_journal(journal, config, n_trials, (lo, hi))
 
     def objective(trial: Any) -> float:
         lr = trial.suggest_float("lr", lo, hi, log=True)
         record: dict[str, Any] = {"number": trial.number, "lr": lr, "dev": None, "state": "diverged"}
         trials.append(record)
+        earlier = done.get(trial.number)
+        if earlier is not None and earlier["lr"] == lr:
+            record.update(earlier)
+            logger.info("trial %d: lr %.3g %s (from %s)", trial.number, lr, record["state"], journal)
+            if record["state"] != "complete":
+                raise optuna.TrialPruned(record.get("error", "diverged"))
+            return float(record["dev"])
         try:
             result = run(config.replace(lr=lr))
         except TrainingDivergedError as e:
             record["error"] = str(e)
             logger.info("trial %d: lr %.3g diverged", trial.number, lr)
+            _write_journal(journal, config, n_trials, (lo, hi), trials)
             raise optuna.TrialPruned(str(e)) from e
         record.update(dev=result.dev_score, state="complete", selected_step=getattr(result, "selected_step", None))
         logger.info("trial %d: lr %.3g dev %.4f", trial.number, lr, result.dev_score)
-        if not best or result.dev_score > best[0].dev_score:
-            best[:] = [result]  # keep only the best trial's model in memory
+        if not best or result.dev_score > next(iter(best.values())).dev_score:
+            best.clear()
+            best[trial.number] = result
+        _write_journal(journal, config, n_trials, (lo, hi), trials)
         return result.dev_score
 
     verbosity = optuna.logging.get_verbosity()
@@ -106,12 +126,15 @@ def search_lr(
         study.optimize(objective, n_trials=n_trials)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    if not best:
+    complete = [t for t in trials if t["state"] == "complete"]
+    if not complete:
         raise TrainingDivergedError(
             f"{config.method}: all {n_trials} learning-rate trials in [{lo:g}, {hi:g}] diverged; "
             "try a lower --lr-range; nothing was written"
         )
-    winner = next(t for t in trials if t["state"] == "complete" and t["dev"] == best[0].dev_score)
+    winner = max(complete, key=lambda t: t["dev"])  # the first of equal scores, as the in-memory best
+    if winner["number"] not in best:  # the winner came from the journal: train it again
+        best = {winner["number"]: run(config.replace(lr=winner["lr"]))}
     record = {
         "method": config.method,
         "seed": config.seed,
@@ -123,4 +146,41 @@ def search_lr(
         "best": {"number": winner["number"], "lr": winner["lr"], "dev": winner["dev"]},
         "config": config.to_dict() | {"lr": None},  # every other setting of the trials
     }
-    return record, best[0]
+    return record, best[winner["number"]]
+
+
+def _journal_key(config: TrainConfig, n_trials: int, lr_range: tuple[float, float]) -> dict[str, Any]:
+    """What a journal must have been written for to be replayed: the same search of the same run."""
+    return {"config": config.to_dict() | {"lr": None}, "n_trials": n_trials, "range": list(lr_range)}
+
+
+def _read_journal(
+    journal: Path | None, config: TrainConfig, n_trials: int, lr_range: tuple[float, float]
+) -> dict[int, dict[str, Any]]:
+    """The finished trials of an earlier, interrupted run of this search, by number; {} if none or another's."""
+    if journal is None or not journal.is_file():
+        return {}
+    try:
+        data = json.loads(journal.read_text(encoding="utf-8"))
+        if data["search"] != _journal_key(config, n_trials, lr_range):
+            return {}
+        return {int(t["number"]): t for t in data["trials"] if t["state"] in ("complete", "diverged")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # damaged or an earlier version's: search again
+
+
+def _write_journal(
+    journal: Path | None,
+    config: TrainConfig,
+    n_trials: int,
+    lr_range: tuple[float, float],
+    trials: list[dict[str, Any]],
+) -> None:
+    """Record the finished trials (atomically: a journal is whole or absent)."""
+    if journal is None:
+        return
+    data = {"search": _journal_key(config, n_trials, lr_range), "trials": trials}
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    partial = journal.with_name(journal.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    partial.replace(journal)

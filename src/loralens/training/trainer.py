@@ -348,7 +348,8 @@ def train(
     4. With ``lr_search=N > 0``, first run an Optuna study (:func:`loralens.training.search.search_lr`: TPE
        seeded with ``config.seed``, N trials, rate log-uniform in ``lr_range``), each trial a whole run scored on
        dev; the best trial's run (the same seed, so the same run) is the one kept, and ``lr_search.json``
-       records every trial.
+       records every trial. Until then each finished trial is recorded in ``.<out_dir name>.lr-search-trials.json``
+       beside ``out_dir``: a search cut short resumes from it.
     5. Score the test split before training and with the selected checkpoint (accuracy, or Pearson r for
        regression) and write, in one atomic step (:func:`loralens.io.outputs.write_outputs`),
        ``adapter_config.json``, ``adapter_model.safetensors`` (PEFT's files for LoRA; the authors'
@@ -390,7 +391,9 @@ def train(
     if lr_search:
         from loralens.training.search import search_lr
 
-        search, result = search_lr(run, config, lr_search, lr_range)
+        # finished trials are recorded beside the output as they end, so a search cut short resumes there
+        journal = Path(out_dir).parent / f".{Path(out_dir).name}.lr-search-trials.json"
+        search, result = search_lr(run, config, lr_search, lr_range, journal=journal)
         search.update(task=ds.name, base=recorded_base)
         files[LR_SEARCH_FILE] = json_writer(search)
         config = result.config
@@ -402,6 +405,8 @@ def train(
     files.update(_adapter_files(config.method, result.model, peft, recorded_base))
     files["metrics.json"] = json_writer(metrics)
     write_outputs(Path(out_dir), files, replace=replace)
+    if lr_search:
+        journal.unlink(missing_ok=True)
     return metrics
 
 
