@@ -28,7 +28,7 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not training and not browser and not notebooks"
 
-# The report's browser test (tests/test_report_browser.py) drives Debian's Chromium; install it when missing.
+# The report's browser test (tests/render/test_report_browser.py) drives Debian's Chromium; install it when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && \

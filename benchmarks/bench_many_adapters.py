@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402, N812
 
 import loralens  # noqa: E402
-import loralens.analysis as analysis  # noqa: E402
+import loralens.analyses.conversion as conversion_engine  # noqa: E402
+from loralens.analyses.similarity import layer_similarity, layer_similarity_many  # noqa: E402
 from loralens.examples import default_adapter, default_base  # noqa: E402
 
 
@@ -59,14 +60,14 @@ def make_adapters(folder: Path, n: int, noise: float) -> list[Path]:
 def count_factorizations() -> list[int]:
     """Count calls of the solver's factorisation from here on (one call = one batch of layers of one module)."""
     counter = [0, 0]  # calls, layers
-    original = analysis.factorize
+    original = conversion_engine.factorize
 
     def counted(W: Any, **kwargs: Any) -> Any:
         counter[0] += 1
         counter[1] += len(W)
         return original(W, **kwargs)
 
-    analysis.factorize = counted  # type: ignore[assignment]
+    conversion_engine.factorize = counted  # type: ignore[assignment]
     return counter
 
 
@@ -86,15 +87,15 @@ def main() -> None:
 
     def many() -> list[Any]:
         adapters = [loralens.load_lora_adapter(x) for x in paths]
-        convs = analysis.compute_conversions_many(base, adapters, device="cpu", with_product=False)
-        return analysis.layer_similarity_many(convs, device="cpu")
+        convs = conversion_engine.compute_conversions_many(base, adapters, device="cpu", with_product=False)
+        return layer_similarity_many(convs, device="cpu")
 
     def one_by_one() -> list[Any]:
         reports = []
         for x in paths:
             adapter = loralens.load_lora_adapter(x)
-            convs = analysis.compute_conversions(base, adapter, device="cpu", with_product=False)
-            reports.append(analysis.layer_similarity(convs, device="cpu"))
+            convs = conversion_engine.compute_conversions(base, adapter, device="cpu", with_product=False)
+            reports.append(layer_similarity(convs, device="cpu"))
         return reports
 
     many()  # warm-up

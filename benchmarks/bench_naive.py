@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402, N812
 
 import loralens  # noqa: E402
-from loralens.analysis import compute_conversions, layer_similarity  # noqa: E402
+from loralens.analyses.conversion import compute_conversions
+from loralens.analyses.similarity import layer_similarity
 
 MODULE = "v_proj"
 

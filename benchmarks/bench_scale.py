@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402, N812
 
 import loralens  # noqa: E402
-from loralens.analysis import compute_conversions, layer_similarity, layers_per_batch, parse_memory_size  # noqa: E402
+from loralens.analyses.conversion import compute_conversions
+from loralens.analyses.engine import layers_per_batch, parse_memory_size
+from loralens.analyses.similarity import layer_similarity
 from loralens.io.base_weights import open_base  # noqa: E402
 
 MODULES = ("q_proj", "v_proj")

@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "SMOLLM2_GGUF_NAME",
     "bert_base",
+    "roberta_base_shapes_only",
     "condlora_adapter",
     "corrupt_safetensors_header",
     "dora_adapter",
@@ -669,3 +670,30 @@ def write_malicious_pickle(path: str | os.PathLike[str], marker_file: str | os.P
     path = Path(path)
     torch.save({"weight": torch.ones(2, 2), "payload": _ExecOnUnpickle(Path(marker_file))}, path)
     return path
+
+
+def roberta_base_shapes_only(folder: Path) -> Path:
+    """A RoBERTa-base-shaped ``model.safetensors``: every tensor name and shape of ``RobertaModel(RobertaConfig())``
+    (hidden 768, 12 layers; built on the meta device, nothing downloaded), stored as int8 zeros in a sparse file.
+
+    Its header is real; its data cannot be analysed (loralens refuses integer weights), so whatever counts it
+    yields come from the header alone.
+    """
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    with torch.device("meta"):
+        model = RobertaModel(RobertaConfig())
+    header, offset = {}, 0
+    for name, t in model.state_dict().items():
+        n = math.prod(t.shape)
+        header[name] = {"dtype": "I8", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.safetensors"
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)  # a hole: no data written
+    return folder

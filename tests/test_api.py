@@ -25,7 +25,9 @@ def test_unknown_name_is_an_attribute_error() -> None:
 
 def test_many_adapter_api_is_exported() -> None:
     """The many-adapter path (one LU per base weight, many adapters) is reachable from the top level."""
-    from loralens.analysis import compute_conversions_many, layer_similarity_many, parse_memory_size
+    from loralens.analyses.conversion import compute_conversions_many
+    from loralens.analyses.engine import parse_memory_size
+    from loralens.analyses.similarity import layer_similarity_many
 
     assert loralens.compute_conversions_many is compute_conversions_many
     assert loralens.layer_similarity_many is layer_similarity_many
@@ -34,7 +36,7 @@ def test_many_adapter_api_is_exported() -> None:
 
 def test_import_is_lazy() -> None:
     """``import loralens`` alone loads neither torch nor the loaders: exports are imported on first use."""
-    heavy = ("torch", "safetensors", "loralens.analysis")
+    heavy = ("torch", "safetensors", "loralens.analyses.conversion")
     code = f"import sys, loralens; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

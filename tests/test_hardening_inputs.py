@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoints
+from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
 from loralens.errors import FanInFanOutWarning, UnsupportedAdapterError
 from loralens.io.adapters import load_lora_adapter, read_base_weights
 from loralens.io.base_weights import open_base
-from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
 from test_hardening import Row, check_row, run_main
 
 QUERY0 = "encoder.layer.0.attention.self.query.weight"

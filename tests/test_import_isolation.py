@@ -65,6 +65,8 @@ def test_checker_reports_the_cli_stack(tmp_path: Path) -> None:
 
 
 def test_cli_start_up_does_not_import_matplotlib(tmp_path: Path) -> None:
-    # the commands that draw import loralens.report (and matplotlib) inside themselves: `loralens` starts faster
-    found = imported_forbidden(["loralens.cli"], ["matplotlib", "loralens.report", "loralens.plots.lowrank"], tmp_path)
+    # the commands that draw import loralens.render.report (and matplotlib) inside themselves: `loralens` starts faster
+    found = imported_forbidden(
+        ["loralens.cli"], ["matplotlib", "loralens.render.report", "loralens.render.lowrank"], tmp_path
+    )
     assert found == []

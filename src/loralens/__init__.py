@@ -1,6 +1,6 @@
 """loralens: look inside trained low-rank adapters.
 
-The Python API (see :mod:`loralens.analysis`)::
+The Python API (the analyses are in :mod:`loralens.analyses`)::
 
     import loralens
     adapter = loralens.load_lora_adapter("path/to/adapter")
@@ -21,17 +21,17 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "FACTORS": "loralens.analysis",
-    "FactorSimilarity": "loralens.analysis",
-    "ModuleConversion": "loralens.analysis",
-    "SimilarityReport": "loralens.analysis",
-    "base_for": "loralens.analysis",
-    "compute_conversions": "loralens.analysis",
-    "compute_conversions_many": "loralens.analysis",
-    "layer_similarity": "loralens.analysis",
-    "layer_similarity_many": "loralens.analysis",
-    "parse_memory_size": "loralens.analysis",
-    "similarity_reports_to_dict": "loralens.analysis",
+    "FACTORS": "loralens.analyses.conversion",
+    "FactorSimilarity": "loralens.analyses.similarity",
+    "ModuleConversion": "loralens.analyses.conversion",
+    "SimilarityReport": "loralens.analyses.similarity",
+    "base_for": "loralens.analyses.engine",
+    "compute_conversions": "loralens.analyses.conversion",
+    "compute_conversions_many": "loralens.analyses.conversion",
+    "layer_similarity": "loralens.analyses.similarity",
+    "layer_similarity_many": "loralens.analyses.similarity",
+    "parse_memory_size": "loralens.analyses.engine",
+    "similarity_reports_to_dict": "loralens.analyses.similarity",
     "Conversion": "loralens.core.conversion",
     "conversion_matrices": "loralens.core.conversion",
     "pairwise_subspace_similarity": "loralens.core.similarity",
@@ -47,33 +47,30 @@ _EXPORTS = {
     "CondLoraAdapter": "loralens.io.condlora",
     "load_condlora_adapter": "loralens.io.condlora",
     "materialise_condlora": "loralens.io.condlora",
-    "ComparisonReport": "loralens.compare",
-    "ParameterCounts": "loralens.compare",
-    "compare_adapters": "loralens.compare",
-    "parameter_counts": "loralens.compare",
-    "rank_overlap": "loralens.lowrank_analysis",
-    "amplification_report": "loralens.lowrank_analysis",
-    "spectra_report": "loralens.lowrank_analysis",
+    "ComparisonReport": "loralens.analyses.condlora_vs_lora",
+    "ParameterCounts": "loralens.analyses.condlora_vs_lora",
+    "compare_adapters": "loralens.analyses.condlora_vs_lora",
+    "parameter_counts": "loralens.analyses.condlora_vs_lora",
+    "rank_overlap": "loralens.analyses.lowrank",
+    "amplification_report": "loralens.analyses.lowrank",
+    "spectra_report": "loralens.analyses.lowrank",
 }
 
 __all__ = sorted([*_EXPORTS, "examples"])
 
 if TYPE_CHECKING:  # static analysers see ordinary imports
     from loralens import examples
-    from loralens.analysis import (
-        FACTORS,
+    from loralens.analyses.condlora_vs_lora import ComparisonReport, ParameterCounts, compare_adapters, parameter_counts
+    from loralens.analyses.conversion import FACTORS, ModuleConversion, compute_conversions, compute_conversions_many
+    from loralens.analyses.engine import base_for, parse_memory_size
+    from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
+    from loralens.analyses.similarity import (
         FactorSimilarity,
-        ModuleConversion,
         SimilarityReport,
-        base_for,
-        compute_conversions,
-        compute_conversions_many,
         layer_similarity,
         layer_similarity_many,
-        parse_memory_size,
         similarity_reports_to_dict,
     )
-    from loralens.compare import ComparisonReport, ParameterCounts, compare_adapters, parameter_counts
     from loralens.core.conversion import Conversion, conversion_matrices
     from loralens.core.similarity import (
         pairwise_subspace_similarity,
@@ -84,7 +81,6 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
     from loralens.io.adapters import LoraAdapter, load_lora_adapter
     from loralens.io.base_weights import BaseCheckpoint, open_base
     from loralens.io.condlora import CondLoraAdapter, load_condlora_adapter, materialise_condlora
-    from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
 
 
 def __getattr__(name: str) -> Any:

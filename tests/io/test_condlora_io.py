@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
-from loralens.analysis import compute_conversions
+from loralens.analyses.conversion import compute_conversions
 from loralens.errors import CheckpointError, InputPathError, ModelMismatchError, NonFiniteError
 from loralens.io.base_weights import open_base
 from loralens.io.condlora import (

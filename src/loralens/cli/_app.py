@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import torch
 import typer
 
-from loralens.analysis import ProgressCallback, base_for, resolve_device
+from loralens.analyses.engine import ProgressCallback, base_for, resolve_device
 from loralens.errors import LoralensError, LoralensWarning
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
@@ -31,7 +31,7 @@ from loralens.io.files import os_error_reason
 if TYPE_CHECKING:  # typed against the installed typer, which vendors click as typer._click
     from typer._click.globals import get_current_context
 
-    from loralens.plots.tables import Table
+    from loralens.render.tables import Table
 else:
     try:  # recent typer vendors click as typer._click; earlier versions use click itself
         from typer._click.globals import get_current_context
@@ -372,12 +372,12 @@ def format_number(x: float) -> str:
 
 
 def print_table(table: Table, digits: int = 4) -> None:
-    """A :class:`loralens.plots.tables.Table` on the terminal with rich: its title above, its notes below."""
+    """A :class:`loralens.render.tables.Table` on the terminal with rich: its title above, its notes below."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table as RichTable
 
-    from loralens.plots.tables import format_cell, numeric_columns
+    from loralens.render.tables import format_cell, numeric_columns
 
     shown = RichTable(title=escape(table.title), caption=escape(" ".join(table.notes)) or None)
     for column, numeric in zip(table.columns, numeric_columns(table), strict=True):

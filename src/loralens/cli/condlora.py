@@ -11,7 +11,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from loralens.analysis import base_for, parse_memory_size
+from loralens.analyses.condlora_vs_lora import (
+    TABLE3_FACTORS,
+    ComparisonReport,
+    compare_adapters_many,
+    comparisons_to_dict,
+    parameter_counts,
+)
+from loralens.analyses.engine import base_for, parse_memory_size
+from loralens.analyses.seeds import DamagedMetricsError, compare_seeds, runs_from_folders
 from loralens.cli._app import (
     BaseOpt,
     DeviceOpt,
@@ -29,19 +37,11 @@ from loralens.cli._app import (
     torch_dtype,
     user_errors,
 )
-from loralens.compare import (
-    TABLE3_FACTORS,
-    ComparisonReport,
-    compare_adapters_many,
-    comparisons_to_dict,
-    parameter_counts,
-)
 from loralens.errors import InputPathError, LoralensError
 from loralens.io.adapters import load_lora_adapter
 from loralens.io.base_weights import open_base, resolve_base
 from loralens.io.condlora import load_condlora_adapter
 from loralens.io.outputs import check_output_folder, json_text
-from loralens.seed_comparison import DamagedMetricsError, compare_seeds, runs_from_folders
 from loralens.training.data import TASKS
 
 
@@ -295,7 +295,7 @@ def _split(text: str) -> list[str]:
 
 def print_pairs(data: dict[str, Any]) -> None:
     """Table 3 over pairs (mean over layers per pair, mean ± std), then Table 2 when the folders make one."""
-    from loralens.plots.tables import table2, table3_over_pairs
+    from loralens.render.tables import table2, table3_over_pairs
 
     print_table(table3_over_pairs(data))
     if data.get("table2") is None:

@@ -12,19 +12,21 @@ from rich.console import Console
 from rich.table import Table
 
 import loralens
-from loralens.analysis import (
+from loralens.analyses.conversion import (
     FACTORS,
     ModuleConversion,
-    ProgressCallback,
-    SimilarityReport,
     compute_conversions,
     compute_conversions_many,
-    format_memory_size,
+    conversion_summary,
+    conversion_tensors,
+    least_squares_layers,
+)
+from loralens.analyses.engine import ProgressCallback, format_memory_size, parse_memory_size, select_modules
+from loralens.analyses.provenance import provenance
+from loralens.analyses.similarity import (
+    SimilarityReport,
     layer_similarity,
     layer_similarity_many,
-    least_squares_layers,
-    parse_memory_size,
-    select_modules,
     similarity_reports_to_dict,
 )
 from loralens.cli._app import (
@@ -58,7 +60,6 @@ from loralens.examples import default_adapter, default_adapters, default_base
 from loralens.io.adapters import LoraAdapter
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.outputs import check_output_folder, json_text, json_writer, safetensors_writer, write_outputs
-from loralens.results import conversion_summary, conversion_tensors, provenance
 
 CONVERSION_FILES = ("conversion.safetensors", "conversion.json")
 

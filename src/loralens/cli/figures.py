@@ -7,7 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from loralens.analysis import SimilarityReport
+from loralens.analyses.condlora_vs_lora import compare_adapters_many, comparisons_to_dict, parameter_counts
+from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
+from loralens.analyses.provenance import provenance
+from loralens.analyses.seeds import metric_value
+from loralens.analyses.similarity import SimilarityReport
 from loralens.cli._app import (
     AdapterOpt,
     BaseOpt,
@@ -27,23 +31,19 @@ from loralens.cli._app import (
 )
 from loralens.cli.condlora import seed_table
 from loralens.cli.core import analyse_similarity
-from loralens.compare import compare_adapters_many, comparisons_to_dict, parameter_counts
 from loralens.errors import LoralensError, RankError
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.condlora import load_condlora_adapter
 from loralens.io.files import read_json
 from loralens.io.outputs import check_output_folder, json_writer, write_outputs
-from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
-from loralens.results import provenance
-from loralens.seed_comparison import metric_value
 
 OutOpt = Annotated[
     Path, typer.Option("--out", help="Output folder (created atomically; files in an existing one are replaced).")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random Gaussian baseline.")]
 DpiOpt = Annotated[int, typer.Option("--dpi", min=72, max=600, help="Resolution of the PNG files.")]
-DPI = 150  # loralens.report.DPI; the report (and matplotlib) is imported only by the commands that draw
+DPI = 150  # loralens.render.report.DPI; the report (and matplotlib) is imported only by the commands that draw
 
 
 @app.command(rich_help_panel="Report", short_help="Figure 1 heatmaps as PNG/SVG, with every phi value as CSV.")
@@ -71,7 +71,7 @@ def figure(
 
     Writes figure1_<module>_<factor>.png and .svg, and every phi value in phi_matrices.csv.
     """
-    from loralens.report import figure_files
+    from loralens.render.report import figure_files
 
     with user_errors():
         check_output_folder(out, replace=force, inputs=[adapter, base])
@@ -184,7 +184,7 @@ def report_outputs(
     """Everything ``loralens report`` (and ``demo``) writes, as ``({file name: writer}, report.json data)``:
     all analyses run before anything is written. ``similarity``: Figure 1's report of ``lora[0]`` when the
     caller has it already (the demo), else computed here."""
-    from loralens.report import input_identities, report_files
+    from loralens.render.report import input_identities, report_files
 
     if not lora:
         raise LoralensError("give a LoRA adapter (--lora)")

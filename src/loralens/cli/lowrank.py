@@ -1,8 +1,8 @@
 """``loralens overlap``, ``amplification`` and ``spectra``: the LoRA paper's own analyses (Hu et al. 2022, Sec. 7).
 
-Each command loads, calls :mod:`loralens.lowrank_analysis`, and renders: a table, one JSON object (``--json``),
+Each command loads, calls :mod:`loralens.analyses.lowrank`, and renders: a table, one JSON object (``--json``),
 and with ``--out`` a folder holding ``<command>.json`` with a PNG and an SVG figure, written atomically. Tables
-and pictures are built from the ``to_dict()`` data by :mod:`loralens.plots.tables` and :mod:`loralens.report`
+and pictures are built from the ``to_dict()`` data by :mod:`loralens.render.tables` and :mod:`loralens.render.report`
 (the same ones ``loralens report`` embeds), imported only when drawn: matplotlib stays out of start-up.
 """
 
@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from loralens.analysis import base_for
+from loralens.analyses.engine import base_for
+from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
+from loralens.analyses.provenance import provenance
 from loralens.cli._app import (
     AdapterOpt,
     BaseOpt,
@@ -37,11 +39,9 @@ from loralens.cli.figures import DPI
 from loralens.errors import LoralensError
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.outputs import bytes_writer, check_output_folder, json_text, json_writer, sha256_file, write_outputs
-from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
-from loralens.results import provenance
 
 if TYPE_CHECKING:
-    from loralens.plots.tables import Table
+    from loralens.render.tables import Table
 
 OutOpt = Annotated[
     Path | None,
@@ -92,7 +92,7 @@ def overlap(
     """Rank-subspace overlap of two adapters (LoRA paper, Figures 3 and 4): per module and layer the grid
     phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), i <= r1, j <= r2, on the right singular vectors of A
     and the left singular vectors of B. Random subspaces give max(i, j) / d."""
-    from loralens.plots.tables import overlap_table
+    from loralens.render.tables import overlap_table
 
     with user_errors():
         if out is not None:
@@ -136,7 +136,7 @@ def amplification(
     """How dW relates to W (LoRA paper, Table 7), per module and layer: ||U^T W V||_F for dW's r-dim singular
     subspaces, for W's own top-r ones and for random ones, and the amplification factor ||dW||_F / ||U^T W V||_F.
     """
-    from loralens.plots.tables import amplification_table
+    from loralens.render.tables import amplification_table
 
     with user_errors():
         if out is not None:
@@ -175,7 +175,7 @@ def spectra(
 ) -> None:
     """Spectra of dW = s B A per module and layer: singular values, entropy and energy effective ranks, and the
     principal angles between dW's column space and W's top-r left singular subspace."""
-    from loralens.plots.tables import spectra_table
+    from loralens.render.tables import spectra_table
 
     with user_errors():
         if out is not None:
@@ -206,11 +206,11 @@ def _emit(
     json_output: bool,
     force: bool = False,
 ) -> None:
-    """Write the folder (if asked: ``<stem>.json`` and the picture of :data:`loralens.report.LOWRANK_ANALYSES`),
+    """Write the folder (if asked: ``<stem>.json`` and the picture of :data:`loralens.render.report.LOWRANK_ANALYSES`),
     then print JSON or the table (and the written paths)."""
     paths: list[Path] = []
     if out is not None:
-        from loralens.report import LOWRANK_ANALYSES
+        from loralens.render.report import LOWRANK_ANALYSES
 
         picture = LOWRANK_ANALYSES[stem][0](data, dpi)
         paths = write_outputs(

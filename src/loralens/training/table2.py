@@ -1,5 +1,5 @@
 """The paper's Table 2, reproduced: per task and method a learning-rate search on dev, then one run per seed at the
-chosen rate, then mean +- std on test and the paired t-test (:func:`loralens.seed_comparison.compare_seeds`).
+chosen rate, then mean +- std on test and the paired t-test (:func:`loralens.analyses.seeds.compare_seeds`).
 
 Layout of the output folder (every run folder is written whole, so an interrupted reproduction resumes: a run whose
 ``metrics.json`` records the expected config is kept and skipped)::
@@ -85,9 +85,9 @@ def reproduce_table2(
     ``lr_search`` and ``lr_range``. Paired runs differ in their rate when it was searched per method, so the rate is
     left out of the settings the pairing checks and reported per method instead.
     """
+    from loralens.analyses.seeds import compare_seeds
     from loralens.io.outputs import json_writer, write_outputs
-    from loralens.plots.tables import table2, to_markdown
-    from loralens.seed_comparison import compare_seeds
+    from loralens.render.tables import table2, to_markdown
 
     unknown = [t for t in tasks if t not in TABLE2_TASKS]
     if unknown or not tasks:
@@ -171,7 +171,7 @@ def _without_lr(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _rates_markdown(rates: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    from loralens.plots.tables import Table, to_markdown
+    from loralens.render.tables import Table, to_markdown
 
     rows = tuple(
         (task, *(f"{by[m]['lr']:.3g}" for m in METHODS), *(by[m]["dev"] for m in METHODS)) for task, by in rates.items()

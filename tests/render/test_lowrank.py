@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from loralens.errors import LoralensError, ShapeError
-from loralens.plots.lowrank import (
+from loralens.render.lowrank import (
     amplification_figure,
     amplification_line,
     angle_lines,

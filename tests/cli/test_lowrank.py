@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 import checkpoints
 import loralens
 from clitools import run_cli
+from loralens.analyses.lowrank import amplification_report
 from loralens.cli import app
-from loralens.lowrank_analysis import amplification_report
-from loralens.report import DPI, overlap_picture
+from loralens.render.report import DPI, overlap_picture
 
 
 def run_json(*args: str | Path) -> dict:

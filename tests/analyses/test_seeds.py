@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 
 from loralens import examples
+from loralens.analyses.seeds import compare_seeds, read_metrics, runs_from_folders
 from loralens.errors import CheckpointError, InputPathError, LoralensError
-from loralens.seed_comparison import compare_seeds, read_metrics, runs_from_folders
 
 
 def _run(method: str, seed: int, after: float, task: str = "rt-polarity", **settings: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Pure and Axes-level (STYLE rule 6): arrays in, ``ax=None``, the Axes (or a Figure for composed panels) out.
 Nothing here computes a statistic, saves a file or touches pyplot's global state: without ``ax`` a new
 :class:`matplotlib.figure.Figure` is made directly, which needs no interactive backend. Saving and
-report assembly live in :mod:`loralens.report`.
+report assembly live in :mod:`loralens.render.report`.
 
 Layers are labelled 1..L as in the paper unless ``labels`` says otherwise.
 """

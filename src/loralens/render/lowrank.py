@@ -2,7 +2,7 @@
 
 Pure and Axes-level (STYLE rule 6): arrays in (NumPy, CPU tensors or nested lists, NaN drawn blank), ``ax=None``,
 the Axes (or a :class:`matplotlib.figure.Figure` for composed panels) out. Nothing here computes a statistic,
-saves a file or touches pyplot's global state. The numbers come from :mod:`loralens.lowrank_analysis`; layers are
+saves a file or touches pyplot's global state. The numbers come from :mod:`loralens.analyses.lowrank`; layers are
 labelled with the ``labels`` given (the model's layer numbers), else ``0..L-1``.
 
 - :func:`overlap_heatmap`, :func:`overlap_figure`: phi(i, j) grids (the paper's Figures 3 and 4), one panel per
@@ -37,7 +37,7 @@ __all__ = [
     "spectra_figure",
 ]
 
-#: Perceptually uniform and colour-blind safe, as in :mod:`loralens.plots.similarity`.
+#: Perceptually uniform and colour-blind safe, as in :mod:`loralens.render.similarity`.
 CMAP = "viridis"
 PHI_LABEL = r"$\varphi(i, j)$"
 

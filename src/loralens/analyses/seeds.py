@@ -11,7 +11,7 @@ sample standard deviation of the held-out score, and the paired t-test of CondLo
     >>> runs = runs_from_folders([lo for _, lo, _ in pairs], [c for _, _, c in pairs])
     >>> compare_seeds(runs)["tasks"]["rt-polarity"]["paired_t"]["p_value"]
 
-Neither prints nor writes files; :func:`loralens.plots.tables.table2` renders the result.
+Neither prints nor writes files; :func:`loralens.render.tables.table2` renders the result.
 """
 
 from __future__ import annotations

@@ -11,15 +11,15 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from checkpoints import roberta_base_shapes_only
 from clitools import run_cli
+from loralens.analyses.condlora_vs_lora import compare_adapters
 from loralens.cli import app
-from loralens.compare import compare_adapters
 from loralens.examples import default_adapter, default_condlora
 from loralens.io.adapters import load_lora_adapter
 from loralens.io.base_weights import open_base
 from loralens.io.condlora import load_condlora_adapter
 from loralens.io.outputs import MARKER
-from test_compare import roberta_base_shapes_only
 
 
 def assert_user_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -81,8 +81,8 @@ def test_compare_many_pairs_gives_table3_per_pair_and_table2(minilm_path: Path) 
     summary is their mean +- std, and Table 2 comes from the folders' metrics.json with the paired t-test."""
     from scipy import stats
 
+    from loralens.analyses.seeds import read_metrics
     from loralens.examples import default_adapters
-    from loralens.seed_comparison import read_metrics
 
     args: list[str | Path] = []
     for _, lora, cond in default_adapters():

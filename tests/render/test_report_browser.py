@@ -14,7 +14,7 @@ import pytest
 
 import loralens
 from loralens.io.outputs import write_outputs
-from loralens.report import input_identities, report_files
+from loralens.render.report import input_identities, report_files
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -1,4 +1,4 @@
-"""Figures and a self-contained HTML report from analysis results: the level above :mod:`loralens.plots`.
+"""Figures and a self-contained HTML report from analysis results: the level above :mod:`loralens.render`.
 
 :func:`figure_files` renders Figure 1 (per module and factor, the layer x layer phi heatmap beside its random
 baseline) as PNG and SVG; :func:`report_files` adds CSV/Markdown/LaTeX tables and ``report.html``, one file
@@ -6,8 +6,8 @@ that embeds every picture (base64 PNG) and opens offline. Both return ``{file na
 :func:`loralens.io.outputs.write_outputs`, which writes them atomically; nothing here prints.
 
 Inputs are plain data: ``SimilarityReport.to_dict()``, the dict of :func:`input_identities`, and optionally
-Table 3 / Table 4 data (see :mod:`loralens.plots.tables`) and the LoRA paper's analyses (Hu et al. 2022, Sec. 7:
-the ``to_dict()`` of :mod:`loralens.lowrank_analysis` reports), drawn by :func:`overlap_picture`,
+Table 3 / Table 4 data (see :mod:`loralens.render.tables`) and the LoRA paper's analyses (Hu et al. 2022, Sec. 7:
+the ``to_dict()`` of :mod:`loralens.analyses.lowrank` reports), drawn by :func:`overlap_picture`,
 :func:`amplification_picture` and :func:`spectra_picture`. Figures are drawn on
 :class:`matplotlib.figure.Figure` objects rendered by the non-interactive Agg (PNG) and SVG canvases, so no
 display and no global backend setting is needed.
@@ -30,16 +30,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import loralens
+from loralens.analyses.conversion import CONVENTIONS
+from loralens.analyses.lowrank import DEFINITIONS
+from loralens.analyses.provenance import file_record, provenance
 from loralens.errors import LoralensError
 from loralens.io.adapters import LoraAdapter
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.condlora import CondLoraAdapter
 from loralens.io.outputs import Writer, bytes_writer, json_text
-from loralens.lowrank_analysis import DEFINITIONS
-from loralens.plots import tables
-from loralens.plots.lowrank import amplification_figure, overlap_figure, spectra_figure
-from loralens.plots.similarity import per_layer_similarity, similarity_figure
-from loralens.results import CONVENTIONS, file_record, provenance
+from loralens.render import tables
+from loralens.render.lowrank import amplification_figure, overlap_figure, spectra_figure
+from loralens.render.similarity import per_layer_similarity, similarity_figure
 
 __all__ = [
     "DPI",
@@ -72,7 +73,7 @@ class Picture:
 def input_identities(
     base: BaseCheckpoint, adapter: LoraAdapter, condlora: CondLoraAdapter | None = None
 ) -> dict[str, Any]:
-    """What the numbers come from: :func:`loralens.results.provenance` (paths, SHA-256 of the input files,
+    """What the numbers come from: :func:`loralens.analyses.provenance.provenance` (paths, SHA-256 of the input files,
     versions) plus both configs in full (``adapter_config.json``, the base's ``config.json``), and the same for
     a CondLoRA adapter when given."""
     inputs = provenance(base, adapter)
@@ -263,17 +264,17 @@ def report_files(
     inputs : mapping
         :func:`input_identities` (paths, hashes, configs, versions).
     comparison, params : mapping, optional
-        Table 3 and Table 4 data (LoRA vs CondLoRA), in the shapes :func:`loralens.plots.tables.table3` and
-        :func:`~loralens.plots.tables.table4` take.
+        Table 3 and Table 4 data (LoRA vs CondLoRA), in the shapes :func:`loralens.render.tables.table3` and
+        :func:`~loralens.render.tables.table4` take.
     lowrank : mapping, optional
         The LoRA paper's analyses (Hu et al. 2022, Sec. 7), any of ``"amplification"``, ``"spectra"`` and
-        ``"overlap"``, each the ``to_dict()`` of :func:`loralens.lowrank_analysis.amplification_report`,
-        :func:`~loralens.lowrank_analysis.spectra_report` or :func:`~loralens.lowrank_analysis.rank_overlap`.
+        ``"overlap"``, each the ``to_dict()`` of :func:`loralens.analyses.lowrank.amplification_report`,
+        :func:`~loralens.analyses.lowrank.spectra_report` or :func:`~loralens.analyses.lowrank.rank_overlap`.
         Adds a section with each one's picture, table and caption, and ``<name>.png/.svg/.csv/.md/.tex``.
     seeds : mapping, optional
-        Table 2 (held-out scores over seeds, paired t-test): :func:`loralens.seed_comparison.compare_seeds`.
+        Table 2 (held-out scores over seeds, paired t-test): :func:`loralens.analyses.seeds.compare_seeds`.
     pairs : mapping, optional
-        Table 3 over several pairs: :func:`loralens.compare.comparisons_to_dict`.
+        Table 3 over several pairs: :func:`loralens.analyses.condlora_vs_lora.comparisons_to_dict`.
     """
     unknown = sorted(set(lowrank or {}) - set(LOWRANK_ANALYSES))
     if unknown:
@@ -473,7 +474,7 @@ def _inputs_html(inputs: Mapping[str, Any]) -> str:
 
 
 def _file_rows(what: str, record: Any) -> list[tuple[str, str]]:
-    """A file record of :func:`loralens.results.file_record` (or a bare name) as table rows."""
+    """A file record of :func:`loralens.analyses.provenance.file_record` (or a bare name) as table rows."""
     e = html.escape
     if not isinstance(record, Mapping):
         return [(what, f"<code>{e(str(record))}</code>")]

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 import loralens
+from loralens.analyses.lowrank import DEFINITIONS, amplification_report, rank_overlap, spectra_report
 from loralens.errors import LoralensError
 from loralens.io.outputs import write_outputs
-from loralens.lowrank_analysis import DEFINITIONS, amplification_report, rank_overlap, spectra_report
-from loralens.plots import similarity_figure
-from loralens.report import (
+from loralens.render import similarity_figure
+from loralens.render.report import (
     amplification_picture,
     figure_files,
     input_identities,

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import loralens
-from loralens.analysis import compute_conversions, layer_similarity, select_modules
+from loralens.analyses.conversion import compute_conversions
+from loralens.analyses.engine import select_modules
+from loralens.analyses.similarity import layer_similarity
 from loralens.errors import LoralensError, NearSingularWarning, RankError, SingularMatrixError
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import checkpoints
-from loralens.compare import compare_adapters, compare_adapters_many, parameter_counts
+from checkpoints import roberta_base_shapes_only
+from loralens.analyses.condlora_vs_lora import compare_adapters, compare_adapters_many, parameter_counts
 from loralens.errors import ModelMismatchError, RankError, ShapeError
 from loralens.examples import default_adapter, default_adapters, default_condlora
 from loralens.io.adapters import load_lora_adapter
@@ -124,32 +124,6 @@ def _formula(shapes: dict[str, tuple[int, ...]], r: int, targets: list[str]) -> 
         lora += sum(r * (s[0] + s[1]) for s in matched)
         cond += 2 * r * matched[0][1]
     return lora, cond
-
-
-def roberta_base_shapes_only(folder: Path) -> Path:
-    """A RoBERTa-base-shaped ``model.safetensors``: every tensor name and shape of ``RobertaModel(RobertaConfig())``
-    (hidden 768, 12 layers; built on the meta device, nothing downloaded), stored as int8 zeros in a sparse file.
-
-    Its header is real; its data cannot be analysed (loralens refuses integer weights), so whatever counts it
-    yields come from the header alone.
-    """
-    from transformers import RobertaConfig, RobertaModel
-
-    with torch.device("meta"):
-        model = RobertaModel(RobertaConfig())
-    header, offset = {}, 0
-    for name, t in model.state_dict().items():
-        n = int(np.prod(t.shape))
-        header[name] = {"dtype": "I8", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.safetensors"
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        f.truncate(8 + len(blob) + offset)  # a hole: no data written
-    return folder
 
 
 def test_table4_for_roberta_base_from_the_header_alone(tmp_path: Path) -> None:

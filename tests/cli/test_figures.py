@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 import checkpoints
 import loralens
 import loralens.cli.figures
-import loralens.report
+import loralens.render.report
 from clitools import run_cli
+from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
 from loralens.cli import app
 from loralens.examples import default_condlora
 from loralens.io.condlora import condlora_config, write_condlora_adapter
-from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
 
 LOWRANK_FILES = {f"{a}.{ext}" for a in ("amplification", "spectra") for ext in ("png", "svg", "csv", "md", "tex")}
 
@@ -52,7 +52,7 @@ def test_figure_options_pick_modules_and_dimensions(tmp_path: Path, tiny_bert: P
     result = CliRunner().invoke(app, [*map(str, argv), "--i", "2", "--side", "right", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("*.png")) == [f"figure1_value_{f}.png" for f in ("A", "B", "BA")]
-    assert loralens.cli.figures.DPI == loralens.report.DPI
+    assert loralens.cli.figures.DPI == loralens.render.report.DPI
 
 
 def test_report_with_condlora_writes_one_self_contained_html(

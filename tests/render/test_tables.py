@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import loralens
+from loralens.analyses.lowrank import rank_overlap
 from loralens.errors import LoralensError
-from loralens.lowrank_analysis import rank_overlap
-from loralens.plots.tables import (
+from loralens.render.tables import (
     Table,
     amplification_table,
     format_cell,
@@ -102,7 +102,7 @@ def test_table3_with_per_layer_random_rows_and_layer_numbers() -> None:
 
 
 def test_table3_takes_the_comparison_reports_dict() -> None:
-    """The shape ``loralens.compare.ComparisonReport.to_dict()`` gives: per-layer random, means, extra keys."""
+    """The shape ``ComparisonReport.to_dict()`` gives: per-layer random, means, extra keys."""
     phi = {"A": [0.05, 0.07], "B": [0.04, 0.06], "BA": [0.03, 0.05]}
     rand = {"A": [0.02, 0.03], "B": [0.01, 0.02], "BA": [0.02, 0.02]}
     data = {
@@ -214,7 +214,7 @@ def test_rows_must_match_the_columns() -> None:
 
 
 def test_tables_import_without_matplotlib() -> None:
-    code = "import sys, loralens.plots.tables; print('matplotlib' in sys.modules)"
+    code = "import sys, loralens.render.tables; print('matplotlib' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert proc.stdout.strip() == "False"
 
@@ -344,8 +344,8 @@ def test_lowrank_tables_name_malformed_data(build: Callable[[dict], Table], data
 
 def test_table2_from_the_shipped_seeds() -> None:
     from loralens import examples
-    from loralens.plots.tables import table2, to_markdown
-    from loralens.seed_comparison import compare_seeds, runs_from_folders
+    from loralens.analyses.seeds import compare_seeds, runs_from_folders
+    from loralens.render.tables import table2, to_markdown
 
     pairs = examples.default_adapters()
     summary = compare_seeds(runs_from_folders([lo for _, lo, _ in pairs], [c for _, _, c in pairs]))

@@ -12,8 +12,8 @@ import pytest
 
 import checkpoints
 import loralens
-from loralens import results
-from loralens.results import file_record, provenance
+from loralens.analyses import provenance as provenance_module
+from loralens.analyses.provenance import file_record, provenance
 
 
 def _sha(path: Path) -> str:
@@ -39,7 +39,7 @@ def test_provenance_hashes_every_input_file(tmp_path: Path, tiny_bert: Path, tin
 
 def test_large_files_are_identified_by_header(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tiny_bert / "model.safetensors"
-    monkeypatch.setattr(results, "FULL_HASH_LIMIT", 16)  # every real file is "large" now
+    monkeypatch.setattr(provenance_module, "FULL_HASH_LIMIT", 16)  # every real file is "large" now
     record = file_record(path)
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")

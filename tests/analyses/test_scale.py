@@ -18,17 +18,11 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import loralens
-import loralens.analysis as analysis
+import loralens.analyses.conversion as conversion_engine
 from clitools import run_cli
-from loralens.analysis import (
-    compute_conversions,
-    compute_conversions_many,
-    layer_similarity,
-    layer_similarity_many,
-    layers_per_batch,
-    parse_memory_size,
-    similarity_reports_to_dict,
-)
+from loralens.analyses.conversion import compute_conversions, compute_conversions_many
+from loralens.analyses.engine import layers_per_batch, parse_memory_size
+from loralens.analyses.similarity import layer_similarity, layer_similarity_many, similarity_reports_to_dict
 from loralens.core.conversion import chunk_bytes, layer_working_bytes
 from loralens.errors import CheckpointError, LoralensError
 
@@ -119,7 +113,7 @@ def test_budgeted_batches_read_per_batch_and_match_unbatched(
 
     reads: list[int] = []
     buffers: list[tuple[int, ...]] = []
-    read, factorize = analysis.base_weight_matrices, analysis.factorize
+    read, factorize = conversion_engine.base_weight_matrices, conversion_engine.factorize
 
     def spy_read(*args, **kwargs):  # type: ignore[no-untyped-def]
         matrices, keys = read(*args, **kwargs)
@@ -130,8 +124,8 @@ def test_budgeted_batches_read_per_batch_and_match_unbatched(
         buffers.append(tuple(kwargs["out"].shape))
         return factorize(W, **kwargs)
 
-    monkeypatch.setattr(analysis, "base_weight_matrices", spy_read)
-    monkeypatch.setattr(analysis, "factorize", spy_factorize)
+    monkeypatch.setattr(conversion_engine, "base_weight_matrices", spy_read)
+    monkeypatch.setattr(conversion_engine, "factorize", spy_factorize)
     # tiny_bert: fp32 (32, 32) weights, r = 4: a budget of one layer's working set gives batches of one layer.
     one_layer = chunk_bytes(32, 32, dtype=torch.float64) + layer_working_bytes(
         32, 32, stored_itemsize=4, dtype=torch.float64, rhs_columns=8
@@ -175,13 +169,13 @@ def test_many_adapters_share_one_factorisation_and_match_one_at_a_time(
     singles = [compute_conversions(base, a, device="cpu") for a in adapters]
 
     factored: list[int] = []
-    factorize = analysis.factorize
+    factorize = conversion_engine.factorize
 
     def spy(W, **kwargs):  # type: ignore[no-untyped-def]
         factored.append(len(W))
         return factorize(W, **kwargs)
 
-    monkeypatch.setattr(analysis, "factorize", spy)
+    monkeypatch.setattr(conversion_engine, "factorize", spy)
     many = compute_conversions_many(base, adapters, device="cpu")
 
     assert factored == [2, 2]  # query and value: one LU per layer for all three adapters
@@ -284,7 +278,7 @@ def test_integer_base_weights_are_refused_before_any_solve(
     save_file(tensors, str(tmp_path / "int8" / "model.safetensors"))
     base = loralens.open_base(tmp_path / "int8")
     assert base.dtypes[VALUE.format(1)] == torch.int8
-    monkeypatch.setattr(analysis, "factorize", lambda *a, **k: pytest.fail("solved before refusing"))
+    monkeypatch.setattr(conversion_engine, "factorize", lambda *a, **k: pytest.fail("solved before refusing"))
     with pytest.raises(CheckpointError, match=r"'encoder.layer.1.attention.self.value.weight' has dtype torch.int8;"):
         compute_conversions(base, loralens.load_lora_adapter(tiny_bert_adapter), device="cpu")
     with pytest.raises(CheckpointError, match="dequantized first"):

@@ -16,7 +16,7 @@ Input shapes (all plain JSON-ready data):
 - Table 4 (parameters, speed): ``{"lora": N, "condlora": M, "ratio": x}``, where N and M may also be
   ``{"params": N, "speed": examples_per_s}``, or speeds given as ``"speed": {"lora": s, "condlora": s}``;
 - the LoRA paper's analyses (Hu et al. 2022, Sec. 7): ``OverlapReport.to_dict()``, ``AmplificationReport.to_dict()``
-  and ``SpectraReport.to_dict()`` of :mod:`loralens.lowrank_analysis` (per module ``"layers"`` and per-layer lists;
+  and ``SpectraReport.to_dict()`` of :mod:`loralens.analyses.lowrank` (per module ``"layers"`` and per-layer lists;
   null where a value is NaN).
 
 Layers are numbered from 1 as in the paper (checkpoint layer index + 1).
@@ -212,7 +212,7 @@ def table3(data: Mapping[str, Any]) -> Table:
     """The paper's Table 3: per-layer phi between LoRA's and CondLoRA's A, B and BA, with the random baseline.
 
     One row per (module, factor), one column per layer. A per-layer random baseline (``random[f]`` a list, as
-    ``loralens.compare`` gives it) becomes its own ``<factor> (random)`` row; a scalar one goes in a ``random``
+    ``analyses.condlora_vs_lora`` gives it) becomes its own ``<factor> (random)`` row; a scalar one goes in a ``random``
     column. Per-factor means (``mean[f]``, ``random["mean"][f]``), when the data has them, fill a ``mean``
     column; ``random["expected"]`` (a number or one per factor) and ``settings`` i, j, seed go into the notes.
     """
@@ -297,12 +297,12 @@ def table4(data: Mapping[str, Any]) -> Table:
 
 
 def table2(summary: Mapping[str, Any], digits: int = 4) -> Table:
-    """The paper's Table 2 from :func:`loralens.seed_comparison.compare_seeds`: per task the held-out score as
+    """The paper's Table 2 from :func:`loralens.analyses.seeds.compare_seeds`: per task the held-out score as
     mean ± sample std over seeds for LoRA and CondLoRA, their average over tasks, adapter parameters, and a last
     row with the paired t-test of CondLoRA against LoRA; the per-seed scores and settings as notes."""
     tasks = _submapping(summary, "tasks")
     if not tasks:
-        raise LoralensError("table 2 data has no tasks; pass loralens.seed_comparison.compare_seeds(...)")
+        raise LoralensError("table 2 data has no tasks; pass loralens.analyses.seeds.compare_seeds(...)")
     average = _submapping(summary, "average")
     columns = ("method", *(f"{task} ({_mapping(t, task)['metric']})" for task, t in tasks.items()), "Avg.", "params")
     rows: list[tuple[Cell, ...]] = []
@@ -332,7 +332,8 @@ def table2(summary: Mapping[str, Any], digits: int = 4) -> Table:
 
 def table3_over_pairs(data: Mapping[str, Any], digits: int = 4) -> Table:
     """Table 3 over several LoRA/CondLoRA pairs (e.g. training seeds), from
-    :func:`loralens.compare.comparisons_to_dict`: per module and factor the mean phi over layers of each pair,
+    :func:`~loralens.analyses.condlora_vs_lora.comparisons_to_dict`:
+    per module and factor the mean phi over layers of each pair,
     their mean ± sample std over pairs, and the mean random baseline."""
     summary = _submapping(data, "summary")
     pairs = data.get("pairs") or []

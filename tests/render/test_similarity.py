@@ -9,9 +9,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import loralens.plots
+import loralens.render
 from loralens.errors import LoralensError, ShapeError
-from loralens.plots import per_layer_similarity, similarity_figure, similarity_heatmap
+from loralens.render import per_layer_similarity, similarity_figure, similarity_heatmap
 
 
 def phi_matrix(L: int, seed: int = 0) -> np.ndarray:
@@ -168,8 +168,8 @@ def test_per_layer_lines_reject_ragged_series() -> None:
 
 
 def test_public_names() -> None:
-    assert sorted(loralens.plots.__all__) == sorted(loralens.plots._EXPORTS)
-    for name in loralens.plots.__all__:
-        assert callable(getattr(loralens.plots, name))
+    assert sorted(loralens.render.__all__) == sorted(loralens.render._EXPORTS)
+    for name in loralens.render.__all__:
+        assert callable(getattr(loralens.render, name))
     with pytest.raises(AttributeError):
-        loralens.plots.no_such_plot  # noqa: B018
+        loralens.render.no_such_plot  # noqa: B018

@@ -1,4 +1,4 @@
-"""The LoRA-paper analyses through the loaders (loralens.lowrank_analysis), against numpy/scipy on the raw files.
+"""The LoRA-paper analyses through the loaders (loralens.analyses.lowrank), against numpy/scipy on the raw files.
 
 References read the safetensors files directly (``safetensors.numpy``), pair tensors by key suffix, form ``dW``
 densely and use numpy's SVD and ``scipy.linalg.subspace_angles``: a route that shares nothing with the code
@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import loralens
+from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
 from loralens.errors import LoralensError, ModelMismatchError, RankError
 from loralens.io.outputs import json_text
-from loralens.lowrank_analysis import amplification_report, rank_overlap, spectra_report
 
 PHI_TOL = 1e-10
 REL = 1e-9

@@ -1,0 +1,200 @@
+"""What every analysis shares: the device, the base an adapter needs, module selection, the memory budget and
+its layer batches, module grouping across adapters, and errors that name model layer numbers.
+
+Scale: base weights are read lazily (memory-mapped) a batch of layers at a time, the batch sized from a memory budget
+(``max_memory``, :func:`layers_per_batch`), so that every analysis streams the base the same way. Long runs report
+progress through a :data:`ProgressCallback`, never by printing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from loralens.core.conversion import (
+    chunk_bytes,
+    layer_working_bytes,
+)
+from loralens.errors import (
+    BatchError,
+    DoraProductWarning,
+    InputPathError,
+    LoralensError,
+    RankError,
+    SingularMatrixError,
+)
+from loralens.io.adapters import LoraAdapter
+from loralens.io.base_weights import BaseCheckpoint, open_base
+
+__all__ = [
+    "ProgressCallback",
+    "resolve_device",
+    "base_for",
+    "select_modules",
+    "parse_memory_size",
+    "layers_per_batch",
+    "warn_if_dora_product",
+    "at_model_layers",
+    "format_memory_size",
+]
+
+#: ``progress(stage, done, total)``: called as work completes; ``stage`` is ``"solve"`` (counting layers of all
+#: modules) or ``"similarity"`` (counting adapters). The CLI draws a progress bar from it; the library never prints.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else must be usable here."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LoralensError(f"unknown device {device!r}; use auto, cpu or cuda") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoralensError("--device cuda asked for, but torch sees no CUDA device here; use --device cpu")
+    return dev
+
+
+def base_for(adapter: LoraAdapter, spec: str | os.PathLike[str] | None = None) -> BaseCheckpoint:
+    """Open the base model: ``spec`` if given, else the adapter's ``base_model_name_or_path``."""
+    if spec is None:
+        recorded = adapter.base_model_name_or_path
+        if recorded is None:
+            raise InputPathError(
+                f"{adapter.path}: adapter_config.json names no base_model_name_or_path; pass --base <model folder>"
+            )
+        spec = recorded
+    return open_base(spec)
+
+
+def select_modules(adapter: LoraAdapter, modules: Sequence[str] | None) -> list[str]:
+    """Module names to analyse: all when None.
+
+    Each wanted name must match exactly one module, by its short name (``query``) or by a dotted
+    suffix of its path inside the layer (``self.query``, ``attention.self.query``).
+    """
+    if not modules:
+        return list(adapter.modules)
+    chosen = []
+    for want in modules:
+        hits = [
+            name
+            for name, mod in adapter.modules.items()
+            if want in (name, mod.paths[0].tail) or mod.paths[0].tail.endswith("." + want)
+        ]
+        if len(hits) != 1:
+            raise LoralensError(
+                f"--modules {want!r} {'matches no' if not hits else 'matches several'} modules of {adapter.path}; "
+                f"available: {', '.join(adapter.modules)}"
+            )
+        if hits[0] in chosen:  # e.g. query,self.query: the same module twice would be stacked twice
+            raise LoralensError(f"--modules {want!r} names module {hits[0]!r} again; list each module once")
+        chosen.append(hits[0])
+    return chosen
+
+
+def parse_memory_size(value: str | int | float) -> int:
+    """A memory size in bytes: ``"2GB"`` (decimal units kB/MB/GB/TB, also K/M/G/T), ``"1.5GiB"`` (binary
+    KiB/MiB/GiB/TiB), or a plain number of bytes (``"2e9"``, ``2000000000``). Case-insensitive."""
+    text = str(value).strip()
+    m = _SIZE_RE.match(text)
+    unit = _SIZE_UNITS.get(m.group(2).lower()) if m else None
+    size = float(m.group(1)) * unit if m and unit else 0.0
+    if not (size >= 1 and size < float("inf")):
+        raise LoralensError(
+            f"--max-memory {text!r} is not a memory size; write e.g. 2GB, 1.5GiB, 512MB or a number of bytes"
+        )
+    return int(size)
+
+
+def layers_per_batch(
+    d_out: int,
+    d_in: int,
+    *,
+    max_memory: int,
+    stored_dtype: torch.dtype | str,
+    dtype: torch.dtype,
+    rhs_columns: int,
+    what: str = "the module",
+) -> int:
+    """How many layers of one module fit a memory budget of ``max_memory`` bytes while they are solved.
+
+    Counts the stored weights, the working buffer (the LU is computed in place), right-hand sides and
+    solutions of ``rhs_columns`` columns (two per rank per adapter), and the fixed temporaries; see
+    :func:`loralens.core.conversion.layer_working_bytes`.
+
+    Raises
+    ------
+    LoralensError
+        The budget does not hold even one layer.
+    """
+    stored = stored_dtype.itemsize if isinstance(stored_dtype, torch.dtype) else 4
+    per_layer = layer_working_bytes(d_out, d_in, stored_itemsize=stored, dtype=dtype, rhs_columns=rhs_columns)
+    fixed = chunk_bytes(d_out, d_in, dtype=dtype)
+    n = (max_memory - fixed) // per_layer
+    if n < 1:
+        raise LoralensError(
+            f"--max-memory {format_memory_size(max_memory)} is below what one layer of {what} ({d_out} x {d_in}, "
+            f"{dtype}) needs: {format_memory_size(per_layer + fixed)}; raise it"
+        )
+    return int(n)
+
+
+def warn_if_dora_product(adapter: LoraAdapter) -> None:
+    """One :class:`~loralens.errors.DoraProductWarning` when ``adapter`` is DoRA: what is derived from ``B A``
+    (``W^-1 B A``, its phi, Table 3's BA column) is then of the product of its factors, not of its update, which
+    is ``m (W + s B A) / ||W + s B A||_row - W``. The factors' own results (A and B) are unaffected."""
+    if adapter.is_dora:
+        warnings.warn(
+            DoraProductWarning(
+                f"{adapter.path}: DoRA adapter: the B A results (W^-1 B A, phi of BA) are of the product of its "
+                "factors, which is not its update m (W + s B A) / ||W + s B A||_row - W; A and B are unaffected"
+            ),
+            stacklevel=2,
+        )
+
+
+def at_model_layers(e: BatchError, what: str, layers: Sequence[int], where: Any) -> LoralensError:
+    """A core error about batch positions (``e.indices``) restated for module ``what`` with model layer numbers
+    (``layers[k]`` for each position) and where the weights came from (``where``, or None); for re-raising."""
+    named = [layers[k] for k in e.indices] if e.indices else list(layers)
+    origin = f" in {where}" if where is not None else ""
+    if isinstance(e, SingularMatrixError):
+        fix = "use --dtype float64, or leave" if "torch.float32" in str(e) else "leave"
+        return SingularMatrixError(
+            f"module {what!r}: base weight{origin} is exactly singular at layers {named}"
+            f"{' to float32 precision' if 'torch.float32' in str(e) else ''}; conversion matrices W^-1 A.T "
+            f"and W^-1 B are undefined there ({fix} the module out with --modules)",
+            tuple(named),
+        )
+    if isinstance(e, RankError):
+        untrained = " (all zero: an untrained adapter? PEFT initialises lora_B to zero)" if "all zero" in str(e) else ""
+        return RankError(f"module {what!r} at layers {named}: {e}{untrained}", tuple(named))
+    return type(e)(f"module {what!r}{origin}: {e}", tuple(named))
+
+
+_SIZE_RE = re.compile(r"^([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)$")
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    **{p: 1000**n for n, p in enumerate(("k", "m", "g", "t"), start=1)},
+    **{p + "b": 1000**n for n, p in enumerate(("k", "m", "g", "t"), start=1)},
+    **{p + "ib": 1024**n for n, p in enumerate(("k", "m", "g", "t"), start=1)},
+}
+
+
+def format_memory_size(n: int) -> str:
+    """``n`` bytes in decimal units, three significant digits (``"14.2 MB"``); the inverse of :func:`parse_memory_size`
+    up to rounding."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"

@@ -1,0 +1,67 @@
+"""Where the numbers come from: input files by path, size and SHA-256, the adapter's config, the versions."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import loralens
+from loralens.io.adapters import LoraAdapter
+from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.outputs import sha256_file
+
+__all__ = [
+    "FULL_HASH_LIMIT",
+    "file_record",
+    "provenance",
+]
+
+#: Input files up to this size are hashed whole. A larger safetensors file (a shard of a big base) is identified
+#: by the SHA-256 of its header (every tensor's name, dtype, shape and byte offsets) and its size instead, so
+#: recording provenance never reads a 70B checkpoint end to end.
+FULL_HASH_LIMIT = 1 << 30
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """``{"name", "bytes", "sha256"}`` of an input file; ``header_sha256`` instead for large safetensors."""
+    size = path.stat().st_size
+    record: dict[str, Any] = {"name": path.name, "bytes": size}
+    if size <= FULL_HASH_LIMIT:
+        record["sha256"] = sha256_file(path)
+    else:
+        record["sha256"] = None
+        if path.suffix == ".safetensors":
+            with path.open("rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                record["header_sha256"] = hashlib.sha256(f.read(n)).hexdigest()
+    return record
+
+
+def provenance(base: BaseCheckpoint, adapter: LoraAdapter) -> dict[str, Any]:
+    """Where the numbers come from: paths, SHA-256 of every input file, the adapter's config, versions."""
+    base_root = base.root if base.root.is_dir() else base.root.parent
+    extra = sorted(p for p in (base_root / "config.json", *base_root.glob("*.index.json")) if p.is_file())
+    base_files = [*base.weight_files, *extra]
+    return {
+        "adapter": {
+            "path": str(adapter.path),
+            "weights_file": adapter.weights_file.name,
+            "sha256": sha256_file(adapter.weights_file),
+            "files": [file_record(p) for p in (adapter.path / "adapter_config.json", adapter.weights_file)],
+            "peft_type": adapter.config.get("peft_type"),
+            "r": adapter.config.get("r"),
+            "lora_alpha": adapter.config.get("lora_alpha"),
+            "use_rslora": bool(adapter.config.get("use_rslora", False)),
+            "use_dora": adapter.is_dora,
+            "target_modules": adapter.config.get("target_modules"),
+            "base_model_name_or_path": adapter.base_model_name_or_path,
+            "ignored_keys": len(adapter.ignored_keys),
+        },
+        "base": {"path": str(base.root), "files": [file_record(p) for p in base_files]},
+        "versions": {"loralens": loralens.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
