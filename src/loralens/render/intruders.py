@@ -16,8 +16,9 @@ from matplotlib.figure import Figure
 
 from loralens.errors import LoralensError
 from loralens.render.lowrank import _labels, _palette
+from loralens.render.tables import Cell, Table
 
-__all__ = ["intruder_count_heatmap", "epsilon_curve", "intruders_figure"]
+__all__ = ["intruder_count_heatmap", "epsilon_curve", "intruders_figure", "intruders_table"]
 
 
 def intruder_count_heatmap(
@@ -112,3 +113,33 @@ def intruders_figure(data: Mapping[str, Any], *, title: str | None = None) -> Fi
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
+
+
+def intruders_table(data: Mapping[str, Any]) -> Table:
+    """One row per module and layer from ``IntrudersReport.to_dict()``: the intruder count among the top k, the
+    best base cosine of each intruder and its singular value, the smallest ``c_j`` of the layer and the update's
+    share along the intruders."""
+    settings = data.get("settings") or {}
+    rows: list[tuple[Cell, ...]] = []
+    for module, m in (data.get("modules") or {}).items():
+        for n, layer in enumerate(m["layers"]):
+            flags, cos, sigma = m["intruder"][n], m["max_cos"][n], m["sigma"][n]
+            which = [j for j, flag in enumerate(flags) if flag]
+            rows.append(
+                (
+                    module,
+                    layer,
+                    m["count"][n],
+                    ", ".join(f"{cos[j]:.2f}" for j in which) or "-",
+                    ", ".join(f"{sigma[j]:.3g}" for j in which) or "-",
+                    min(c for c in cos if c is not None) if any(c is not None for c in cos) else None,
+                    m["update_share"][n],
+                )
+            )
+    k, epsilon = settings.get("k"), settings.get("epsilon")
+    return Table(
+        ("module", "layer", "intruders", "their max |cos|", "their sigma", "min max|cos|", "share of dW"),
+        tuple(rows),
+        f"Intruder dimensions: top-{k} directions of W0 + s B A with max |cos| to W0's singular vectors < {epsilon}",
+        ("share of dW: ||P dW||_F / ||dW||_F, P the projector onto the intruders (Shuttleworth et al. 2024)",),
+    )
