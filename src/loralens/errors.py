@@ -1,14 +1,38 @@
 """Error types of loralens. Imports nothing, so every layer can raise them.
 
 Every error a user can cause is a :class:`LoralensError`; the CLI turns it into one line
-on stderr and exit code 2. Messages name the file, key, layer and shapes, and the fix.
+on stderr and exit code 2. Messages name the file, key, layer and shapes, and the fix, in the words of the
+Python API (never a command-line flag). When the fix is to change an argument, ``option`` names that
+parameter as the Python keyword (``"base"``, ``"modules"``, ``"max_memory"``, ...): the CLI maps it to its
+flag in one table (``loralens.cli._app.OPTION_ADVICE``), so library and CLI each speak their own terms.
 A :class:`LoralensWarning` marks a result computed with a caveat (e.g. a near-singular base weight
 solved by least squares); the CLI shows it as one ``warning:`` line and still exits 0.
 """
 
+#: What ``option`` takes: the parameter the fix concerns, several (``("dtype", "modules")``), or None.
+Option = str | tuple[str, ...] | None
+
+
+def _options(option: Option) -> tuple[str, ...]:
+    return (option,) if isinstance(option, str) else tuple(option or ())
+
 
 class LoralensError(ValueError):
-    """Base class: bad input a user can fix."""
+    """Base class: bad input a user can fix.
+
+    ``option``: the Python keyword of the parameter the fix concerns (e.g. ``"replace"`` for an output folder
+    that exists), a tuple of them when the fix concerns several, or None; :attr:`options` always gives a tuple.
+    The message is ``str(error)`` as for any exception; ``option`` survives pickling (it is in ``__dict__``).
+    """
+
+    def __init__(self, *args: object, option: Option = None) -> None:
+        super().__init__(*args)
+        self.option = option
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """``option`` as a tuple: empty when None."""
+        return _options(self.option)
 
 
 class InputPathError(LoralensError):
@@ -54,8 +78,8 @@ class BatchError(LoralensError):
     layer numbers re-raise with them.
     """
 
-    def __init__(self, message: str, indices: tuple[int, ...] = ()) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, indices: tuple[int, ...] = (), *, option: Option = None) -> None:
+        super().__init__(message, option=option)
         self.indices = indices
 
 
@@ -70,8 +94,19 @@ class RankError(BatchError):
 class LoralensWarning(UserWarning):
     """Base class of loralens's warnings: the results were computed, with a caveat the user must see.
 
-    The CLI shows each as one ``warning:`` line on stderr; the exit code stays 0.
+    The CLI shows each as one ``warning:`` line on stderr; the exit code stays 0. ``option`` as for
+    :class:`LoralensError` (warn with an instance, ``warnings.warn(NearSingularWarning(message, option="dtype"))``,
+    to set it).
     """
+
+    def __init__(self, *args: object, option: Option = None) -> None:
+        super().__init__(*args)
+        self.option = option
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """``option`` as a tuple: empty when None."""
+        return _options(self.option)
 
 
 class NearSingularWarning(LoralensWarning):

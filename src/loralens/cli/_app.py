@@ -149,7 +149,7 @@ def user_errors() -> Iterator[None]:
             _check_shared_options()
             yield
         except LoralensError as e:
-            _error_line(str(e))
+            _error_line(with_flag_advice(e))
             raise typer.Exit(EXIT_USER_ERROR) from None
         except _StdoutError as e:
             _error_line(f"standard output: cannot print to it ({_stdout_reason(e.error)})")
@@ -168,6 +168,38 @@ def user_errors() -> Iterator[None]:
 
 def _error_line(message: str) -> None:
     typer.echo(f"error: {' '.join(message.split())}", err=True)
+
+
+#: How to give each library parameter on the command line. The library's errors and warnings say what is wrong
+#: and the fix in Python API words, naming the parameter the fix concerns in ``option`` (its Python keyword);
+#: this table, the one place where the two meet, adds the flag advice to the line the CLI prints. Every
+#: ``option=`` the library raises has its entry (``tests/test_errors.py`` checks).
+OPTION_ADVICE: dict[str, str] = {
+    "base": "pass --base <model folder>",
+    "condlora": "pass it with --condlora (compare, report, export), or export it to LoRA first: "
+    "loralens export --condlora <dir>",
+    "device": "choose it with --device",
+    "dtype": "use --dtype float64",
+    "i": "set i with --i",
+    "j": "set j with --j",
+    "lora": "pass it with --lora, not --condlora",
+    "lowrank": "a report leaves them out with --no-lowrank",
+    "lr": "set the learning rate with --lr",
+    "lr_range": "set the range with --lr-range",
+    "max_grad_norm": "set the clipping with --max-grad-norm",
+    "max_memory": "set the budget with --max-memory",
+    "modules": "choose modules with --modules",
+    "replace": "pass --force to replace it",
+    "warmup_ratio": "set the warmup with --warmup-ratio",
+}
+
+
+def with_flag_advice(e: LoralensError | LoralensWarning) -> str:
+    """The message of ``e`` for the command line: the library's words, then in parentheses how to give the
+    parameters of its ``option`` as flags (``"...; replace it or choose a new one (pass --force to replace
+    it)"``). An option without an entry adds nothing (the test of the table keeps that from happening)."""
+    advice = [OPTION_ADVICE[o] for o in e.options if o in OPTION_ADVICE]
+    return f"{e} ({'; '.join(advice)})" if advice else str(e)
 
 
 #: Seeds go to numpy (``np.random.seed`` takes 0 .. 2**32 - 1) and torch's CPU generator, which keeps 32 bits.
@@ -255,7 +287,8 @@ def one_line_warnings() -> Iterator[None]:
 
         def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
             if issubclass(category, LoralensWarning):
-                typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+                text = with_flag_advice(message) if isinstance(message, LoralensWarning) else str(message)
+                typer.echo(f"warning: {' '.join(text.split())}", err=True)
             else:
                 previous(message, category, *args, **kwargs)
 

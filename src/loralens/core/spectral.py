@@ -96,8 +96,15 @@ class SpectralConvergenceError(BatchError):
     (a :class:`SpectralResult`, its ``residual`` says how far each matrix got).
     """
 
-    def __init__(self, message: str, indices: tuple[int, ...] = (), result: SpectralResult | None = None) -> None:
-        super().__init__(message, indices)
+    def __init__(
+        self,
+        message: str,
+        indices: tuple[int, ...] = (),
+        result: SpectralResult | None = None,
+        *,
+        option: str | tuple[str, ...] | None = None,
+    ) -> None:
+        super().__init__(message, indices, option=option)
         self.result = result
 
 
@@ -301,7 +308,7 @@ def _float_working(X: Tensor, name: str) -> Tensor:
     try:
         return working_precision(X)
     except LoralensError as e:
-        raise type(e)(f"{name}: {e}") from e
+        raise type(e)(f"{name}: {e}", option=e.option) from e
 
 
 def _probe(op: StackOperator) -> None:
