@@ -12,7 +12,14 @@ import pytest
 from scipy import stats
 
 from loralens import examples
-from loralens.analyses.seeds import compare_seeds, read_metrics, runs_from_folders
+from loralens.analyses.seeds import (
+    DamagedMetricsError,
+    compare_seeds,
+    read_metrics,
+    runs_from_folders,
+    table2_from_folders,
+    training_speeds,
+)
 from loralens.errors import CheckpointError, InputPathError, LoralensError
 
 
@@ -115,3 +122,32 @@ def test_runs_from_the_shipped_folders() -> None:
     assert [m["seed"] for m in runs["rt-polarity"]["condlora"]] == list(examples.SEEDS)
     with pytest.raises(LoralensError, match="a lora run given as condlora; swap the folders"):
         runs_from_folders([pairs[0][1]], [pairs[0][1]])
+
+
+def test_table2_from_folders_is_a_note_when_the_folders_make_none(tmp_path: Path) -> None:
+    pairs = examples.default_adapters()
+    lora, cond = [lo for _, lo, _ in pairs], [c for _, _, c in pairs]
+    table = table2_from_folders(lora, cond)
+    assert table == {"table2": compare_seeds(runs_from_folders(lora, cond))}
+    note = table2_from_folders([tmp_path], [tmp_path])  # no metrics.json: Table 3 stands without Table 2
+    assert (
+        note["table2"] is None and note["table2_note"].startswith("no Table 2: ") and "not found" in note["table2_note"]
+    )
+    (tmp_path / "metrics.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(DamagedMetricsError, match="not readable JSON"):
+        table2_from_folders([tmp_path], [tmp_path])
+
+
+def test_training_speeds_skip_only_a_missing_file(tmp_path: Path) -> None:
+    fast, slow, none, damaged = (tmp_path / name for name in ("fast", "slow", "none", "damaged"))
+    for folder in (fast, slow, none, damaged):
+        folder.mkdir()
+    (fast / "metrics.json").write_text(json.dumps({"examples_per_s": 30.0}), encoding="utf-8")
+    (slow / "metrics.json").write_text(json.dumps({"examples_per_s": 10, "other": "any metrics.json counts"}))
+    assert training_speeds([fast, slow, none], [none]) == {"lora": 20.0}  # no file: left out; no speeds: no key
+    (damaged / "metrics.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(DamagedMetricsError, match=r"damaged[/\\]metrics\.json: not readable JSON"):
+        training_speeds([fast], [damaged])
+    (damaged / "metrics.json").write_text('{"examples_per_s": NaN}', encoding="utf-8")
+    with pytest.raises(DamagedMetricsError, match="'examples_per_s' is nan, not a finite number"):
+        training_speeds([damaged], [])

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from loralens.analyses.conversion import compute_conversions_many
-from loralens.analyses.engine import at_model_layers, resolve_device, select_modules
+from loralens.analyses.engine import at_model_layers, parse_memory_size, resolve_device, select_modules
 from loralens.core.condlora import condlora_factors, condlora_parameter_count, lora_parameter_count
 from loralens.core.similarity import (
     Side,
@@ -188,12 +188,14 @@ def compare_adapters_many(
 
     LoRA's conversion matrices (for ``conv_vs_theta``) come from one factorisation of each base weight shared by
     all pairs (:func:`~loralens.analyses.conversion.compute_conversions_many`), solved ``max_memory`` at a
-    time. Each report equals what :func:`compare_adapters` gives for its pair alone (the random baseline restarts
+    time (recorded in each report's settings as ``max_memory``, bytes). Each report equals what
+    :func:`compare_adapters` gives for its pair alone (the random baseline restarts
     from ``seed`` for every pair). Raises as :func:`compare_adapters`, naming the pair's folders.
     """
     if not pairs:
         raise LoralensError("compare: give at least one (LoRA, CondLoRA) pair")
     dev = resolve_device(device)
+    budget = {} if max_memory is None else {"max_memory": parse_memory_size(max_memory)}
     targets = [_targets(base, lora, cond, modules) for lora, cond in pairs]
     conversions = compute_conversions_many(
         base,
@@ -223,7 +225,7 @@ def compare_adapters_many(
                 )  # fmt: skip
             except BatchError as e:
                 raise at_model_layers(e, name, mod.layers, None) from e
-        reports.append(ComparisonReport(result, _settings(base, lora, cond, i, j, seed, dtype, dev)))
+        reports.append(ComparisonReport(result, {**_settings(base, lora, cond, i, j, seed, dtype, dev), **budget}))
     return reports
 
 

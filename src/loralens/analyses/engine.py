@@ -34,6 +34,7 @@ from loralens.io.base_weights import BaseCheckpoint, open_base
 __all__ = [
     "ProgressCallback",
     "resolve_device",
+    "run_settings",
     "base_for",
     "select_modules",
     "parse_memory_size",
@@ -59,6 +60,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LoralensError("--device cuda asked for, but torch sees no CUDA device here; use --device cpu")
     return dev
+
+
+def run_settings(
+    device: str | torch.device, dtype: torch.dtype, *, max_memory: str | int | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The run settings every analysis records in its result: ``{"device": "cpu" | "cuda[:N]"`` (``"auto"``
+    resolved), ``"dtype": "float64" | "float32"``, and ``"max_memory"`` (bytes) when a memory budget is given,
+    plus ``extra``."""
+    settings = {"device": str(resolve_device(device)), "dtype": str(dtype).removeprefix("torch."), **extra}
+    if max_memory is not None:
+        settings["max_memory"] = parse_memory_size(max_memory)
+    return settings
 
 
 def base_for(adapter: LoraAdapter, spec: str | os.PathLike[str] | None = None) -> BaseCheckpoint:

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.analyses.engine import at_model_layers, resolve_device, select_modules
+from loralens.analyses.engine import at_model_layers, resolve_device, run_settings, select_modules
+from loralens.analyses.provenance import pair_provenance, provenance
 from loralens.core.lowrank import (
     overlap_grid,
     random_overlap_expected,
@@ -181,6 +182,7 @@ def rank_overlap(
     j: int | None = None,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
+    record_inputs: bool = True,
 ) -> OverlapReport:
     """phi(i, j) grids between two adapters of one base (LoRA paper, Figures 3 and 4), per module and layer.
 
@@ -200,6 +202,9 @@ def rank_overlap(
         Grid extents; default each layer's rank. Must not exceed any layer's rank.
     device, dtype
         Where and in which precision the SVDs run (``A`` is ``(L, r, d_in)``: cost ``O(L r^2 d)``).
+    record_inputs : bool
+        Record the inputs (:func:`loralens.analyses.provenance.pair_provenance`: paths, SHA-256) in
+        ``settings["inputs"]``; the device and dtype are always recorded.
 
     Returns
     -------
@@ -239,7 +244,10 @@ def rank_overlap(
         "extent_default": "each layer's rank" if i is None or j is None else None,
         "base": str(base.root) if base is not None else None,
         "recorded_bases": [first.base_model_name_or_path, second.base_model_name_or_path],
+        **run_settings(dev, dtype),
     }
+    if record_inputs:
+        settings["inputs"] = pair_provenance(first, second, base)
     return OverlapReport(result, (str(first.path), str(second.path)), settings)
 
 
@@ -411,6 +419,7 @@ def amplification_report(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
+    record_inputs: bool = True,
 ) -> AmplificationReport:
     """Table 7 of the LoRA paper for every (selected) module and layer of ``adapter``.
 
@@ -421,6 +430,9 @@ def amplification_report(
 
     Cost per layer: one ``svdvals(W)`` (``O(d^3)``, batched over ``layer_batch`` layers, all by default) and
     ``O((1 + n_random) r d^2)`` for the projections; dW is never formed.
+
+    ``settings`` records the device and dtype, and unless ``record_inputs=False`` the inputs
+    (:func:`loralens.analyses.provenance.provenance`: paths, SHA-256, versions) under ``"inputs"``.
 
     Raises
     ------
@@ -460,7 +472,14 @@ def amplification_report(
         result[name] = ModuleAmplification(
             name, mod.layers, tuple(keys), mod.shape, mod.ranks, mod.scaling, random_projection=draws, **per_layer
         )
-    settings = {"n_random": n_random, "seed": seed, "random": "per (seed, module, layer): Gaussian + QR"}
+    settings = {
+        "n_random": n_random,
+        "seed": seed,
+        "random": "per (seed, module, layer): Gaussian + QR",
+        **run_settings(dev, dtype),
+    }
+    if record_inputs:
+        settings["inputs"] = provenance(base, adapter)
     return AmplificationReport(result, settings)
 
 
@@ -537,12 +556,16 @@ def spectra_report(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
+    record_inputs: bool = True,
 ) -> SpectraReport:
     """Singular values, effective ranks and principal angles to W of every layer's dW
     (:func:`loralens.core.lowrank.update_spectrum`).
 
     Cost per layer: dW's SVD through its factors (``O(r^2 d)``) and one dense ``torch.linalg.svd(W)``
     (``O(d^3)``, batched over ``layer_batch`` layers, all by default) for W's top-r left singular vectors.
+
+    ``settings`` records the device and dtype, and unless ``record_inputs=False`` the inputs
+    (:func:`loralens.analyses.provenance.provenance`) under ``"inputs"``.
 
     Raises UnsupportedAdapterError for a DoRA adapter: its dW is not ``s B A`` (see the module docstring).
     """
@@ -581,7 +604,10 @@ def spectra_report(
         result[name] = ModuleSpectra(
             name, mod.layers, tuple(keys), mod.shape, mod.ranks, mod.scaling, S, S_W, entropy, energy, angles, phi
         )
-    return SpectraReport(result, {"energy_threshold": energy_threshold})
+    settings: dict[str, Any] = {"energy_threshold": energy_threshold, **run_settings(dev, dtype)}
+    if record_inputs:
+        settings["inputs"] = provenance(base, adapter)
+    return SpectraReport(result, settings)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -17,7 +17,9 @@ from loralens.io.outputs import sha256_file
 
 __all__ = [
     "FULL_HASH_LIMIT",
+    "adapter_record",
     "file_record",
+    "pair_provenance",
     "provenance",
 ]
 
@@ -48,20 +50,40 @@ def provenance(base: BaseCheckpoint, adapter: LoraAdapter) -> dict[str, Any]:
     extra = sorted(p for p in (base_root / "config.json", *base_root.glob("*.index.json")) if p.is_file())
     base_files = [*base.weight_files, *extra]
     return {
-        "adapter": {
-            "path": str(adapter.path),
-            "weights_file": adapter.weights_file.name,
-            "sha256": sha256_file(adapter.weights_file),
-            "files": [file_record(p) for p in (adapter.path / "adapter_config.json", adapter.weights_file)],
-            "peft_type": adapter.config.get("peft_type"),
-            "r": adapter.config.get("r"),
-            "lora_alpha": adapter.config.get("lora_alpha"),
-            "use_rslora": bool(adapter.config.get("use_rslora", False)),
-            "use_dora": adapter.is_dora,
-            "target_modules": adapter.config.get("target_modules"),
-            "base_model_name_or_path": adapter.base_model_name_or_path,
-            "ignored_keys": len(adapter.ignored_keys),
-        },
+        "adapter": adapter_record(adapter),
         "base": {"path": str(base.root), "files": [file_record(p) for p in base_files]},
         "versions": {"loralens": loralens.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def adapter_record(adapter: LoraAdapter) -> dict[str, Any]:
+    """The ``"adapter"`` entry of :func:`provenance`: its path, files with their SHA-256, and its config."""
+    return {
+        "path": str(adapter.path),
+        "weights_file": adapter.weights_file.name,
+        "sha256": sha256_file(adapter.weights_file),
+        "files": [file_record(p) for p in (adapter.path / "adapter_config.json", adapter.weights_file)],
+        "peft_type": adapter.config.get("peft_type"),
+        "r": adapter.config.get("r"),
+        "lora_alpha": adapter.config.get("lora_alpha"),
+        "use_rslora": bool(adapter.config.get("use_rslora", False)),
+        "use_dora": adapter.is_dora,
+        "target_modules": adapter.config.get("target_modules"),
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "ignored_keys": len(adapter.ignored_keys),
+    }
+
+
+def pair_provenance(first: LoraAdapter, second: LoraAdapter, base: BaseCheckpoint | None = None) -> dict[str, Any]:
+    """Inputs of an analysis of two adapters (:func:`loralens.analyses.lowrank.rank_overlap`): ``{"adapters":
+    [record, record], **provenance(base, first)}`` with a base, else ``{"adapters": [{"path", "sha256", "r"},
+    ...]}``. Each file is hashed once."""
+    if base is not None:
+        inputs = provenance(base, first)
+        return {"adapters": [inputs["adapter"], adapter_record(second)], **inputs}
+    adapters = (first, second)
+    return {
+        "adapters": [
+            {"path": str(a.path), "sha256": sha256_file(a.weights_file), "r": a.config.get("r")} for a in adapters
+        ]
     }

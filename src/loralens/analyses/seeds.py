@@ -33,6 +33,8 @@ __all__ = [
     "metric_value",
     "read_metrics",
     "runs_from_folders",
+    "table2_from_folders",
+    "training_speeds",
 ]
 
 #: The two methods compared, in table order.
@@ -61,11 +63,7 @@ def read_metrics(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "metrics.json"
     if not path.is_file():
         raise InputPathError(f"{path}: not found; compare_seeds needs the metrics.json that 'loralens train' writes")
-    try:
-        metrics = read_json(path)
-    except CheckpointError as e:
-        detail = str(e).removeprefix(f"{path}: ")
-        raise DamagedMetricsError(f"{path}: not readable JSON: {detail}; {_RESTORE}") from e
+    metrics = _read_metrics_json(path)
     fields = ("task", "method", "metric", "seed", "after", "settings")
     missing = [k for k in fields if k not in metrics]
     if missing:
@@ -77,6 +75,15 @@ def read_metrics(folder: str | Path) -> dict[str, Any]:
     for key in ("before", "examples_per_s", "trainable_params"):
         metric_value(metrics, key, path)
     return metrics
+
+
+def _read_metrics_json(path: Path) -> dict[str, Any]:
+    """``path`` parsed; a file that is there but not readable JSON is a :class:`DamagedMetricsError`."""
+    try:
+        return read_json(path)
+    except CheckpointError as e:
+        detail = str(e).removeprefix(f"{path}: ")
+        raise DamagedMetricsError(f"{path}: not readable JSON: {detail}; {_RESTORE}") from e
 
 
 def metric_value(metrics: Mapping[str, Any], key: str, path: Path, *, optional: bool = True) -> float | None:
@@ -107,6 +114,42 @@ def runs_from_folders(
                 )
             runs.setdefault(m["task"], {k: [] for k in METHODS})[method].append(m)
     return runs
+
+
+def table2_from_folders(lora: Sequence[str | Path], condlora: Sequence[str | Path]) -> dict[str, Any]:
+    """``{"table2": compare_seeds(...)}`` from the adapter folders' ``metrics.json``, or ``{"table2": None,
+    "table2_note": why}`` when the folders do not make one (no metrics.json, runs that do not pair): Table 3
+    stands without it. A ``metrics.json`` that is there but damaged (NaN, text, invalid JSON) raises
+    :class:`DamagedMetricsError`."""
+    try:
+        return {"table2": compare_seeds(runs_from_folders(lora, condlora))}
+    except DamagedMetricsError:
+        raise
+    except LoralensError as e:
+        return {"table2": None, "table2_note": f"no Table 2: {e}"}
+
+
+def training_speeds(lora: Sequence[str | Path], condlora: Sequence[str | Path]) -> dict[str, float]:
+    """Training examples/s recorded in the adapter folders' ``metrics.json`` (``loralens train`` writes it): the
+    mean per method (``"lora"``, ``"condlora"``) over the folders that have one; a method without any is left out.
+
+    Any ``metrics.json`` with an ``examples_per_s`` counts (not only loralens's own). Only a missing file is
+    skipped: one that cannot be read, or whose speed is not a finite number (NaN, Infinity, text), raises
+    :class:`DamagedMetricsError` naming it.
+    """
+    speeds = {}
+    for method, folders in (("lora", lora), ("condlora", condlora)):
+        values = []
+        for folder in folders:
+            path = Path(folder) / "metrics.json"
+            if not path.exists():
+                continue
+            value = metric_value(_read_metrics_json(path), "examples_per_s", path)
+            if value is not None:
+                values.append(value)
+        if values:
+            speeds[method] = sum(values) / len(values)
+    return speeds
 
 
 def compare_seeds(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]) -> dict[str, Any]:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.analyses.conversion import FACTORS, ModuleConversion, least_squares_layers
-from loralens.analyses.engine import ProgressCallback, at_model_layers, resolve_device
+from loralens.analyses.conversion import FACTORS, ModuleConversion, compute_conversions_many, least_squares_layers
+from loralens.analyses.engine import ProgressCallback, at_model_layers, resolve_device, run_settings
+from loralens.analyses.provenance import adapter_record, provenance
 from loralens.core.similarity import (
     Side,
     mean_offdiagonal,
@@ -29,10 +30,13 @@ from loralens.errors import (
     LoralensError,
     RankError,
 )
+from loralens.io.adapters import LoraAdapter
+from loralens.io.base_weights import BaseCheckpoint
 
 __all__ = [
     "FactorSimilarity",
     "SimilarityReport",
+    "adapter_similarity",
     "layer_similarity",
     "layer_similarity_many",
     "similarity_reports_to_dict",
@@ -202,13 +206,60 @@ def layer_similarity_many(
     return reports
 
 
+def adapter_similarity(
+    base: BaseCheckpoint,
+    adapters: Sequence[LoraAdapter],
+    *,
+    modules: Sequence[str] | None = None,
+    i: int | None = None,
+    j: int | None = None,
+    side: Side = "left",
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float64,
+    layer_batch: int | None = None,
+    max_memory: str | int | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[SimilarityReport]:
+    """Figure 1 from the adapters themselves: solve (one factorisation per base weight for all ``adapters``,
+    :func:`~loralens.analyses.conversion.compute_conversions_many`) and compare (:func:`layer_similarity_many`).
+
+    One report per adapter, whose ``settings`` also record the run (``device``, ``dtype``, and ``max_memory`` in
+    bytes when given) and its ``inputs`` (:func:`loralens.analyses.provenance.provenance`: the base's files are
+    hashed once for all adapters): what the similarity command prints as JSON.
+    """
+    if not adapters:
+        raise LoralensError("no adapter given")
+    convs = compute_conversions_many(
+        base,
+        adapters,
+        modules=modules,
+        device=device,
+        dtype=dtype,
+        layer_batch=layer_batch,
+        max_memory=max_memory,
+        with_product=False,
+        with_residuals=False,
+        progress=progress,
+    )
+    reports = layer_similarity_many(convs, i=i, j=j, side=side, seed=seed, device=device, progress=progress)
+    run = run_settings(device, dtype, max_memory=max_memory)
+    inputs = provenance(base, adapters[0])
+    for k, (report, adapter) in enumerate(zip(reports, adapters, strict=True)):
+        own = inputs["adapter"] if k == 0 else adapter_record(adapter)
+        report.settings.update(run, inputs={**inputs, "adapter": own})
+    return reports
+
+
 def similarity_reports_to_dict(reports: Sequence[SimilarityReport], adapters: Sequence[str]) -> dict[str, Any]:
     """JSON-ready form of several adapters' reports over one base.
 
     ``{"adapters": [{"adapter": <label>, "modules": {...}, "layers": {...}, "conventions": {...},
     "least_squares_layers": {...}}, ...], "settings": {...}}``: each entry's ``modules`` is exactly the
     single-adapter ``"modules"`` object of :meth:`SimilarityReport.to_dict`; ``settings`` holds what all adapters
-    share (side, i, j, factors, seed, ...).
+    share (side, i, j, factors, seed, ...). When the reports record their inputs (:func:`adapter_similarity`),
+    each entry holds its adapter's (``"inputs": {"adapter": ...}``) and ``settings["inputs"]`` the shared rest
+    (base, versions): what the similarity command prints as JSON for several adapters.
     """
     if len(reports) != len(adapters) or not reports:
         raise LoralensError(f"need one label per report, got {len(reports)} reports and {len(adapters)} labels")
@@ -226,6 +277,10 @@ def similarity_reports_to_dict(reports: Sequence[SimilarityReport], adapters: Se
         )
     per_adapter = ("conventions", "least_squares_layers")
     shared = {k: v for k, v in reports[0].settings.items() if k not in per_adapter}
+    if isinstance(shared.get("inputs"), dict):  # recorded by adapter_similarity: each adapter's own with its entry
+        for entry, report in zip(entries, reports, strict=True):
+            entry["inputs"] = {"adapter": report.settings["inputs"].get("adapter")}
+        shared["inputs"] = {k: v for k, v in shared["inputs"].items() if k != "adapter"}
     return {"adapters": entries, "settings": shared}
 
 
