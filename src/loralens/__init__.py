@@ -7,6 +7,7 @@ The Python API (the analyses are in :mod:`loralens.analyses`)::
     base = loralens.base_for(adapter, "path/to/base")      # or the adapter's recorded base
     conversions = loralens.compute_conversions(base, adapter)
     report = loralens.layer_similarity(conversions)
+    loralens.build_report(base, adapter).write("results/report")  # everything `loralens report` writes
 
 The names below are imported on first use (PEP 562), so ``import loralens.core.similarity`` loads the numeric
 core alone, without the I/O stack (safetensors) that the loaders need.
@@ -25,6 +26,7 @@ _EXPORTS = {
     "FactorSimilarity": "loralens.analyses.similarity",
     "ModuleConversion": "loralens.analyses.conversion",
     "SimilarityReport": "loralens.analyses.similarity",
+    "adapter_similarity": "loralens.analyses.similarity",
     "base_for": "loralens.analyses.engine",
     "compute_conversions": "loralens.analyses.conversion",
     "compute_conversions_many": "loralens.analyses.conversion",
@@ -54,6 +56,8 @@ _EXPORTS = {
     "rank_overlap": "loralens.analyses.lowrank",
     "amplification_report": "loralens.analyses.lowrank",
     "spectra_report": "loralens.analyses.lowrank",
+    "BuiltReport": "loralens.render.build",
+    "build_report": "loralens.render.build",
 }
 
 __all__ = sorted([*_EXPORTS, "examples"])
@@ -67,6 +71,7 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
     from loralens.analyses.similarity import (
         FactorSimilarity,
         SimilarityReport,
+        adapter_similarity,
         layer_similarity,
         layer_similarity_many,
         similarity_reports_to_dict,
@@ -81,6 +86,7 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
     from loralens.io.adapters import LoraAdapter, load_lora_adapter
     from loralens.io.base_weights import BaseCheckpoint, open_base
     from loralens.io.condlora import CondLoraAdapter, load_condlora_adapter, materialise_condlora
+    from loralens.render.build import BuiltReport, build_report
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import loralens
+from clitools import run_cli
 from loralens.analyses.lowrank import DEFINITIONS, amplification_report, rank_overlap, spectra_report
 from loralens.errors import LoralensError
 from loralens.io.outputs import write_outputs
@@ -305,3 +306,41 @@ def test_lowrank_pictures_from_the_dicts(lowrank_data: dict) -> None:
 def test_malformed_lowrank_data_is_named(one_factor: dict, lowrank: dict, match: str) -> None:
     with pytest.raises(LoralensError, match=match):
         report_files(one_factor, {}, lowrank=lowrank)
+
+
+def test_build_report_writes_what_the_cli_writes(minilm_path: Path, tmp_path: Path) -> None:
+    """The Python API's report (loralens.build_report) is the CLI's: the same files, byte for byte, and the same
+    report.json, for two seed pairs (Tables 2 and 3 over pairs, training speeds), the overlap and the low-rank
+    analyses. report.json has no timing field, so nothing is dropped before comparing."""
+    from loralens.examples import default_adapter, default_condlora
+
+    out_cli, out_api = tmp_path / "cli", tmp_path / "api"
+    pairs = [(default_adapter(s), default_condlora(s)) for s in (0, 1)]
+    argv = ["report", "--base", minilm_path, "--out", out_cli, "--overlap", default_adapter(2)]
+    for lora_folder, cond_folder in pairs:
+        argv += ["--lora", lora_folder, "--condlora", cond_folder]
+    proc = run_cli(*argv, "--modules", "value", "--seed", "3", "--dpi", "72", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+
+    loras = [loralens.load_lora_adapter(lo) for lo, _ in pairs]
+    built = loralens.build_report(
+        loralens.base_for(loras[0], minilm_path),
+        loras,
+        [loralens.load_condlora_adapter(c) for _, c in pairs],
+        overlap=loralens.load_lora_adapter(default_adapter(2)),
+        modules=["value"],
+        seed=3,
+        dpi=72,
+        device="cpu",
+    )
+    built.write(out_api)
+
+    from_cli = json.loads((out_cli / "report.json").read_text())
+    assert built.to_dict() == from_cli == json.loads((out_api / "report.json").read_text())
+    assert from_cli["pairs"]["table2"] is not None
+    assert set(from_cli["lowrank"]) == {"amplification", "spectra", "overlap"}
+    assert from_cli["settings"]["device"] == "cpu" and from_cli["settings"]["dtype"] == "float64"
+    names = sorted(p.name for p in out_cli.iterdir())
+    assert names == sorted(p.name for p in out_api.iterdir()) and "report.html" in names
+    for name in names:
+        assert (out_cli / name).read_bytes() == (out_api / name).read_bytes(), name

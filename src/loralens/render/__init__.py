@@ -2,7 +2,8 @@
 
 Plots take arrays (NumPy, CPU tensors or lists) and ``ax=None`` and return the Axes (or a Figure for composed
 panels); they never save, show or compute. Tables are built from plain lists/dicts and rendered as Markdown,
-CSV, LaTeX (booktabs) or HTML strings. Saving and report assembly live in :mod:`loralens.render.report`.
+CSV, LaTeX (booktabs) or HTML strings. Saving and the report live in :mod:`loralens.render.report`, and
+:func:`loralens.render.build.build_report` runs every analysis of the report and renders it.
 
     >>> from loralens import render
     >>> ax = render.similarity_heatmap(report.modules["value"]["B"].phi, average=0.05, title="value, B")

@@ -16,6 +16,7 @@ display and no global backend setting is needed.
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import io
 import json
@@ -71,12 +72,18 @@ class Picture:
 
 
 def input_identities(
-    base: BaseCheckpoint, adapter: LoraAdapter, condlora: CondLoraAdapter | None = None
+    base: BaseCheckpoint,
+    adapter: LoraAdapter,
+    condlora: CondLoraAdapter | None = None,
+    *,
+    recorded: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the numbers come from: :func:`loralens.analyses.provenance.provenance` (paths, SHA-256 of the input files,
     versions) plus both configs in full (``adapter_config.json``, the base's ``config.json``), and the same for
-    a CondLoRA adapter when given."""
-    inputs = provenance(base, adapter)
+    a CondLoRA adapter when given. ``recorded``: that provenance of ``base`` and ``adapter`` when an analysis has
+    recorded it already (``settings["inputs"]``), so that the files are not hashed again; it is copied, not changed.
+    """
+    inputs = copy.deepcopy(dict(recorded)) if recorded is not None else provenance(base, adapter)
     inputs["adapter"]["config"] = adapter.config
     inputs["base"]["config"] = base.config
     if condlora is not None:
