@@ -191,3 +191,23 @@ def test_user_errors_in_process(minilm_path: Path, tmp_path: Path) -> None:
     config = json.loads((default_condlora() / "adapter_config.json").read_text()) | {"use_x": "type1"}
     (authors / "adapter_config.json").write_text(json.dumps(config))
     check(invoke("export", "--base", minilm_path, "--condlora", authors, "--out", tmp_path / "z"), "use_x 'type1'")
+
+
+def test_compare_json_is_the_python_apis_to_dict(minilm_path: Path) -> None:
+    """``compare --json`` of several pairs is comparisons_to_dict of compare_adapters_many, with Table 2 from
+    table2_from_folders; the library records device, dtype and max_memory itself."""
+    from loralens.analyses.condlora_vs_lora import compare_adapters_many, comparisons_to_dict
+    from loralens.analyses.seeds import table2_from_folders
+    from loralens.io.outputs import json_text
+
+    lora, cond = [default_adapter(s) for s in (0, 1)], [default_condlora(s) for s in (0, 1)]
+    argv = ["compare", "--base", minilm_path, "--modules", "value", "--json", "--device", "cpu"]
+    for lo, c in zip(lora, cond, strict=True):
+        argv += ["--lora", lo, "--condlora", c]
+    proc = run_cli(*argv)
+    assert proc.returncode == 0, proc.stderr
+    pairs = [(load_lora_adapter(lo), load_condlora_adapter(c)) for lo, c in zip(lora, cond, strict=True)]
+    reports = compare_adapters_many(open_base(minilm_path), pairs, modules=["value"], device="cpu", max_memory="2GB")
+    api = comparisons_to_dict(reports, table2_from_folders(lora, cond))
+    assert json.loads(proc.stdout) == json.loads(json_text(api))
+    assert api["settings"]["max_memory"] == 2 * 10**9 and api["table2"] is not None

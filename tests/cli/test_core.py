@@ -175,3 +175,31 @@ def test_bad_input_gives_one_line_and_exit_2(
         assert words in lines[0], (case, lines[0])
         assert "Traceback" not in proc.stderr and proc.stdout == "", case
     assert not (tmp_path / "f.txt.tmp").exists()
+
+
+def test_similarity_json_is_the_python_apis_to_dict(minilm_path: Path) -> None:
+    """``similarity --json`` is ``adapter_similarity(...)``'s to_dict() for one adapter and
+    ``similarity_reports_to_dict`` for several: run settings and inputs recorded by the library."""
+    import loralens
+    from loralens.analyses.similarity import adapter_similarity, similarity_reports_to_dict
+    from loralens.examples import default_adapter
+    from loralens.io.outputs import json_text
+
+    folders = [default_adapter(0), default_adapter(1)]
+    loras = [loralens.load_lora_adapter(f) for f in folders]
+    base = loralens.base_for(loras[0], minilm_path)
+    flags = ("--base", minilm_path, "--modules", "value", "--max-memory", "1GB", "--json", "--device", "cpu")
+    reports = adapter_similarity(base, loras, modules=["value"], device="cpu", max_memory="1GB")
+
+    proc = run_cli("similarity", "--adapter", folders[0], *flags)
+    assert proc.returncode == 0, proc.stderr
+    one = json.loads(proc.stdout)
+    (alone,) = adapter_similarity(base, loras[:1], modules=["value"], device="cpu", max_memory="1GB")
+    assert one == json.loads(json_text(alone.to_dict()))
+    assert one["settings"]["max_memory"] == 10**9 and one["settings"]["dtype"] == "float64"
+    proc = run_cli("similarity", "--adapter", folders[0], "--adapter", folders[1], *flags)
+    assert proc.returncode == 0, proc.stderr
+    many = json.loads(proc.stdout)
+    assert many == json.loads(json_text(similarity_reports_to_dict(reports, [str(f) for f in folders])))
+    assert [e["inputs"]["adapter"]["path"] for e in many["adapters"]] == [str(f) for f in folders]
+    assert "adapter" not in many["settings"]["inputs"] and "base" in many["settings"]["inputs"]

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import checkpoints
@@ -145,3 +146,32 @@ def test_bad_input_gives_one_line_and_exit_2(
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "j=7 exceeds the rank 4" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_json_is_the_python_apis_to_dict(minilm_path: Path) -> None:
+    """Each command's --json is its library function's to_dict(): numbers, run settings and inputs (provenance),
+    which the library records itself (float32 and one module keep it quick)."""
+    from loralens.analyses.lowrank import rank_overlap, spectra_report
+    from loralens.examples import default_adapter
+    from loralens.io.outputs import json_text
+
+    first, second = default_adapter(0), default_adapter(1)
+    lora, other = loralens.load_lora_adapter(first), loralens.load_lora_adapter(second)
+    base = loralens.base_for(lora, minilm_path)
+    api: dict = {"modules": ["value"], "device": "cpu", "dtype": torch.float32}
+    flags = ("--modules", "value", "--dtype", "float32")
+
+    def plain(data: dict) -> dict:
+        return json.loads(json_text(data))
+
+    got = run_json("amplification", "--base", minilm_path, "--adapter", first, "--n-random", "2", *flags)
+    assert got == plain(amplification_report(base, lora, n_random=2, **api).to_dict())
+    assert got["settings"]["inputs"]["adapter"]["path"] == str(lora.path)
+    got = run_json("spectra", "--base", minilm_path, "--adapter", first, *flags)
+    assert got == plain(spectra_report(base, lora, **api).to_dict())
+    got = run_json("overlap", "--base", minilm_path, "--adapter", first, "--adapter", second, *flags)
+    assert got == plain(rank_overlap(lora, other, base=base, **api).to_dict())
+    assert [a["path"] for a in got["settings"]["inputs"]["adapters"]] == [str(first), str(second)]
+    got = run_json("overlap", "--adapter", first, "--adapter", second, *flags)  # no base: the adapters alone
+    assert got == plain(rank_overlap(lora, other, **api).to_dict())
+    assert set(got["settings"]["inputs"]) == {"adapters"}

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import torch
 import typer
 
-from loralens.analyses.engine import ProgressCallback, base_for, resolve_device
+from loralens.analyses.engine import ProgressCallback, base_for
+from loralens.analyses.engine import run_settings as engine_run_settings
 from loralens.errors import LoralensError, LoralensWarning
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
@@ -40,6 +41,9 @@ else:
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+#: Default resolution of the PNG files (``--dpi``): :data:`loralens.render.report.DPI`, which is not imported here
+#: (it loads matplotlib; the commands that draw import it themselves). tests/cli check that the two agree.
+DPI = 150
 app = typer.Typer(
     help="Look inside trained LoRA adapters: conversion matrices W^-1 A^T, W^-1 B and their layer x layer "
     "subspace similarity (Kim et al. 2024, CondLoRA).",
@@ -383,7 +387,8 @@ def parse_modules(text: str | None) -> list[str] | None:
 
 
 def run_settings(device: str, dtype: DType, **extra: Any) -> dict[str, Any]:
-    return {"device": str(resolve_device(device)), "dtype": dtype.value, **extra}
+    """:func:`loralens.analyses.engine.run_settings` for ``--device`` and ``--dtype``."""
+    return engine_run_settings(device, torch_dtype(dtype), **extra)
 
 
 def torch_dtype(dtype: DType) -> torch.dtype:
@@ -418,3 +423,14 @@ def print_table(table: Table, digits: int = 4) -> None:
     for row in table.rows:
         shown.add_row(*(escape(format_cell(cell, digits)) for cell in row))
     Console().print(shown)
+
+
+def print_pairs(data: dict[str, Any]) -> None:
+    """Table 3 over pairs (mean over layers per pair, mean ± std), then Table 2 when the folders make one."""
+    from loralens.render.tables import table2, table3_over_pairs
+
+    print_table(table3_over_pairs(data))
+    if data.get("table2") is None:
+        typer.echo(data.get("table2_note", ""))
+    else:
+        print_table(table2(data["table2"]))

@@ -19,7 +19,7 @@ from loralens.analyses.condlora_vs_lora import (
     parameter_counts,
 )
 from loralens.analyses.engine import base_for, parse_memory_size
-from loralens.analyses.seeds import DamagedMetricsError, compare_seeds, runs_from_folders
+from loralens.analyses.seeds import table2_from_folders
 from loralens.cli._app import (
     BaseOpt,
     DeviceOpt,
@@ -32,8 +32,7 @@ from loralens.cli._app import (
     app,
     format_layers,
     parse_modules,
-    print_table,
-    run_settings,
+    print_pairs,
     torch_dtype,
     user_errors,
 )
@@ -211,30 +210,17 @@ def compare(
             device=device,
             max_memory=budget,
         )
-        for report in reports:
-            report.settings.update(run_settings(device, dtype, max_memory=budget))
         if len(reports) == 1:
             if json_output:
                 typer.echo(json_text(reports[0].to_dict()), nl=False)
             else:
                 _print_comparison(reports[0])
             return
-        data = comparisons_to_dict(reports, seed_table(lora, condlora))
+        data = comparisons_to_dict(reports, table2_from_folders(lora, condlora))
         if json_output:
             typer.echo(json_text(data), nl=False)
         else:
             print_pairs(data)
-
-
-def seed_table(lora: list[Path], condlora: list[Path]) -> dict[str, Any]:
-    """``{"table2": compare_seeds(...)}`` from the adapters' metrics.json, or ``{"table2": None, "table2_note":
-    why}`` when the folders do not make one (no metrics.json, runs that do not pair): Table 3 stands without it."""
-    try:
-        return {"table2": compare_seeds(runs_from_folders(lora, condlora))}
-    except DamagedMetricsError:
-        raise  # a metrics.json that is there but damaged (NaN, text, invalid JSON) is an error, not a note
-    except LoralensError as e:
-        return {"table2": None, "table2_note": f"no Table 2: {e}"}
 
 
 @app.command(rich_help_panel="CondLoRA", short_help="Trainable parameters of LoRA and CondLoRA (Table 4).")
@@ -291,17 +277,6 @@ def export(
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def print_pairs(data: dict[str, Any]) -> None:
-    """Table 3 over pairs (mean over layers per pair, mean ± std), then Table 2 when the folders make one."""
-    from loralens.render.tables import table2, table3_over_pairs
-
-    print_table(table3_over_pairs(data))
-    if data.get("table2") is None:
-        typer.echo(data.get("table2_note", ""))
-    else:
-        print_table(table2(data["table2"]))
 
 
 def _print_comparison(report: ComparisonReport) -> None:

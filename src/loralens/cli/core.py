@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, cast
 
 import torch
 import typer
@@ -16,19 +15,12 @@ from loralens.analyses.conversion import (
     FACTORS,
     ModuleConversion,
     compute_conversions,
-    compute_conversions_many,
     conversion_summary,
     conversion_tensors,
     least_squares_layers,
 )
-from loralens.analyses.engine import ProgressCallback, format_memory_size, parse_memory_size, select_modules
-from loralens.analyses.provenance import provenance
-from loralens.analyses.similarity import (
-    SimilarityReport,
-    layer_similarity,
-    layer_similarity_many,
-    similarity_reports_to_dict,
-)
+from loralens.analyses.engine import format_memory_size, parse_memory_size, select_modules
+from loralens.analyses.similarity import SimilarityReport, adapter_similarity, similarity_reports_to_dict
 from loralens.cli._app import (
     AdapterOpt,
     AdaptersOpt,
@@ -49,6 +41,7 @@ from loralens.cli._app import (
     load_inputs,
     load_many,
     parse_modules,
+    print_pairs,
     progress_bar,
     run_settings,
     torch_dtype,
@@ -57,8 +50,8 @@ from loralens.cli._app import (
 from loralens.core.similarity import Side
 from loralens.errors import LoralensError
 from loralens.examples import default_adapter, default_adapters, default_base
-from loralens.io.adapters import LoraAdapter
-from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.adapters import LoraAdapter, load_lora_adapter
+from loralens.io.condlora import load_condlora_adapter
 from loralens.io.outputs import check_output_folder, json_text, json_writer, safetensors_writer, write_outputs
 
 CONVERSION_FILES = ("conversion.safetensors", "conversion.json")
@@ -184,20 +177,22 @@ def similarity(
     """
     with user_errors():
         budget = parse_memory_size(max_memory)
+        names = parse_modules(modules)
+        base_ckpt, loras = load_many(base, adapter)  # one report per --adapter, labelled by its path
         with progress_bar(quiet) as progress:
-            _, _, reports = analyse_similarity(
-                base,
-                adapter,  # one report per --adapter, labelled by its path
-                parse_modules(modules),
+            reports = adapter_similarity(
+                base_ckpt,
+                loras,
+                modules=names,
                 layer_batch=layer_batch,
                 max_memory=budget,
                 progress=progress,
                 i=i,
                 j=j,
-                side=side.value,
+                side=cast(Side, side.value),  # "left" or "right": the --side choices
                 seed=seed,
                 device=device,
-                dtype=dtype,
+                dtype=torch_dtype(dtype),
             )
         labels = [str(a) for a in adapter]
         if len(reports) == 1:
@@ -206,7 +201,7 @@ def similarity(
             else:
                 _print_similarity(reports[0])
         elif json_output:
-            typer.echo(json_text(_many_to_dict(reports, labels)), nl=False)
+            typer.echo(json_text(similarity_reports_to_dict(reports, labels)), nl=False)
         else:
             _print_many(reports, labels)
 
@@ -222,24 +217,21 @@ def demo(
     opens offline: Figure 1; the LoRA paper's analyses (amplification, spectra, and the subspace overlap of the
     seed-0 and seed-1 LoRA adapters); CondLoRA vs LoRA: Table 2 over the three seeds with the paired t-test,
     Table 3 per pair and over pairs, Table 4."""
-    from loralens.cli.condlora import print_pairs
-    from loralens.cli.figures import report_outputs
+    from loralens.render.build import build_report
 
     with user_errors():
         adapter = default_adapter()
         base_ckpt, lora = load_inputs(default_base(), adapter)
         convs = compute_conversions(base_ckpt, lora, device=device)
-        report = layer_similarity(convs, device=device)
-        report.settings.update(run_settings(device, DType.float64), inputs=provenance(base_ckpt, lora))
         seeds = default_adapters()
-        files, numbers = report_outputs(
-            default_base(),
-            [lo for _, lo, _ in seeds],
-            [c for _, _, c in seeds],
-            overlap=default_adapter(1),
+        built = build_report(
+            base_ckpt,
+            [lora, *(load_lora_adapter(lo) for _, lo, _ in seeds[1:])],
+            [load_condlora_adapter(c) for _, _, c in seeds],
+            overlap=load_lora_adapter(default_adapter(1)),
             device=device,
-            similarity=report,
         )
+        report = built.similarity
         paths = write_outputs(
             out,
             {
@@ -250,7 +242,7 @@ def demo(
                     conversion_summary(convs, base_ckpt, lora, run_settings(device, DType.float64))
                 ),
                 "similarity.json": json_writer(report.to_dict()),
-                **files,
+                **built.files,
             },
             replace=True,  # the demo's own folder: a rerun replaces it
         )
@@ -258,69 +250,12 @@ def demo(
         console.print(f"Base: {base_ckpt.root}\nAdapter: {adapter}\n", soft_wrap=True)  # paths never broken
         _print_similarity(report, console)
         console.print("\nCondLoRA vs LoRA, the shipped adapters of seeds " + ", ".join(str(s) for s, _, _ in seeds))
-        print_pairs(numbers["pairs"])
+        print_pairs(built.data["pairs"])
         console.print(
             f"\nWrote {len(paths)} files to {out}; everything is in the report (opens offline in a browser):",
             soft_wrap=True,
         )
         console.print(f"  {out / 'report.html'}", soft_wrap=True)
-
-
-def analyse_similarity(
-    base: str | None,
-    adapters: list[Path],
-    modules: list[str] | None,
-    *,
-    i: int | None = None,
-    j: int | None = None,
-    side: str = "left",
-    seed: int = 0,
-    device: str = "auto",
-    dtype: DType = DType.float64,
-    layer_batch: int | None = None,
-    max_memory: int | None = None,
-    progress: ProgressCallback | None = None,
-) -> tuple[BaseCheckpoint, list[LoraAdapter], list[SimilarityReport]]:
-    """Load, solve (one factorisation per base weight for all adapters) and compare: the base, the adapters and
-    one report per adapter, with settings and inputs (provenance) recorded. Shared by similarity, figure, report."""
-    base_ckpt, loras = load_many(base, adapters)
-    convs = compute_conversions_many(
-        base_ckpt,
-        loras,
-        modules=modules,
-        device=device,
-        dtype=torch_dtype(dtype),
-        layer_batch=layer_batch,
-        max_memory=max_memory,
-        with_product=False,
-        with_residuals=False,
-        progress=progress,
-    )
-    reports = layer_similarity_many(
-        convs,
-        i=i,
-        j=j,
-        side=cast(Side, side),  # "left" or "right": the --side choices
-        seed=seed,
-        device=device,
-        progress=progress,
-    )
-    inputs = provenance(base_ckpt, loras[0])
-    bare = dataclasses.replace(base_ckpt, files={}, shapes={}, dtypes={})  # hash the base's files once, not per adapter
-    for k, (report, lora) in enumerate(zip(reports, loras, strict=True)):
-        adapter_inputs = inputs["adapter"] if k == 0 else provenance(bare, lora)["adapter"]
-        budget = {} if max_memory is None else {"max_memory": max_memory}
-        report.settings.update(run_settings(device, dtype, **budget), inputs={**inputs, "adapter": adapter_inputs})
-    return base_ckpt, loras, reports
-
-
-def _many_to_dict(reports: list[SimilarityReport], labels: list[str]) -> dict[str, Any]:
-    out = similarity_reports_to_dict(reports, labels)
-    for entry, report in zip(out["adapters"], reports, strict=True):
-        entry["inputs"] = {"adapter": report.settings["inputs"]["adapter"]}
-    shared = out["settings"]
-    shared["inputs"] = {k: v for k, v in shared["inputs"].items() if k != "adapter"}
-    return out
 
 
 def _print_many(reports: list[SimilarityReport], labels: list[str]) -> None:

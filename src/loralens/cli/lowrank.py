@@ -16,8 +16,8 @@ import typer
 
 from loralens.analyses.engine import base_for
 from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
-from loralens.analyses.provenance import provenance
 from loralens.cli._app import (
+    DPI,
     AdapterOpt,
     BaseOpt,
     DeviceOpt,
@@ -31,14 +31,12 @@ from loralens.cli._app import (
     load_inputs,
     parse_modules,
     print_table,
-    run_settings,
     torch_dtype,
     user_errors,
 )
-from loralens.cli.figures import DPI
 from loralens.errors import LoralensError
-from loralens.io.adapters import LoraAdapter, load_lora_adapter
-from loralens.io.outputs import bytes_writer, check_output_folder, json_text, json_writer, sha256_file, write_outputs
+from loralens.io.adapters import load_lora_adapter
+from loralens.io.outputs import bytes_writer, check_output_folder, json_text, json_writer, write_outputs
 
 if TYPE_CHECKING:
     from loralens.render.tables import Table
@@ -112,7 +110,6 @@ def overlap(
             device=device,
             dtype=torch_dtype(dtype),
         )
-        report.settings.update(run_settings(device, dtype), inputs=_identities(first, second, base_ckpt))
         _emit(report.to_dict(), out, "overlap", overlap_table, dpi, json_output, force)
 
 
@@ -152,7 +149,6 @@ def amplification(
             dtype=torch_dtype(dtype),
             layer_batch=layer_batch,
         )
-        report.settings.update(run_settings(device, dtype), inputs=provenance(base_ckpt, lora))
         _emit(report.to_dict(), out, "amplification", amplification_table, dpi, json_output, force)
 
 
@@ -190,7 +186,6 @@ def spectra(
             dtype=torch_dtype(dtype),
             layer_batch=layer_batch,
         )
-        report.settings.update(run_settings(device, dtype), inputs=provenance(base_ckpt, lora))
         _emit(report.to_dict(), out, "spectra", spectra_table, dpi, json_output, force)
 
 
@@ -228,14 +223,3 @@ def _emit(
     print_table(table(data))
     for p in paths:
         typer.echo(f"wrote {p}")
-
-
-def _identities(first: LoraAdapter, second: LoraAdapter, base: Any) -> dict[str, Any]:
-    if base is not None:
-        return {"adapters": [provenance(base, a)["adapter"] for a in (first, second)], **provenance(base, first)}
-    return {
-        "adapters": [
-            {"path": str(a.path), "sha256": sha256_file(a.weights_file), "r": a.config.get("r")}
-            for a in (first, second)
-        ]
-    }
