@@ -246,7 +246,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_ad
         _set(QUERY0, lambda w: _near_singular(w.shape[0], 1e-9, torch.float32)),
     )
     r["near-singular W0 in float32"] = Row(
-        [*with_base(near32), "--dtype", "float32"], "compute in float64 (--dtype float64)", code=0
+        [*with_base(near32), "--dtype", "float32"], "least_squares_layers (use --dtype float64)", code=0
     )
     return r
 
@@ -336,7 +336,8 @@ def test_refused_outputs_are_left_alone(
     out = Path(argv[argv.index("--out") + 1])
     beside = sorted(p.name for p in out.parent.iterdir())
     code, _, err = run_main(argv, capsys, monkeypatch)
-    assert code == 2 and "the output folder exists; pass --force" in err and str(out) in err
+    assert code == 2 and "the output folder exists; replace it or choose a new one (pass --force" in err
+    assert str(out) in err
     assert [(p.name, p.read_text()) for p in out.iterdir()] == [("notes.txt", "somebody's notes\n")]
     assert sorted(p.name for p in out.parent.iterdir()) == beside  # no temporary folder left beside it
 

@@ -1,7 +1,8 @@
 """The embedded defaults: real PEFT LoRA and CondLoRA adapters on the real MiniLM base, for demos, docs and tests.
 
 Both methods were trained with the same loop and settings on Rotten Tomatoes review polarity with three seeds
-(the paper's protocol), ``scripts/train_default_adapter.py --method lora|condlora --seed S`` reproduces each one.
+(the paper's protocol); ``scripts/train_default_adapter.py``, given the method (lora or condlora) and the seed,
+reproduces each one.
 Seed 0 is the default everywhere a single adapter is needed.
 """
 

@@ -149,8 +149,9 @@ def test_overlap_refuses_mismatched_adapters(tmp_path: Path, tiny_bert: Path, ti
     with pytest.raises(ModelMismatchError, match="32 x 32 in .* but 48 x 48 in .*different bases"):
         rank_overlap(a, same_name)
     only_query = load(checkpoints.lora_adapter(tiny_bert, tmp_path / "q", arch="bert", targets=["query"]))
-    with pytest.raises(ModelMismatchError, match=r"value only in .*pass --modules query"):
+    with pytest.raises(ModelMismatchError, match=r"value only in .*choose the shared ones to compare: query") as info:
         rank_overlap(a, only_query)
+    assert info.value.option == "modules"
     assert set(rank_overlap(a, only_query, modules=["query"]).modules) == {"query"}
     one_layer = load(checkpoints.lora_adapter(tiny_bert, tmp_path / "l1", arch="bert", layers_to_transform=[1]))
     with pytest.raises(ModelMismatchError, match=r"different layers: \[0\] only in"):

@@ -85,8 +85,9 @@ def test_parse_memory_size(text: str | int, expected: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "GB", "abc", "-1GB", "0", "0.5", "2XB", "2 G B", "inf", "nan", "1e400"])
 def test_parse_memory_size_refuses(text: str) -> None:
-    with pytest.raises(LoralensError, match="is not a memory size; write e.g. 2GB"):
+    with pytest.raises(LoralensError, match="is not a memory size; write e.g. 2GB") as info:
         parse_memory_size(text)
+    assert info.value.option == "max_memory"  # the CLI adds its flag
 
 
 def test_layers_per_batch_from_the_budget() -> None:
@@ -98,10 +99,11 @@ def test_layers_per_batch_from_the_budget() -> None:
         opts = {"stored_dtype": torch.float16, "dtype": torch.float64, "rhs_columns": 8}
         assert layers_per_batch(64, 64, max_memory=budget, **opts) == k
         assert layers_per_batch(64, 64, max_memory=budget - 1, **opts) == k - 1 if k > 1 else True
-    with pytest.raises(LoralensError, match=r"--max-memory .* below what one layer of module 'q' .* raise it"):
+    with pytest.raises(LoralensError, match=r"^max_memory .* below what one layer of module 'q' .* raise it") as info:
         layers_per_batch(
             64, 64, max_memory=per_layer, stored_dtype="F8", dtype=torch.float64, rhs_columns=8, what="module 'q'"
         )
+    assert info.value.option == "max_memory"
 
 
 def test_budgeted_batches_read_per_batch_and_match_unbatched(

@@ -466,7 +466,7 @@ def test_near_singular_square_W_is_solved_by_least_squares() -> None:
     assert "near-singular to float64 precision at batch positions [2]" in message
     for value in (conv.condition[2], conv.residual_A[2], conv.residual_B[2]):
         assert f"{float(value):.2g}" in message  # the condition estimate and both residuals
-    assert "float64 (--dtype" not in message  # the float32 advice only in float32
+    assert "compute in float64" not in message and info[0].message.option is None  # the float32 advice only in float32
     ref_A, ref_B = lstsq_reference(W[2], mT(A)[2], torch.float64), lstsq_reference(W[2], B[2], torch.float64)
     assert_close(conv.A[2], ref_A)
     assert_close(conv.B[2], ref_B)
@@ -499,8 +499,11 @@ def test_near_singular_in_float32_says_to_use_float64() -> None:
     W32 = W.astype(np.float32)
     A, B = lora_factors(rng, L, d, d, r)
 
-    with pytest.warns(NearSingularWarning, match=r"float32 precision at batch positions \[1\] .*compute in float64"):
+    with pytest.warns(
+        NearSingularWarning, match=r"float32 precision at batch positions \[1\] .*compute in float64"
+    ) as w:
         c32 = conversion_matrices(T(W32), T(A).float(), T(B).float(), dtype=torch.float32)
+    assert [x.message.option for x in w] == ["dtype"]  # the CLI names its --dtype flag
     with warnings.catch_warnings():
         warnings.simplefilter("error", NearSingularWarning)
         c64 = run(W, A, B)  # in float64 the same W is merely ill-conditioned: solved exactly

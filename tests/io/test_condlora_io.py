@@ -141,7 +141,7 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path: Path) -> None:
         ({"use_x": "type1", "lora_x_scaling": 0.5}, None, r"use_x 'type1' is an input-conditioned"),
         ({"use_x": "type2"}, None, r"use_x 'type2'"),
         ({}, {"linear_for_lora_x": torch.zeros(R, HIDDEN)}, "input-conditioned"),
-        ({"peft_type": "LORA"}, None, "pass it with --lora"),
+        ({"peft_type": "LORA"}, None, r"a PEFT LoRA adapter: load it as a LoRA adapter, load_lora_adapter"),
         ({"r": 8}, None, r"expected \(r=8, d_in\)"),
         ({"target_modules": ".*(query|value)$"}, None, "regular expression"),
         ({"target_modules": ["query", "value", "key"]}, None, r"no thetas for target modules \['key'\]"),

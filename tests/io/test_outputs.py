@@ -30,8 +30,9 @@ def test_new_folder_appears_whole(tmp_path: Path) -> None:
 def test_existing_folder_is_refused_then_replaced_on_request(tmp_path: Path) -> None:
     out = tmp_path / "out"
     write_outputs(out, _files("one"))
-    with pytest.raises(OutputExistsError, match="pass --force"):
+    with pytest.raises(OutputExistsError, match="the output folder exists; replace it or choose a new one") as info:
         write_outputs(out, _files("two"))
+    assert info.value.option == "replace"
     assert '"one"' in (out / "a.json").read_text()
     write_outputs(out, {"a.json": json_writer({"tag": "two"})}, replace=True)
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "a.json"]  # the whole folder was replaced

@@ -22,7 +22,7 @@ def test_a_peft_written_config_passes() -> None:
     ("change", "words"),
     [
         ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-        ({"peft_type": "ConditionalLORA"}, "where a LoRA adapter is expected; pass it with --condlora"),
+        ({"peft_type": "ConditionalLORA"}, "where a LoRA adapter is expected; load it as a CondLoRA adapter"),
         ({"peft_type": None}, "no 'peft_type'"),
         ({"peft_type": ["LORA"]}, "is not supported"),
         ({"r": None}, "r is None; expected a positive integer"),

@@ -272,7 +272,8 @@ def _targets(
         if key not in cond.thetas:
             raise ModelMismatchError(
                 f"LoRA module {name!r} ({lora.path}) has no CondLoRA counterpart in {cond.path}; its targets are "
-                f"{sorted(cond.thetas)} (choose modules with --modules)"
+                f"{sorted(cond.thetas)} (choose the modules that have one)",
+                option="modules",
             )
         d_out, d_in = mod.shape
         if d_out != d_in:
@@ -289,7 +290,7 @@ def _targets(
         except ModelMismatchError as e:
             if str(lora.path) in str(e):
                 raise
-            raise ModelMismatchError(f"{lora.path} on the base {base.root}: {e}") from e
+            raise ModelMismatchError(f"{lora.path} on the base {base.root}: {e}", option=e.option) from e
         out[name] = key
     return out
 

@@ -235,7 +235,8 @@ def compute_conversions_many(
                 if len(adapters) > 1:
                     where += f" (adapter {adapter.path})"
                 message = fallback_message(c, dtype, where, mod.layers) + "; recorded as least_squares_layers"
-                warnings.warn(message, NearSingularWarning, stacklevel=2)
+                option = "dtype" if dtype != torch.float64 else None  # fallback_message's advice
+                warnings.warn(NearSingularWarning(message, option=option), stacklevel=2)
         result.append(convs)
     return result
 

@@ -56,9 +56,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise LoralensError(f"unknown device {device!r}; use auto, cpu or cuda") from e
+        raise LoralensError(f"unknown device {device!r}; use auto, cpu or cuda", option="device") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LoralensError("--device cuda asked for, but torch sees no CUDA device here; use --device cpu")
+        raise LoralensError(
+            f"device {str(device)!r} asked for, but torch sees no CUDA device here; use device 'cpu'", option="device"
+        )
     return dev
 
 
@@ -80,7 +82,8 @@ def base_for(adapter: LoraAdapter, spec: str | os.PathLike[str] | None = None) -
         recorded = adapter.base_model_name_or_path
         if recorded is None:
             raise InputPathError(
-                f"{adapter.path}: adapter_config.json names no base_model_name_or_path; pass --base <model folder>"
+                f"{adapter.path}: adapter_config.json names no base_model_name_or_path; give the base model folder",
+                option="base",
             )
         spec = recorded
     return open_base(spec)
@@ -103,11 +106,14 @@ def select_modules(adapter: LoraAdapter, modules: Sequence[str] | None) -> list[
         ]
         if len(hits) != 1:
             raise LoralensError(
-                f"--modules {want!r} {'matches no' if not hits else 'matches several'} modules of {adapter.path}; "
-                f"available: {', '.join(adapter.modules)}"
+                f"modules {want!r} {'matches no' if not hits else 'matches several'} modules of {adapter.path}; "
+                f"available: {', '.join(adapter.modules)}",
+                option="modules",
             )
         if hits[0] in chosen:  # e.g. query,self.query: the same module twice would be stacked twice
-            raise LoralensError(f"--modules {want!r} names module {hits[0]!r} again; list each module once")
+            raise LoralensError(
+                f"modules {want!r} names module {hits[0]!r} again; list each module once", option="modules"
+            )
         chosen.append(hits[0])
     return chosen
 
@@ -121,7 +127,8 @@ def parse_memory_size(value: str | int | float) -> int:
     size = float(m.group(1)) * unit if m and unit else 0.0
     if not (size >= 1 and size < float("inf")):
         raise LoralensError(
-            f"--max-memory {text!r} is not a memory size; write e.g. 2GB, 1.5GiB, 512MB or a number of bytes"
+            f"max_memory {text!r} is not a memory size; write e.g. 2GB, 1.5GiB, 512MB or a number of bytes",
+            option="max_memory",
         )
     return int(size)
 
@@ -153,8 +160,9 @@ def layers_per_batch(
     n = (max_memory - fixed) // per_layer
     if n < 1:
         raise LoralensError(
-            f"--max-memory {format_memory_size(max_memory)} is below what one layer of {what} ({d_out} x {d_in}, "
-            f"{dtype}) needs: {format_memory_size(per_layer + fixed)}; raise it"
+            f"max_memory {format_memory_size(max_memory)} is below what one layer of {what} ({d_out} x {d_in}, "
+            f"{dtype}) needs: {format_memory_size(per_layer + fixed)}; raise it",
+            option="max_memory",
         )
     return int(n)
 
@@ -179,17 +187,18 @@ def at_model_layers(e: BatchError, what: str, layers: Sequence[int], where: Any)
     named = [layers[k] for k in e.indices] if e.indices else list(layers)
     origin = f" in {where}" if where is not None else ""
     if isinstance(e, SingularMatrixError):
-        fix = "use --dtype float64, or leave" if "torch.float32" in str(e) else "leave"
+        float32 = "torch.float32" in str(e)
         return SingularMatrixError(
             f"module {what!r}: base weight{origin} is exactly singular at layers {named}"
-            f"{' to float32 precision' if 'torch.float32' in str(e) else ''}; conversion matrices W^-1 A.T "
-            f"and W^-1 B are undefined there ({fix} the module out with --modules)",
+            f"{' to float32 precision' if float32 else ''}; conversion matrices W^-1 A.T "
+            f"and W^-1 B are undefined there ({'compute in float64, or ' if float32 else ''}leave the module out)",
             tuple(named),
+            option=("dtype", "modules") if float32 else "modules",
         )
     if isinstance(e, RankError):
         untrained = " (all zero: an untrained adapter? PEFT initialises lora_B to zero)" if "all zero" in str(e) else ""
-        return RankError(f"module {what!r} at layers {named}: {e}{untrained}", tuple(named))
-    return type(e)(f"module {what!r}{origin}: {e}", tuple(named))
+        return RankError(f"module {what!r} at layers {named}: {e}{untrained}", tuple(named), option=e.option)
+    return type(e)(f"module {what!r}{origin}: {e}", tuple(named), option=e.option)
 
 
 _SIZE_RE = re.compile(r"^([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)$")

@@ -270,6 +270,7 @@ def _factor_overlap(
                 f"grid extent {which}={want} exceeds the rank {ranks[low[0]]} of the "
                 f"{'first' if which == 'i' else 'second'} adapter; choose {which} <= {min(ranks)}",
                 tuple(low),
+                option=which,
             )
         extents.append([want or r for r in ranks])
     L = len(mod1.layers)
@@ -280,7 +281,7 @@ def _factor_overlap(
             U1 = top_singular_vectors(X1[idx], k1, side)  # (n, d, k1)
             U2 = top_singular_vectors(X2[idx], k2, side)
         except BatchError as e:
-            raise type(e)(str(e), tuple(idx[b] for b in e.indices)) from e
+            raise type(e)(str(e), tuple(idx[b] for b in e.indices), option=e.option) from e
         grid[idx, :k1, :k2] = overlap_grid(U1, U2).cpu()
     dim = X1.shape[-1] if side == "right" else X1.shape[-2]
     return FactorOverlap(grid, side, dim, random_overlap_expected(i_max, j_max, dim))
@@ -291,7 +292,8 @@ def _paired_modules(first: LoraAdapter, second: LoraAdapter, modules: Sequence[s
         names1, names2 = select_modules(first, modules), select_modules(second, modules)
         if names1 != names2:
             raise ModelMismatchError(
-                f"--modules {', '.join(modules)} names modules {names1} in {first.path} but {names2} in {second.path}"
+                f"modules {', '.join(modules)} names modules {names1} in {first.path} but {names2} in {second.path}",
+                option="modules",
             )
         return names1
     only1 = [n for n in first.modules if n not in second.modules]
@@ -301,8 +303,10 @@ def _paired_modules(first: LoraAdapter, second: LoraAdapter, modules: Sequence[s
         where = "; ".join(
             f"{', '.join(only)} only in {a.path}" for only, a in ((only1, first), (only2, second)) if only
         )
-        hint = f"pass --modules {','.join(common)} to compare the shared ones" if common else "they share no module"
-        raise ModelMismatchError(f"the adapters adapt different modules ({where}); {hint}")
+        hint = f"choose the shared ones to compare: {','.join(common)}" if common else "they share no module"
+        raise ModelMismatchError(
+            f"the adapters adapt different modules ({where}); {hint}", option="modules" if common else None
+        )
     return list(first.modules)
 
 
@@ -334,7 +338,8 @@ def _check_same_base(
         if b1 and b2 and b1 != b2:
             raise ModelMismatchError(
                 f"the adapters record different bases ({b1!r} in {first.path}, {b2!r} in {second.path}); "
-                "pass --base to check both against one base model"
+                "give one base model to check both against",
+                option="base",
             )
         return
     for adapter in (first, second):
@@ -622,7 +627,8 @@ def _refuse_dora(adapter: LoraAdapter, names: Sequence[str], analysis: str) -> N
             "m*(W+sBA)/||W+sBA|| - W is not s*B*A but full-rank in general, and the "
             f"{analysis} analysis is defined on a rank-r dW = s*B*A, so it would report numbers of the wrong "
             "update; loralens does not compute it for DoRA (overlap, which compares the factors A and B, still "
-            "works; a report takes --no-lowrank)"
+            "works; a report can leave the low-rank analyses out)",
+            option="lowrank",
         )
 
 

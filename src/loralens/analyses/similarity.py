@@ -377,8 +377,9 @@ def _check_rank_fits(name: str, mc: ModuleConversion, i: int | None, j: int | No
         raise RankError(
             f"module {name!r}: the adapter's rank r = {r} is larger than d = {d} of its base weight (lora_A has {r} "
             f"rows for a base weight of d = {d}), so its conversion matrices have rank at most {d} and phi with "
-            f"i = {ii}, j = {jj} would use arbitrary vectors; pass --i and --j <= {d}, or use an adapter with r <= {d}",
+            f"i = {ii}, j = {jj} would use arbitrary vectors; choose i and j <= {d}, or use an adapter with r <= {d}",
             tuple(mc.layers),
+            option=("i", "j"),
         )
 
 

@@ -308,7 +308,8 @@ def conversion_matrices(
     _check_finite("B", B)
     conv = solve_conversions(factorize(W, dtype=dtype), [A], [B], with_product=with_product, warn=False)[0]
     if warn and bool(conv.fallback.any()):
-        warnings.warn(fallback_message(conv, dtype), NearSingularWarning, stacklevel=2)
+        option = "dtype" if dtype != torch.float64 else None  # the advice of fallback_message
+        warnings.warn(NearSingularWarning(fallback_message(conv, dtype), option=option), stacklevel=2)
     return conv
 
 
@@ -448,12 +449,14 @@ def solve_conversions(
     if warn and bool(fallback.any()):
         for k, c in enumerate(convs):
             tag = "" if len(convs) == 1 else f"adapter [{k}]: "
-            warnings.warn(tag + fallback_message(c, f.dtype), NearSingularWarning, stacklevel=2)
+            option = "dtype" if f.dtype != torch.float64 else None
+            warnings.warn(NearSingularWarning(tag + fallback_message(c, f.dtype), option=option), stacklevel=2)
     return convs
 
 
 def fallback_message(conversion: Conversion, dtype: torch.dtype, where: str = "W", layers: Sequence[int] = ()) -> str:
-    """What a near-singular warning says: where, the condition estimates, the residuals, and (float32) the fix.
+    """What a near-singular warning says: where, the condition estimates, the residuals, and (float32) the fix
+    (computing in float64: the warning's ``option`` is then ``"dtype"``).
 
     ``layers``: the model layer numbers of the batch entries (batch positions when empty).
     """
@@ -463,7 +466,7 @@ def fallback_message(conversion: Conversion, dtype: torch.dtype, where: str = "W
     at = f"at layers {named}" if layers else f"at batch positions {named}"
     eps = torch.finfo(dtype).eps
     precision = str(dtype).removeprefix("torch.")
-    advice = "; compute in float64 (--dtype float64) to resolve them better" if dtype != torch.float64 else ""
+    advice = "; compute in float64 to resolve them better" if dtype != torch.float64 else ""
     return (
         f"{where} is near-singular to {precision} precision {at} (1-norm condition estimate "
         f"{_numbers(c.condition[pos])} >= 1/eps = {1 / eps:.1e}): solved there by minimum-norm least squares "

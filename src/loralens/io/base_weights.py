@@ -164,7 +164,8 @@ def resolve_base(spec: str | os.PathLike[str]) -> Path:
         ) from e
     raise InputPathError(
         f"base {text!r} is not a folder, not an installed model package, and not in the local Hugging Face "
-        f"cache ({hf_cache_dir()}); pass --base <model folder>"
+        f"cache ({hf_cache_dir()}); give the model's folder",
+        option="base",
     )
 
 
@@ -371,4 +372,6 @@ def _from_hf_cache(name: str) -> Path | None:
         return candidates[0]
     if not candidates:
         return None
-    raise InputPathError(f"{repo}: several cached revisions and no refs/main; pass the snapshot folder as --base")
+    raise InputPathError(
+        f"{repo}: several cached revisions and no refs/main; give the snapshot folder as the base", option="base"
+    )

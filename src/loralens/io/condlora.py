@@ -383,8 +383,12 @@ def _read_stack(base: BaseCheckpoint, paths: list[ModulePath], adapter: CondLora
 def _check_config(config: dict[str, Any], path: Path) -> None:
     peft_type = str(config.get("peft_type", ""))
     if peft_type.upper() != CONDLORA_PEFT_TYPE.upper():
-        hint = " (a PEFT LoRA adapter: pass it with --lora, not --condlora)" if peft_type.upper() == "LORA" else ""
-        raise CheckpointError(f"{path}: peft_type {peft_type or None!r} is not {CONDLORA_PEFT_TYPE!r}{hint}")
+        lora = peft_type.upper() == "LORA"
+        hint = " (a PEFT LoRA adapter: load it as a LoRA adapter, load_lora_adapter)" if lora else ""
+        raise CheckpointError(
+            f"{path}: peft_type {peft_type or None!r} is not {CONDLORA_PEFT_TYPE!r}{hint}",
+            option="lora" if lora else None,
+        )
     use_x = config.get("use_x", "none")
     if use_x not in (None, "none"):
         raise CheckpointError(

@@ -66,7 +66,7 @@ def json_writer(obj: Any) -> Writer:
     return lambda path: path.write_text(text, encoding="utf-8")
 
 
-#: Hidden file in every folder loralens writes: it lets ``replace=True`` (``--force``) tell a folder it may
+#: Hidden file in every folder loralens writes: it lets ``replace=True`` tell a folder it may
 #: replace from one that holds somebody's other files.
 MARKER = ".loralens-output"
 
@@ -129,7 +129,9 @@ def check_output_folder(
     if not existing:
         return False
     if not replace:
-        raise OutputExistsError(f"{out_dir}: the output folder exists; pass --force to replace it, or choose a new one")
+        raise OutputExistsError(
+            f"{out_dir}: the output folder exists; replace it or choose a new one", option="replace"
+        )
     foreign = sorted(set(existing) - set(names) - {MARKER})
     if MARKER not in existing and foreign:
         raise OutputExistsError(

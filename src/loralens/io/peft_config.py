@@ -54,8 +54,10 @@ def _check_peft_type(config: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"{path}: no 'peft_type'; expected \"LORA\" (a PEFT LoRA adapter config)")
     if isinstance(peft_type, str) and peft_type.upper() == "CONDITIONALLORA":
         raise CheckpointError(
-            f"{path}: a CondLoRA adapter (peft_type {peft_type!r}) where a LoRA adapter is expected; pass it with "
-            "--condlora (compare, report, export), or export it to LoRA first: loralens export --condlora <dir>"
+            f"{path}: a CondLoRA adapter (peft_type {peft_type!r}) where a LoRA adapter is expected; load it as "
+            "a CondLoRA adapter (load_condlora_adapter), or export it to LoRA first "
+            "(loralens.training.condlora.export_as_lora)",
+            option="condlora",
         )
     raise CheckpointError(f"{path}: peft_type {peft_type!r} is not supported; loralens reads LORA adapters")
 

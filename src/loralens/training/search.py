@@ -37,9 +37,13 @@ def check_lr_range(lr_range: tuple[float, float]) -> tuple[float, float]:
     try:
         lo, hi = (float(x) for x in lr_range)
     except (TypeError, ValueError) as e:
-        raise LoralensError(f"learning-rate range must be two numbers LO,HI, got {lr_range!r}") from e
+        raise LoralensError(
+            f"learning-rate range must be two numbers LO,HI, got {lr_range!r}", option="lr_range"
+        ) from e
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise LoralensError(f"learning-rate range must have 0 < LO < HI, both finite; got {lo:g},{hi:g}")
+        raise LoralensError(
+            f"learning-rate range must have 0 < LO < HI, both finite; got {lo:g},{hi:g}", option="lr_range"
+        )
     return lo, hi
 
 
@@ -49,13 +53,15 @@ def parse_lr_range(text: str | None) -> tuple[float, float]:
         return LR_RANGE
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 2:
-        raise LoralensError(f"--lr-range takes LO,HI (e.g. 5e-5,5e-3), got {text!r}")
+        raise LoralensError(f"lr_range takes LO,HI (e.g. 5e-5,5e-3), got {text!r}", option="lr_range")
     try:
         return check_lr_range((float(parts[0]), float(parts[1])))
     except ValueError as e:
         if isinstance(e, LoralensError):
             raise
-        raise LoralensError(f"--lr-range takes two numbers LO,HI (e.g. 5e-5,5e-3), got {text!r}") from e
+        raise LoralensError(
+            f"lr_range takes two numbers LO,HI (e.g. 5e-5,5e-3), got {text!r}", option="lr_range"
+        ) from e
 
 
 def search_lr(
@@ -87,7 +93,9 @@ def search_lr(
     try:
         import optuna
     except ImportError as e:
-        raise LoralensError(f"--lr-search needs optuna ({e}); install it with `pip install loralens[train]`") from e
+        raise LoralensError(
+            f"the learning-rate search needs optuna ({e}); install it with `pip install loralens[train]`"
+        ) from e
 
     trials: list[dict[str, Any]] = []
     best: dict[int, R] = {}  # trial number -> its model: only the best trained one is kept in memory
@@ -130,7 +138,8 @@ def search_lr(
     if not complete:
         raise TrainingDivergedError(
             f"{config.method}: all {n_trials} learning-rate trials in [{lo:g}, {hi:g}] diverged; "
-            "try a lower --lr-range; nothing was written"
+            "try a lower lr_range; nothing was written",
+            option="lr_range",
         )
     winner = max(complete, key=lambda t: t["dev"])  # the first of equal scores, as the in-memory best
     if winner["number"] not in best:  # the winner came from the journal: train it again

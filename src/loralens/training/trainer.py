@@ -305,7 +305,9 @@ def fit(
 def _diverged(config: TrainConfig, step: int, total: int, what: str) -> TrainingDivergedError:
     return TrainingDivergedError(
         f"{config.method} training diverged at step {step}/{total} with lr {config.lr:g}: {what}; "
-        "nothing was written (try a smaller --lr, or keep --warmup-ratio and --max-grad-norm)"
+        "nothing was written (try a smaller lr, or keep the warmup, warmup_ratio, and the gradient clipping, "
+        "max_grad_norm, on)",
+        option=("lr", "warmup_ratio", "max_grad_norm"),
     )
 
 
