@@ -25,7 +25,10 @@ SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 REGISTRY = Registry().with_resources(
     (p.name, Resource.from_contents(json.loads(p.read_text(encoding="utf-8")))) for p in SCHEMAS.glob("*.json")
 )
-COMMANDS = ("conversion", "similarity", "compare", "params", "overlap", "amplification", "spectra", "train", "report")
+COMMANDS = (
+    "conversion", "similarity", "compare", "params", "overlap", "amplification", "spectra", "intruders", "zoo",
+    "train", "report",
+)  # fmt: skip
 
 
 def validator(name: str) -> Draft202012Validator:
@@ -124,6 +127,20 @@ def test_compare_pairs_with_table2(minilm_path: Path) -> None:
 def test_amplification_and_spectra(command: str, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     argv = [command, "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--json"]
     assert_valid(command, run_json(*argv))
+
+
+def test_intruders(tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path) -> None:
+    out = tmp_path / "intruders"
+    argv = ["intruders", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--k", "3", "--device", "cpu"]
+    assert_valid("intruders", run_json(*argv, "--json", "--out", out))
+    assert_valid("intruders", json.loads((out / "intruders.json").read_text()))
+
+
+def test_zoo(tiny_bert_adapter: Path, second_adapter: Path, tmp_path: Path) -> None:
+    out = tmp_path / "zoo"
+    argv = ["zoo", "--adapter", tiny_bert_adapter, "--adapter", second_adapter, "--device", "cpu"]
+    assert_valid("zoo", run_json(*argv, "--json", "--out", out))
+    assert_valid("zoo", json.loads((out / "zoo.json").read_text()))
 
 
 def test_overlap(tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path) -> None:

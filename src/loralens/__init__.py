@@ -56,6 +56,10 @@ _EXPORTS = {
     "rank_overlap": "loralens.analyses.lowrank",
     "amplification_report": "loralens.analyses.lowrank",
     "spectra_report": "loralens.analyses.lowrank",
+    "IntrudersReport": "loralens.analyses.intruders",
+    "intruder_dimensions": "loralens.analyses.intruders",
+    "ZooReport": "loralens.analyses.zoo",
+    "adapter_zoo": "loralens.analyses.zoo",
     "BuiltReport": "loralens.render.build",
     "build_report": "loralens.render.build",
 }
@@ -67,6 +71,7 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
     from loralens.analyses.condlora_vs_lora import ComparisonReport, ParameterCounts, compare_adapters, parameter_counts
     from loralens.analyses.conversion import FACTORS, ModuleConversion, compute_conversions, compute_conversions_many
     from loralens.analyses.engine import base_for, parse_memory_size
+    from loralens.analyses.intruders import IntrudersReport, intruder_dimensions
     from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
     from loralens.analyses.similarity import (
         FactorSimilarity,
@@ -76,6 +81,7 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
         layer_similarity_many,
         similarity_reports_to_dict,
     )
+    from loralens.analyses.zoo import ZooReport, adapter_zoo
     from loralens.core.conversion import Conversion, conversion_matrices
     from loralens.core.similarity import (
         pairwise_subspace_similarity,

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.analyses.engine import at_model_layers, resolve_device, select_modules
+from loralens.analyses.engine import at_model_layers, resolve_device, run_settings, select_modules
 from loralens.analyses.lowrank import _module_batches, _nested, _refuse_dora
+from loralens.analyses.provenance import provenance
 from loralens.core.intruders import intruder_counts, max_cosine, projected_update_share
 from loralens.core.spectral import top_singular_triplets, weight_operator
 from loralens.errors import BatchError, LoralensError
@@ -137,6 +138,7 @@ def intruder_dimensions(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
+    record_inputs: bool = True,
 ) -> IntrudersReport:
     """Intruder dimensions of every (selected) module and layer of ``adapter``.
 
@@ -153,6 +155,9 @@ def intruder_dimensions(
         for small weights, see :mod:`loralens.core.spectral`).
     device, dtype, layer_batch
         Where and in what precision to compute; ``layer_batch`` layers are read and solved together (all by default).
+    record_inputs : bool
+        Record the inputs (:func:`loralens.analyses.provenance.provenance`: paths, SHA-256, versions) in
+        ``settings["inputs"]``; the device and dtype are always recorded.
 
     Cost per layer: a thin SVD of ``W0`` (``O(d^3)``) and the top-k triplets of ``W0 + s B A``
     (``O(d^2 k)`` per Krylov iteration on the implicit sum).
@@ -167,18 +172,20 @@ def intruder_dimensions(
         The adapter does not fit the base.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise LoralensError(f"k must be a positive integer, got {k!r}")
+        raise LoralensError(f"k must be a positive integer, got {k!r}", option="k")
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and 0 < epsilon <= 1):
-        raise LoralensError(f"epsilon must be a number in (0, 1], got {epsilon!r}")
+        raise LoralensError(f"epsilon must be a number in (0, 1], got {epsilon!r}", option="epsilon")
     if dtype not in (torch.float32, torch.float64):
-        raise LoralensError(f"intruder dimensions compute in float32 or float64, got {dtype}")
+        raise LoralensError(f"intruder dimensions compute in float32 or float64, got {dtype}", option="dtype")
     dev = resolve_device(device)
     names = select_modules(adapter, modules)
     _refuse_dora(adapter, names, "intruder-dimension")
     for name in names:
         n = min(adapter.modules[name].shape)
         if k > n:
-            raise LoralensError(f"k = {k} exceeds min(d_out, d_in) = {n} of module {name!r}; choose k <= {n}")
+            raise LoralensError(
+                f"k = {k} exceeds min(d_out, d_in) = {n} of module {name!r}; choose k <= {n}", option="k"
+            )
     sweep = torch.tensor(EPSILON_SWEEP, dtype=dtype)
     result = {}
     for name in names:
@@ -205,7 +212,8 @@ def intruder_dimensions(
         "epsilon_sweep": list(EPSILON_SWEEP),
         "seed": seed,
         "exact": exact,
-        "device": str(dev),
-        "dtype": str(dtype).removeprefix("torch."),
+        **run_settings(dev, dtype),
     }
+    if record_inputs:
+        settings["inputs"] = provenance(base, adapter)
     return IntrudersReport(result, settings)

@@ -20,6 +20,8 @@ else:
 # Registration order is the order of the help panels and of the commands in them.
 from loralens.cli import core  # noqa: F401, I001  (registers conversion, similarity, demo)
 import loralens.cli.lowrank  # noqa: F401  (registers overlap, amplification, spectra)
+import loralens.cli.intruders  # noqa: F401  (registers intruders)
+import loralens.cli.zoo  # noqa: F401  (registers zoo)
 import loralens.cli.figures  # noqa: F401  (registers figure, report)
 import loralens.cli.condlora  # noqa: F401  (registers train, compare, params, export)
 import loralens.cli.reproduce  # noqa: F401  (registers reproduce table2)

@@ -179,13 +179,17 @@ def _error_line(message: str) -> None:
 #: this table, the one place where the two meet, adds the flag advice to the line the CLI prints. Every
 #: ``option=`` the library raises has its entry (``tests/test_errors.py`` checks).
 OPTION_ADVICE: dict[str, str] = {
+    "assume_same_base": "pass --same-base if they are one model",
     "base": "pass --base <model folder>",
+    "block": "set it with --block",
     "condlora": "pass it with --condlora (compare, report, export), or export it to LoRA first: "
     "loralens export --condlora <dir>",
     "device": "choose it with --device",
     "dtype": "use --dtype float64",
+    "epsilon": "set it with --epsilon",
     "i": "set i with --i",
     "j": "set j with --j",
+    "k": "set it with --k",
     "lora": "pass it with --lora, not --condlora",
     "lowrank": "a report leaves them out with --no-lowrank",
     "lr": "set the learning rate with --lr",

@@ -130,7 +130,7 @@ def intruders_table(data: Mapping[str, Any]) -> Table:
                     module,
                     layer,
                     m["count"][n],
-                    ", ".join(f"{cos[j]:.2f}" for j in which) or "-",
+                    ", ".join(f"{cos[j]:.3f}" for j in which) or "-",
                     ", ".join(f"{sigma[j]:.3g}" for j in which) or "-",
                     min(c for c in cos if c is not None) if any(c is not None for c in cos) else None,
                     m["update_share"][n],

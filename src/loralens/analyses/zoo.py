@@ -1,0 +1,325 @@
+"""Many adapters of one base at once: how alike their updates and their factors' subspaces are, and how they cluster.
+
+    >>> import loralens
+    >>> from loralens.analyses.zoo import adapter_zoo
+    >>> adapters = [loralens.load_lora_adapter(p) for p in paths]
+    >>> zoo = adapter_zoo(adapters)
+    >>> zoo.modules["value"].cosine_overall        # (N, N)
+    >>> zoo.modules["value"].order                 # the adapters in dendrogram order
+
+Per module, for every pair of adapters and every layer they share (:mod:`loralens.core.zoo`):
+
+- ``cosine``: ``<dW_i, dW_j>_F / (||dW_i||_F ||dW_j||_F)``, ``dW = s B A``, from the factors;
+- ``phi_B``, ``phi_A``: the paper's phi between the top-k left singular vectors of ``B_i`` and ``B_j`` (their
+  column spaces) and between the top-k right singular vectors of ``A_i`` and ``A_j`` (row spaces), ``k`` the smallest
+  rank among the adapters (all of a rank-k factor's column space when ranks are equal);
+- ``overall``: for the cosine, that of the updates concatenated over the shared layers (sum of inner products over
+  the product of total norms); for phi, the mean over layers;
+- a hierarchical clustering (scipy, average linkage) on ``1 - overall cosine``, with the leaf order.
+
+No base weights are read. Factors are gathered one layer at a time and the ``N x N`` results computed in tiles of
+``block`` adapters, so memory holds one layer's factors of all adapters, a tile's ``(block r)^2`` products and the
+results (``3 L N^2`` numbers per module). Nothing here prints or writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loralens.analyses.engine import resolve_device, run_settings, warn_if_dora_product
+from loralens.analyses.lowrank import _nested
+from loralens.core.similarity import top_singular_vectors
+from loralens.core.zoo import cosine_from_inner_products, segment_subspace_similarity, update_inner_products
+from loralens.errors import LoralensError, ModelMismatchError, RankError
+from loralens.io.adapters import LoraAdapter
+
+__all__ = ["ZOO_DEFINITION", "ZooModule", "ZooReport", "adapter_zoo"]
+
+ZOO_DEFINITION = (
+    "cosine: <dW_i, dW_j>_F / (||dW_i||_F ||dW_j||_F) with dW = s B A, from the factors (null where an update is "
+    "zero); phi_B / phi_A: ||Q_i^T Q_j||_F^2 / k between the top-k left singular vectors of B (right of A), k the "
+    "smallest rank; overall: cosine of the updates concatenated over the shared layers, mean phi over layers; "
+    "clustering: scipy average linkage on 1 - overall cosine"
+)
+
+
+@dataclass(frozen=True)
+class ZooModule:
+    """One module type across N adapters, over the L layers they all have.
+
+    Attributes
+    ----------
+    name : str
+    layers : tuple of int
+        The shared model layers.
+    k : int
+        Rank of the bases compared by phi.
+    cosine, phi_B, phi_A : Tensor
+        ``(L, N, N)`` per layer.
+    cosine_overall, phi_B_overall, phi_A_overall : Tensor
+        ``(N, N)``.
+    order : tuple of int
+        Adapter indices in dendrogram (leaf) order.
+    linkage : Tensor
+        ``(N - 1, 4)`` scipy linkage matrix of the clustering.
+    """
+
+    name: str
+    layers: tuple[int, ...]
+    k: int
+    cosine: Tensor
+    phi_B: Tensor
+    phi_A: Tensor
+    cosine_overall: Tensor
+    phi_B_overall: Tensor
+    phi_A_overall: Tensor
+    order: tuple[int, ...]
+    linkage: Tensor
+
+
+@dataclass(frozen=True)
+class ZooReport:
+    """Pairwise similarity of N adapters per module, and the settings that made it."""
+
+    adapters: tuple[str, ...]
+    modules: dict[str, ZooModule]
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"adapters": [...], "modules": {m: {"layers", "k", "cosine": {"overall", "per_layer"},
+        "phi_B": {...}, "phi_A": {...}, "order", "linkage"}}, "definition", "settings"}``; NaN -> null."""
+
+        def pair(overall: Tensor, per_layer: Tensor) -> dict[str, Any]:
+            return {"overall": _nested(overall, 8), "per_layer": _nested(per_layer, 8)}
+
+        return {
+            "adapters": list(self.adapters),
+            "modules": {
+                name: {
+                    "layers": list(m.layers),
+                    "k": m.k,
+                    "cosine": pair(m.cosine_overall, m.cosine),
+                    "phi_B": pair(m.phi_B_overall, m.phi_B),
+                    "phi_A": pair(m.phi_A_overall, m.phi_A),
+                    "order": list(m.order),
+                    "linkage": _nested(m.linkage, 8),
+                }
+                for name, m in self.modules.items()
+            },
+            "definition": ZOO_DEFINITION,
+            "settings": self.settings,
+        }
+
+
+def adapter_zoo(
+    adapters: Sequence[LoraAdapter],
+    *,
+    modules: Sequence[str] | None = None,
+    block: int = 256,
+    assume_same_base: bool = False,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float64,
+) -> ZooReport:
+    """Pairwise update cosines and factor-subspace phi of ``adapters`` per module and layer, and their clustering.
+
+    Parameters
+    ----------
+    adapters : sequence of LoraAdapter
+        At least two, of one base (``base_model_name_or_path``) and one set of target modules.
+    modules : sequence of str, optional
+        Module names to compare (default: all); each must be in every adapter.
+    block : int
+        Adapters per tile of the ``N x N`` computation (memory ``~ 2 L (block r)^2`` numbers per tile).
+    assume_same_base : bool
+        Compare adapters whose configs name their base differently (e.g. a local folder and its hub name); the
+        module shapes must still agree.
+    device, dtype
+        Where and in what precision to compute (float64 or float32).
+
+    Raises
+    ------
+    LoralensError
+        Fewer than two adapters, a bad ``block`` or dtype, an unknown module.
+    ModelMismatchError
+        Adapters of different bases, target sets or module shapes, or sharing no layer.
+    RankError
+        A factor whose rank is below the compared ``k`` (e.g. an untrained, all-zero ``B``).
+    """
+    if len(adapters) < 2:
+        raise LoralensError(f"a zoo needs at least two adapters, got {len(adapters)}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise LoralensError(f"block must be a positive integer, got {block!r}", option="block")
+    if dtype not in (torch.float32, torch.float64):
+        raise LoralensError(f"the zoo computes in float32 or float64, got {dtype}", option="dtype")
+    dev = resolve_device(device)
+    names = _check_zoo(adapters, modules, assume_same_base)
+    for adapter in adapters:
+        warn_if_dora_product(adapter)
+    notes: list[str] = []
+    result = {}
+    for name in names:
+        layers = sorted(set.intersection(*(set(a.modules[name].layers) for a in adapters)))
+        if not layers:
+            raise ModelMismatchError(f"module {name!r}: the adapters share no layer; compare adapters of one model")
+        if any(len(a.modules[name].layers) != len(layers) for a in adapters):
+            notes.append(f"{name}: compared on the {len(layers)} layers all adapters have ({_span(layers)})")
+        result[name] = _compare_module(adapters, name, layers, block, dev, dtype)
+    settings = {
+        "n_adapters": len(adapters),
+        "bases": sorted({str(a.base_model_name_or_path) for a in adapters}),
+        "block": block,
+        "notes": notes,
+        **run_settings(dev, dtype),
+    }
+    return ZooReport(tuple(str(a.path) for a in adapters), result, settings)
+
+
+def _check_zoo(adapters: Sequence[LoraAdapter], modules: Sequence[str] | None, assume_same_base: bool) -> list[str]:
+    """The module names to compare, after refusing adapters that are not of one base and target set."""
+    bases = {str(a.base_model_name_or_path) for a in adapters}
+    if len(bases) > 1 and not assume_same_base:
+        by_base: dict[str, list[str]] = {}
+        for a in adapters:
+            by_base.setdefault(str(a.base_model_name_or_path), []).append(str(a.path))
+        listing = "; ".join(
+            f"{b}: {', '.join(paths[:2])}{' ...' if len(paths) > 2 else ''}" for b, paths in by_base.items()
+        )
+        raise ModelMismatchError(
+            f"the adapters are of different bases ({listing}); compare adapters of one base (or, if these names are "
+            "one model, say so: assume_same_base)",
+            option="assume_same_base",
+        )
+    if modules is not None:
+        missing = [(str(a.path), m) for a in adapters for m in modules if m not in a.modules]
+        if missing:
+            path, m = missing[0]
+            raise LoralensError(
+                f"{path}: no module {m!r} (it has {', '.join(sorted(adapters[0].modules))})", option="modules"
+            )
+        names = list(dict.fromkeys(modules))
+    else:
+        targets = {tuple(sorted(a.modules)) for a in adapters}
+        if len(targets) > 1:
+            first = sorted(adapters[0].modules)
+            other = next(a for a in adapters if sorted(a.modules) != first)
+            raise ModelMismatchError(
+                f"the adapters target different modules: {adapters[0].path} has {', '.join(first)}, {other.path} has "
+                f"{', '.join(sorted(other.modules))}; choose the modules they share",
+                option="modules",
+            )
+        names = sorted(adapters[0].modules)
+    for name in names:
+        shapes = {a.modules[name].shape for a in adapters}
+        if len(shapes) > 1:
+            raise ModelMismatchError(f"module {name!r} has different shapes across the adapters: {sorted(shapes)}")
+    return names
+
+
+def _compare_module(
+    adapters: Sequence[LoraAdapter], name: str, layers: list[int], block: int, dev: torch.device, dtype: torch.dtype
+) -> ZooModule:
+    n, L = len(adapters), len(layers)
+    mods = [a.modules[name] for a in adapters]
+    positions = [[m.layers.index(layer) for layer in layers] for m in mods]
+    k = min(int(m.ranks[p]) for m, pos in zip(mods, positions, strict=True) for p in pos)
+    inner = torch.empty(L, n, n, dtype=dtype)
+    phi_B = torch.empty(L, n, n, dtype=dtype)
+    phi_A = torch.empty(L, n, n, dtype=dtype)
+    chunks = [range(start, min(start + block, n)) for start in range(0, n, block)]
+    r_max = max(int(m.B.shape[-1]) for m in mods)
+    for at, layer in enumerate(layers):
+        # one layer of every adapter, zero-padded to one width (zero columns of B / rows of A change neither the
+        # updates nor their top-k singular vectors): scaled B (n, d_out, r_max) and A (n, r_max, d_in)
+        sB = torch.stack(
+            [_pad(m.B[pos[at]] * float(m.scaling[pos[at]]), r_max, -1) for m, pos in zip(mods, positions, strict=True)]
+        )
+        A = torch.stack([_pad(m.A[pos[at]], r_max, -2) for m, pos in zip(mods, positions, strict=True)])
+        sB, A = sB.to(dev, dtype), A.to(dev, dtype)
+        try:
+            QB = top_singular_vectors(sB, k, "left")  # (n, d_out, k): one batched SVD for all adapters
+            QA = top_singular_vectors(A, k, "right")  # (n, d_in, k)
+        except RankError as e:
+            bad = [str(adapters[i].path) for i in e.indices] or ["an adapter"]
+            raise RankError(
+                f"{bad[0]}: module {name!r} layer {layer}: a factor has rank below {k} (an untrained adapter? PEFT "
+                "initialises lora_B to zero)",
+                (layer,),
+            ) from e
+        for I in chunks:
+            for J in chunks:
+                if J.start < I.start:
+                    continue
+                tile = update_inner_products(
+                    _side(sB[I.start : I.stop]), _rows(A[I.start : I.stop]), _segments(len(I), r_max, dev), len(I),
+                    _side(sB[J.start : J.stop]), _rows(A[J.start : J.stop]), _segments(len(J), r_max, dev), len(J),
+                )[0].cpu()  # fmt: skip
+                qb = segment_subspace_similarity(_side(QB[I.start : I.stop]), _side(QB[J.start : J.stop]), k)[0].cpu()
+                qa = segment_subspace_similarity(_side(QA[I.start : I.stop]), _side(QA[J.start : J.stop]), k)[0].cpu()
+                for out, value in ((inner, tile), (phi_B, qb), (phi_A, qa)):
+                    out[at, I.start : I.stop, J.start : J.stop] = value
+                    out[at, J.start : J.stop, I.start : I.stop] = value.mT
+    norms_sq = inner.diagonal(dim1=-2, dim2=-1)  # (L, n)
+    cosine = cosine_from_inner_products(inner, norms_sq, norms_sq)
+    total = norms_sq.sum(dim=0)
+    cosine_overall = cosine_from_inner_products(inner.sum(dim=0), total, total)
+    order, linkage = _cluster(cosine_overall)
+    return ZooModule(
+        name,
+        tuple(layers),
+        k,
+        cosine,
+        phi_B,
+        phi_A,
+        cosine_overall,
+        phi_B.mean(dim=0),
+        phi_A.mean(dim=0),
+        order,
+        linkage,
+    )
+
+
+def _pad(X: Tensor, width: int, dim: int) -> Tensor:
+    """``X`` with zeros appended along ``dim`` up to ``width``."""
+    missing = width - X.shape[dim]
+    if not missing:
+        return X
+    shape = list(X.shape)
+    shape[dim] = missing
+    return torch.cat([X, X.new_zeros(shape)], dim=dim)
+
+
+def _side(X: Tensor) -> Tensor:
+    """``(n, d, c)`` -> ``(1, d, n c)``: the n matrices' columns side by side."""
+    return X.permute(1, 0, 2).reshape(1, X.shape[1], -1)
+
+
+def _rows(X: Tensor) -> Tensor:
+    """``(n, c, d)`` -> ``(1, n c, d)``: the n matrices' rows stacked."""
+    return X.reshape(1, -1, X.shape[-1])
+
+
+def _segments(n: int, width: int, dev: torch.device) -> Tensor:
+    return torch.arange(n, device=dev).repeat_interleave(width)
+
+
+def _cluster(cosine: Tensor) -> tuple[tuple[int, ...], Tensor]:
+    """Average-linkage clustering on ``1 - cosine`` (a zero update, NaN cosine, is at distance 1 from all)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    distance = (1 - cosine.double()).nan_to_num(nan=1.0).clamp(min=0)
+    distance = (distance + distance.mT) / 2
+    distance.fill_diagonal_(0)
+    Z = linkage(squareform(distance.numpy(), checks=False), method="average")
+    return tuple(int(i) for i in leaves_list(Z)), torch.from_numpy(Z)
+
+
+def _span(layers: list[int]) -> str:
+    return (
+        f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ",".join(map(str, layers))
+    )
