@@ -108,7 +108,7 @@ def test_read_metrics_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputPathError, match=r"metrics\.json: not found"):
         read_metrics(tmp_path)
     (tmp_path / "metrics.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(CheckpointError, match="not readable JSON"):
+    with pytest.raises(CheckpointError, match=r"metrics\.json: invalid JSON \(.*\); retrain the adapter or restore"):
         read_metrics(tmp_path)
     (tmp_path / "metrics.json").write_text('{"task": "rt-polarity"}', encoding="utf-8")
     with pytest.raises(CheckpointError, match="lacks method"):
@@ -134,7 +134,7 @@ def test_table2_from_folders_is_a_note_when_the_folders_make_none(tmp_path: Path
         note["table2"] is None and note["table2_note"].startswith("no Table 2: ") and "not found" in note["table2_note"]
     )
     (tmp_path / "metrics.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(DamagedMetricsError, match="not readable JSON"):
+    with pytest.raises(DamagedMetricsError, match="invalid JSON"):
         table2_from_folders([tmp_path], [tmp_path])
 
 
@@ -146,7 +146,7 @@ def test_training_speeds_skip_only_a_missing_file(tmp_path: Path) -> None:
     (slow / "metrics.json").write_text(json.dumps({"examples_per_s": 10, "other": "any metrics.json counts"}))
     assert training_speeds([fast, slow, none], [none]) == {"lora": 20.0}  # no file: left out; no speeds: no key
     (damaged / "metrics.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(DamagedMetricsError, match=r"damaged[/\\]metrics\.json: not readable JSON"):
+    with pytest.raises(DamagedMetricsError, match=r"damaged[/\\]metrics\.json: invalid JSON"):
         training_speeds([fast], [damaged])
     (damaged / "metrics.json").write_text('{"examples_per_s": NaN}', encoding="utf-8")
     with pytest.raises(DamagedMetricsError, match="'examples_per_s' is nan, not a finite number"):

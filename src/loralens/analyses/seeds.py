@@ -82,8 +82,9 @@ def _read_metrics_json(path: Path) -> dict[str, Any]:
     try:
         return read_json(path)
     except CheckpointError as e:
-        detail = str(e).removeprefix(f"{path}: ")
-        raise DamagedMetricsError(f"{path}: not readable JSON: {detail}; {_RESTORE}") from e
+        # the reader's own advice ("fix or re-save the file") gives way to the one that fits a run's metrics
+        detail = str(e).removeprefix(f"{path}: ").removesuffix("; fix or re-save the file")
+        raise DamagedMetricsError(f"{path}: {detail}; {_RESTORE}") from e
 
 
 def metric_value(metrics: Mapping[str, Any], key: str, path: Path, *, optional: bool = True) -> float | None:
