@@ -86,6 +86,15 @@ def test_condlora_against_itself_is_one_everywhere(defaults) -> None:
             torch.testing.assert_close(values, torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
+def test_one_pair_takes_the_memory_budget_of_many(defaults, report) -> None:
+    """compare_adapters has compare_adapters_many's max_memory: the same numbers, the budget recorded."""
+    budgeted = compare_adapters(*defaults, max_memory="8MB")
+    assert budgeted.settings["max_memory"] == 8_000_000
+    for name, m in report.modules.items():
+        for f in ("A", "B"):
+            torch.testing.assert_close(budgeted.modules[name].phi[f], m.phi[f], rtol=0, atol=1e-12)
+
+
 def test_json_form(report) -> None:
     d = json.loads(json.dumps(report.to_dict()))
     assert set(d) == {"modules", "settings"}

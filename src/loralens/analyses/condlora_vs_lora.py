@@ -137,7 +137,8 @@ def compare_adapters(
     j: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
+    max_memory: str | int | None = None,
 ) -> ComparisonReport:
     """Table 3: per-layer phi between a LoRA adapter's factors and those CondLoRA computes on the same base.
 
@@ -156,7 +157,9 @@ def compare_adapters(
     seed : int
         Seed of the random baseline.
     dtype, device
-        Working precision (float64 by default) and where the SVDs run.
+        Working precision (float64 by default) and where the SVDs run (``"auto"``: CUDA when available).
+    max_memory : str or int, optional
+        Memory budget for the base weights in flight (``"2GB"`` or bytes), as in :func:`compare_adapters_many`.
 
     Raises
     ------
@@ -168,7 +171,15 @@ def compare_adapters(
         ``i`` or ``j`` above a factor's rank (e.g. an untrained adapter whose B is zero), naming the layers.
     """
     return compare_adapters_many(
-        base, [(lora, condlora)], modules=modules, i=i, j=j, seed=seed, dtype=dtype, device=device
+        base,
+        [(lora, condlora)],
+        modules=modules,
+        i=i,
+        j=j,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
     )[0]
 
 
@@ -181,7 +192,7 @@ def compare_adapters_many(
     j: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     max_memory: str | int | None = None,
 ) -> list[ComparisonReport]:
     """:func:`compare_adapters` for several (LoRA, CondLoRA) pairs of one base, e.g. one pair per training seed.

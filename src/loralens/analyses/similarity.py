@@ -100,7 +100,7 @@ def layer_similarity(
     side: Side = "left",
     factors: Sequence[str] = FACTORS,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
 ) -> SimilarityReport:
     """Layer x layer phi of the conversion matrices (the paper's Figure 1) with random baselines.
 
@@ -132,7 +132,7 @@ def layer_similarity_many(
     side: Side = "left",
     factors: Sequence[str] = FACTORS,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: ProgressCallback | None = None,
 ) -> list[SimilarityReport]:
     """:func:`layer_similarity` for several adapters (from :func:`compute_conversions_many`).
