@@ -1,5 +1,5 @@
-"""``loralens intruders`` and ``loralens zoo`` end to end on the real MiniLM and the shipped adapters: ``--json``
-equals the Python API's ``to_dict()``, ``--out`` writes its files whole, bad input is one line and exit 2."""
+"""``loralens intruders`` end to end on the real MiniLM and the shipped adapter: ``--json`` equals the Python API's
+``to_dict()``, ``--out`` writes its files whole, bad input is one line and exit 2."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 from clitools import run_cli
 from loralens.analyses.intruders import intruder_dimensions
-from loralens.analyses.zoo import adapter_zoo
 from loralens.examples import default_adapter
 from loralens.io.adapters import load_lora_adapter
 from loralens.io.base_weights import open_base
@@ -42,29 +41,3 @@ def test_intruders_bad_input_is_one_line(minilm_path: Path) -> None:
         proc = run_cli("intruders", "--base", minilm_path, "--adapter", default_adapter(), *args)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_zoo_json_and_files_equal_the_api(tmp_path: Path) -> None:
-    folders = [default_adapter(seed) for seed in (0, 1, 2)]
-    out = tmp_path / "zoo"
-    data = _json(run_cli("zoo", "--adapters-from", str(folders[0]) + "*", "--device", "cpu", "--json", "--out", out))
-    api = adapter_zoo([load_lora_adapter(f) for f in folders], device="cpu").to_dict()
-    outputs = data.pop("outputs")
-    assert data == json.loads(json.dumps(api))
-    assert sorted(Path(p).name for p in outputs) == ["zoo-query.png", "zoo-query.svg", "zoo-value.png",
-                                                      "zoo-value.svg", "zoo.json"]  # fmt: skip
-    again = _json(run_cli("zoo", "--adapter", folders[0], "--adapter", folders[1], "--adapter", folders[2],
-                          "--adapter", folders[0], "--modules", "value", "--device", "cpu", "--json"))  # fmt: skip
-    assert again["adapters"] == [str(f) for f in folders]  # the repeated folder counted once
-    assert again["modules"]["value"] == data["modules"]["value"]
-
-
-def test_zoo_bad_input_is_one_line(tmp_path: Path) -> None:
-    cases = (
-        (["--adapter", default_adapter()], "at least two adapter folders"),
-        (["--adapters-from", str(tmp_path)], "no adapter folders"),
-        (["--adapter", default_adapter(), "--adapter", default_adapter(1), "--modules", "key"], "--modules"),
-    )
-    for args, words in cases:
-        proc = run_cli("zoo", *args)
-        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
