@@ -1,7 +1,9 @@
 """Intruder dimensions of the real embedded MiniLM adapters against a dense float64 numpy reference.
 
 The reference reads the base weights itself (safetensors) and the adapter's factors (PEFT's files), forms
-``W0 + s B A`` and takes full SVDs; the analysis uses the spectral engine and the factored share. Counts must be
+``W0 + s B A`` and takes full float64 SVDs (torch's: numpy's multithreaded OpenBLAS ran 100x slower on the loaded
+2-core test machine; numpy is the reference of the small cases in tests/core/test_intruders.py); the analysis uses
+the spectral engine and the factored share. Counts must be
 equal and ``c_j`` agree to 1e-6 (the engine's float64 tolerance bounds the error by ~1e-10 / relative gap).
 """
 
@@ -39,8 +41,8 @@ def _reference(minilm_path: Path, adapter_dir: Path, module: str, k: int, epsilo
             A = ad.get_tensor(stem).double().numpy()
             B = ad.get_tensor(stem.replace("lora_A", "lora_B")).double().numpy()
             dW = s * B @ A
-            U = np.linalg.svd(W0 + dW)[0][:, :k]
-            U0 = np.linalg.svd(W0)[0]
+            U = torch.linalg.svd(torch.from_numpy(W0 + dW))[0][:, :k].numpy()
+            U0 = torch.linalg.svd(torch.from_numpy(W0))[0].numpy()
             c = np.abs(U.T @ U0).max(axis=1)
             Ui = U[:, c < epsilon]
             out.append((c, int((c < epsilon).sum()), np.linalg.norm(Ui.T @ dW) / np.linalg.norm(dW)))
