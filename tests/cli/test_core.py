@@ -164,6 +164,7 @@ def _bad_inputs(tmp: Path, tiny_bert: Path, adapter: Path, minilm: Path) -> list
     return cases
 
 
+@pytest.mark.slow  # tens of seconds: make test runs it, make test-fast does not
 def test_bad_input_gives_one_line_and_exit_2(
     tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path, minilm_path: Path
 ) -> None:

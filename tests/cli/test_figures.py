@@ -174,6 +174,7 @@ def test_more_bad_input_in_process(tmp_path: Path, tiny_bert: Path, tiny_bert_ad
     assert not o.exists()
 
 
+@pytest.mark.slow  # tens of seconds: make test runs it, make test-fast does not
 def test_demo_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = run_cli("demo", "--out", out, "--device", "cpu")

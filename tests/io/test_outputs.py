@@ -112,6 +112,7 @@ def _marker_inode(out: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow  # tens of seconds: make test runs it, make test-fast does not
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_rewrite_leaves_a_complete_folder_or_none(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "out"

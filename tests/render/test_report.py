@@ -272,6 +272,7 @@ def test_lowrank_csv_tables_hold_the_librarys_numbers(written_lowrank: Path, low
     assert int(first["erank 80%"]) == value["effective_rank_energy"][0]
 
 
+@pytest.mark.slow  # tens of seconds: make test runs it, make test-fast does not
 def test_lowrank_report_is_byte_identical_on_reruns(one_factor: dict, lowrank_data: dict, tmp_path: Path) -> None:
     inputs = {"adapter": {"path": "a"}, "base": {"path": "b"}}
     for name in ("a", "b"):  # two independent renderings, from JSON round trips of the data
@@ -308,6 +309,7 @@ def test_malformed_lowrank_data_is_named(one_factor: dict, lowrank: dict, match:
         report_files(one_factor, {}, lowrank=lowrank)
 
 
+@pytest.mark.slow  # tens of seconds: make test runs it, make test-fast does not
 def test_build_report_writes_what_the_cli_writes(minilm_path: Path, tmp_path: Path) -> None:
     """The Python API's report (loralens.build_report) is the CLI's: the same files, byte for byte, and the same
     report.json, for two seed pairs (Tables 2 and 3 over pairs, training speeds), the overlap and the low-rank
