@@ -14,7 +14,7 @@ import errno
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -32,6 +32,7 @@ from loralens.io.files import os_error_reason
 if TYPE_CHECKING:  # typed against the installed typer, which vendors click as typer._click
     from typer._click.globals import get_current_context
 
+    from loralens.io.outputs import Writer
     from loralens.render.tables import Table
 else:
     try:  # recent typer vendors click as typer._click; earlier versions use click itself
@@ -411,6 +412,29 @@ def format_layers(layers: tuple[int, ...]) -> str:
 def format_number(x: float) -> str:
     """Four decimals; ``n/a`` for NaN (phi of an untrained factor)."""
     return "n/a" if x != x else f"{x:.4f}"
+
+
+def emit_result(
+    data: dict[str, Any],
+    table: Callable[[dict[str, Any]], Table],
+    *,
+    json_output: bool,
+    out: Path | None = None,
+    files: Mapping[str, Writer] | None = None,
+    force: bool = False,
+    inputs: Iterable[Path | str | None] = (),
+) -> None:
+    """The tail every analysis command shares: write ``files`` as the folder ``out`` (atomically, when given), then
+    print ``data`` as one JSON object (the written paths under ``"outputs"``) or ``table(data)`` and the paths."""
+    from loralens.io.outputs import json_text, write_outputs
+
+    paths = write_outputs(out, files or {}, replace=force, inputs=inputs) if out is not None else []
+    if json_output:
+        typer.echo(json_text({**data, "outputs": [str(p) for p in paths]} if paths else data), nl=False)
+        return
+    print_table(table(data))
+    for p in paths:
+        typer.echo(f"wrote {p}")
 
 
 def print_table(table: Table, digits: int = 4) -> None:

@@ -24,13 +24,13 @@ from loralens.cli._app import (
     LayerBatchOpt,
     ModulesOpt,
     app,
+    emit_result,
     load_inputs,
     parse_modules,
-    print_table,
     torch_dtype,
     user_errors,
 )
-from loralens.io.outputs import bytes_writer, check_output_folder, json_text, json_writer, write_outputs
+from loralens.io.outputs import bytes_writer, check_output_folder, json_writer
 
 
 @app.command(rich_help_panel="Analysis", short_help="Intruder dimensions of W0 + s B A (Shuttleworth et al. 2024).")
@@ -72,7 +72,7 @@ def intruders(
             base_ckpt, lora, modules=parse_modules(modules), k=k, epsilon=epsilon, exact=exact, device=device,
             dtype=torch_dtype(dtype), layer_batch=layer_batch,
         ).to_dict()  # fmt: skip
-        paths: list[Path] = []
+        files = None
         if out is not None:
             png, svg = render_figure(intruders_figure(data, title=f"Intruder dimensions: {lora.path.name}"), DPI)
             files = {
@@ -80,10 +80,6 @@ def intruders(
                 "intruders.png": bytes_writer(png),
                 "intruders.svg": bytes_writer(svg),
             }
-            paths = write_outputs(out, files, replace=force, inputs=[adapter, base])
-        if json_output:
-            typer.echo(json_text({**data, "outputs": [str(p) for p in paths]} if paths else data), nl=False)
-            return
-        print_table(intruders_table(data))
-        for p in paths:
-            typer.echo(f"wrote {p}")
+        emit_result(
+            data, intruders_table, json_output=json_output, out=out, files=files, force=force, inputs=[adapter, base]
+        )

@@ -28,15 +28,15 @@ from loralens.cli._app import (
     LayerBatchOpt,
     ModulesOpt,
     app,
+    emit_result,
     load_inputs,
     parse_modules,
-    print_table,
     torch_dtype,
     user_errors,
 )
 from loralens.errors import LoralensError
 from loralens.io.adapters import load_lora_adapter
-from loralens.io.outputs import bytes_writer, check_output_folder, json_text, json_writer, write_outputs
+from loralens.io.outputs import bytes_writer, check_output_folder, json_writer
 
 if TYPE_CHECKING:
     from loralens.render.tables import Table
@@ -203,23 +203,14 @@ def _emit(
 ) -> None:
     """Write the folder (if asked: ``<stem>.json`` and the picture of :data:`loralens.render.report.LOWRANK_ANALYSES`),
     then print JSON or the table (and the written paths)."""
-    paths: list[Path] = []
+    files = None
     if out is not None:
         from loralens.render.report import LOWRANK_ANALYSES
 
         picture = LOWRANK_ANALYSES[stem][0](data, dpi)
-        paths = write_outputs(
-            out,
-            {
-                f"{stem}.json": json_writer(data),
-                f"{stem}.png": bytes_writer(picture.png),
-                f"{stem}.svg": bytes_writer(picture.svg),
-            },
-            replace=force,
-        )
-    if json_output:
-        typer.echo(json_text({**data, "outputs": [str(p) for p in paths]} if paths else data), nl=False)
-        return
-    print_table(table(data))
-    for p in paths:
-        typer.echo(f"wrote {p}")
+        files = {
+            f"{stem}.json": json_writer(data),
+            f"{stem}.png": bytes_writer(picture.png),
+            f"{stem}.svg": bytes_writer(picture.svg),
+        }
+    emit_result(data, table, json_output=json_output, out=out, files=files, force=force)

@@ -23,14 +23,14 @@ from loralens.cli._app import (
     JsonOpt,
     ModulesOpt,
     app,
+    emit_result,
     parse_modules,
-    print_table,
     torch_dtype,
     user_errors,
 )
 from loralens.errors import InputPathError
 from loralens.io.adapters import load_lora_adapter
-from loralens.io.outputs import bytes_writer, check_output_folder, json_text, json_writer, write_outputs
+from loralens.io.outputs import bytes_writer, check_output_folder, json_writer
 
 
 @app.command(rich_help_panel="Analysis", short_help="Many adapters of one base: update cosines, phi, clustering.")
@@ -78,19 +78,13 @@ def zoo(
             adapters, modules=parse_modules(modules), block=block, assume_same_base=same_base, device=device,
             dtype=torch_dtype(dtype),
         ).to_dict()  # fmt: skip
-        paths: list[Path] = []
+        files = None
         if out is not None:
             files = {"zoo.json": json_writer(data)}
             for module in data["modules"]:
                 png, svg = render_figure(zoo_figure(data, module), DPI)
                 files |= {f"zoo-{module}.png": bytes_writer(png), f"zoo-{module}.svg": bytes_writer(svg)}
-            paths = write_outputs(out, files, replace=force, inputs=folders)
-        if json_output:
-            typer.echo(json_text({**data, "outputs": [str(p) for p in paths]} if paths else data), nl=False)
-            return
-        print_table(zoo_table(data))
-        for p in paths:
-            typer.echo(f"wrote {p}")
+        emit_result(data, zoo_table, json_output=json_output, out=out, files=files, force=force, inputs=folders)
 
 
 def _adapter_folders(given: list[Path], pattern: str | None) -> list[Path]:
