@@ -20,17 +20,25 @@ Neither prints nor writes files; Table 4 reads only tensor shapes (safetensors h
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from loralens.analyses.conversion import compute_conversions_many
-from loralens.analyses.engine import at_model_layers, parse_memory_size, resolve_device, select_modules
+from loralens.analyses.engine import (
+    at_model_layers,
+    module_batches,
+    parse_memory_size,
+    resolve_device,
+    seeded_generator,
+    select_modules,
+)
+from loralens.analyses.serialize import json_values
 from loralens.core.condlora import condlora_factors, condlora_parameter_count, lora_parameter_count
+from loralens.core.random import gaussian
 from loralens.core.similarity import (
     Side,
     basis_similarity,
@@ -39,7 +47,7 @@ from loralens.core.similarity import (
     top_singular_vectors,
 )
 from loralens.errors import BatchError, LoralensError, ModelMismatchError, ShapeError
-from loralens.io.adapters import LoraAdapter, read_base_weights
+from loralens.io.adapters import LoraAdapter
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.condlora import CondLoraAdapter, target_module_paths, theta_key
 from loralens.io.keys import match_base_weights
@@ -110,16 +118,16 @@ class ComparisonReport:
         """``{"modules": {m: {"A": [...], "B": [...], "BA": [...], "random": {...}, ...}}, "settings": {...}}``."""
         modules = {}
         for name, mc in self.modules.items():
-            entry: dict[str, Any] = {f: _list(mc.phi[f]) for f in TABLE3_FACTORS}
-            entry["mean"] = {f: _round(mc.phi[f].mean()) for f in TABLE3_FACTORS}
+            entry: dict[str, Any] = {f: json_values(mc.phi[f]) for f in TABLE3_FACTORS}
+            entry["mean"] = {f: json_values(mc.phi[f].mean()) for f in TABLE3_FACTORS}
             entry["random"] = {
-                **{f: _list(mc.random[f]) for f in TABLE3_FACTORS},
-                "mean": {f: _round(mc.random[f].mean()) for f in TABLE3_FACTORS},
+                **{f: json_values(mc.random[f]) for f in TABLE3_FACTORS},
+                "mean": {f: json_values(mc.random[f].mean()) for f in TABLE3_FACTORS},
                 "expected": dict(mc.random_expected),
             }
             entry["conv_vs_theta"] = {
-                **{f: _list(v) for f, v in mc.conv_vs_theta.items()},
-                "mean": {f: _round(v.mean()) for f, v in mc.conv_vs_theta.items()},
+                **{f: json_values(v) for f, v in mc.conv_vs_theta.items()},
+                "mean": {f: json_values(v.mean()) for f, v in mc.conv_vs_theta.items()},
                 "random_expected": mc.conv_random_expected,
             }
             entry.update(layers=list(mc.layers), sides=dict(mc.sides), theta=mc.theta, i=mc.i, j=mc.j)
@@ -220,22 +228,26 @@ def compare_adapters_many(
     )
     reports = []
     for (lora, cond), keys, convs in zip(pairs, targets, conversions, strict=True):
-        generator = torch.Generator(device=dev).manual_seed(seed)
         result = {}
         for name, key in keys.items():
             mod, conv = lora.modules[name], convs[name].conversion
-            W, _ = read_base_weights(base, lora, name)
             ii = i or min(mod.ranks)
             jj = j or i or cond.r
-            theta_A, theta_B = cond.thetas[key]
-            try:
-                result[name] = _compare_module(
-                    name, key, mod.layers, W.to(dev, dtype), mod.A.to(dev, dtype), mod.B.to(dev, dtype),
-                    conv.A.to(dev), conv.B.to(dev), theta_A.to(dev, dtype), theta_B.to(dev, dtype), ii, jj,
-                    generator,
-                )  # fmt: skip
-            except BatchError as e:
-                raise at_model_layers(e, name, mod.layers, None) from e
+            theta_A, theta_B = (t.to(dev, dtype) for t in cond.thetas[key])
+            parts = []
+            for batch in module_batches(base, lora, name, device=dev, dtype=dtype, max_memory=max_memory):
+                at = batch.positions
+                layers = mod.layers[at]
+                try:
+                    parts.append(
+                        _compare_layers(
+                            name, layers, batch.W, batch.A, batch.B, conv.A[at].to(dev), conv.B[at].to(dev),
+                            theta_A, theta_B, ii, jj, seed,
+                        )
+                    )  # fmt: skip
+                except BatchError as e:
+                    raise at_model_layers(e, name, layers, None) from e
+            result[name] = _module_comparison(name, key, mod.layers, parts, ii, jj, mod.shape[1])
         reports.append(ComparisonReport(result, {**_settings(base, lora, cond, i, j, seed, dtype, dev), **budget}))
     return reports
 
@@ -248,28 +260,27 @@ def comparisons_to_dict(reports: Sequence[ComparisonReport], extra: dict[str, An
     matrices against the shared layer, ``conv_A``, ``conv_B``; ``std`` is the sample standard deviation over pairs
     (0 for one pair); ``random`` the mean random baseline over pairs and layers.
     """
-    pairs = [r.to_dict() for r in reports]
-    common = [m for m in pairs[0]["modules"] if all(m in p["modules"] for p in pairs)] if pairs else []
+    common = [m for m in reports[0].modules if all(m in r.modules for r in reports)] if reports else []
     summary: dict[str, Any] = {}
     for module in common:
-        entries = [p["modules"][module] for p in pairs]
+        mcs = [r.modules[module] for r in reports]
         rows: dict[str, Any] = {}
         for f in (*TABLE3_FACTORS, "conv_A", "conv_B"):
             if f in TABLE3_FACTORS:
-                per_pair = [e["mean"][f] for e in entries]
-                random = [e["random"]["mean"][f] for e in entries]
+                per_pair = torch.stack([mc.phi[f].mean() for mc in mcs])
+                random = torch.stack([mc.random[f].mean() for mc in mcs])
             else:
-                per_pair = [e["conv_vs_theta"]["mean"][f[-1]] for e in entries]
-                random = [e["conv_vs_theta"]["random_expected"] for e in entries]
+                per_pair = torch.stack([mc.conv_vs_theta[f[-1]].mean() for mc in mcs])
+                random = torch.tensor([mc.conv_random_expected for mc in mcs], dtype=per_pair.dtype)
             rows[f] = {
-                "per_pair": per_pair,
-                "mean": round(statistics.fmean(per_pair), 10),
-                "std": round(statistics.stdev(per_pair), 10) if len(per_pair) > 1 else 0.0,
-                "random": round(statistics.fmean(random), 10),
+                "per_pair": json_values(per_pair),
+                "mean": json_values(per_pair.mean()),
+                "std": json_values(per_pair.std()) if len(mcs) > 1 else 0.0,  # sample std over pairs
+                "random": json_values(random.mean()),
             }
         summary[module] = rows
     shared = {k: v for k, v in (reports[0].settings if reports else {}).items() if k not in ("lora", "condlora")}
-    return {"pairs": pairs, "summary": summary, **(extra or {}), "settings": shared}
+    return {"pairs": [r.to_dict() for r in reports], "summary": summary, **(extra or {}), "settings": shared}
 
 
 def _targets(
@@ -325,7 +336,8 @@ def _settings(
         "device": str(dev),
         "sides": {"A": "right", "B": "left", "BA": "left (right when B has more columns than rows)"},
         "random_baseline": "phi between the LoRA factor's subspace and a uniformly random subspace of the same "
-        "dimension (QR of a seeded Gaussian), one draw per layer; expected value max(i, j) / d",
+        "dimension (QR of a Gaussian seeded by (seed, module, layer, factor)), one draw per layer; expected value "
+        "max(i, j) / d",
         "conv_vs_theta": "phi(W_l^-1 A_l^T, theta_A^T) and phi(W_l^-1 B_l, theta_B^T), left singular vectors",
         "condlora_rule": "A_cond_l = theta_A W_l^T, B_cond_l = W_l theta_B^T (the authors' code)",
         "lora": str(lora.path),
@@ -334,9 +346,15 @@ def _settings(
     }
 
 
-def _compare_module(
+class _LayerComparison(NamedTuple):
+    phi: dict[str, Tensor]  # factor -> (n,) phi(LoRA, CondLoRA)
+    random: dict[str, Tensor]  # factor -> (n,) phi(LoRA, random subspace)
+    conv_vs_theta: dict[str, Tensor]  # "A" | "B" -> (n,)
+    sides: dict[str, Side]
+
+
+def _compare_layers(
     name: str,
-    key: str,
     layers: tuple[int, ...],
     W: Tensor,
     A: Tensor,
@@ -347,42 +365,59 @@ def _compare_module(
     theta_B: Tensor,
     i: int,
     j: int,
-    generator: torch.Generator,
-) -> ModuleComparison:
-    """``W`` (L, d, d), LoRA ``A`` (L, r, d), ``B`` (L, d, r), its conversion matrices ``W^-1 A^T``, ``W^-1 B``
-    (L, d, r) each, thetas (r_c, d) -> Table 3 of one module."""
-    A_c, B_c = condlora_factors(W, theta_A, theta_B)  # (L, r_c, d), (L, d, r_c)
+    seed: int,
+) -> _LayerComparison:
+    """``W`` (n, d, d), LoRA ``A`` (n, r, d), ``B`` (n, d, r), its conversion matrices ``W^-1 A^T``, ``W^-1 B``
+    (n, d, r) each, thetas (r_c, d) -> Table 3 of a batch of ``n`` layers of one module."""
+    A_c, B_c = condlora_factors(W, theta_A, theta_B)  # (n, r_c, d), (n, d, r_c)
     side_BA: Side = "left" if B.shape[-2] >= B.shape[-1] else "right"
     sides: dict[str, Side] = {"A": "right", "B": "left", "BA": side_BA}
     lora_bases = {
-        "A": top_singular_vectors(A, i, "right"),  # (L, d, i)
+        "A": top_singular_vectors(A, i, "right"),  # (n, d, i)
         "B": top_singular_vectors(B, i, "left"),
         "BA": product_singular_vectors(B, A, i, side_BA),
     }
     cond_bases = {
-        "A": top_singular_vectors(A_c, j, "right"),  # (L, d, j)
+        "A": top_singular_vectors(A_c, j, "right"),  # (n, d, j)
         "B": top_singular_vectors(B_c, j, "left"),
         "BA": product_singular_vectors(B_c, A_c, j, side_BA),
     }
-    phi, random, expected = {}, {}, {}
+    phi, random = {}, {}
     for f in TABLE3_FACTORS:
         U = lora_bases[f]
         phi[f] = basis_similarity(U, cond_bases[f]).cpu()
-        random[f] = basis_similarity(U, _random_bases(U.shape[0], U.shape[1], j, generator, U)).cpu()
-        expected[f] = random_similarity_expected(i, j, U.shape[1])
+        random[f] = basis_similarity(U, _random_bases(layers, U.shape[1], j, seed, name, f, U)).cpu()
     conv_vs_theta = {
         "A": basis_similarity(top_singular_vectors(conv_A, i), top_singular_vectors(theta_A.mT, j)).cpu(),
         "B": basis_similarity(top_singular_vectors(conv_B, i), top_singular_vectors(theta_B.mT, j)).cpu(),
     }
-    d = W.shape[-1]
+    return _LayerComparison(phi, random, conv_vs_theta, sides)
+
+
+def _module_comparison(
+    name: str, key: str, layers: tuple[int, ...], parts: list[_LayerComparison], i: int, j: int, d: int
+) -> ModuleComparison:
+    """The batches' results of one module joined into its :class:`ModuleComparison`."""
+
+    def joined(field: str) -> dict[str, Tensor]:
+        return {f: torch.cat([getattr(p, field)[f] for p in parts]) for f in getattr(parts[0], field)}
+
+    expected = {f: random_similarity_expected(i, j, d) for f in TABLE3_FACTORS}
     return ModuleComparison(
-        name, key, layers, phi, random, expected, sides, conv_vs_theta, random_similarity_expected(i, j, d), i, j
-    )
+        name, key, layers, joined("phi"), joined("random"), expected, parts[0].sides, joined("conv_vs_theta"),
+        random_similarity_expected(i, j, d), i, j,
+    )  # fmt: skip
 
 
-def _random_bases(L: int, d: int, k: int, generator: torch.Generator, like: Tensor) -> Tensor:
-    """``(L, d, k)`` orthonormal bases of uniformly random ``k``-dimensional subspaces (QR of Gaussians)."""
-    G = torch.randn(L, d, k, generator=generator, dtype=like.dtype, device=like.device)
+def _random_bases(layers: tuple[int, ...], d: int, k: int, seed: int, module: str, factor: str, like: Tensor) -> Tensor:
+    """``(n, d, k)`` orthonormal bases of uniformly random ``k``-dimensional subspaces (QR of Gaussians), one per
+    layer, each seeded by (``seed``, module, layer, factor)."""
+    G = torch.stack(
+        [
+            gaussian(d, k, generator=seeded_generator(seed, module, layer, f"random:{factor}"), dtype=like.dtype)
+            for layer in layers
+        ]
+    ).to(like.device)
     return torch.linalg.qr(G, mode="reduced").Q
 
 
@@ -411,7 +446,7 @@ class ParameterCounts:
         return {
             "lora": self.lora,
             "condlora": self.condlora,
-            "ratio": round(self.ratio, 10),
+            "ratio": json_values(self.ratio),
             "r": self.r,
             "targets": list(self.targets),
             "modules": self.modules,
@@ -469,11 +504,3 @@ def parameter_counts(base: BaseCheckpoint, *, r: int, targets: Sequence[str]) ->
         tuple(targets),
         modules,
     )
-
-
-def _list(t: Tensor) -> list[float]:
-    return [round(float(x), 10) for x in t.tolist()]
-
-
-def _round(x: Tensor) -> float:
-    return round(float(x), 10)

@@ -1,9 +1,15 @@
 """What every analysis shares: the device, the base an adapter needs, module selection, the memory budget and
-its layer batches, module grouping across adapters, and errors that name model layer numbers.
+its layer batches, the seeding of random baselines, and errors that name model layer numbers.
 
 Scale: base weights are read lazily (memory-mapped) a batch of layers at a time, the batch sized from a memory budget
-(``max_memory``, :func:`layers_per_batch`), so that every analysis streams the base the same way. Long runs report
-progress through a :data:`ProgressCallback`, never by printing.
+(``max_memory``), so that every analysis streams the base the same way: the conversion solves through
+:func:`layers_per_batch` (their working set is the LU's), every other analysis through :func:`module_batches`.
+Long runs report progress through a :data:`ProgressCallback`, never by printing.
+
+Seeding (one policy): every random draw comes from :func:`seeded_generator`, a CPU generator seeded by the run's
+``seed`` and what is drawn (module, layer, purpose) alone, drawn in float64 and cast
+(:func:`loralens.core.random.gaussian`). A baseline is therefore the same whatever other modules are selected,
+however layers are batched, and on ``cpu`` and ``cuda``.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from loralens.core.conversion import (
     chunk_bytes,
@@ -27,8 +35,9 @@ from loralens.errors import (
     LoralensError,
     RankError,
     SingularMatrixError,
+    UnsupportedAdapterError,
 )
-from loralens.io.adapters import LoraAdapter
+from loralens.io.adapters import LoraAdapter, read_base_weights
 from loralens.io.base_weights import BaseCheckpoint, open_base
 
 __all__ = [
@@ -39,7 +48,11 @@ __all__ = [
     "select_modules",
     "parse_memory_size",
     "layers_per_batch",
+    "ModuleBatch",
+    "module_batches",
+    "seeded_generator",
     "warn_if_dora_product",
+    "refuse_dora",
     "at_model_layers",
     "format_memory_size",
 ]
@@ -156,15 +169,82 @@ def layers_per_batch(
     """
     stored = stored_dtype.itemsize if isinstance(stored_dtype, torch.dtype) else 4
     per_layer = layer_working_bytes(d_out, d_in, stored_itemsize=stored, dtype=dtype, rhs_columns=rhs_columns)
-    fixed = chunk_bytes(d_out, d_in, dtype=dtype)
+    return _layers_in_budget(per_layer, chunk_bytes(d_out, d_in, dtype=dtype), max_memory, (d_out, d_in), dtype, what)
+
+
+def _layers_in_budget(
+    per_layer: int, fixed: int, max_memory: int, shape: tuple[int, int], dtype: torch.dtype, what: str
+) -> int:
     n = (max_memory - fixed) // per_layer
     if n < 1:
         raise LoralensError(
-            f"max_memory {format_memory_size(max_memory)} is below what one layer of {what} ({d_out} x {d_in}, "
+            f"max_memory {format_memory_size(max_memory)} is below what one layer of {what} ({shape[0]} x {shape[1]}, "
             f"{dtype}) needs: {format_memory_size(per_layer + fixed)}; raise it",
             option="max_memory",
         )
     return int(n)
+
+
+class ModuleBatch(NamedTuple):
+    """A batch of consecutive layers of one adapter module with their base weights, on the device in the dtype."""
+
+    positions: slice  #: which of the module's layers (positions in ``mod.layers``)
+    W: Tensor  #: ``(n, d_out, d_in)`` base weights
+    B: Tensor  #: ``(n, d_out, r_max)`` (zero-padded past each layer's rank)
+    A: Tensor  #: ``(n, r_max, d_in)``
+    scale: Tensor  #: ``(n,)`` the PEFT scaling ``alpha / r`` (or ``alpha / sqrt(r)``)
+    keys: tuple[str, ...]  #: the base weights' keys
+
+
+def module_batches(
+    base: BaseCheckpoint,
+    adapter: LoraAdapter,
+    name: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    layer_batch: int | None = None,
+    max_memory: str | int | None = None,
+    dense_copies: int = 3,
+) -> Iterator[ModuleBatch]:
+    """Module ``name``'s layers with their base weights, a batch at a time: ``layer_batch`` layers, or as many as
+    fit ``max_memory`` (whichever is fewer; all at once when neither is given).
+
+    The budget counts per layer the stored weight (at 4 bytes an entry), ``dense_copies`` dense ``d_out x d_in``
+    working copies in ``dtype`` (the upcast copy and what the analysis builds from it, e.g. LAPACK's SVD workspace: 3 by
+    default) and the factors; an analysis that holds more dense matrices per layer says so.
+
+    Raises
+    ------
+    LoralensError
+        ``layer_batch`` below 1, or a budget that does not hold one layer.
+    """
+    if layer_batch is not None and layer_batch < 1:
+        raise LoralensError(f"layer_batch must be at least 1, got {layer_batch}", option="layer_batch")
+    mod = adapter.modules[name]
+    L = len(mod.layers)
+    step = min(L, layer_batch or L)
+    if max_memory is not None:
+        d_out, d_in = mod.shape
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        r = mod.A.shape[-2]
+        per_layer = d_out * d_in * (4 + dense_copies * itemsize) + 2 * (d_out + d_in) * r * itemsize
+        step = min(step, _layers_in_budget(per_layer, 0, parse_memory_size(max_memory), mod.shape, dtype, repr(name)))
+    for start in range(0, L, step):
+        part = slice(start, min(start + step, L))
+        W, keys = read_base_weights(base, adapter, name, part)
+        scale = torch.tensor(mod.scaling[part], dtype=dtype, device=device)
+        yield ModuleBatch(
+            part, W.to(device, dtype), mod.B[part].to(device, dtype), mod.A[part].to(device, dtype), scale, keys
+        )
+
+
+def seeded_generator(seed: int, module: str, layer: int | None = None, purpose: str = "") -> torch.Generator:
+    """The CPU generator for one draw: seeded by ``seed`` and what is drawn (``module``, ``layer``, ``purpose``)
+    alone, so the draw does not depend on the order of the work. crc32 is stable across runs (unlike hash()) and
+    fits the 32 bits that the CPU generator (mt19937) keeps of a seed."""
+    key = f"{seed}:{module}" + (f".{layer}" if layer is not None else "") + (f":{purpose}" if purpose else "")
+    return torch.Generator(device="cpu").manual_seed(zlib.crc32(key.encode()))
 
 
 def warn_if_dora_product(adapter: LoraAdapter) -> None:
@@ -178,6 +258,21 @@ def warn_if_dora_product(adapter: LoraAdapter) -> None:
                 "factors, which is not its update m (W + s B A) / ||W + s B A||_row - W; A and B are unaffected"
             ),
             stacklevel=2,
+        )
+
+
+def refuse_dora(adapter: LoraAdapter, names: Sequence[str], analysis: str) -> None:
+    """Raise :class:`~loralens.errors.UnsupportedAdapterError` when a selected module is DoRA and ``analysis`` is
+    defined on the rank-r update ``dW = s B A``, which a DoRA adapter's is not."""
+    dora = [n for n in names if adapter.modules[n].magnitude is not None]
+    if dora:
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: DoRA adapter (lora_magnitude_vector in {', '.join(dora)}): its update "
+            "m*(W+sBA)/||W+sBA|| - W is not s*B*A but full-rank in general, and the "
+            f"{analysis} analysis is defined on a rank-r dW = s*B*A, so it would report numbers of the wrong "
+            "update; loralens does not compute it for DoRA (overlap, which compares the factors A and B, still "
+            "works; a report can leave the low-rank analyses out)",
+            option="lowrank",
         )
 
 

@@ -25,9 +25,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.analyses.engine import at_model_layers, resolve_device, run_settings, select_modules
-from loralens.analyses.lowrank import _module_batches, _nested, _refuse_dora
+from loralens.analyses.engine import (
+    at_model_layers,
+    module_batches,
+    refuse_dora,
+    resolve_device,
+    run_settings,
+    select_modules,
+)
 from loralens.analyses.provenance import provenance
+from loralens.analyses.serialize import json_values
 from loralens.core.intruders import intruder_counts, max_cosine, projected_update_share
 from loralens.core.spectral import top_singular_triplets, weight_operator
 from loralens.errors import BatchError, LoralensError
@@ -110,10 +117,10 @@ class IntrudersReport:
                     "layers": list(m.layers),
                     "base_keys": list(m.base_keys),
                     "count": [int(x) for x in m.count.tolist()],
-                    "max_cos": _nested(m.max_cos, 10),
-                    "sigma": _nested(m.sigma, 10),
+                    "max_cos": json_values(m.max_cos, 10),
+                    "sigma": json_values(m.sigma, 10),
                     "intruder": m.intruder.tolist(),
-                    "update_share": _nested(m.update_share, 10),
+                    "update_share": json_values(m.update_share, 10),
                     "epsilon_sweep": {
                         "epsilon": list(self.settings["epsilon_sweep"]),
                         "count": [[int(x) for x in row] for row in m.sweep.tolist()],
@@ -138,6 +145,7 @@ def intruder_dimensions(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
+    max_memory: str | int | None = None,
     record_inputs: bool = True,
 ) -> IntrudersReport:
     """Intruder dimensions of every (selected) module and layer of ``adapter``.
@@ -179,7 +187,7 @@ def intruder_dimensions(
         raise LoralensError(f"intruder dimensions compute in float32 or float64, got {dtype}", option="dtype")
     dev = resolve_device(device)
     names = select_modules(adapter, modules)
-    _refuse_dora(adapter, names, "intruder-dimension")
+    refuse_dora(adapter, names, "intruder-dimension")
     for name in names:
         n = min(adapter.modules[name].shape)
         if k > n:
@@ -192,7 +200,9 @@ def intruder_dimensions(
         mod = adapter.modules[name]
         parts: list[tuple[Tensor, ...]] = []
         keys: list[str] = []
-        for layers, W, B, A, scale, batch_keys in _module_batches(base, adapter, name, layer_batch, dev, dtype):
+        for layers, W, B, A, scale, batch_keys in module_batches(
+            base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
+        ):
             keys.extend(batch_keys)
             try:
                 U0 = torch.linalg.svd(W, full_matrices=False).U
@@ -212,7 +222,7 @@ def intruder_dimensions(
         "epsilon_sweep": list(EPSILON_SWEEP),
         "seed": seed,
         "exact": exact,
-        **run_settings(dev, dtype),
+        **run_settings(dev, dtype, max_memory=max_memory),
     }
     if record_inputs:
         settings["inputs"] = provenance(base, adapter)

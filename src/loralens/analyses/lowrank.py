@@ -34,16 +34,24 @@ exactly as LoRA does, for the direction of its update), and says nothing about d
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from loralens.analyses.engine import at_model_layers, resolve_device, run_settings, select_modules
+from loralens.analyses.engine import (
+    at_model_layers,
+    module_batches,
+    refuse_dora,
+    resolve_device,
+    run_settings,
+    seeded_generator,
+    select_modules,
+)
 from loralens.analyses.provenance import pair_provenance, provenance
+from loralens.analyses.serialize import json_values
 from loralens.core.lowrank import (
     overlap_grid,
     random_overlap_expected,
@@ -52,7 +60,7 @@ from loralens.core.lowrank import (
     weight_projection,
 )
 from loralens.core.similarity import Side, top_singular_vectors
-from loralens.errors import BatchError, LoralensError, ModelMismatchError, RankError, UnsupportedAdapterError
+from loralens.errors import BatchError, LoralensError, ModelMismatchError, RankError
 from loralens.io.adapters import AdapterModule, LoraAdapter, read_base_weights
 from loralens.io.base_weights import BaseCheckpoint
 
@@ -155,10 +163,10 @@ class OverlapReport:
                         f: {
                             "side": fo.side,
                             "dim": fo.dim,
-                            "grid": _nested(fo.grid, 8),
-                            "diagonal": _nested(fo.diagonal, 8),
-                            "top_direction": _nested(fo.grid[:, 0, 0], 8),
-                            "random_expected": _nested(fo.random_expected, 8),
+                            "grid": json_values(fo.grid, 8),
+                            "diagonal": json_values(fo.diagonal, 8),
+                            "top_direction": json_values(fo.grid[:, 0, 0], 8),
+                            "random_expected": json_values(fo.random_expected, 8),
                         }
                         for f, fo in mo.factors.items()
                     },
@@ -407,9 +415,9 @@ class AmplificationReport:
                 "shape": list(ma.shape),
                 "ranks": list(ma.ranks),
                 "scaling": list(ma.scaling),
-                **{key: _nested(getattr(ma, key), 10) for key in _PROJECTION_FIELDS},
-                "random_projection_mean": _nested(ma.random_mean, 10),
-                "random_projection_draws": _nested(ma.random_projection, 10),
+                **{key: json_values(getattr(ma, key), 10) for key in _PROJECTION_FIELDS},
+                "random_projection_mean": json_values(ma.random_mean, 10),
+                "random_projection_draws": json_values(ma.random_projection, 10),
             }
         return {"modules": out, "definition": DEFINITIONS["amplification"], "settings": self.settings}
 
@@ -424,6 +432,7 @@ def amplification_report(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
+    max_memory: str | int | None = None,
     record_inputs: bool = True,
 ) -> AmplificationReport:
     """Table 7 of the LoRA paper for every (selected) module and layer of ``adapter``.
@@ -452,7 +461,7 @@ def amplification_report(
         raise LoralensError(f"n_random must be >= 0, got {n_random}")
     dev = resolve_device(device)
     names = select_modules(adapter, modules)
-    _refuse_dora(adapter, names, "amplification")
+    refuse_dora(adapter, names, "amplification")
     result = {}
     for name in names:
         mod = adapter.modules[name]
@@ -460,7 +469,9 @@ def amplification_report(
         per_layer = {f: torch.full((L,), float("nan"), dtype=dtype) for f in _PROJECTION_FIELDS}
         draws = torch.full((L, n_random), float("nan"), dtype=dtype)
         keys: list[str] = []
-        for layers, W, B, A, scale, batch_keys in _module_batches(base, adapter, name, layer_batch, dev, dtype):
+        for layers, W, B, A, scale, batch_keys in module_batches(
+            base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
+        ):
             keys.extend(batch_keys)
             for r, idx in _groups(mod.ranks[layers]).items():
                 at = [layers.start + n for n in idx]
@@ -468,7 +479,7 @@ def amplification_report(
                     wp = weight_projection(W[idx], B[idx, :, :r], A[idx, :r], scale[idx], n_random=0)
                     k = min(r, *mod.shape)
                     for n, pos in zip(idx, at, strict=True):
-                        gen = _generator(seed, name, mod.layers[pos], dev)
+                        gen = seeded_generator(seed, name, mod.layers[pos])
                         draws[pos] = random_projection_norms(W[n], k, n_random, generator=gen).cpu()
                 except BatchError as e:
                     raise at_model_layers(e, name, [mod.layers[pos] for pos in at], base.root) from e
@@ -481,7 +492,7 @@ def amplification_report(
         "n_random": n_random,
         "seed": seed,
         "random": "per (seed, module, layer): Gaussian + QR",
-        **run_settings(dev, dtype),
+        **run_settings(dev, dtype, max_memory=max_memory),
     }
     if record_inputs:
         settings["inputs"] = provenance(base, adapter)
@@ -542,12 +553,12 @@ class SpectraReport:
                 "shape": list(ms.shape),
                 "ranks": list(ms.ranks),
                 "scaling": list(ms.scaling),
-                "singular_values": _nested(ms.singular_values, 10),
-                "W_singular_values": _nested(ms.W_singular_values, 10),
-                "effective_rank_entropy": _nested(ms.effective_rank_entropy, 10),
+                "singular_values": json_values(ms.singular_values, 10),
+                "W_singular_values": json_values(ms.W_singular_values, 10),
+                "effective_rank_entropy": json_values(ms.effective_rank_entropy, 10),
                 "effective_rank_energy": [int(k) for k in ms.effective_rank_energy.tolist()],
-                "principal_angles_deg": _nested(torch.rad2deg(ms.principal_angles), 8),
-                "phi_W_top": _nested(ms.phi_W_top, 10),
+                "principal_angles_deg": json_values(torch.rad2deg(ms.principal_angles), 8),
+                "phi_W_top": json_values(ms.phi_W_top, 10),
             }
         return {"modules": out, "definition": DEFINITIONS["spectra"], "settings": self.settings}
 
@@ -561,6 +572,7 @@ def spectra_report(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
+    max_memory: str | int | None = None,
     record_inputs: bool = True,
 ) -> SpectraReport:
     """Singular values, effective ranks and principal angles to W of every layer's dW
@@ -578,7 +590,7 @@ def spectra_report(
         raise LoralensError(f"energy threshold must lie in (0, 1], got {energy_threshold}")
     dev = resolve_device(device)
     names = select_modules(adapter, modules)
-    _refuse_dora(adapter, names, "spectra")
+    refuse_dora(adapter, names, "spectra")
     result = {}
     for name in names:
         mod = adapter.modules[name]
@@ -589,7 +601,9 @@ def spectra_report(
         entropy, phi = torch.full((L,), float("nan"), dtype=dtype), torch.full((L,), float("nan"), dtype=dtype)
         energy = torch.zeros(L, dtype=torch.int64)
         keys: list[str] = []
-        for layers, W, B, A, scale, batch_keys in _module_batches(base, adapter, name, layer_batch, dev, dtype):
+        for layers, W, B, A, scale, batch_keys in module_batches(
+            base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
+        ):
             keys.extend(batch_keys)
             for r, idx in _groups(mod.ranks[layers]).items():
                 at = [layers.start + n for n in idx]
@@ -609,7 +623,7 @@ def spectra_report(
         result[name] = ModuleSpectra(
             name, mod.layers, tuple(keys), mod.shape, mod.ranks, mod.scaling, S, S_W, entropy, energy, angles, phi
         )
-    settings: dict[str, Any] = {"energy_threshold": energy_threshold, **run_settings(dev, dtype)}
+    settings: dict[str, Any] = {"energy_threshold": energy_threshold, **run_settings(dev, dtype, max_memory=max_memory)}
     if record_inputs:
         settings["inputs"] = provenance(base, adapter)
     return SpectraReport(result, settings)
@@ -618,60 +632,9 @@ def spectra_report(
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _refuse_dora(adapter: LoraAdapter, names: Sequence[str], analysis: str) -> None:
-    """Raise UnsupportedAdapterError when a selected module is DoRA: ``analysis`` is defined on ``dW = s B A``."""
-    dora = [n for n in names if adapter.modules[n].magnitude is not None]
-    if dora:
-        raise UnsupportedAdapterError(
-            f"{adapter.path}: DoRA adapter (lora_magnitude_vector in {', '.join(dora)}): its update "
-            "m*(W+sBA)/||W+sBA|| - W is not s*B*A but full-rank in general, and the "
-            f"{analysis} analysis is defined on a rank-r dW = s*B*A, so it would report numbers of the wrong "
-            "update; loralens does not compute it for DoRA (overlap, which compares the factors A and B, still "
-            "works; a report can leave the low-rank analyses out)",
-            option="lowrank",
-        )
-
-
-def _module_batches(
-    base: BaseCheckpoint,
-    adapter: LoraAdapter,
-    name: str,
-    layer_batch: int | None,
-    dev: torch.device,
-    dtype: torch.dtype,
-) -> Iterator[tuple[slice, Tensor, Tensor, Tensor, Tensor, tuple[str, ...]]]:
-    """Per batch of layers: (positions, W (n, d_out, d_in), B (n, d_out, r_max), A (n, r_max, d_in), scale (n,),
-    base keys), all but the keys on ``dev`` in ``dtype``."""
-    mod = adapter.modules[name]
-    L = len(mod.layers)
-    step = L if not layer_batch else max(1, layer_batch)
-    for start in range(0, L, step):
-        part = slice(start, min(start + step, L))
-        W, keys = read_base_weights(base, adapter, name, part)
-        scale = torch.tensor(mod.scaling[part], dtype=dtype, device=dev)
-        yield part, W.to(dev, dtype), mod.B[part].to(dev, dtype), mod.A[part].to(dev, dtype), scale, keys
-
-
 def _groups(values: Sequence[Any]) -> dict[Any, list[int]]:
     """Positions of equal values, in first-seen order: ``[4, 8, 4] -> {4: [0, 2], 8: [1]}``."""
     groups: dict[Any, list[int]] = {}
     for k, v in enumerate(values):
         groups.setdefault(v, []).append(k)
     return groups
-
-
-def _generator(seed: int, module: str, layer: int, device: torch.device) -> torch.Generator:
-    """A generator seeded by (seed, module, layer) alone. crc32 is stable across runs (unlike hash()) and fits
-    the 32 bits that the CPU generator (mt19937) keeps of a seed."""
-    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{module}.{layer}".encode()))
-
-
-def _nested(t: Tensor, digits: int) -> Any:
-    """Tensor -> (nested lists of) rounded floats, NaN -> None (JSON has no NaN)."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return None if x != x else round(float(x), digits)
-
-    return clean(t.detach().cpu().tolist())

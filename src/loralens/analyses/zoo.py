@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from loralens.analyses.engine import resolve_device, run_settings, warn_if_dora_product
-from loralens.analyses.lowrank import _nested
+from loralens.analyses.serialize import json_values, layer_span
 from loralens.core.similarity import top_singular_vectors
 from loralens.core.zoo import cosine_from_inner_products, segment_subspace_similarity, update_inner_products
 from loralens.errors import LoralensError, ModelMismatchError, RankError
@@ -95,7 +95,7 @@ class ZooReport:
         "phi_B": {...}, "phi_A": {...}, "order", "linkage"}}, "definition", "settings"}``; NaN -> null."""
 
         def pair(overall: Tensor, per_layer: Tensor) -> dict[str, Any]:
-            return {"overall": _nested(overall, 8), "per_layer": _nested(per_layer, 8)}
+            return {"overall": json_values(overall, 8), "per_layer": json_values(per_layer, 8)}
 
         return {
             "adapters": list(self.adapters),
@@ -107,7 +107,7 @@ class ZooReport:
                     "phi_B": pair(m.phi_B_overall, m.phi_B),
                     "phi_A": pair(m.phi_A_overall, m.phi_A),
                     "order": list(m.order),
-                    "linkage": _nested(m.linkage, 8),
+                    "linkage": json_values(m.linkage, 8),
                 }
                 for name, m in self.modules.items()
             },
@@ -167,7 +167,7 @@ def adapter_zoo(
         if not layers:
             raise ModelMismatchError(f"module {name!r}: the adapters share no layer; compare adapters of one model")
         if any(len(a.modules[name].layers) != len(layers) for a in adapters):
-            notes.append(f"{name}: compared on the {len(layers)} layers all adapters have ({_span(layers)})")
+            notes.append(f"{name}: compared on the {len(layers)} layers all adapters have ({layer_span(layers)})")
         result[name] = _compare_module(adapters, name, layers, block, dev, dtype)
     settings = {
         "n_adapters": len(adapters),
@@ -317,9 +317,3 @@ def _cluster(cosine: Tensor) -> tuple[tuple[int, ...], Tensor]:
     distance.fill_diagonal_(0)
     Z = linkage(squareform(distance.numpy(), checks=False), method="average")
     return tuple(int(i) for i in leaves_list(Z)), torch.from_numpy(Z)
-
-
-def _span(layers: list[int]) -> str:
-    return (
-        f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ",".join(map(str, layers))
-    )

@@ -20,6 +20,7 @@ from loralens.analyses.condlora_vs_lora import (
 )
 from loralens.analyses.engine import base_for, parse_memory_size
 from loralens.analyses.seeds import table2_from_folders
+from loralens.analyses.serialize import layer_span
 from loralens.cli._app import (
     BaseOpt,
     DeviceOpt,
@@ -30,7 +31,6 @@ from loralens.cli._app import (
     MaxMemoryOpt,
     ModulesOpt,
     app,
-    format_layers,
     parse_modules,
     print_pairs,
     torch_dtype,
@@ -299,7 +299,7 @@ def _print_comparison(report: ComparisonReport) -> None:
         console.print(table)
         expected = ", ".join(f"{f} {v:.4f}" for f, v in mc.random_expected.items())
         console.print(
-            f"layers {format_layers(mc.layers)}; random expectation max(i, j)/d: {expected}; "
+            f"layers {layer_span(mc.layers)}; random expectation max(i, j)/d: {expected}; "
             f"conv A / conv B: phi(W^-1 A_l^T, theta_A^T) / phi(W^-1 B_l, theta_B^T), random "
             f"{mc.conv_random_expected:.4f}\n",
             highlight=False,

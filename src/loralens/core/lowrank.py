@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from loralens.core.random import gaussian
 from loralens.core.similarity import basis_similarity, random_similarity_expected, require_rank, working_precision
 from loralens.errors import LoralensError, NonFiniteError, ShapeError
 
@@ -309,8 +310,8 @@ def _random_projection_norms(W: Tensor, k: int, n: int, generator: torch.Generat
     out = torch.empty(flat.shape[0], n, dtype=W.dtype, device=W.device)
     for b, Wb in enumerate(flat):
         # Q_1 (n, d_out, k), Q_2 (n, d_in, k)
-        Q_1 = torch.linalg.qr(torch.randn(n, d_out, k, generator=generator, dtype=W.dtype, device=W.device)).Q
-        Q_2 = torch.linalg.qr(torch.randn(n, d_in, k, generator=generator, dtype=W.dtype, device=W.device)).Q
+        Q_1 = torch.linalg.qr(gaussian(n, d_out, k, generator=generator, dtype=W.dtype, device=W.device)).Q
+        Q_2 = torch.linalg.qr(gaussian(n, d_in, k, generator=generator, dtype=W.dtype, device=W.device)).Q
         out[b] = _projection_norm(Wb, Q_1, Q_2)
     return out.reshape(*batch, n)
 

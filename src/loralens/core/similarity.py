@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from loralens.core.random import gaussian
 from loralens.errors import NonFiniteError, RankError, ShapeError
 
 __all__ = [
@@ -229,7 +230,7 @@ def random_pairwise_similarity(
         instead of dense matrices (the baseline for ``conv_BA``). Their singular subspaces are
         uniformly distributed just like a dense Gaussian's, at the cost of an ``r x r`` SVD.
     generator : torch.Generator, optional
-        Seeded generator for reproducible draws (on ``device``).
+        Seeded CPU generator for reproducible draws (:func:`loralens.core.random.gaussian`).
 
     Returns
     -------
@@ -240,10 +241,10 @@ def random_pairwise_similarity(
     m, n = shape
     j = i if j is None else j
     if rank is None:
-        G = torch.randn(L, m, n, generator=generator, dtype=dtype, device=device)
+        G = gaussian(L, m, n, generator=generator, dtype=dtype, device=device)
         return pairwise_subspace_similarity(G, i=i, j=j, side=side)
-    G1 = torch.randn(L, m, rank, generator=generator, dtype=dtype, device=device)
-    G2 = torch.randn(L, rank, n, generator=generator, dtype=dtype, device=device)
+    G1 = gaussian(L, m, rank, generator=generator, dtype=dtype, device=device)
+    G2 = gaussian(L, rank, n, generator=generator, dtype=dtype, device=device)
     k = max(i, j)
     U = product_singular_vectors(G1, G2, k, side)
     return pairwise_basis_similarity(U[..., :i], U[..., :j])

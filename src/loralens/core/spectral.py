@@ -57,6 +57,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from loralens.core.random import gaussian
 from loralens.core.similarity import working_precision
 from loralens.errors import BatchError, DTypeError, LoralensError, NonFiniteError, ShapeError
 
@@ -456,20 +457,20 @@ def _krylov_triplets(op: StackOperator, k: int, p: int, tol: float, max_iter: in
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dtype, device = op.dtype, op.device
 
-    def gaussian(rows: int, cols: int) -> Tensor:
-        return torch.randn(b, rows, cols, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    def draw(rows: int, cols: int) -> Tensor:
+        return gaussian(b, rows, cols, generator=gen, dtype=dtype, device=device)
 
     Vb = torch.empty(b, n, 0, dtype=dtype, device=device)  # right basis (b, n, m)
     Ub = torch.empty(b, m_out, 0, dtype=dtype, device=device)  # left basis (b, m_out, m)
     WV = torch.empty(b, m_out, 0, dtype=dtype, device=device)  # W @ Vb
     WtU = torch.empty(b, n, 0, dtype=dtype, device=device)  # W^T @ Ub
     C = torch.empty(b, 0, 0, dtype=dtype, device=device)  # Ub^T W Vb (b, m, m)
-    Vj = _extend_basis(Vb, gaussian(n, p), gaussian)
+    Vj = _extend_basis(Vb, draw(n, p), draw)
     it, next_check, last = 0, 1, None
     while True:
         it += 1
         P = op.matvec(Vj)  # (b, m_out, pj)
-        Uj = _extend_basis(Ub, P, gaussian)
+        Uj = _extend_basis(Ub, P, draw)
         Q = op.rmatvec(Uj)  # (b, n, pj)
         # C grows by a column block Ub^T P and a row block Uj^T [WV, P].
         top = torch.cat([C, _mm(Ub.mT, P)], dim=-1)
@@ -489,7 +490,7 @@ def _krylov_triplets(op: StackOperator, k: int, p: int, tol: float, max_iter: in
             worst = float(residual.max())
             next_check = it + _iterations_to_skip(last, (it, worst), tol)
             last = (it, worst)
-        Vj = _extend_basis(Vb, Q, gaussian, cols=min(p, n - m))
+        Vj = _extend_basis(Vb, Q, draw, cols=min(p, n - m))
 
 
 def _iterations_to_skip(last: tuple[int, float] | None, now: tuple[int, float], tol: float) -> int:
