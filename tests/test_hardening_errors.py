@@ -189,6 +189,7 @@ def loralens(*args: str | Path, stdout: Any = subprocess.PIPE, **kwargs: Any) ->
     )
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_while_writing(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     """RLIMIT_FSIZE below the size of conversion.safetensors: safetensors' write fails with EFBIG (CPython ignores
     SIGXFSZ, so the process is not killed), and the partial folder is removed."""
@@ -204,6 +205,7 @@ def test_a_file_size_limit_while_writing(tmp_path: Path, tiny_bert: Path, tiny_b
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     """The output goes to a 16 KiB tmpfs (about 40 KB are written): ENOSPC inside safetensors' writer."""
     small = tmp_path / "small"
@@ -221,6 +223,7 @@ def test_a_full_disk_while_writing(tmp_path: Path, tiny_bert: Path, tiny_bert_ad
         subprocess.run(["umount", str(small)], check=True)
 
 
+@pytest.mark.slow
 def test_stdout_on_a_full_device(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     with Path("/dev/full").open("w") as full:
         proc = loralens("similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--json", stdout=full)
@@ -228,6 +231,7 @@ def test_stdout_on_a_full_device(tiny_bert: Path, tiny_bert_adapter: Path) -> No
     assert "no space left on device" in proc.stderr
 
 
+@pytest.mark.slow
 def test_stdout_on_a_closed_pipe(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     read, write = os.pipe()
     os.close(read)  # nobody reads: the first write fails with EPIPE
@@ -238,6 +242,7 @@ def test_stdout_on_a_closed_pipe(tiny_bert: Path, tiny_bert_adapter: Path) -> No
     assert_one_error(proc.returncode, "", proc.stderr, "standard output: cannot print to it (broken pipe")
 
 
+@pytest.mark.slow
 def test_a_base_folder_without_read_permission(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     """The base folder is mode 000. Root reads it anyway through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, so as root
     the run drops both (setpriv), as an ordinary user would be."""
@@ -258,6 +263,7 @@ def test_a_base_folder_without_read_permission(tmp_path: Path, tiny_bert: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 
+@pytest.mark.slow
 def test_sigxfsz_is_ignored_in_the_cli() -> None:
     """What the file-size-limit test relies on: the interpreter running the CLI ignores SIGXFSZ, so a write past
     the limit raises EFBIG instead of killing the process (subprocess restores SIG_DFL before exec)."""

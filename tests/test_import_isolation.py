@@ -58,12 +58,14 @@ def test_checker_reports_a_forbidden_stdlib_module(tmp_path: Path) -> None:
     assert imported_forbidden(["colorsys"], ["colorsys_does_not_exist", "colorsys"], tmp_path) == ["colorsys"]
 
 
+@pytest.mark.slow
 def test_checker_reports_the_cli_stack(tmp_path: Path) -> None:
     # loralens.cli is the one module allowed to import typer and rich: the checker must see them.
     found = imported_forbidden(["loralens.cli"], FORBIDDEN, tmp_path)
     assert "typer" in found and "rich" in found
 
 
+@pytest.mark.slow
 def test_cli_start_up_does_not_import_matplotlib(tmp_path: Path) -> None:
     # the commands that draw import loralens.render.report (and matplotlib) inside themselves: `loralens` starts faster
     found = imported_forbidden(

@@ -131,6 +131,7 @@ def test_export_writes_a_peft_folder(minilm_path: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(tensors[key], (W.double() @ theta_A.double().T).T.float(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_train_condlora_json(minilm_path: Path, tmp_path: Path) -> None:
     proc = run_cli(
         "train", "--base", minilm_path, "--method", "condlora", "--task", "vader-polarity", "--steps", "4",

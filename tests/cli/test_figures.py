@@ -34,6 +34,7 @@ def tiny_condlora(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_figure_writes_png_svg_and_csv(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     out = tmp_path / "figs"
     proc = run_cli("figure", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out, "--dpi", "160")
@@ -55,6 +56,7 @@ def test_figure_options_pick_modules_and_dimensions(tmp_path: Path, tiny_bert: P
     assert loralens.cli.figures.DPI == loralens.render.report.DPI
 
 
+@pytest.mark.slow
 def test_report_with_condlora_writes_one_self_contained_html(
     tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path, tiny_condlora: Path
 ) -> None:
@@ -115,6 +117,7 @@ def test_report_lowrank_numbers_and_overlap_on_real_adapters(
     assert rt_adapters[16].name in html  # the overlap's caption names the second adapter
 
 
+@pytest.mark.slow
 def test_report_no_lowrank_leaves_the_analyses_out(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     argv = ["report", "--base", tiny_bert, "--lora", tiny_bert_adapter, "--device", "cpu"]
     result = CliRunner().invoke(app, [*map(str, argv), "--out", str(tmp_path / "without"), "--no-lowrank"])

@@ -86,6 +86,7 @@ def written(default_analysis: tuple[dict, dict], tmp_path_factory: pytest.TempPa
     return out
 
 
+@pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_report_writes_html_pictures_and_tables(written: Path) -> None:
     names = {p.name for p in written.iterdir()}
     pictures = {f"figure1_{m}_{f}" for m in ("query", "value") for f in ("A", "B", "BA")} | {
@@ -98,6 +99,7 @@ def test_report_writes_html_pictures_and_tables(written: Path) -> None:
     assert names == expected
 
 
+@pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_report_is_self_contained(written: Path) -> None:
     page = parse((written / "report.html").read_text(encoding="utf-8"))
     images = [attrs for tag, attrs in page.tags if tag == "img"]
@@ -116,6 +118,7 @@ def test_report_is_self_contained(written: Path) -> None:
                 assert key == "href" and (written / value).is_file(), value  # links only to files beside it
 
 
+@pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_report_names_inputs_hashes_and_settings(written: Path, default_analysis: tuple[dict, dict]) -> None:
     similarity, inputs = default_analysis
     text = (written / "report.html").read_text(encoding="utf-8")
@@ -133,6 +136,7 @@ def test_report_names_inputs_hashes_and_settings(written: Path, default_analysis
     assert "Table 3" in text and "36,864" in text  # Tables 3 and 4 from the data given
 
 
+@pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_pictures_are_150_dpi_png_and_valid_svg(written: Path) -> None:
     png = Image.open(written / "figure1_value_B.png")
     assert png.info["dpi"][0] == pytest.approx(150, abs=1)
@@ -140,6 +144,7 @@ def test_pictures_are_150_dpi_png_and_valid_svg(written: Path) -> None:
     assert root.tag.endswith("svg")
 
 
+@pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_csv_files_hold_the_exact_numbers(written: Path, default_analysis: tuple[dict, dict]) -> None:
     similarity, _ = default_analysis
     with (written / "phi_matrices.csv").open(newline="") as f:
@@ -224,6 +229,7 @@ def written_lowrank(
     return out
 
 
+@pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_report_with_lowrank_writes_pictures_and_tables(written_lowrank: Path) -> None:
     names = {p.name for p in written_lowrank.iterdir()}
     assert {f"{a}.{ext}" for a in LOWRANK for ext in ("png", "svg", "csv", "md", "tex")} <= names
@@ -233,6 +239,7 @@ def test_report_with_lowrank_writes_pictures_and_tables(written_lowrank: Path) -
         assert (written_lowrank / f"{a}.tex").read_text().startswith(r"\begin{table}")
 
 
+@pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_report_lowrank_section_embeds_pictures_tables_and_captions(written_lowrank: Path) -> None:
     text = (written_lowrank / "report.html").read_text(encoding="utf-8")
     page = parse(text)
@@ -251,6 +258,7 @@ def test_report_lowrank_section_embeds_pictures_tables_and_captions(written_lowr
     assert section.count("<table") >= 3 and "phi(k,k)" in section and "ampl." in section and "erank 80%" in section
 
 
+@pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_lowrank_csv_tables_hold_the_librarys_numbers(written_lowrank: Path, lowrank_data: dict) -> None:
     with (written_lowrank / "amplification.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -284,6 +292,7 @@ def test_lowrank_report_is_byte_identical_on_reruns(one_factor: dict, lowrank_da
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+@pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_lowrank_pictures_from_the_dicts(lowrank_data: dict) -> None:
     for build, name in ((amplification_picture, "amplification"), (spectra_picture, "spectra")):
         pic = build(lowrank_data[name], 72)
