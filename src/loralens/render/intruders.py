@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from loralens.errors import LoralensError
-from loralens.render.lowrank import _labels, _palette
+from loralens.render.style import layer_labels, palette
 from loralens.render.tables import Cell, Table
 
 __all__ = ["intruder_count_heatmap", "epsilon_curve", "intruders_figure", "intruders_table"]
@@ -50,7 +50,7 @@ def intruder_count_heatmap(
             continue
         ax.text(col, row, f"{int(value)}", ha="center", va="center", fontsize=9,
                 color="white" if value > 0.6 * top else "black")  # fmt: skip
-    ax.set_xticks(range(grid.shape[1]), [str(x) for x in _labels(labels, grid.shape[1])])
+    ax.set_xticks(range(grid.shape[1]), [str(x) for x in layer_labels(labels, grid.shape[1])])
     ax.set_yticks(range(len(modules)), modules)
     ax.set_xlabel("layer")
     ax.figure.colorbar(image, ax=ax, label="intruders" + (f" (of top {k})" if k else ""))
@@ -73,7 +73,7 @@ def epsilon_curve(
     eps = np.asarray(epsilon, dtype=float)
     if ax is None:
         ax = Figure(figsize=(5.5, 3.6), layout="constrained").add_subplot()
-    for color, (module, grid) in zip(_palette(len(counts)), counts.items(), strict=True):
+    for color, (module, grid) in zip(palette(len(counts)), counts.items(), strict=True):
         total = np.asarray(grid, dtype=float).reshape(len(eps), -1).sum(axis=1)
         ax.plot(eps, total, marker="o", markersize=3, color=color, label=module)
     if chosen is not None:

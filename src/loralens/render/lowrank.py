@@ -23,6 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from loralens.errors import LoralensError, ShapeError
+from loralens.render.style import layer_labels, palette
 
 __all__ = [
     "CMAP",
@@ -130,7 +131,7 @@ def overlap_figure(
         raise LoralensError("overlap_figure needs at least one row of grids")
     rows = {name: _stack(g, name, 3) for name, g in grids.items()}
     L = _same_length(rows)
-    ticks = _labels(labels, L)
+    ticks = layer_labels(labels, L)
     n_i = max(v.shape[1] for v in rows.values())
     n_j = max(v.shape[2] for v in rows.values())
     cell_w, cell_h = min(3.2, 1.1 + 0.12 * n_j), min(3.2, 1.0 + 0.12 * n_i)
@@ -184,12 +185,12 @@ def projection_bars(
         raise LoralensError("projection_bars needs at least one series")
     series = {name: _vector(v, name) for name, v in values.items()}
     L = _same_length(series)
-    ticks = _labels(labels, L)
+    ticks = layer_labels(labels, L)
     if ax is None:
         ax = Figure(figsize=(max(5.0, 0.6 * L + 2.5), 3.6), layout="constrained").add_subplot()
     width = 0.8 / len(series)
     x = np.arange(L)
-    colours = _palette(len(series))
+    colours = palette(len(series))
     for k, ((name, v), colour) in enumerate(zip(series.items(), colours, strict=True)):
         ax.bar(x + (k - (len(series) - 1) / 2) * width, v, width, label=name, color=colour)
     if logy:
@@ -218,11 +219,11 @@ def amplification_line(
 ) -> Axes:
     """The amplification factor ``||dW||_F / ||U.T W V||_F`` per layer as one line with markers."""
     v = _vector(values, "amplification")
-    ticks = _labels(labels, len(v))
+    ticks = layer_labels(labels, len(v))
     if ax is None:
         ax = Figure(figsize=(max(5.0, 0.4 * len(v) + 2.5), 3.6), layout="constrained").add_subplot()
     x = np.arange(len(v))
-    ax.plot(x, v, marker="o", color=_palette(1)[0])
+    ax.plot(x, v, marker="o", color=palette(1)[0])
     ax.set_xticks(x, [str(t) for t in ticks])
     ax.set_xlabel("layer")
     ax.set_ylabel(r"$\|\Delta W\|_F \,/\, \|U^\top W V\|_F$")
@@ -325,11 +326,11 @@ def effective_rank_lines(
         raise LoralensError("effective_rank_lines needs at least one series")
     series = {name: _vector(v, name) for name, v in values.items()}
     L = _same_length(series)
-    ticks = _labels(labels, L)
+    ticks = layer_labels(labels, L)
     if ax is None:
         ax = Figure(figsize=(max(5.0, 0.4 * L + 2.5), 3.6), layout="constrained").add_subplot()
     x = np.arange(L)
-    for (name, v), colour, marker in zip(series.items(), _palette(len(series)), "osD^v", strict=False):
+    for (name, v), colour, marker in zip(series.items(), palette(len(series)), "osD^v", strict=False):
         ax.plot(x, v, marker=marker, color=colour, label=name)
     if rank is not None:
         r = _vector(np.broadcast_to(np.asarray(rank, dtype=float), (L,)), "rank")
@@ -401,7 +402,7 @@ def _layer_lines(
     values: np.ndarray, labels: Sequence[Any] | None, ax: Axes | None, title: str | None, ylabel: str, logy: bool
 ) -> Axes:
     L, r = values.shape
-    ticks = _labels(labels, L)
+    ticks = layer_labels(labels, L)
     if ax is None:
         ax = Figure(figsize=(max(5.0, 0.3 * r + 3.0), 3.6), layout="constrained").add_subplot()
     cmap = colormaps[CMAP]
@@ -454,21 +455,7 @@ def _same_length(series: Mapping[str, np.ndarray]) -> int:
     return next(iter(lengths.values()))
 
 
-def _labels(labels: Sequence[Any] | None, L: int) -> list[Any]:
-    if labels is None:
-        return list(range(L))
-    if len(labels) != L:
-        raise ShapeError(f"{len(labels)} layer labels for {L} layers")
-    return list(labels)
-
-
 def _ticks(n: int) -> list[int]:
     """1-based tick positions, at most about 8 of them."""
     step = max(1, -(-n // 8))
     return list(range(1, n + 1, step))
-
-
-def _palette(n: int) -> list[Any]:
-    """Colours of matplotlib's colour-blind-safe ``tableau-colorblind10`` style, cycled."""
-    colours = ["#006BA4", "#FF800E", "#ABABAB", "#595959", "#5F9ED1", "#C85200", "#898989", "#A2C8EC", "#FFBC79"]
-    return [colours[k % len(colours)] for k in range(n)]
