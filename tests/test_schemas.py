@@ -27,7 +27,7 @@ REGISTRY = Registry().with_resources(
 )
 COMMANDS = (
     "conversion", "similarity", "compare", "params", "overlap", "amplification", "spectra", "intruders", "zoo",
-    "train", "report",
+    "dora", "train", "report",
 )  # fmt: skip
 
 
@@ -141,6 +141,24 @@ def test_zoo(tiny_bert_adapter: Path, second_adapter: Path, tmp_path: Path) -> N
     argv = ["zoo", "--adapter", tiny_bert_adapter, "--adapter", second_adapter, "--device", "cpu"]
     assert_valid("zoo", run_json(*argv, "--json", "--out", out))
     assert_valid("zoo", json.loads((out / "zoo.json").read_text()))
+
+
+def test_dora_one_and_several_adapters(
+    tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path, tmp_path: Path
+) -> None:
+    dora = checkpoints.dora_adapter(tiny_bert, tmp_path / "dora")
+    out = tmp_path / "dora-out"
+    one = run_json("dora", "--base", tiny_bert, "--adapter", dora, "--device", "cpu", "--json", "--out", out)
+    assert_valid("dora", one)
+    assert_valid("dora", json.loads((out / "dora.json").read_text()))
+    assert one["modules"]["query"]["dora"] is True
+    argv = ["dora", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--adapter", second_adapter, "--adapter", dora]
+    several = run_json(*argv, "--device", "cpu", "--json")
+    assert_valid("dora", several)
+    assert len(several["runs"]) == 3 and several["pooled"]["value"]["n"] == 6
+    doc = copy.deepcopy(one)
+    doc["modules"]["query"]["dD"][0] = -1.0  # 1 - cos is never negative
+    assert not validator("dora").is_valid(doc)
 
 
 def test_overlap(tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path) -> None:

@@ -58,6 +58,10 @@ _EXPORTS = {
     "spectra_report": "loralens.analyses.lowrank",
     "IntrudersReport": "loralens.analyses.intruders",
     "intruder_dimensions": "loralens.analyses.intruders",
+    "DoraReport": "loralens.analyses.dora",
+    "DoraSeriesReport": "loralens.analyses.dora",
+    "magnitude_direction": "loralens.analyses.dora",
+    "magnitude_direction_series": "loralens.analyses.dora",
     "ZooReport": "loralens.analyses.zoo",
     "adapter_zoo": "loralens.analyses.zoo",
     "BuiltReport": "loralens.render.build",
@@ -70,6 +74,7 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
     from loralens import examples
     from loralens.analyses.condlora_vs_lora import ComparisonReport, ParameterCounts, compare_adapters, parameter_counts
     from loralens.analyses.conversion import FACTORS, ModuleConversion, compute_conversions, compute_conversions_many
+    from loralens.analyses.dora import DoraReport, DoraSeriesReport, magnitude_direction, magnitude_direction_series
     from loralens.analyses.engine import base_for, parse_memory_size
     from loralens.analyses.intruders import IntrudersReport, intruder_dimensions
     from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report

@@ -22,6 +22,7 @@ from loralens.cli import core  # noqa: F401, I001  (registers conversion, simila
 import loralens.cli.lowrank  # noqa: F401  (registers overlap, amplification, spectra)
 import loralens.cli.intruders  # noqa: F401  (registers intruders)
 import loralens.cli.zoo  # noqa: F401  (registers zoo)
+import loralens.cli.dora  # noqa: F401  (registers dora)
 import loralens.cli.figures  # noqa: F401  (registers figure, report)
 import loralens.cli.condlora  # noqa: F401  (registers train, compare, params, export)
 import loralens.cli.reproduce  # noqa: F401  (registers reproduce table2)

@@ -180,6 +180,7 @@ def _error_line(message: str) -> None:
 #: this table, the one place where the two meet, adds the flag advice to the line the CLI prints. Every
 #: ``option=`` the library raises has its entry (``tests/test_errors.py`` checks).
 OPTION_ADVICE: dict[str, str] = {
+    "adapters": "pass one or more with --adapter",
     "assume_same_base": "pass --same-base if they are one model",
     "base": "pass --base <model folder>",
     "block": "set it with --block",
