@@ -226,3 +226,172 @@ def test_embedded_default_adapter_analyses() -> None:
             s = report.modules[name][factor]
             torch.testing.assert_close(s.phi.diagonal(), torch.ones(6, dtype=s.phi.dtype))
             assert 0 <= s.mean_offdiag <= 1
+
+
+# ---------------------------------------------------------------------------------- the W-conditioned null (#13)
+
+
+def _synthetic(folder: Path, W: torch.Tensor, r: int, seed: int = 0) -> tuple[Path, Path]:
+    """A Llama-shaped base holding only ``q_proj`` = ``W`` ``(L, d, d)`` (float64) and a random PEFT LoRA adapter."""
+    L, d, _ = W.shape
+    base, adapter = folder / "base", folder / "adapter"
+    base.mkdir(parents=True)
+    adapter.mkdir(parents=True)
+    save_file(
+        {f"model.layers.{k}.self_attn.q_proj.weight": W[k].clone() for k in range(L)},
+        str(base / "model.safetensors"),
+    )
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": d, "num_hidden_layers": L}
+    (base / "config.json").write_text(json.dumps(config | {"num_attention_heads": 1}))
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for k in range(L):
+        prefix = f"base_model.model.model.layers.{k}.self_attn.q_proj"
+        lora[f"{prefix}.lora_A.weight"] = torch.randn(r, d, generator=gen, dtype=torch.float64)
+        lora[f"{prefix}.lora_B.weight"] = torch.randn(d, r, generator=gen, dtype=torch.float64)
+    save_file(lora, str(adapter / "adapter_model.safetensors"))
+    peft = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0}
+    peft |= {"target_modules": ["q_proj"], "base_model_name_or_path": str(base), "fan_in_fan_out": False}
+    (adapter / "adapter_config.json").write_text(json.dumps(peft))
+    return base, adapter
+
+
+def _w_null_report(base: Path, adapter: Path, draws: int, **kwargs: object) -> loralens.SimilarityReport:
+    (report,) = loralens.adapter_similarity(
+        loralens.open_base(base), [loralens.load_lora_adapter(adapter)], device="cpu", null_draws=draws, **kwargs
+    )
+    return report
+
+
+def _mc_mean_offdiag(W: np.ndarray, r: int, side_rows: str, draws: int, seed: int) -> tuple[float, float]:
+    """Independent float64 Monte-Carlo reference in numpy: mean over draws of each draw's mean off-diagonal phi of
+    W_l^-1 R_l (left singular vectors, i = j = r); returns (mean, its standard error)."""
+    rng = np.random.default_rng(seed)
+    L, d, _ = W.shape
+    off = ~np.eye(L, dtype=bool)
+    values = []
+    for _ in range(draws):
+        U = []
+        for k in range(L):
+            R = rng.standard_normal((d, r))
+            U.append(np.linalg.svd(np.linalg.solve(W[k], R), full_matrices=False)[0][:, :r])
+        phi = np.array([[np.sum((U[a].T @ U[b]) ** 2) / r for b in range(L)] for a in range(L)])
+        values.append(phi[off].mean())
+    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(draws))
+
+
+def test_w_null_matches_a_numpy_monte_carlo(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    L, d, r = 4, 24, 3
+    # Layers share a spread spectrum with partly common singular directions: a null well above max(i, j) / d.
+    Q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    W = np.stack(
+        [(Q + 0.5 * rng.standard_normal((d, d)) / np.sqrt(d)) * np.logspace(0, -1.5, d) @ Q.T for _ in range(L)]
+    )
+    base, adapter = _synthetic(tmp_path, torch.from_numpy(W), r)
+    report = _w_null_report(base, adapter, 200, seed=5)
+    ref, ref_se = _mc_mean_offdiag(W, r, "left", 400, seed=11)
+    for factor in ("A", "B", "BA"):
+        w = report.modules["q_proj"][factor].w_null
+        assert w is not None and w.draws == 200
+        se = float(np.hypot(w.mean_offdiag_std / np.sqrt(200), ref_se))
+        # Tolerance: 4 standard errors of the difference of two independent Monte-Carlo means. A^T's right-hand
+        # side has W's shape too (square W), so all three factors share the reference in distribution.
+        assert abs(w.mean_offdiag - ref) < 4 * se, (factor, w.mean_offdiag, ref, se)
+    assert ref > 2 * r / d  # the case is informative: W pulls the null well above the Gaussian baseline
+
+
+def test_w_null_of_the_identity_is_the_gaussian_baseline(tmp_path: Path) -> None:
+    L, d, r = 4, 32, 2
+    base, adapter = _synthetic(tmp_path, torch.eye(d, dtype=torch.float64).expand(L, d, d), r)
+    report = _w_null_report(base, adapter, 200)
+    for factor in ("A", "B", "BA"):
+        w = report.modules["q_proj"][factor].w_null
+        assert w is not None
+        se = w.mean_offdiag_std / np.sqrt(w.draws)
+        # Tolerance: 4 standard errors around E = max(i, j) / d = r / d.
+        assert abs(w.mean_offdiag - r / d) < 4 * se, (factor, w.mean_offdiag, se)
+
+
+def test_w_null_rises_toward_one_on_a_shared_small_subspace(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    L, d, r = 4, 24, 2
+    # W = U S V^T with the smallest singular values on directions V[:, -r:] that every layer shares: W^-1 = V S^-1 U^T
+    # maps any right-hand side mostly onto them.
+    shared = np.linalg.qr(rng.standard_normal((d, r)))[0]
+    W = []
+    for _ in range(L):
+        V = np.hstack([np.linalg.qr(np.hstack([shared, rng.standard_normal((d, d - r))]))[0][:, r:], shared])
+        U = np.linalg.qr(rng.standard_normal((d, d)))[0]
+        W.append(U @ np.diag(np.concatenate([np.linspace(1, 0.5, d - r), [1e-3, 1e-3]])) @ V.T)
+    base, adapter = _synthetic(tmp_path, torch.from_numpy(np.stack(W)), r)
+    report = _w_null_report(base, adapter, 20)
+    for factor in ("A", "B", "BA"):
+        s = report.modules["q_proj"][factor]
+        assert s.w_null is not None and s.w_null.mean_offdiag > 0.8, (factor, s.w_null.mean_offdiag)
+        assert s.random_mean_offdiag < 0.3
+
+
+def test_w_null_statistics_are_sane_and_byte_identical(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    L, d, r = 3, 16, 2
+    W = torch.from_numpy(rng.standard_normal((L, d, d)) / 4 + 2 * np.eye(d))
+    base, adapter = _synthetic(tmp_path, W, r)
+    one = _w_null_report(base, adapter, 7, seed=2)
+    again = _w_null_report(base, adapter, 7, seed=2, layer_batch=1)  # batching does not change the draws
+    assert json.dumps(one.to_dict()["modules"]) == json.dumps(again.to_dict()["modules"])
+    off = _w_null_report(base, adapter, 0, seed=2)
+    for factor, s in one.modules["q_proj"].items():
+        w = s.w_null
+        assert w is not None and w.draws == 7
+        assert bool(((w.p > 0) & (w.p <= 1)).all()) and bool(torch.isfinite(w.z).all())
+        assert torch.equal(w.p.diagonal(), torch.ones(L, dtype=w.p.dtype)) and bool((w.z.diagonal() == 0).all())
+        allowed = torch.arange(1, 9, dtype=w.p.dtype) / 8  # (1 + count) / (N + 1)
+        assert bool(torch.isclose(w.p.unsqueeze(-1), allowed).any(dim=-1).all())
+        # The W-null is additive: the observed and Gaussian numbers are those of a run without it.
+        assert torch.equal(s.phi, off.modules["q_proj"][factor].phi)
+        assert torch.equal(s.random_phi, off.modules["q_proj"][factor].random_phi)
+        assert off.modules["q_proj"][factor].w_null is None
+        expected = (w.mean_offdiag - s.random_mean_offdiag) / (s.mean_offdiag - s.random_mean_offdiag)
+        assert w.share_of_excess == pytest.approx(expected)
+        d_json = one.to_dict()["modules"]["q_proj"][factor]["w_null"]
+        assert set(d_json) == {
+            "draws",
+            "mean_offdiag",
+            "mean_offdiag_std",
+            "share_of_excess",
+            "phi_mean",
+            "phi_std",
+            "z",
+            "p",
+        }
+    assert one.settings["null_draws"] == 7 and "w_null:<factor>" in one.settings["w_null_baseline"]
+    assert off.to_dict()["modules"]["q_proj"]["A"]["w_null"] is None and off.settings["null_draws"] == 0
+
+
+def test_w_null_draws_are_validated(tmp_path: Path) -> None:
+    base, adapter = _synthetic(tmp_path, torch.eye(8, dtype=torch.float64).expand(2, 8, 8) * 2, 2)
+    for bad in (-1, 1):
+        with pytest.raises(LoralensError, match="null_draws must be 0") as info:
+            _w_null_report(base, adapter, bad)
+        assert info.value.options == ("null_draws",)
+    convs = compute_conversions(loralens.open_base(base), loralens.load_lora_adapter(adapter), device="cpu")
+    with pytest.raises(LoralensError, match="carry no W-null draws") as info:
+        layer_similarity(convs, null_draws=5)
+    assert info.value.options == ("null_draws",)
+    assert layer_similarity(convs).modules["q_proj"]["A"].w_null is None  # None: what the conversions carry
+
+
+def test_w_null_on_the_shipped_default_adapter() -> None:
+    adapter = loralens.load_lora_adapter(loralens.examples.default_adapter())
+    base = loralens.base_for(adapter, loralens.examples.default_base())
+    (report,) = loralens.adapter_similarity(base, [adapter], device="cpu", null_draws=5)
+    for name in ("query", "value"):
+        for factor in ("A", "B", "BA"):
+            s = report.modules[name][factor]
+            w = s.w_null
+            assert w is not None and w.draws == 5 and w.phi_mean.shape == (6, 6)
+            # W^-1 lifts the null above the Gaussian E = 8 / 384, yet it stays a small phi.
+            assert s.random_expected < w.mean_offdiag < 0.2 and 0 < w.mean_offdiag_std < w.mean_offdiag
+            assert bool(torch.isfinite(w.z).all()) and bool(((w.p > 0) & (w.p <= 1)).all())
+            assert np.isfinite(w.share_of_excess)

@@ -30,10 +30,15 @@ def test_similarity_json_on_the_real_adapter(minilm_path: Path, vader_adapter: P
             assert f["random_expected"] == pytest.approx(8 / 384)
             assert f["phi"][2][2] == pytest.approx(1.0)
             assert 0 <= f["mean_offdiag"] <= 1
+            w = f["w_null"]  # the W-conditioned null, 20 draws by default
+            assert w["draws"] == 20 and len(w["phi_mean"]) == len(w["p"]) == len(w["z"]) == 6
+            assert f["random_expected"] < w["mean_offdiag"] < 1 and w["mean_offdiag_std"] > 0
+            assert all(0 < p <= 1 for row in w["p"] for p in row) and None not in sum(w["z"], [])
     settings = out["settings"]
     assert settings["side"] == "left" and settings["device"] == "cpu" and settings["dtype"] == "float64"
     assert settings["layers"] == {"query": list(range(6)), "value": list(range(6))}
     assert settings["inputs"]["adapter"]["sha256"]
+    assert settings["null_draws"] == 20 and "seeded_generator" in settings["w_null_baseline"]
 
 
 def test_similarity_table_and_options(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
@@ -55,6 +60,20 @@ def test_similarity_table_and_options(tiny_bert: Path, tiny_bert_adapter: Path) 
     assert proc.returncode == 0, proc.stderr
     assert "value" in proc.stdout and "query" not in proc.stdout
     assert "random" in proc.stdout and "0.0938" in proc.stdout  # max(2, 3) / 32
+    assert "W-null" in proc.stdout and "share of excess" in proc.stdout and " +- " in proc.stdout
+
+
+def test_similarity_null_draws_option(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    flags = ("--base", tiny_bert, "--adapter", tiny_bert_adapter, "--modules", "value", "--device", "cpu")
+    off = json.loads(run_cli("similarity", *flags, "--null-draws", "0", "--json").stdout)
+    three = json.loads(run_cli("similarity", *flags, "--null-draws", "3", "--json").stdout)
+    assert off["settings"]["null_draws"] == 0 and off["modules"]["value"]["A"]["w_null"] is None
+    assert three["modules"]["value"]["A"]["w_null"]["draws"] == 3
+    for f in ("A", "B", "BA"):  # the W-null is additive: the paper's numbers do not move
+        for key in ("phi", "random_phi", "mean_offdiag", "random_mean_offdiag"):
+            assert off["modules"]["value"][f][key] == three["modules"]["value"][f][key]
+    proc = run_cli("similarity", *flags, "--null-draws", "-2")
+    assert proc.returncode == 2 and "null_draws must be 0" in proc.stderr and "--null-draws" in proc.stderr
 
 
 def test_base_defaults_to_the_adapter_config(tmp_path: Path, tiny_bert: Path) -> None:

@@ -173,3 +173,26 @@ def test_public_names() -> None:
         assert callable(getattr(loralens.render, name))
     with pytest.raises(AttributeError):
         loralens.render.no_such_plot  # noqa: B018
+
+
+def test_figure_adds_the_w_null_panel_and_marks_cells_not_above_it() -> None:
+    L = 5
+    p = np.full((L, L), 0.01)
+    p[0, 1] = p[3, 2] = 0.5  # two observed cells the W-null reaches (p > 0.05); the diagonal never counts
+    np.fill_diagonal(p, 1.0)
+    w_null = {"phi_mean": phi_matrix(L, 2), "p": p, "draws": 20, "mean_offdiag": 0.057, "mean_offdiag_std": 0.003}
+    fig = similarity_figure(phi_matrix(L), phi_matrix(L, 1), module="value", factor="A", w_null=w_null)
+    observed, random, null, bar = fig.axes
+    assert bar.get_ylabel().startswith(r"$\varphi$")
+    meshes = [ax.collections[0] for ax in (observed, random, null)]
+    assert {(m.norm.vmin, m.norm.vmax) for m in meshes} == {(0.0, 1.0)}  # one colour scale for the three panels
+    np.testing.assert_allclose(np.asarray(null.collections[0].get_array()).reshape(L, L), w_null["phi_mean"])
+    assert "W-null" in null.get_title() and "0.057 ± 0.003" in null.get_title()
+    dots = observed.collections[1].get_offsets()
+    assert sorted((int(y), int(x)) for x, y in dots) == [(0, 1), (3, 2)]
+    assert [t.get_text() for t in observed.get_legend().get_texts()] == ["not above the W-null (p > 0.05)"]
+    FigureCanvasAgg(fig).draw()  # renders without error
+    two = similarity_figure(phi_matrix(L), phi_matrix(L, 1), module="value", factor="A")
+    assert len(two.axes) == 3  # without a W-null: the paper's pair and the colour bar
+    with pytest.raises(ShapeError, match="w_null phi_mean"):
+        similarity_figure(phi_matrix(L), phi_matrix(L, 1), module="m", factor="A", w_null={**w_null, "p": p[:2, :2]})

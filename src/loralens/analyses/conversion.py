@@ -31,16 +31,20 @@ from loralens.analyses.engine import (
     layers_per_batch,
     parse_memory_size,
     resolve_device,
+    seeded_generator,
     select_modules,
     warn_if_dora_product,
 )
 from loralens.analyses.provenance import provenance
+from loralens.analyses.serialize import json_values
 from loralens.core.conversion import (
     Conversion,
+    Factorization,
     factorize,
     fallback_message,
     solve_conversions,
 )
+from loralens.core.random import gaussian
 from loralens.errors import (
     BatchError,
     DTypeError,
@@ -58,6 +62,9 @@ __all__ = [
     "FACTORS",
     "LEAST_SQUARES_FALLBACK",
     "ModuleConversion",
+    "WNullConversions",
+    "W_NULL_DRAWS",
+    "check_null_draws",
     "compute_conversions",
     "compute_conversions_many",
     "least_squares_layers",
@@ -79,6 +86,44 @@ LEAST_SQUARES_FALLBACK = (
 )
 
 
+#: How the W-conditioned null is drawn and solved, written into every output that carries it.
+W_NULL_DRAWS = (
+    "per module, layer and factor, N draws of R with i.i.d. N(0, 1) entries of the shape of that factor's "
+    "right-hand side (A: d_in x r, B: d_out x r), drawn consecutively from "
+    "seeded_generator(seed, module, layer, 'w_null:<factor>'), solved like the adapter's factors (same "
+    "factorisation of W, same convention); BA: (W^-1 R_B) R_A with R_A the A draw transposed (r x d_in)"
+)
+
+
+@dataclass(frozen=True)
+class WNullConversions:
+    """The W-conditioned null of one module: conversion matrices of Gaussian right-hand sides.
+
+    ``N = draws`` draws per layer, solved with the same factorisation and convention as the adapter's factors
+    (see :data:`W_NULL_DRAWS`). Memory: ``N * L * (2 d_A + d_B) * r`` numbers of the compute dtype (``A``,
+    ``B`` and ``rhs_A``), e.g. 20 draws of a 7B model's square 4096 x 4096 module over 32 layers at r = 8:
+    about 500 MB in float64 per module; the B A null is never formed (its singular vectors come from the
+    factored form ``B @ rhs_A.mT``).
+
+    Attributes
+    ----------
+    draws, seed : int
+        ``N`` and the seed of :func:`~loralens.analyses.engine.seeded_generator`.
+    A : Tensor
+        ``(N, L, d_A, r)``: ``W^-1 R_A`` (``"solve"``; ``W^T X = R_A`` solved under ``"lstsq"``), ``R_A`` ``(d_in, r)``.
+    B : Tensor
+        ``(N, L, d_B, r)``: ``W^-1 R_B``, ``R_B`` ``(d_out, r)``.
+    rhs_A : Tensor
+        ``(N, L, d_in, r)``: the ``R_A`` draws; ``rhs_A.mT`` is the right factor of the B A null.
+    """
+
+    draws: int
+    seed: int
+    A: Tensor
+    B: Tensor
+    rhs_A: Tensor
+
+
 @dataclass(frozen=True)
 class ModuleConversion:
     """Conversion matrices of one module type with what produced them.
@@ -97,6 +142,8 @@ class ModuleConversion:
         ``conv_A``, ``conv_B``, ``conv_BA``, residuals, condition estimates, convention.
     ranks, scaling : tuple
         Per layer, from the adapter.
+    null : WNullConversions or None
+        The W-conditioned null (``null_draws`` of :func:`compute_conversions_many`); None when not drawn.
     """
 
     module: str
@@ -106,6 +153,7 @@ class ModuleConversion:
     conversion: Conversion
     ranks: tuple[int, ...]
     scaling: tuple[float, ...]
+    null: WNullConversions | None = None
 
     def matrix(self, factor: str) -> Tensor:
         """The stacked conversion matrices of ``factor`` in ``FACTORS``."""
@@ -128,6 +176,8 @@ def compute_conversions(
     max_memory: str | int | None = None,
     with_residuals: bool = True,
     progress: ProgressCallback | None = None,
+    null_draws: int = 0,
+    null_seed: int = 0,
 ) -> dict[str, ModuleConversion]:
     """Conversion matrices of every (selected) module of ``adapter`` against ``base``.
 
@@ -135,6 +185,8 @@ def compute_conversions(
     size such as ``"2GB"``; the smaller when both are given; all at once when neither is), upcast to ``dtype``
     on ``device``; results are moved to the CPU, so memory on the device holds one batch.
     ``with_residuals=False`` skips the residuals (NaN then), which :func:`layer_similarity` does not use.
+    ``null_draws`` (0: none) draws of the W-conditioned null, seeded by ``null_seed``, are solved with the same
+    factorisations (:class:`WNullConversions`, in ``ModuleConversion.null``) for :func:`layer_similarity`.
     """
     return compute_conversions_many(
         base,
@@ -147,6 +199,8 @@ def compute_conversions(
         max_memory=max_memory,
         with_residuals=with_residuals,
         progress=progress,
+        null_draws=null_draws,
+        null_seed=null_seed,
     )[0]
 
 
@@ -162,6 +216,8 @@ def compute_conversions_many(
     max_memory: str | int | None = None,
     with_residuals: bool = True,
     progress: ProgressCallback | None = None,
+    null_draws: int = 0,
+    null_seed: int = 0,
 ) -> list[dict[str, ModuleConversion]]:
     """:func:`compute_conversions` for several adapters of one base, factoring each base weight once.
 
@@ -169,9 +225,17 @@ def compute_conversions_many(
     factors are solved as one block of right-hand sides. Adapters may differ in rank, in modules and in
     layers. Returns one dict per adapter, in the order given; each equals what :func:`compute_conversions`
     gives for that adapter alone (up to rounding in the last bits).
+
+    ``null_draws > 0`` also solves the W-conditioned null (:class:`WNullConversions`, :data:`W_NULL_DRAWS`) on
+    the same factorisation of each batch of layers: ``2 N r`` more right-hand-side columns per module and layer
+    (adapters with the same module name and rank share them), so the extra cost is about
+    ``2 N r * 2 d^2 / (2/3 d^3) = 6 N r / d`` of the LU's flops (and the draws' generation), plus the memory of
+    :class:`WNullConversions`. The draws of a layer depend only on ``null_seed``, the module name and the layer,
+    not on the layer batches or the modules selected. The real conversion matrices are unchanged by it.
     """
     if not adapters:
         raise LoralensError("no adapter given")
+    check_null_draws(null_draws)
     if layer_batch is not None and layer_batch < 1:
         raise LoralensError(f"layer_batch must be at least 1, got {layer_batch}")
     dev = resolve_device(device)
@@ -183,6 +247,7 @@ def compute_conversions_many(
     total = sum(len(g.keys) for g in groups)
     done = 0
     parts: dict[tuple[int, str], list[Conversion]] = {}
+    null_parts: dict[tuple[int, str], list[tuple[Tensor, Tensor, Tensor]]] = {}
     for g in groups:
         layers = sorted(g.keys)
         step = len(layers)
@@ -198,7 +263,7 @@ def compute_conversions_many(
                     max_memory=budget,
                     stored_dtype=base.dtypes.get(g.keys[layers[0]], torch.float32),
                     dtype=dtype,
-                    rhs_columns=sum(2 * m.A.shape[1] for _, _, m in g.members),
+                    rhs_columns=sum(2 * m.A.shape[1] * (1 + null_draws) for _, _, m in g.members),
                     what=f"module {g.name!r}",
                 ),
             )
@@ -207,9 +272,13 @@ def compute_conversions_many(
         for start in range(0, len(layers), step):
             batch = layers[start : start + step]
             out = workspace[: len(batch)] if workspace is not None else None
-            solved = _solve_batch(base, adapters, g, batch, dev, dtype, out, with_product, with_residuals)
-            for (a, name), conv in solved:
+            solved = _solve_batch(
+                base, adapters, g, batch, dev, dtype, out, with_product, with_residuals, null_draws, null_seed
+            )
+            for (a, name), conv, null in solved:
                 parts.setdefault((a, name), []).append(_to_cpu(conv))
+                if null is not None:
+                    null_parts.setdefault((a, name), []).append(null)
             done += len(batch)
             if progress is not None:
                 progress("solve", done, total)
@@ -228,6 +297,7 @@ def compute_conversions_many(
                 _concat(parts[(a, name)]),
                 mod.ranks,
                 mod.scaling,
+                _concat_null(null_parts.get((a, name)), null_draws, null_seed),
             )
             c = convs[name].conversion
             if bool(c.fallback.any()):
@@ -251,8 +321,12 @@ def _solve_batch(
     out: Tensor | None,
     with_product: bool,
     with_residuals: bool,
-) -> list[tuple[tuple[int, str], Conversion]]:
-    """Read and factor the base weights of ``batch`` (model layer numbers) once; solve every member on them."""
+    null_draws: int = 0,
+    null_seed: int = 0,
+) -> list[tuple[tuple[int, str], Conversion, tuple[Tensor, Tensor, Tensor] | None]]:
+    """Read and factor the base weights of ``batch`` (model layer numbers) once; solve every member on them,
+    and with ``null_draws`` each member's W-null draws on the same factorisation (:func:`_solve_null`): per
+    member ``(A (N, L_b, d_A, r), B (N, L_b, d_B, r), rhs_A (N, L_b, d_in, r))`` on the CPU, else None."""
     index = {layer: k for k, layer in enumerate(batch)}
     # Read each layer through the first member that has it (for its key matching and shape checks).
     mats: list[Tensor | None] = [None] * len(batch)
@@ -281,7 +355,7 @@ def _solve_batch(
         if own:
             positions = tuple(index[mod.layers[k]] for k in own)
             by_positions.setdefault(positions, []).append((a, name, mod, own))
-    results: list[tuple[tuple[int, str], Conversion]] = []
+    results: list[tuple[tuple[int, str], Conversion, tuple[Tensor, Tensor, Tensor] | None]] = []
     for positions, members in by_positions.items():
         sub = fact if list(positions) == list(range(len(batch))) else fact.select(positions)
         convs = solve_conversions(
@@ -292,8 +366,60 @@ def _solve_batch(
             with_residuals=with_residuals,
             warn=False,  # compute_conversions_many warns once per module, with model layer numbers
         )
-        results.extend(((a, name), c) for (a, name, _, _), c in zip(members, convs, strict=True))
+        nulls: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor]] = {}  # same name and rank: same draws
+        for (a, name, mod, own), c in zip(members, convs, strict=True):
+            null = None
+            if null_draws:
+                null_key = (name, mod.A.shape[1])
+                if null_key not in nulls:
+                    layers = [mod.layers[k] for k in own]
+                    nulls[null_key] = _solve_null(sub, name, layers, mod.A.shape[1], null_draws, null_seed)
+                null = nulls[null_key]
+            results.append(((a, name), c, null))
     return results
+
+
+def _solve_null(
+    fact: Factorization, name: str, layers: list[int], r: int, draws: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The W-null of one module on ``fact`` (of its ``L_b`` layers ``layers``): ``N = draws`` Gaussian
+    right-hand sides per layer and factor, solved as the adapter's are (:func:`solve_conversions`, as one more
+    block of ``N r`` columns per factor; no product, no residuals).
+
+    Returns ``A (N, L_b, d_A, r)``, ``B (N, L_b, d_B, r)``, ``rhs_A (N, L_b, d_in, r)`` on the CPU.
+    """
+    _, d_out, d_in = fact.shape
+    rhs = {}
+    for factor, rows in (("A", d_in), ("B", d_out)):
+        draws_per_layer = [
+            gaussian(
+                draws,
+                rows,
+                r,
+                generator=seeded_generator(seed, name, layer, purpose=f"w_null:{factor}"),
+                dtype=fact.dtype,
+                device=fact.device,
+            )
+            for layer in layers
+        ]
+        rhs[factor] = torch.stack(draws_per_layer, dim=1)  # (N, L_b, rows, r)
+    # As one rank-(N r) "adapter": A rows and B columns [draw 0 | draw 1 | ...], i.e. (L_b, rows, N r) blocks.
+    blocks = {f: R.permute(1, 2, 0, 3).reshape(len(layers), R.shape[2], draws * r) for f, R in rhs.items()}
+    (conv,) = solve_conversions(
+        fact, [blocks["A"].mT], [blocks["B"]], with_product=False, with_residuals=False, warn=False
+    )
+    unblock = lambda X: X.reshape(X.shape[0], X.shape[1], draws, r).permute(2, 0, 1, 3).cpu()  # noqa: E731
+    return unblock(conv.A), unblock(conv.B), rhs["A"].cpu()
+
+
+def check_null_draws(null_draws: int) -> None:
+    """Refuse a number of W-null draws other than 0 (off) or at least 2 (a spread needs two draws)."""
+    if isinstance(null_draws, bool) or not isinstance(null_draws, int) or null_draws < 0 or null_draws == 1:
+        raise LoralensError(
+            f"null_draws must be 0 (no W-conditioned null) or at least 2 (its spread over draws needs two), "
+            f"got {null_draws!r}",
+            option="null_draws",
+        )
 
 
 def least_squares_layers(mc: ModuleConversion) -> list[int]:
@@ -337,14 +463,16 @@ def conversion_summary(
             "shapes": {f: shapes[f] for f in factors},  # BA's without forming it
             "ranks": list(mc.ranks),
             "scaling": list(mc.scaling),
-            "residual_A": _list(c.residual_A),
-            "residual_B": _list(c.residual_B),
-            "condition_1norm_estimate": _list(c.condition),
+            "residual_A": json_values(c.residual_A, digits=None),
+            "residual_B": json_values(c.residual_B, digits=None),
+            "condition_1norm_estimate": json_values(c.condition, digits=None),
             "least_squares_layers": least_squares_layers(mc),
         }
         dora = adapter.modules[name].magnitude
         if dora is not None:
-            modules[name]["dora_magnitude_norm"] = _list(torch.linalg.vector_norm(dora.double(), dim=-1))
+            modules[name]["dora_magnitude_norm"] = json_values(
+                torch.linalg.vector_norm(dora.double(), dim=-1), digits=None
+            )
     conventions: dict[str, str] = {
         c: CONVENTIONS[c] for c in sorted({mc.conversion.convention for mc in conversions.values()})
     }
@@ -413,6 +541,13 @@ def _to_cpu(c: Conversion) -> Conversion:
     )
 
 
+def _concat_null(parts: list[tuple[Tensor, Tensor, Tensor]] | None, draws: int, seed: int) -> WNullConversions | None:
+    if not parts:
+        return None
+    A, B, rhs_A = (torch.cat([p[k] for p in parts], dim=1) if len(parts) > 1 else parts[0][k] for k in range(3))
+    return WNullConversions(draws, seed, A, B, rhs_A)
+
+
 def _concat(parts: list[Conversion]) -> Conversion:
     if len(parts) == 1:
         return parts[0]
@@ -428,7 +563,3 @@ def _concat(parts: list[Conversion]) -> Conversion:
         parts[0].convention,
         cat("fallback"),
     )
-
-
-def _list(t: Tensor) -> list[float]:
-    return [float(x) for x in t.tolist()]

@@ -192,6 +192,7 @@ OPTION_ADVICE: dict[str, str] = {
     "i": "set i with --i",
     "j": "set j with --j",
     "k": "set it with --k",
+    "layer_batch": "set it with --layer-batch",
     "lora": "pass it with --lora, not --condlora",
     "lowrank": "a report leaves them out with --no-lowrank",
     "lr": "set the learning rate with --lr",
@@ -199,6 +200,7 @@ OPTION_ADVICE: dict[str, str] = {
     "max_grad_norm": "set the clipping with --max-grad-norm",
     "max_memory": "set the budget with --max-memory",
     "modules": "choose modules with --modules",
+    "null_draws": "set the number of W-null draws with --null-draws (0 leaves it out)",
     "replace": "pass --force to replace it",
     "warmup_ratio": "set the warmup with --warmup-ratio",
 }
@@ -399,15 +401,6 @@ def run_settings(device: str, dtype: DType, **extra: Any) -> dict[str, Any]:
 
 def torch_dtype(dtype: DType) -> torch.dtype:
     return torch.float64 if dtype is DType.float64 else torch.float32
-
-
-def format_layers(layers: tuple[int, ...]) -> str:
-    """``0-5`` for a contiguous run, ``0,2,4`` otherwise."""
-    return (
-        f"{layers[0]}-{layers[-1]}"
-        if list(layers) == list(range(layers[0], layers[-1] + 1))
-        else ",".join(map(str, layers))
-    )
 
 
 def format_number(x: float) -> str:

@@ -20,7 +20,13 @@ from loralens.analyses.conversion import (
     least_squares_layers,
 )
 from loralens.analyses.engine import format_memory_size, parse_memory_size, select_modules
-from loralens.analyses.similarity import SimilarityReport, adapter_similarity, similarity_reports_to_dict
+from loralens.analyses.serialize import layer_span
+from loralens.analyses.similarity import (
+    FactorSimilarity,
+    SimilarityReport,
+    adapter_similarity,
+    similarity_reports_to_dict,
+)
 from loralens.cli._app import (
     AdapterOpt,
     AdaptersOpt,
@@ -36,7 +42,6 @@ from loralens.cli._app import (
     QuietOpt,
     SideChoice,
     app,
-    format_layers,
     format_number,
     load_inputs,
     load_many,
@@ -156,7 +161,15 @@ def similarity(
     side: Annotated[
         SideChoice, typer.Option("--side", help="Compare left or right singular vectors.")
     ] = SideChoice.left,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random Gaussian baseline.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random Gaussian baseline and the W-null.")] = 0,
+    null_draws: Annotated[
+        int,
+        typer.Option(
+            "--null-draws",
+            help="Draws of the W-conditioned null W^-1 R (R Gaussian, solved with the same LU as the adapter's "
+            "factors); 0 leaves it out.",
+        ),
+    ] = 20,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
     layer_batch: LayerBatchOpt = None,
@@ -169,6 +182,12 @@ def similarity(
     For each module and each of A, B, BA: the L x L matrix phi(conv^l, conv^k), its mean off-diagonal value
     ("average similarity"), and the same for random Gaussian matrices of the same shape beside the exact
     expectation max(i, j) / d. Defaults are the paper's: left singular vectors, i = j = r.
+
+    Beyond the paper, the W-conditioned null (--null-draws draws, 0: off): phi of W^-1 R for Gaussian R of the
+    factor's shape, solved like the adapter's factors. W^-1 pulls any input toward W's smallest singular
+    directions, so only what exceeds this null is evidence of learning: per cell its mean, std, the z-score and
+    empirical p-value of the observed phi; per module and factor its mean off-diagonal and the share of the
+    observed excess over the Gaussian baseline that it already reaches.
 
     Several --adapter of one base share each base weight's factorisation (one LU per layer for all of them).
     With --json, one adapter gives {"modules": ..., "settings": ...}; several give
@@ -193,6 +212,7 @@ def similarity(
                 seed=seed,
                 device=device,
                 dtype=torch_dtype(dtype),
+                null_draws=null_draws,
             )
         labels = [str(a) for a in adapter]
         if len(reports) == 1:
@@ -260,8 +280,9 @@ def demo(
 
 def _print_many(reports: list[SimilarityReport], labels: list[str]) -> None:
     table = Table(title=f"Layer x layer subspace similarity phi of {len(reports)} adapters (mean off-diagonal)")
-    for col in ("adapter", "module", "factor", "layers", "i, j", "mean phi", "random (one draw)", "E=max(i,j)/d"):
-        table.add_column(col, justify="right" if col[0] in "mrE" else "left")
+    columns = ("adapter", "module", "factor", "layers", "i, j", "mean phi", "random (one draw)", "E=max(i,j)/d")
+    for col in (*columns, "W-null", "share of excess"):
+        table.add_column(col, justify="right" if col[0] in "mrEWs" else "left")
     for label, report in zip(labels, reports, strict=True):
         for name, factors in report.modules.items():
             for f, s in factors.items():
@@ -269,13 +290,22 @@ def _print_many(reports: list[SimilarityReport], labels: list[str]) -> None:
                     label,
                     name,
                     f,
-                    format_layers(report.layers[name]),
+                    layer_span(report.layers[name]),
                     f"{s.i}, {s.j}",
                     format_number(s.mean_offdiag),
                     format_number(s.random_mean_offdiag),
                     f"{s.random_expected:.4f}",
+                    *_w_null_cells(s),
                 )
     Console().print(table)
+
+
+def _w_null_cells(s: FactorSimilarity) -> tuple[str, str]:
+    """The "W-null" (mean off-diagonal +- std over draws) and "share of excess" cells; n/a without a W-null."""
+    w = s.w_null
+    if w is None:
+        return "n/a", "n/a"
+    return f"{format_number(w.mean_offdiag)} +- {format_number(w.mean_offdiag_std)}", format_number(w.share_of_excess)
 
 
 def _print_conversion(convs: dict[str, ModuleConversion], paths: list[Path]) -> None:
@@ -288,8 +318,8 @@ def _print_conversion(convs: dict[str, ModuleConversion], paths: list[Path]) -> 
         fallback = tuple(least_squares_layers(mc))
         table.add_row(
             name,
-            format_layers(mc.layers),
-            c.convention + (f" (least squares at {format_layers(fallback)})" if fallback else ""),
+            layer_span(mc.layers),
+            c.convention + (f" (least squares at {layer_span(fallback)})" if fallback else ""),
             "x".join(map(str, c.A.shape)),
             "x".join(map(str, c.B.shape)),
             f"{res:.1e}",
@@ -312,20 +342,30 @@ def _print_similarity(report: SimilarityReport, console: Console | None = None) 
         "mean phi (off-diag)",
         "random (one draw)",
         "random E=max(i,j)/d",
+        "W-null",
+        "share of excess",
     ):
-        table.add_column(col, justify="right" if col[0] in "mr" else "left")
+        table.add_column(col, justify="right" if col[0] in "mrWs" else "left")
     for name, factors in report.modules.items():
         for f, s in factors.items():
             table.add_row(
                 name,
                 f,
-                format_layers(report.layers[name]),
+                layer_span(report.layers[name]),
                 f"{s.i}, {s.j}",
                 format_number(s.mean_offdiag),
                 format_number(s.random_mean_offdiag),
                 f"{s.random_expected:.4f}",
+                *_w_null_cells(s),
             )
     console.print(table)
+    draws = report.settings.get("null_draws")
+    if draws:
+        console.print(
+            f"W-null: mean off-diagonal phi of W^-1 R (R Gaussian, {draws} draws) +- its std over draws; share of "
+            "excess: (W-null - random) / (observed - random)",
+            highlight=False,
+        )
     for name, factors in report.modules.items():
         for f, s in factors.items():
             if len(report.layers[name]) > 16:

@@ -52,6 +52,14 @@ def figure(
     ] = None,
     side: Annotated[SideChoice, typer.Option("--side", help="Left or right singular vectors.")] = SideChoice.left,
     seed: SeedOpt = 0,
+    null_draws: Annotated[
+        int,
+        typer.Option(
+            "--null-draws",
+            help="Draws of Figure 1's W-conditioned null W^-1 R (R Gaussian, solved with the same LU as the "
+            "adapter's factors); 0 leaves it out.",
+        ),
+    ] = 20,
     dpi: DpiOpt = DPI,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
@@ -59,7 +67,8 @@ def figure(
     force: ForceOpt = False,
 ) -> None:
     """Figure 1 of the paper: per module and factor (A, B, BA), the layer x layer phi heatmap of the conversion
-    matrices beside the same for random Gaussian matrices, on one 0..1 colour scale.
+    matrices beside the same for random Gaussian matrices, on one 0..1 colour scale (--null-draws: the
+    W-conditioned null's draws, 0 leaves it out).
 
     Writes figure1_<module>_<factor>.png and .svg, and every phi value in phi_matrices.csv.
     """
@@ -71,7 +80,7 @@ def figure(
         base_ckpt, lora = load_inputs(base, adapter)
         (sim,) = adapter_similarity(
             base_ckpt, [lora], modules=names, i=i, j=j, side=cast(Side, side.value), seed=seed, device=device,
-            dtype=torch_dtype(dtype), layer_batch=layer_batch,
+            dtype=torch_dtype(dtype), layer_batch=layer_batch, null_draws=null_draws,
         )  # fmt: skip
         paths = write_outputs(out, figure_files(sim.to_dict(), dpi), replace=force, inputs=[adapter, base])
         _print_written(paths)
@@ -119,6 +128,14 @@ def report(
     ] = True,
     modules: ModulesOpt = None,
     seed: SeedOpt = 0,
+    null_draws: Annotated[
+        int,
+        typer.Option(
+            "--null-draws",
+            help="Draws of Figure 1's W-conditioned null W^-1 R (R Gaussian, solved with the same LU as the "
+            "adapter's factors); 0 leaves it out.",
+        ),
+    ] = 20,
     dpi: DpiOpt = DPI,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
@@ -152,7 +169,7 @@ def report(
         built = build_report(
             base_ckpt, loras, conds, overlap=load_lora_adapter(overlap) if overlap is not None else None,
             lowrank=lowrank, modules=names, seed=seed, dpi=dpi, device=device, dtype=torch_dtype(dtype),
-            layer_batch=layer_batch,
+            layer_batch=layer_batch, null_draws=null_draws,
         )  # fmt: skip
         paths = write_outputs(out, built.files, replace=force, inputs=inputs)
         _print_written(paths)

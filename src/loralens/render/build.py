@@ -68,6 +68,7 @@ def build_report(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
+    null_draws: int = 20,
 ) -> BuiltReport:
     """Everything ``loralens report`` writes: ``report.html`` (self-contained), pictures, tables, ``report.json``.
 
@@ -93,6 +94,8 @@ def build_report(
         Resolution of the PNG files.
     device, dtype, layer_batch
         Where, in which precision and how many layers at a time the analyses run.
+    null_draws : int
+        Draws of Figure 1's W-conditioned null (0: off), see :func:`~loralens.analyses.similarity.adapter_similarity`.
 
     Returns
     -------
@@ -117,8 +120,9 @@ def build_report(
         )
     first = loras[0]
     (sim,) = adapter_similarity(
-        base, [first], modules=modules, seed=seed, device=device, dtype=dtype, layer_batch=layer_batch
-    )
+        base, [first], modules=modules, seed=seed, device=device, dtype=dtype, layer_batch=layer_batch,
+        null_draws=null_draws,
+    )  # fmt: skip
     comparison = params = seeds = pairs = None
     if conds:
         reports = compare_adapters_many(

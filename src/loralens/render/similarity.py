@@ -137,25 +137,40 @@ def similarity_figure(
     random_expected: float | None = None,
     labels: Sequence[Any] | None = None,
     subtitle: str | None = None,
+    w_null: Mapping[str, Any] | None = None,
+    alpha: float = 0.05,
 ) -> Figure:
-    """The paper's Figure 1 panel pair: phi of the conversion matrices beside phi of random Gaussian matrices.
+    """The paper's Figure 1 panel pair: phi of the conversion matrices beside phi of random Gaussian matrices,
+    and with ``w_null`` a third panel: the W-conditioned null's mean phi.
 
-    Both panels share one 0..1 colour bar. ``average`` / ``random_average`` are the mean off-diagonal
+    All panels share one 0..1 colour bar. ``average`` / ``random_average`` are the mean off-diagonal
     values to print; ``random_expected`` is ``max(i, j) / d``; ``subtitle`` a line under the figure title
-    (e.g. ``"i = j = 8, left singular vectors"``).
+    (e.g. ``"i = j = 8, left singular vectors"``). ``w_null`` is the ``"w_null"`` object of
+    ``SimilarityReport.to_dict()`` (``phi_mean`` and ``p`` ``(L, L)``, ``mean_offdiag``, ``mean_offdiag_std``,
+    ``draws``): off-diagonal observed cells whose ``p > alpha`` (not above the W-null) get a small dot, explained
+    in a legend line.
 
     Returns
     -------
     Figure
-        With two heatmap Axes (conversion, random) and a colour bar Axes.
+        With two (three with ``w_null``) heatmap Axes (conversion, random, W-null) and a colour bar Axes.
     """
     values, random_values = _square(phi, "phi"), _square(random_phi, "random_phi")
     if values.shape != random_values.shape:
         raise ShapeError(f"phi {values.shape} and random_phi {random_values.shape} must have the same shape")
+    null_values = p_values = None
+    if w_null is not None:
+        null_values, p_values = _square(w_null["phi_mean"], "w_null phi_mean"), _square(w_null["p"], "w_null p")
+        if null_values.shape != values.shape or p_values.shape != values.shape:
+            raise ShapeError(
+                f"w_null phi_mean {null_values.shape} and p {p_values.shape} must have phi's shape {values.shape}"
+            )
     L = values.shape[0]
     side = max(4.0, 0.32 * L + 2.0)
-    fig = Figure(figsize=(2 * side + 1.4, side + 1.6), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    panels = 2 if null_values is None else 3
+    fig = Figure(figsize=(panels * side + 1.4, side + 1.6), layout="constrained")
+    axes = list(fig.subplots(1, panels))
+    left, right = axes[0], axes[1]
     name = FACTOR_LABELS.get(factor, factor)
     similarity_heatmap(values, labels=labels, title=f"{module}, {name}", average=average, colorbar=False, ax=left)
     random_title = "random Gaussian, same shape"
@@ -164,7 +179,9 @@ def similarity_figure(
     similarity_heatmap(
         random_values, labels=labels, title=random_title, average=random_average, colorbar=False, ax=right
     )
-    fig.colorbar(left.collections[0], ax=[left, right], shrink=0.85, label=_COLORBAR_LABEL)
+    if w_null is not None and null_values is not None and p_values is not None:
+        _w_null_panel(axes[2], left, null_values, p_values, w_null, labels, alpha)
+    fig.colorbar(left.collections[0], ax=axes, shrink=0.85, label=_COLORBAR_LABEL)
     heading = f"Layer x layer similarity of conversion matrices: {module}, factor {factor}"
     fig.suptitle(heading if subtitle is None else f"{heading}\n{subtitle}", fontsize=11)
     return fig
@@ -228,6 +245,32 @@ def per_layer_similarity(
 
 
 _COLORBAR_LABEL = r"$\varphi$ (normalized subspace similarity)"
+
+
+def _w_null_panel(
+    ax: Axes,
+    observed: Axes,
+    null_values: np.ndarray,
+    p_values: np.ndarray,
+    w_null: Mapping[str, Any],
+    labels: Sequence[Any] | None,
+    alpha: float,
+) -> None:
+    """The W-null's mean phi on ``ax``; dots on the ``observed`` Axes where p > ``alpha`` off the diagonal."""
+    draws = w_null.get("draws")
+    mean, std = w_null.get("mean_offdiag"), w_null.get("mean_offdiag_std")
+    title = r"W-null $W^{-1}R$, R Gaussian" + (f" ({draws} draws)" if draws else "")
+    if isinstance(mean, (int, float)) and isinstance(std, (int, float)):
+        title += f"\naverage similarity {mean:.3f} ± {std:.3f}"
+    similarity_heatmap(null_values, labels=labels, title=title, colorbar=False, ax=ax)
+    L = null_values.shape[0]
+    rows, cols = np.nonzero((p_values > alpha) & ~np.eye(L, dtype=bool))
+    marker = dict(marker="o", s=max(4.0, min(18.0, 200.0 / L)), facecolors="none", edgecolors="#d55e00")
+    observed.scatter(cols + 0.82, rows + 0.18, linewidths=1.0, zorder=3, **marker)
+    observed.scatter(
+        [], [], linewidths=1.0, label=f"not above the W-null (p > {alpha:g})", **marker
+    )  # the legend's entry, also when no cell is marked
+    observed.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
 
 
 def _luminance(rgba: np.ndarray) -> float:

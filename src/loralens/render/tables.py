@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loralens.analyses.serialize import layer_span
 from loralens.errors import LoralensError
 
 __all__ = [
@@ -179,14 +180,40 @@ def similarity_summary_table(similarity: Mapping[str, Any]) -> Table:
                     s.get("mean_offdiag"),
                     s.get("random_mean_offdiag"),
                     s.get("random_expected"),
+                    *_w_null_cells(s.get("w_null")),
                 )
             )
     return Table(
-        ("module", "factor", "layers", "i", "j", "average similarity", "random (one draw)", "random E = max(i,j)/d"),
+        (
+            "module",
+            "factor",
+            "layers",
+            "i",
+            "j",
+            "average similarity",
+            "random (one draw)",
+            "random E = max(i,j)/d",
+            "W-null",
+            "share of excess",
+        ),
         tuple(rows),
         "Layer x layer similarity of conversion matrices (mean off-diagonal phi)",
-        ("Random: Gaussian matrices of the same shape; E = max(i, j) / d is the exact expectation.",),
+        (
+            "Random: Gaussian matrices of the same shape; E = max(i, j) / d is the exact expectation.",
+            "W-null: W^-1 R with R Gaussian of the factor's shape, solved like the adapter's factors; its mean "
+            "off-diagonal phi +- the std over draws. Share of excess: (W-null - random) / (average - random), "
+            "how much of the excess over the Gaussian baseline W alone already gives.",
+        ),
     )
+
+
+def _w_null_cells(w_null: Any) -> tuple[Cell, Cell]:
+    """``("0.0572 +- 0.0027", share)`` from a factor's ``"w_null"`` object; None (n/a) without one."""
+    if not isinstance(w_null, Mapping):
+        return None, None
+    mean, std = w_null.get("mean_offdiag"), w_null.get("mean_offdiag_std")
+    cell = None if mean is None or std is None else f"{mean:.4f} +- {std:.4f}"
+    return cell, w_null.get("share_of_excess")
 
 
 def phi_long_table(similarity: Mapping[str, Any]) -> Table:
@@ -539,9 +566,7 @@ def _layer_labels(layers: Sequence[int] | None, L: int) -> list[int]:
 
 
 def _layer_span(layers: Sequence[int] | None, L: int) -> str:
-    labels = _layer_labels(layers, L)
-    contiguous = labels == list(range(labels[0], labels[0] + L))
-    return f"{labels[0]}-{labels[-1]}" if contiguous and L > 1 else ",".join(map(str, labels))
+    return layer_span(_layer_labels(layers, L))
 
 
 def numeric_columns(table: Table) -> list[bool]:
