@@ -132,7 +132,7 @@ def test_help_fits_one_screen_grouped(monkeypatch: pytest.MonkeyPatch) -> None:
     panels = [line.split("─ ")[1].split(" ")[0] for line in lines if line.startswith("╭─ ")]
     assert panels == ["Options", "Analysis", "Report", "Training", "CondLoRA"]
     commands = [line.split()[1] for line in lines if line.startswith("│ ") and not line.startswith("│ -")]
-    expected = ["conversion", "similarity", "overlap", "amplification", "spectra", "intruders", "zoo",
+    expected = ["conversion", "similarity", "overlap", "amplification", "spectra", "intruders", "zoo", "dora",
                 "demo", "figure", "report", "train", "reproduce", "compare", "params", "export"]  # fmt: skip
     assert commands == expected, text  # a wrapped summary would add a continuation line here
 

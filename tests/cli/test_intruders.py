@@ -24,7 +24,13 @@ def test_intruders_json_and_files_equal_the_api(minilm_path: Path, tmp_path: Pat
     adapter = default_adapter()
     data = _json(run_cli("intruders", "--base", minilm_path, "--adapter", adapter, "--k", "6", "--device", "cpu",
                          "--json", "--out", out))  # fmt: skip
-    api = intruder_dimensions(open_base(minilm_path), load_lora_adapter(adapter), k=6, device="cpu").to_dict()
+    api = intruder_dimensions(
+        open_base(minilm_path),
+        load_lora_adapter(adapter),
+        k=6,
+        device="cpu",
+        max_memory="2GB",  # the default budget
+    ).to_dict()
     assert data.pop("outputs") == [str(out / n) for n in ("intruders.json", "intruders.png", "intruders.svg")]
     assert data == json.loads(json.dumps(api))
     assert json.loads((out / "intruders.json").read_text()) == data

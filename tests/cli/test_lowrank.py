@@ -165,10 +165,11 @@ def test_json_is_the_python_apis_to_dict(minilm_path: Path) -> None:
         return json.loads(json_text(data))
 
     got = run_json("amplification", "--base", minilm_path, "--adapter", first, "--n-random", "2", *flags)
-    assert got == plain(amplification_report(base, lora, n_random=2, **api).to_dict())
+    budget = {"max_memory": "2GB"}  # the commands' default budget, recorded in the settings
+    assert got == plain(amplification_report(base, lora, n_random=2, **api, **budget).to_dict())
     assert got["settings"]["inputs"]["adapter"]["path"] == str(lora.path)
     got = run_json("spectra", "--base", minilm_path, "--adapter", first, *flags)
-    assert got == plain(spectra_report(base, lora, **api).to_dict())
+    assert got == plain(spectra_report(base, lora, **api, **budget).to_dict())
     got = run_json("overlap", "--base", minilm_path, "--adapter", first, "--adapter", second, *flags)
     assert got == plain(rank_overlap(lora, other, base=base, **api).to_dict())
     assert [a["path"] for a in got["settings"]["inputs"]["adapters"]] == [str(first), str(second)]

@@ -1,6 +1,7 @@
 """The one serializer: tensors and numbers -> JSON-ready Python values, with one policy for what JSON lacks.
 
-Every result's ``to_dict()`` goes through :func:`json_values`, so that all JSON outputs (the command line's included) agree:
+Every result's ``to_dict()`` goes through :func:`json_values`, so that all JSON outputs (the command line's included)
+agree:
 
 - floats are rounded to ``digits`` decimal places (10 by default; ``None`` keeps every bit, for quantities such as
   residuals that live far below 1e-10);

@@ -22,6 +22,7 @@ from loralens.cli._app import (
     ForceOpt,
     JsonOpt,
     LayerBatchOpt,
+    MaxMemoryOpt,
     ModulesOpt,
     app,
     emit_result,
@@ -56,6 +57,7 @@ def intruders(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
     layer_batch: LayerBatchOpt = None,
+    max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
 ) -> None:
     """Per module and layer: how many of the top-k left singular vectors of the fine-tuned weight W0 + s B A have
@@ -70,7 +72,7 @@ def intruders(
         base_ckpt, lora = load_inputs(base, adapter)
         data = intruder_dimensions(
             base_ckpt, lora, modules=parse_modules(modules), k=k, epsilon=epsilon, exact=exact, device=device,
-            dtype=torch_dtype(dtype), layer_batch=layer_batch,
+            dtype=torch_dtype(dtype), layer_batch=layer_batch, max_memory=max_memory,
         ).to_dict()  # fmt: skip
         files = None
         if out is not None:

@@ -26,6 +26,7 @@ from loralens.cli._app import (
     ForceOpt,
     JsonOpt,
     LayerBatchOpt,
+    MaxMemoryOpt,
     ModulesOpt,
     app,
     emit_result,
@@ -128,6 +129,7 @@ def amplification(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
     layer_batch: LayerBatchOpt = None,
+    max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
 ) -> None:
     """How dW relates to W (LoRA paper, Table 7), per module and layer: ||U^T W V||_F for dW's r-dim singular
@@ -148,6 +150,7 @@ def amplification(
             device=device,
             dtype=torch_dtype(dtype),
             layer_batch=layer_batch,
+            max_memory=max_memory,
         )
         _emit(report.to_dict(), out, "amplification", amplification_table, dpi, json_output, force)
 
@@ -167,6 +170,7 @@ def spectra(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
     layer_batch: LayerBatchOpt = None,
+    max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
 ) -> None:
     """Spectra of dW = s B A per module and layer: singular values, entropy and energy effective ranks, and the
@@ -185,6 +189,7 @@ def spectra(
             device=device,
             dtype=torch_dtype(dtype),
             layer_batch=layer_batch,
+            max_memory=max_memory,
         )
         _emit(report.to_dict(), out, "spectra", spectra_table, dpi, json_output, force)
 

@@ -128,14 +128,24 @@ def figure1_pictures(similarity: Mapping[str, Any], dpi: int = DPI) -> list[Pict
                 random_expected=s["random_expected"],
                 labels=labels,
                 subtitle=f"i = {s['i']}, j = {s['j']}, {side} singular vectors, d = {s['dim']}",
+                w_null=s.get("w_null"),
             )
             png, svg = render_figure(fig, dpi)
             caption = (
                 f"{module}, factor {factor}: phi between the conversion matrices of every pair of layers (left) "
-                f"and between random Gaussian matrices of the same shape (right), on one 0..1 colour scale. "
+                f"and between random Gaussian matrices of the same shape (middle), on one 0..1 colour scale. "
                 f"Average similarity (mean off-diagonal) {_fmt(s['mean_offdiag'])} vs "
                 f"{_fmt(s['random_mean_offdiag'])} random (expected {s['random_expected']:.4f})."
             )
+            w_null = s.get("w_null")
+            if w_null:
+                caption += (
+                    f" Right: the W-conditioned null W_l^-1 R_l (R Gaussian, {w_null['draws']} draws), mean phi; its "
+                    f"average {_fmt(w_null['mean_offdiag'])} +- {_fmt(w_null['mean_offdiag_std'])}: that much of the "
+                    "similarity any adapter would show on this base. Ringed cells are not above the W-null (p > 0.05)."
+                )
+            else:
+                caption = caption.replace("(middle)", "(right)")
             pictures.append(Picture(_figure1_stem(module, factor), caption, png, svg))
     return pictures
 
