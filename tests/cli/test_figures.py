@@ -163,10 +163,10 @@ def test_more_bad_input_in_process(tmp_path: Path, tiny_bert: Path, tiny_bert_ad
         (["report", "--base", tiny_bert, "--lora", adapter, "--condlora", tmp_path / "nope", "--out", o], "nope"),
         (["report", "--base", tiny_bert, "--lora", adapter, "--overlap", tmp_path / "nada", "--out", o], "nada"),
         (["report", "--base", tiny_bert, "--lora", adapter, "--overlap", wide, "--out", o], "another base"),
-        (["report", "--base", tiny_bert, "--lora", adapter, "--lora", adapter, "--out", o], "without --condlora"),
+        (["report", "--base", tiny_bert, "--lora", adapter, "--lora", adapter, "--out", o], "without CondLoRA"),
         (
             ["report", "--base", tiny_bert, "--lora", adapter, "--lora", adapter, "--condlora", adapter, "--out", o],
-            "--lora is given 2 times and --condlora 1 times",
+            "2 LoRA and 1 CondLoRA adapters given",
         ),
     ]
     for argv, words in cases:

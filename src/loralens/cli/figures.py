@@ -26,7 +26,6 @@ from loralens.cli._app import (
     user_errors,
 )
 from loralens.core.similarity import Side
-from loralens.errors import LoralensError
 from loralens.io.adapters import load_lora_adapter
 from loralens.io.condlora import load_condlora_adapter
 from loralens.io.outputs import check_output_folder, write_outputs
@@ -156,12 +155,12 @@ def report(
     adapters. Each comes as a picture, a table and amplification/spectra/overlap .png/.svg/.csv/.md/.tex files;
     its numbers are under "lowrank" in report.json.
     """
-    from loralens.render.build import build_report
+    from loralens.render.build import build_report, check_pairs
 
     with user_errors():
         inputs = [*lora, *(condlora or []), overlap, base]
         check_output_folder(out, replace=force, inputs=inputs)
-        _check_pairs(lora, condlora or [])
+        check_pairs(len(lora), len(condlora or []))
         names = parse_modules(modules)
         base_ckpt, first = load_inputs(base, lora[0])
         loras = [first, *(load_lora_adapter(p) for p in lora[1:])]
@@ -174,22 +173,6 @@ def report(
         paths = write_outputs(out, built.files, replace=force, inputs=inputs)
         _print_written(paths)
         typer.echo(f"report: {out / 'report.html'}")
-
-
-def _check_pairs(lora: list[Path], condlora: list[Path]) -> None:
-    """Refuse --lora and --condlora counts that do not pair (before any work)."""
-    if not lora:
-        raise LoralensError("give a LoRA adapter (--lora)")
-    if condlora and len(condlora) != len(lora):
-        raise LoralensError(
-            f"--lora is given {len(lora)} times and --condlora {len(condlora)} times; pass one CondLoRA adapter "
-            "per LoRA adapter (they are paired in order)"
-        )
-    if not condlora and len(lora) > 1:
-        raise LoralensError(
-            f"--lora is given {len(lora)} times without --condlora; several LoRA adapters are compared with their "
-            "CondLoRA pairs (--lora X --condlora Y ...), or use 'loralens similarity' for several adapters"
-        )
 
 
 def _print_written(paths: list[Path]) -> None:

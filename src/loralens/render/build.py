@@ -106,18 +106,7 @@ def build_report(
     """
     loras = [lora] if isinstance(lora, LoraAdapter) else list(lora)
     conds = [] if condlora is None else [condlora] if isinstance(condlora, CondLoraAdapter) else list(condlora)
-    if not loras:
-        raise LoralensError("build_report: give at least one LoRA adapter")
-    if conds and len(conds) != len(loras):
-        raise LoralensError(
-            f"build_report: {len(loras)} LoRA and {len(conds)} CondLoRA adapters; give one CondLoRA adapter per "
-            "LoRA adapter (they are paired in order)"
-        )
-    if not conds and len(loras) > 1:
-        raise LoralensError(
-            f"build_report: {len(loras)} LoRA adapters without CondLoRA adapters; several LoRA adapters are "
-            "compared with their CondLoRA pairs (adapter_similarity compares several adapters)"
-        )
+    check_pairs(len(loras), len(conds))
     first = loras[0]
     (sim,) = adapter_similarity(
         base, [first], modules=modules, seed=seed, device=device, dtype=dtype, layer_batch=layer_batch,
@@ -126,8 +115,9 @@ def build_report(
     comparison = params = seeds = pairs = None
     if conds:
         reports = compare_adapters_many(
-            base, list(zip(loras, conds, strict=True)), modules=modules, seed=seed, dtype=dtype, device=device
-        )
+            base, list(zip(loras, conds, strict=True)), modules=modules, seed=seed, dtype=dtype, device=device,
+            null_draws=null_draws,
+        )  # fmt: skip
         comparison = reports[0].to_dict()
         params = parameter_counts(base, r=conds[0].r, targets=sorted(conds[0].thetas)).to_dict()
         lora_folders, cond_folders = [a.path for a in loras], [c.path for c in conds]
@@ -190,3 +180,21 @@ def _lowrank_analyses(
         reports["overlap"] = rank_overlap(lora, other, base=base, **options)
         reports["overlap"].settings["inputs"] = {"adapters": [first_inputs, adapter_record(other)]}
     return {name: analysis.to_dict() for name, analysis in reports.items()} or None
+
+
+def check_pairs(n_lora: int, n_condlora: int) -> None:
+    """Refuse LoRA and CondLoRA adapter counts that do not make a report: at least one LoRA adapter; CondLoRA
+    adapters, when given, one per LoRA adapter (paired in order); several LoRA adapters only with their pairs.
+    Cheap: callers check before loading anything."""
+    if n_lora < 1:
+        raise LoralensError("a report needs a LoRA adapter; none given", option="lora")
+    if n_condlora and n_condlora != n_lora:
+        raise LoralensError(
+            f"{n_lora} LoRA and {n_condlora} CondLoRA adapters given; give one CondLoRA adapter per LoRA adapter "
+            "(they are paired in order)"
+        )
+    if not n_condlora and n_lora > 1:
+        raise LoralensError(
+            f"{n_lora} LoRA adapters given without CondLoRA adapters; several LoRA adapters are reported with their "
+            "CondLoRA pairs, one per LoRA adapter in order (the similarity analysis compares several adapters alone)"
+        )
