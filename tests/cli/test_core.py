@@ -63,6 +63,32 @@ def test_similarity_table_and_options(tiny_bert: Path, tiny_bert_adapter: Path) 
     assert "W-null" in proc.stdout and "share of excess" in proc.stdout and " +- " in proc.stdout
 
 
+def test_piped_output_is_neither_wrapped_nor_cut(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    """Piped stdout (run_cli's is not a terminal) gets whole lines: no table cell cut to an ellipsis, no path
+    broken at 80 columns."""
+    deep = tmp_path / ("a-long-folder-name-" * 5) / "adapter"
+    shutil.copytree(tiny_bert_adapter, deep)
+    proc = run_cli("similarity", "--base", tiny_bert, "--adapter", deep)
+    assert proc.returncode == 0, proc.stderr
+    assert "…" not in proc.stdout
+    assert max(map(len, proc.stdout.splitlines())) > 80  # the table is wider than a terminal's default
+    header = next(line for line in proc.stdout.splitlines() if "share of excess" in line)
+    assert "W-null" in header
+    out = deep.parent / "conversion-output"
+    proc = run_cli("conversion", "--base", tiny_bert, "--adapter", deep, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.endswith(str(out / "conversion.json")) for line in proc.stdout.splitlines()), proc.stdout
+
+
+def test_similarity_says_which_matrices_it_does_not_print(tmp_path: Path) -> None:
+    base = checkpoints.bert_base(tmp_path / "deep", layers=18, hidden=16, heads=2)
+    adapter = checkpoints.lora_adapter(base, tmp_path / "lora", arch="bert", r=2, targets=["value"])
+    proc = run_cli("similarity", "--base", base, "--adapter", adapter, "--null-draws", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "phi matrices of value not printed (over 16 layers): --json has them" in proc.stdout
+    assert "L17" not in proc.stdout
+
+
 def test_similarity_null_draws_option(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     flags = ("--base", tiny_bert, "--adapter", tiny_bert_adapter, "--modules", "value", "--device", "cpu")
     off = json.loads(run_cli("similarity", *flags, "--null-draws", "0", "--json").stdout)

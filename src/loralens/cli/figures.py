@@ -31,7 +31,10 @@ from loralens.io.condlora import load_condlora_adapter
 from loralens.io.outputs import check_output_folder, write_outputs
 
 OutOpt = Annotated[
-    Path, typer.Option("--out", help="Output folder (created atomically; files in an existing one are replaced).")
+    Path,
+    typer.Option(
+        "--out", help="Output folder, written whole or not at all; an existing one is refused unless --force."
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random Gaussian baseline.")]
 DpiOpt = Annotated[int, typer.Option("--dpi", min=72, max=600, help="Resolution of the PNG files.")]
