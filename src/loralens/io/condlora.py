@@ -30,6 +30,7 @@ from loralens.errors import CheckpointError, ModelMismatchError
 from loralens.io.adapters import AdapterModule, LoraAdapter, adapter_folder, adapter_weights_file
 from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.files import check_finite, check_float, read_json, read_pickle_state_dict, read_safetensors
+from loralens.io.hub import resolve_adapter
 from loralens.io.keys import PEFT_PREFIX, ModulePath, match_base_weights, module_type_names, parse_module_path
 from loralens.io.outputs import Writer, json_writer, safetensors_writer, write_outputs
 
@@ -190,8 +191,11 @@ def write_condlora_adapter(
     return write_outputs(Path(out_dir), files, replace=replace)
 
 
-def load_condlora_adapter(path: str | os.PathLike[str]) -> CondLoraAdapter:
-    """Load a CondLoRA folder written by the authors' code or by loralens.
+def load_condlora_adapter(
+    path: str | os.PathLike[str], *, offline: bool | None = None, allow_pickle_download: bool | None = None
+) -> CondLoraAdapter:
+    """Load a CondLoRA folder written by the authors' code or by loralens, or the hub repo ``org/name@revision``
+    (:mod:`loralens.io.hub`; ``offline`` and ``allow_pickle_download`` as there: the authors' code saves ``.bin``).
 
     Raises
     ------
@@ -202,7 +206,8 @@ def load_condlora_adapter(path: str | os.PathLike[str]) -> CondLoraAdapter:
         anything but tensors is refused without running it), missing or unexpected keys, shapes that disagree
         with ``r`` or with each other.
     """
-    folder = adapter_folder(Path(path).expanduser(), "CondLoRA adapter", "a CondLoRA adapter folder")
+    local = resolve_adapter(path, what="CondLoRA adapter", offline=offline, allow_pickle_download=allow_pickle_download)
+    folder = adapter_folder(local, "CondLoRA adapter", "a CondLoRA adapter folder")
     config_path = folder / CONFIG_NAME
     config = read_json(config_path)
     _check_config(config, config_path)

@@ -243,7 +243,19 @@ def fit(
     transformers.set_seed(config.seed)  # random, numpy and torch: the head and the adapter's initialisation
     tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
     extra = {"problem_type": "regression"} if ds.num_labels == 1 else {}
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=ds.num_labels, **extra)
+    # Quiet load: its report lists the new head as MISSING (expected: it is trained here), and its progress bar
+    # would interleave with ours.
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(
+            base_path, num_labels=ds.num_labels, **extra
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     model = _wrap(config.method, base, peft, config.r, config.alpha, config.targets, base_name)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
