@@ -119,6 +119,20 @@ def test_figure_pairs_the_random_baseline_on_one_colour_scale() -> None:
     assert pixels(fig).std() > 20
 
 
+def test_a_non_square_module_is_named_with_the_pseudo_inverse() -> None:
+    phi = np.eye(3) * 0.5 + 0.5
+    w_null = {"phi_mean": phi.tolist(), "p": np.full((3, 3), 0.5).tolist(), "draws": 4, "mean_offdiag": 0.5,
+              "mean_offdiag_std": 0.01}  # fmt: skip
+    titles = [
+        ax.get_title()
+        for ax in similarity_figure(phi, phi, module="down_proj", factor="A", w_null=w_null, convention="lstsq").axes
+    ]
+    assert any("W^{+}A^\\top" in t for t in titles) and any("W^{+}R" in t for t in titles)
+    assert not any("W^{-1}" in t for t in titles)
+    square = [ax.get_title() for ax in similarity_figure(phi, phi, module="query", factor="A").axes]
+    assert any("W^{-1}A^\\top" in t for t in square)
+
+
 def test_figure_needs_matching_shapes() -> None:
     with pytest.raises(ShapeError, match=r"phi \(3, 3\) and random_phi \(4, 4\)"):
         similarity_figure(phi_matrix(3), phi_matrix(4), module="m", factor="A")

@@ -42,6 +42,12 @@ FACTOR_LABELS = {
     "B": r"$W^{-1}B$",
     "BA": r"$W^{-1}BA$",
 }
+#: The same for a non-square W (the least-squares convention): the pseudo-inverse W^+, as no inverse exists.
+LSTSQ_FACTOR_LABELS = {
+    "A": r"$W^{+}A^\top$",
+    "B": r"$W^{+}B$",
+    "BA": r"$W^{+}BA$",
+}
 
 
 def similarity_heatmap(
@@ -139,6 +145,7 @@ def similarity_figure(
     subtitle: str | None = None,
     w_null: Mapping[str, Any] | None = None,
     alpha: float = 0.05,
+    convention: str = "solve",
 ) -> Figure:
     """The paper's Figure 1 panel pair: phi of the conversion matrices beside phi of random Gaussian matrices,
     and with ``w_null`` a third panel: the W-conditioned null's mean phi.
@@ -147,8 +154,9 @@ def similarity_figure(
     values to print; ``random_expected`` is ``max(i, j) / d``; ``subtitle`` a line under the figure title
     (e.g. ``"i = j = 8, left singular vectors"``). ``w_null`` is the ``"w_null"`` object of
     ``SimilarityReport.to_dict()`` (``phi_mean`` and ``p`` ``(L, L)``, ``mean_offdiag``, ``mean_offdiag_std``,
-    ``draws``): off-diagonal observed cells whose ``p > alpha`` (not above the W-null) get a small dot, explained
-    in a legend line.
+    ``draws``): off-diagonal observed cells whose ``p > alpha`` (not above the W-null) get a small ring, explained
+    in a legend line. ``convention`` is the conversion's (``settings["conventions"][module]``): ``"lstsq"`` (a
+    non-square W) names the matrices with the pseudo-inverse ``W^+``, as no inverse exists there.
 
     Returns
     -------
@@ -171,7 +179,7 @@ def similarity_figure(
     fig = Figure(figsize=(panels * side + 1.4, side + 1.6), layout="constrained")
     axes = list(fig.subplots(1, panels))
     left, right = axes[0], axes[1]
-    name = FACTOR_LABELS.get(factor, factor)
+    name = (LSTSQ_FACTOR_LABELS if convention == "lstsq" else FACTOR_LABELS).get(factor, factor)
     similarity_heatmap(values, labels=labels, title=f"{module}, {name}", average=average, colorbar=False, ax=left)
     random_title = "random Gaussian, same shape"
     if random_expected is not None:
@@ -180,7 +188,7 @@ def similarity_figure(
         random_values, labels=labels, title=random_title, average=random_average, colorbar=False, ax=right
     )
     if w_null is not None and null_values is not None and p_values is not None:
-        _w_null_panel(axes[2], left, null_values, p_values, w_null, labels, alpha)
+        _w_null_panel(axes[2], left, null_values, p_values, w_null, labels, alpha, convention)
     fig.colorbar(left.collections[0], ax=axes, shrink=0.85, label=_COLORBAR_LABEL)
     heading = f"Layer x layer similarity of conversion matrices: {module}, factor {factor}"
     fig.suptitle(heading if subtitle is None else f"{heading}\n{subtitle}", fontsize=11)
@@ -255,11 +263,13 @@ def _w_null_panel(
     w_null: Mapping[str, Any],
     labels: Sequence[Any] | None,
     alpha: float,
+    convention: str,
 ) -> None:
     """The W-null's mean phi on ``ax``; dots on the ``observed`` Axes where p > ``alpha`` off the diagonal."""
     draws = w_null.get("draws")
     mean, std = w_null.get("mean_offdiag"), w_null.get("mean_offdiag_std")
-    title = r"W-null $W^{-1}R$, R Gaussian" + (f" ({draws} draws)" if draws else "")
+    inverse = r"W^{+}" if convention == "lstsq" else r"W^{-1}"
+    title = rf"W-null ${inverse}R$, R Gaussian" + (f" ({draws} draws)" if draws else "")
     if isinstance(mean, (int, float)) and isinstance(std, (int, float)):
         title += f"\naverage similarity {mean:.3f} ± {std:.3f}"
     similarity_heatmap(null_values, labels=labels, title=title, colorbar=False, ax=ax)
