@@ -60,7 +60,17 @@ def test_compare_json_equals_the_python_api(minilm_path: Path) -> None:
             assert out["modules"][name]["random"][f] == pytest.approx(mc.random[f].tolist(), abs=1e-9)
             assert out["modules"][name]["random"]["expected"][f] == pytest.approx(8 / 384)
         assert out["modules"][name]["conv_vs_theta"]["A"] == pytest.approx(mc.conv_vs_theta["A"].tolist(), abs=1e-9)
+        # the W-null (default 20 draws, seeded by --seed) as the API's to_dict gives it
+        api = json.loads(json.dumps(expected.to_dict()["modules"][name]))
+        assert out["modules"][name]["w_null"]["draws"] == 20
+        for f in ("A", "B", "BA"):
+            got, want = out["modules"][name]["w_null"][f], api["w_null"][f]
+            assert got["mean"] == pytest.approx(want["mean"], abs=1e-9) and got["p"] == want["p"]
+        assert out["modules"][name]["conv_vs_theta"]["w_null"]["B"]["mean_over_layers"] == pytest.approx(
+            api["conv_vs_theta"]["w_null"]["B"]["mean_over_layers"], abs=1e-9
+        )
     assert out["settings"]["seed"] == 3 and out["settings"]["device"] == "cpu"
+    assert out["settings"]["null_draws"] == 20
     table = CliRunner().invoke(
         app,
         [
@@ -74,6 +84,24 @@ def test_compare_json_equals_the_python_api(minilm_path: Path) -> None:
         ],
     )
     assert table.exit_code == 0 and "mean" in table.stdout and "value" in table.stdout
+    assert "against the W-conditioned null" in table.stdout and "W-null" in table.stdout
+
+
+def test_compare_null_draws_option(minilm_path: Path) -> None:
+    """--null-draws 0 leaves the W-null out (null blocks, the rest unchanged); 1 is a one-line error naming the
+    option."""
+    args = ["compare", "--base", str(minilm_path), "--lora", str(default_adapter()), "--condlora"]
+    args += [str(default_condlora()), "--modules", "value", "--device", "cpu"]
+    off = CliRunner().invoke(app, [*args, "--json", "--null-draws", "0"])
+    assert off.exit_code == 0, off.output
+    value = json.loads(off.stdout)["modules"]["value"]
+    assert value["w_null"] is None and value["conv_vs_theta"]["w_null"] is None
+    assert json.loads(off.stdout)["settings"]["null_draws"] == 0
+    text = CliRunner().invoke(app, [*args, "--null-draws", "0"])
+    assert text.exit_code == 0 and "W-conditioned null" not in text.stdout
+    bad = CliRunner().invoke(app, [*args, "--null-draws", "1"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: null_draws must be 0"), bad.stderr
+    assert "--null-draws" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def test_compare_many_pairs_gives_table3_per_pair_and_table2(minilm_path: Path) -> None:
@@ -98,6 +126,8 @@ def test_compare_many_pairs_gives_table3_per_pair_and_table2(minilm_path: Path) 
     assert row["per_pair"] == per_pair
     assert row["mean"] == pytest.approx(sum(per_pair) / 3, abs=1e-9)
     assert row["std"] == pytest.approx(float(torch.tensor(per_pair, dtype=torch.float64).std()), abs=1e-9)
+    nulls = [p["modules"]["value"]["w_null"]["B"]["mean_over_layers"] for p in data["pairs"]]
+    assert row["w_null"] == pytest.approx(sum(nulls) / 3, abs=1e-9)
     t = data["table2"]["tasks"]["rt-polarity"]
     lora_scores = [read_metrics(lo)["after"] for _, lo, _ in default_adapters()]
     cond_scores = [read_metrics(c)["after"] for _, _, c in default_adapters()]
@@ -105,7 +135,7 @@ def test_compare_many_pairs_gives_table3_per_pair_and_table2(minilm_path: Path) 
     assert t["paired_t"]["p_value"] == pytest.approx(float(stats.ttest_rel(cond_scores, lora_scores).pvalue))
     text = run_cli("compare", "--base", minilm_path, *args)
     assert text.returncode == 0 and "Held-out scores over seeds (Table 2)" in text.stdout
-    assert "paired t-test" in text.stdout and "Table 3 over seeds" in text.stdout
+    assert "paired t-test" in text.stdout and "Table 3 over seeds" in text.stdout and "W-null" in text.stdout
 
 
 def test_compare_pairs_must_match_in_number(minilm_path: Path) -> None:

@@ -24,6 +24,7 @@ from loralens.render.tables import (
     similarity_summary_table,
     spectra_table,
     table3,
+    table3_over_pairs,
     table4,
     to_csv,
     to_html,
@@ -133,6 +134,59 @@ def test_table3_takes_the_comparison_reports_dict() -> None:
     assert table.notes == ("value: random expectation max(i, j) / d = 0.0208", "Settings: seed = 0.")
     parsed = parse_csv(to_csv(table))
     assert [float(v) for v in parsed[5][2:4]] == phi["BA"]
+
+
+def test_table3_with_the_w_null_column() -> None:
+    """``ComparisonReport.to_dict()``'s ``w_null``: a W-null column (mean over layers ± std over draws) on each
+    factor's row, empty on the random rows; absent without a W-null (the tables above)."""
+    null = {"mean": [0.02, 0.03], "std": [0.001, 0.002], "z": [1.0, 2.0], "p": [0.2, 0.05]}
+    data = {
+        "modules": {
+            "value": {
+                "A": [0.05, 0.07],
+                "B": [0.04, 0.06],
+                "mean": {"A": 0.06, "B": 0.05},
+                "random": {"A": [0.02, 0.03], "B": [0.01, 0.02], "mean": {"A": 0.025, "B": 0.015}},
+                "w_null": {
+                    "draws": 20,
+                    "A": {**null, "mean_over_layers": 0.025, "mean_over_layers_std": 0.00125},
+                    "B": {**null, "mean_over_layers": 0.0207, "mean_over_layers_std": 0.0013},
+                },
+                "layers": [0, 1],
+            }
+        },
+        "settings": {"seed": 0, "null_draws": 20},
+    }
+    table = table3(data)
+    assert table.columns == ("module", "factor", "1", "2", "mean", "W-null")
+    assert table.rows[0] == ("value", "A", 0.05, 0.07, 0.06, "0.0250 ± 0.0013")
+    assert table.rows[1] == ("value", "A (random)", 0.02, 0.03, 0.025, None)
+    assert table.rows[2][-1] == "0.0207 ± 0.0013"
+    assert any("W-null" in note and "20 draws" in note for note in table.notes)
+    data["modules"]["value"]["w_null"] = None  # null_draws = 0
+    assert "W-null" not in table3(data).columns
+
+
+def test_table3_over_pairs_with_the_w_null_column() -> None:
+    def pair(w: float, std: float, conv: float) -> dict:
+        block = {"mean_over_layers": w, "mean_over_layers_std": std}
+        module = {"w_null": {"draws": 4, "A": block}, "conv_vs_theta": {"w_null": {"draws": 4, "A": {**block}}}}
+        module["conv_vs_theta"]["w_null"]["A"]["mean_over_layers_std"] = conv
+        return {"modules": {"value": module}, "settings": {"lora": "l", "condlora": "c"}}
+
+    row = {"per_pair": [0.05, 0.07], "mean": 0.06, "std": 0.014, "random": 0.02}
+    data = {
+        "pairs": [pair(0.02, 0.001, 0.003), pair(0.03, 0.003, 0.005)],
+        "summary": {"value": {"A": {**row, "w_null": 0.025}, "conv_A": {**row, "w_null": 0.025}}},
+    }
+    table = table3_over_pairs(data)
+    assert table.columns[-1] == "W-null"
+    assert table.rows[0][-1] == "0.0250 ± 0.0020"  # ± the pairs' mean std over draws
+    assert table.rows[1][-1] == "0.0250 ± 0.0040"
+    assert any("W-null" in note for note in table.notes)
+    for r in data["summary"]["value"].values():
+        r["w_null"] = None
+    assert "W-null" not in table3_over_pairs(data).columns
 
 
 def test_table3_rejects_bad_data() -> None:

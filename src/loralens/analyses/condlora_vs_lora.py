@@ -15,6 +15,12 @@ against a seeded uniformly random subspace and the expectation ``max(i, j) / d``
 LoRA's conversion matrices and the shared CondLoRA matrices, ``conv_A^l`` vs ``theta_A.T`` and ``conv_B^l`` vs
 ``theta_B.T`` (left singular vectors): how well the one shared layer stands in for what each layer learned alone.
 
+Beyond the paper (issue #13), the W-conditioned null of both (``null_draws`` draws, 0: off): CondLoRA's factors
+are ``theta W_l^T`` and ``W_l theta^T``, so part of their agreement with LoRA's may come from ``W_l`` alone. The null
+replaces theta by Gaussian matrices ``R`` of its shape, ``phi(A_l, R_A W_l^T)``, ``phi(B_l, W_l R_B^T)`` and BA from
+those factors; and for ``conv_vs_theta`` it replaces the LoRA factor, ``phi(W_l^-1 R, theta_A^T)`` (B likewise).
+Only what exceeds it is evidence that the trained adapters agree beyond what ``W_l`` imposes.
+
 Neither prints nor writes files; Table 4 reads only tensor shapes (safetensors headers).
 """
 
@@ -27,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from loralens.analyses.conversion import compute_conversions_many
+from loralens.analyses.conversion import W_NULL_DRAWS, WNullConversions, check_null_draws, compute_conversions_many
 from loralens.analyses.engine import (
     at_model_layers,
     module_batches,
@@ -37,6 +43,7 @@ from loralens.analyses.engine import (
     select_modules,
 )
 from loralens.analyses.serialize import json_values
+from loralens.analyses.similarity import w_null_statistics
 from loralens.core.condlora import condlora_factors, condlora_parameter_count, lora_parameter_count
 from loralens.core.random import gaussian
 from loralens.core.similarity import (
@@ -54,6 +61,7 @@ from loralens.io.keys import match_base_weights
 
 __all__ = [
     "TABLE3_FACTORS",
+    "LayerWNull",
     "ModuleComparison",
     "ComparisonReport",
     "compare_adapters",
@@ -65,6 +73,51 @@ __all__ = [
 
 #: Table 3's rows: the factors and the update.
 TABLE3_FACTORS = ("A", "B", "BA")
+
+#: How Table 3's W-conditioned null is drawn and summarised, written into the settings of every report.
+W_NULL_TABLE3 = (
+    "Table 3 (A, B, BA): theta replaced by Gaussians: per module, N draws of (R_A, R_B), each (r, d_in) with "
+    "i.i.d. N(0, 1) entries like theta_A / theta_B, drawn consecutively from seeded_generator(seed, module, None, "
+    "'w_null:theta_A' / 'w_null:theta_B') and, like theta, shared by all layers of the module; phi(A_l, R_A W_l^T) "
+    "(right), phi(B_l, W_l R_B^T) (left), phi(B_l A_l, (W_l R_B^T)(R_A W_l^T)) (BA's side), i and j as observed. "
+    "conv_vs_theta: the LoRA factor replaced, phi(W_l^-1 R_A, theta_A^T) and phi(W_l^-1 R_B, theta_B^T) (left), "
+    "with the W-null conversions: "
+    + W_NULL_DRAWS
+    + ". Per layer over the N draws: mean, std (Bessel-corrected), z = (phi - mean) / std where std > 1e-9 (where "
+    "std <= 1e-9: 0 if |phi - mean| <= 1e-9, else null), one-sided p = (1 + #{draws with null phi >= phi - 1e-9}) "
+    "/ (N + 1); mean_over_layers = mean over draws of each draw's mean over layers, mean_over_layers_std its std "
+    "over draws (Bessel-corrected)"
+)
+
+
+@dataclass(frozen=True)
+class LayerWNull:
+    """The W-conditioned null of one module and factor of Table 3 (or of ``conv_vs_theta``), per layer.
+
+    ``mean``, ``std``, ``z`` and ``p`` are ``(L,)``: the null's phi over ``draws`` draws and the observed phi's
+    z-score and one-sided empirical p-value against it (the rules of
+    :func:`~loralens.analyses.similarity.w_null_statistics`, :data:`W_NULL_TABLE3`); ``mean_over_layers`` is the
+    mean over draws of each draw's mean over layers, ``mean_over_layers_std`` its std over draws.
+    """
+
+    draws: int
+    mean: Tensor
+    std: Tensor
+    z: Tensor
+    p: Tensor
+    mean_over_layers: float
+    mean_over_layers_std: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"mean": [...], "std": [...], "z": [...], "p": [...], "mean_over_layers", "mean_over_layers_std"}``."""
+        return {
+            "mean": json_values(self.mean),
+            "std": json_values(self.std),
+            "z": json_values(self.z),
+            "p": json_values(self.p),
+            "mean_over_layers": json_values(self.mean_over_layers),
+            "mean_over_layers_std": json_values(self.mean_over_layers_std),
+        }
 
 
 @dataclass(frozen=True)
@@ -92,6 +145,11 @@ class ModuleComparison:
         ``max(i, j) / d`` for ``conv_vs_theta``.
     i, j : int
         Subspace dimensions of the LoRA and the CondLoRA side.
+    w_null : dict or None
+        ``"A"``, ``"B"``, ``"BA"`` -> :class:`LayerWNull` of theta replaced by Gaussians (None when not drawn).
+    conv_w_null : dict or None
+        ``"A"``, ``"B"`` -> :class:`LayerWNull` of ``conv_vs_theta`` with the LoRA factor replaced by
+        ``W_l^-1 R`` (None when not drawn).
     """
 
     module: str
@@ -105,6 +163,8 @@ class ModuleComparison:
     conv_random_expected: float
     i: int
     j: int
+    w_null: dict[str, LayerWNull] | None = None
+    conv_w_null: dict[str, LayerWNull] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +175,8 @@ class ComparisonReport:
     settings: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"modules": {m: {"A": [...], "B": [...], "BA": [...], "random": {...}, ...}}, "settings": {...}}``."""
+        """``{"modules": {m: {"A": [...], "B": [...], "BA": [...], "random": {...}, ..., "w_null": {"draws": N,
+        "A": {...}, ...}}}, "settings": {...}}``; ``w_null`` (and ``conv_vs_theta``'s) is null when not drawn."""
         modules = {}
         for name, mc in self.modules.items():
             entry: dict[str, Any] = {f: json_values(mc.phi[f]) for f in TABLE3_FACTORS}
@@ -129,10 +190,19 @@ class ComparisonReport:
                 **{f: json_values(v) for f, v in mc.conv_vs_theta.items()},
                 "mean": {f: json_values(v.mean()) for f, v in mc.conv_vs_theta.items()},
                 "random_expected": mc.conv_random_expected,
+                "w_null": _w_null_dict(mc.conv_w_null),
             }
             entry.update(layers=list(mc.layers), sides=dict(mc.sides), theta=mc.theta, i=mc.i, j=mc.j)
+            entry["w_null"] = _w_null_dict(mc.w_null)
             modules[name] = entry
         return {"modules": modules, "settings": dict(self.settings)}
+
+
+def _w_null_dict(w_null: dict[str, LayerWNull] | None) -> dict[str, Any] | None:
+    """``{"draws": N, factor: LayerWNull.to_dict(), ...}``, or None without a W-null."""
+    if w_null is None:
+        return None
+    return {"draws": next(iter(w_null.values())).draws, **{f: w.to_dict() for f, w in w_null.items()}}
 
 
 def compare_adapters(
@@ -147,6 +217,7 @@ def compare_adapters(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "auto",
     max_memory: str | int | None = None,
+    null_draws: int = 20,
 ) -> ComparisonReport:
     """Table 3: per-layer phi between a LoRA adapter's factors and those CondLoRA computes on the same base.
 
@@ -163,11 +234,21 @@ def compare_adapters(
     i, j : int, optional
         Subspace dimensions on the LoRA (``i``) and CondLoRA (``j``) side; default ``r`` of each, the paper's 8.
     seed : int
-        Seed of the random baseline.
+        Seed of the random baseline and of the W-conditioned null.
     dtype, device
         Working precision (float64 by default) and where the SVDs run (``"auto"``: CUDA when available).
     max_memory : str or int, optional
         Memory budget for the base weights in flight (``"2GB"`` or bytes), as in :func:`compare_adapters_many`.
+    null_draws : int
+        Draws of the W-conditioned null (0: off; 1 is refused, a spread needs two): ``ModuleComparison.w_null``
+        (theta replaced by Gaussians ``R``: ``phi(A_l, R_A W_l^T)``, ``phi(B_l, W_l R_B^T)``, BA from those
+        factors) and ``ModuleComparison.conv_w_null`` (the LoRA factor replaced: ``phi(W_l^-1 R, theta^T)``),
+        per layer mean, std, z and p, and the mean over layers (:data:`W_NULL_TABLE3`). Cost: the conversions
+        solve ``2 N r`` more right-hand sides per layer on the same LU (``compute_conversions_many``'s
+        ``null_draws``, which holds ``N L (3 d) r`` numbers per module); per batch of ``n`` layers each draw forms
+        ``n`` null CondLoRA factor pairs (``2 n r d`` numbers, one draw at a time) and repeats the CondLoRA side's
+        SVDs, so Table 3's SVD work grows about ``N``-fold on the CondLoRA side; the draws of theta are
+        ``2 N r d`` numbers per module.
 
     Raises
     ------
@@ -177,6 +258,8 @@ def compare_adapters(
         A non-square module (CondLoRA is only defined for square weights).
     RankError
         ``i`` or ``j`` above a factor's rank (e.g. an untrained adapter whose B is zero), naming the layers.
+    LoralensError
+        ``null_draws`` negative or 1 (``option="null_draws"``).
     """
     return compare_adapters_many(
         base,
@@ -188,6 +271,7 @@ def compare_adapters(
         dtype=dtype,
         device=device,
         max_memory=max_memory,
+        null_draws=null_draws,
     )[0]
 
 
@@ -202,6 +286,7 @@ def compare_adapters_many(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "auto",
     max_memory: str | int | None = None,
+    null_draws: int = 20,
 ) -> list[ComparisonReport]:
     """:func:`compare_adapters` for several (LoRA, CondLoRA) pairs of one base, e.g. one pair per training seed.
 
@@ -210,9 +295,16 @@ def compare_adapters_many(
     time (recorded in each report's settings as ``max_memory``, bytes). Each report equals what
     :func:`compare_adapters` gives for its pair alone (the random baseline restarts
     from ``seed`` for every pair). Raises as :func:`compare_adapters`, naming the pair's folders.
+
+    The W-null (``null_draws``, see :func:`compare_adapters`) draws theta's Gaussians once per module and seed, and
+    the ``W_l^-1 R`` of ``conv_vs_theta`` come from the shared factorisation
+    (:class:`~loralens.analyses.conversion.WNullConversions`, solved once for pairs of the same module name and
+    rank); neither depends on the pair, the layer batches or the modules selected, so pairs of the same base
+    and rank compare against the same null.
     """
     if not pairs:
         raise LoralensError("compare: give at least one (LoRA, CondLoRA) pair")
+    check_null_draws(null_draws)
     dev = resolve_device(device)
     budget = {} if max_memory is None else {"max_memory": parse_memory_size(max_memory)}
     targets = [_targets(base, lora, cond, modules) for lora, cond in pairs]
@@ -225,40 +317,47 @@ def compare_adapters_many(
         with_product=False,
         with_residuals=False,
         max_memory=max_memory,
+        null_draws=null_draws,
+        null_seed=seed,
     )
     reports = []
     for (lora, cond), keys, convs in zip(pairs, targets, conversions, strict=True):
         result = {}
         for name, key in keys.items():
-            mod, conv = lora.modules[name], convs[name].conversion
+            mod, conv, conv_null = lora.modules[name], convs[name].conversion, convs[name].null
             ii = i or min(mod.ranks)
             jj = j or i or cond.r
             theta_A, theta_B = (t.to(dev, dtype) for t in cond.thetas[key])
+            null_thetas = _null_thetas(name, theta_A, null_draws, seed) if null_draws else None
             parts = []
             for batch in module_batches(base, lora, name, device=dev, dtype=dtype, max_memory=max_memory):
                 at = batch.positions
                 layers = mod.layers[at]
+                null_convs = None if conv_null is None else _null_conversions(conv_null, at, dev)
                 try:
                     parts.append(
                         _compare_layers(
                             name, layers, batch.W, batch.A, batch.B, conv.A[at].to(dev), conv.B[at].to(dev),
-                            theta_A, theta_B, ii, jj, seed,
+                            theta_A, theta_B, ii, jj, seed, null_thetas, null_convs,
                         )
                     )  # fmt: skip
                 except BatchError as e:
                     raise at_model_layers(e, name, layers, None) from e
             result[name] = _module_comparison(name, key, mod.layers, parts, ii, jj, mod.shape[1])
-        reports.append(ComparisonReport(result, {**_settings(base, lora, cond, i, j, seed, dtype, dev), **budget}))
+        settings = {**_settings(base, lora, cond, i, j, seed, dtype, dev), **budget}
+        settings.update(null_draws=null_draws, w_null_baseline=W_NULL_TABLE3)
+        reports.append(ComparisonReport(result, settings))
     return reports
 
 
 def comparisons_to_dict(reports: Sequence[ComparisonReport], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Several pairs' Table 3 as one JSON-ready dict: ``{"pairs": [report.to_dict(), ...], "summary": {module:
-    {factor: {"per_pair": [mean over layers], "mean", "std", "random"}}}, **extra, "settings": {...}}``.
+    {factor: {"per_pair": [mean over layers], "mean", "std", "random", "w_null"}}}, **extra, "settings": {...}}``.
 
     ``summary`` covers the modules every pair has; factors are Table 3's ``A``, ``B``, ``BA`` and the conversion
     matrices against the shared layer, ``conv_A``, ``conv_B``; ``std`` is the sample standard deviation over pairs
-    (0 for one pair); ``random`` the mean random baseline over pairs and layers.
+    (0 for one pair); ``random`` the mean random baseline over pairs and layers; ``w_null`` the mean over pairs of
+    the W-null's mean over layers (null when a pair has no W-null).
     """
     common = [m for m in reports[0].modules if all(m in r.modules for r in reports)] if reports else []
     summary: dict[str, Any] = {}
@@ -269,14 +368,22 @@ def comparisons_to_dict(reports: Sequence[ComparisonReport], extra: dict[str, An
             if f in TABLE3_FACTORS:
                 per_pair = torch.stack([mc.phi[f].mean() for mc in mcs])
                 random = torch.stack([mc.random[f].mean() for mc in mcs])
+                nulls = [None if mc.w_null is None else mc.w_null[f] for mc in mcs]
             else:
                 per_pair = torch.stack([mc.conv_vs_theta[f[-1]].mean() for mc in mcs])
                 random = torch.tensor([mc.conv_random_expected for mc in mcs], dtype=per_pair.dtype)
+                nulls = [None if mc.conv_w_null is None else mc.conv_w_null[f[-1]] for mc in mcs]
+            w_null = (
+                None
+                if any(w is None for w in nulls)
+                else torch.tensor([w.mean_over_layers for w in nulls if w is not None], dtype=torch.float64).mean()
+            )
             rows[f] = {
                 "per_pair": json_values(per_pair),
                 "mean": json_values(per_pair.mean()),
                 "std": json_values(per_pair.std()) if len(mcs) > 1 else 0.0,  # sample std over pairs
                 "random": json_values(random.mean()),
+                "w_null": None if w_null is None else json_values(w_null),
             }
         summary[module] = rows
     shared = {k: v for k, v in (reports[0].settings if reports else {}).items() if k not in ("lora", "condlora")}
@@ -351,6 +458,8 @@ class _LayerComparison(NamedTuple):
     random: dict[str, Tensor]  # factor -> (n,) phi(LoRA, random subspace)
     conv_vs_theta: dict[str, Tensor]  # "A" | "B" -> (n,)
     sides: dict[str, Side]
+    w_null: dict[str, Tensor] | None  # factor -> (N, n) phi(LoRA, CondLoRA factor of Gaussian thetas)
+    conv_w_null: dict[str, Tensor] | None  # "A" | "B" -> (N, n) phi(W^-1 R, theta^T)
 
 
 def _compare_layers(
@@ -366,9 +475,14 @@ def _compare_layers(
     i: int,
     j: int,
     seed: int,
+    null_thetas: tuple[Tensor, Tensor] | None = None,
+    null_convs: tuple[Tensor, Tensor] | None = None,
 ) -> _LayerComparison:
     """``W`` (n, d, d), LoRA ``A`` (n, r, d), ``B`` (n, d, r), its conversion matrices ``W^-1 A^T``, ``W^-1 B``
-    (n, d, r) each, thetas (r_c, d) -> Table 3 of a batch of ``n`` layers of one module."""
+    (n, d, r) each, thetas (r_c, d) -> Table 3 of a batch of ``n`` layers of one module.
+
+    With the W-null: ``null_thetas`` the Gaussian ``(R_A, R_B)``, ``(N, r_c, d)`` each, and ``null_convs`` the
+    solved ``(W^-1 R_A, W^-1 R_B)``, ``(N, n, d, r)`` each, on ``W``'s device."""
     A_c, B_c = condlora_factors(W, theta_A, theta_B)  # (n, r_c, d), (n, d, r_c)
     side_BA: Side = "left" if B.shape[-2] >= B.shape[-1] else "right"
     sides: dict[str, Side] = {"A": "right", "B": "left", "BA": side_BA}
@@ -391,7 +505,65 @@ def _compare_layers(
         "A": basis_similarity(top_singular_vectors(conv_A, i), top_singular_vectors(theta_A.mT, j)).cpu(),
         "B": basis_similarity(top_singular_vectors(conv_B, i), top_singular_vectors(theta_B.mT, j)).cpu(),
     }
-    return _LayerComparison(phi, random, conv_vs_theta, sides)
+    w_null = None
+    if null_thetas is not None:
+        R_A, R_B = null_thetas
+        draws: dict[str, list[Tensor]] = {f: [] for f in TABLE3_FACTORS}
+        for s in range(R_A.shape[0]):  # one draw at a time: 2 n r_c d numbers of null CondLoRA factors
+            A_n, B_n = condlora_factors(W, R_A[s], R_B[s])  # (n, r_c, d), (n, d, r_c)
+            null_bases = {
+                "A": top_singular_vectors(A_n, j, "right"),
+                "B": top_singular_vectors(B_n, j, "left"),
+                "BA": product_singular_vectors(B_n, A_n, j, side_BA),
+            }
+            for f in TABLE3_FACTORS:
+                draws[f].append(basis_similarity(lora_bases[f], null_bases[f]).cpu())
+        w_null = {f: torch.stack(v) for f, v in draws.items()}  # (N, n)
+    conv_w_null = None
+    if null_convs is not None:
+        conv_w_null = {}
+        for f, X, theta in (("A", null_convs[0], theta_A), ("B", null_convs[1], theta_B)):
+            N, n = X.shape[:2]
+            U = top_singular_vectors(X.reshape(N * n, *X.shape[2:]), i)  # (N n, d, i)
+            conv_w_null[f] = basis_similarity(U, top_singular_vectors(theta.mT, j)).reshape(N, n).cpu()
+    return _LayerComparison(phi, random, conv_vs_theta, sides, w_null, conv_w_null)
+
+
+def _null_thetas(module: str, theta_A: Tensor, draws: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``(R_A, R_B)``, ``(N, r_c, d)`` each: the W-null's Gaussian thetas of one module, drawn consecutively from
+    ``seeded_generator(seed, module, None, "w_null:theta_<factor>")`` (shared by all layers, as theta is), in
+    ``theta_A``'s dtype and device."""
+    r, d = theta_A.shape
+
+    def draw(factor: str) -> Tensor:
+        gen = seeded_generator(seed, module, None, f"w_null:theta_{factor}")
+        return gaussian(draws, r, d, generator=gen, dtype=theta_A.dtype, device=theta_A.device)
+
+    return draw("A"), draw("B")
+
+
+def _null_conversions(null: WNullConversions, at: Any, dev: torch.device) -> tuple[Tensor, Tensor]:
+    """The W-null conversions ``(W^-1 R_A, W^-1 R_B)`` of one batch's positions ``at``: ``(N, n, d, r)`` each."""
+    return null.A[:, at].to(dev), null.B[:, at].to(dev)
+
+
+def _layer_w_null(phi: Tensor, null_phi: Tensor) -> LayerWNull:
+    """The observed per-layer ``phi`` ``(L,)`` against the null's ``null_phi`` ``(N, L)``.
+
+    The per-layer statistics are :func:`~loralens.analyses.similarity.w_null_statistics`'s per-cell ones (one set
+    of rules): its cells are taken on the diagonal of ``diag(phi)`` against ``diag_embed(null_phi)`` (the
+    off-diagonal zeros tie and are dropped); the mean over layers is taken per draw, then over draws."""
+    cells = w_null_statistics(torch.diag(phi), torch.diag_embed(null_phi), 0.0, 0.0)
+    per_draw = null_phi.mean(dim=1)  # (N,)
+    return LayerWNull(
+        null_phi.shape[0],
+        cells.phi_mean.diagonal().clone(),
+        cells.phi_std.diagonal().clone(),
+        cells.z.diagonal().clone(),
+        cells.p.diagonal().clone(),
+        float(per_draw.mean()),
+        float(per_draw.std(correction=1)),
+    )
 
 
 def _module_comparison(
@@ -402,10 +574,17 @@ def _module_comparison(
     def joined(field: str) -> dict[str, Tensor]:
         return {f: torch.cat([getattr(p, field)[f] for p in parts]) for f in getattr(parts[0], field)}
 
+    def null(field: str, observed: dict[str, Tensor]) -> dict[str, LayerWNull] | None:
+        if getattr(parts[0], field) is None:
+            return None
+        draws = {f: torch.cat([getattr(p, field)[f] for p in parts], dim=1) for f in observed}  # (N, L)
+        return {f: _layer_w_null(observed[f], draws[f]) for f in observed}
+
     expected = {f: random_similarity_expected(i, j, d) for f in TABLE3_FACTORS}
+    phi, conv_vs_theta = joined("phi"), joined("conv_vs_theta")
     return ModuleComparison(
-        name, key, layers, joined("phi"), joined("random"), expected, parts[0].sides, joined("conv_vs_theta"),
-        random_similarity_expected(i, j, d), i, j,
+        name, key, layers, phi, joined("random"), expected, parts[0].sides, conv_vs_theta,
+        random_similarity_expected(i, j, d), i, j, null("w_null", phi), null("conv_w_null", conv_vs_theta),
     )  # fmt: skip
 
 

@@ -10,10 +10,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from torch import Tensor
 
 from loralens.analyses.condlora_vs_lora import (
     TABLE3_FACTORS,
     ComparisonReport,
+    LayerWNull,
+    ModuleComparison,
     compare_adapters_many,
     comparisons_to_dict,
     parameter_counts,
@@ -60,6 +63,14 @@ RequiredBaseOpt = Annotated[
     ),
 ]
 TargetsOpt = Annotated[str, typer.Option("--targets", help="Comma-separated target modules.")]
+NullDrawsOpt = Annotated[
+    int,
+    typer.Option(
+        "--null-draws",
+        help="Draws of the W-conditioned null (theta replaced by Gaussians R: phi(A_l, R W_l^T), ...; the LoRA "
+        "factor replaced by W_l^-1 R for conv_vs_theta); 0 leaves it out.",
+    ),
+]
 ROpt = Annotated[int, typer.Option("--r", min=1, help="Rank r.")]
 
 
@@ -171,7 +182,8 @@ def compare(
     modules: ModulesOpt = None,
     i: Annotated[int | None, typer.Option("--i", min=1, help="LoRA subspace dimension. Default: r.")] = None,
     j: Annotated[int | None, typer.Option("--j", min=1, help="CondLoRA subspace dimension. Default: i or r.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random baseline.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random baseline and the W-null.")] = 0,
+    null_draws: NullDrawsOpt = 20,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
     max_memory: MaxMemoryOpt = "2GB",
@@ -182,6 +194,12 @@ def compare(
     A on right singular vectors, B and BA on left, i = j = r, beside a seeded random baseline and max(i, j) / d;
     also phi(W_l^-1 A_l^T, theta_A^T) and phi(W_l^-1 B_l, theta_B^T): LoRA's conversion matrices against the shared
     CondLoRA layer.
+
+    Beyond the paper, the W-conditioned null (--null-draws draws, 0: off): CondLoRA's factors theta W_l^T and
+    W_l theta^T carry W_l, so they may agree with LoRA's through W_l alone. The null replaces theta by Gaussians R
+    (phi(A_l, R_A W_l^T), phi(B_l, W_l R_B^T), BA from those factors) and, for the conversion matrices, the LoRA
+    factor by W_l^-1 R; per layer its mean, std, z and p, per module its mean over layers +- std over draws.
+    Only what exceeds it is evidence of agreement beyond what W_l imposes.
 
     Several pairs (--lora X1 --condlora Y1 --lora X2 --condlora Y2 ...; one LU per base weight for all of them)
     give Table 3 per pair, its mean +- std over pairs, and, when every folder has the metrics.json that
@@ -209,6 +227,7 @@ def compare(
             dtype=torch_dtype(dtype),
             device=device,
             max_memory=budget,
+            null_draws=null_draws,
         )
         if len(reports) == 1:
             if json_output:
@@ -304,3 +323,32 @@ def _print_comparison(report: ComparisonReport) -> None:
             f"{mc.conv_random_expected:.4f}\n",
             highlight=False,
         )
+        if mc.w_null is not None and mc.conv_w_null is not None:
+            console.print(_w_null_table(mc, mc.w_null, mc.conv_w_null))
+            console.print(
+                f"W-null: theta replaced by Gaussians R (A: R_A W_l^T, B: W_l R_B^T); for conv A / conv B the LoRA "
+                f"factor replaced by W_l^-1 R; mean over layers +- std over {mc.w_null['A'].draws} draws. "
+                "p: one-sided empirical p-value of the layer's phi against the null\n",
+                highlight=False,
+            )
+
+
+def _w_null_table(mc: ModuleComparison, w_null: dict[str, LayerWNull], conv_w_null: dict[str, LayerWNull]) -> Table:
+    """Per factor: observed mean over layers, the W-null's (+- std over draws), the random baseline (conv: its
+    expectation), and the layers whose phi exceeds the W-null at p <= 0.05."""
+    table = Table(title=f"{mc.module}: against the W-conditioned null (mean over layers)")
+    for col in ("factor", "observed", "W-null", "random", "layers with p <= 0.05"):
+        table.add_column(col, justify="left" if col in ("factor", "layers with p <= 0.05") else "right")
+    rows: list[tuple[str, Tensor, Tensor | float, LayerWNull]]
+    rows = [(f, mc.phi[f], mc.random[f].mean(), w_null[f]) for f in TABLE3_FACTORS]
+    rows += [(f"conv {f}", mc.conv_vs_theta[f], mc.conv_random_expected, conv_w_null[f]) for f in ("A", "B")]
+    for label, observed, random, w in rows:
+        significant = [layer for layer, p in zip(mc.layers, w.p.tolist(), strict=True) if p <= 0.05]
+        table.add_row(
+            label,
+            f"{float(observed.mean()):.4f}",
+            f"{w.mean_over_layers:.4f} +- {w.mean_over_layers_std:.4f}",
+            f"{float(random):.4f}",
+            layer_span(tuple(significant)) if significant else "none",
+        )
+    return table

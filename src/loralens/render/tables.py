@@ -242,6 +242,9 @@ def table3(data: Mapping[str, Any]) -> Table:
     ``analyses.condlora_vs_lora`` gives it) becomes its own ``<factor> (random)`` row; a scalar one goes in a ``random``
     column. Per-factor means (``mean[f]``, ``random["mean"][f]``), when the data has them, fill a ``mean``
     column; ``random["expected"]`` (a number or one per factor) and ``settings`` i, j, seed go into the notes.
+    A W-conditioned null (``w_null[f]`` with ``mean_over_layers`` and ``mean_over_layers_std``, as
+    ``ComparisonReport.to_dict()`` gives it) fills a ``W-null`` column (mean over layers ± std over draws) on each
+    factor's row.
     """
     modules = _mapping(data.get("modules"), "table 3 data['modules']")
     if not modules:
@@ -263,18 +266,22 @@ def table3(data: Mapping[str, Any]) -> Table:
         raise LoralensError("table 3: modules cover different layers; render one table per module")
     has_mean = any(isinstance(e[1].get("mean"), Mapping) for e in entries)
     has_scalar = any(isinstance(e[3].get(f), (int, float)) for e in entries for f in e[2])
+    has_null = any(isinstance(e[1].get("w_null"), Mapping) for e in entries)
     columns = ("module", "factor", *[str(k) for k in labels], *(("mean",) if has_mean else ()))
     columns += ("random",) if has_scalar else ()
+    columns += ("W-null",) if has_null else ()
     rows: list[tuple[Cell, ...]] = []
     notes = []
     for module, d, factors, random, _ in entries:
         means, random_means = _submapping(d, "mean"), _submapping(random, "mean")
+        nulls = _submapping(d, "w_null")
         for f in factors:
             ref: Any = random.get(f)  # JSON data: None, a number or a list of per-layer values
             per_layer = ref is not None and not isinstance(ref, (int, float))
             row: list[Cell] = [module, f, *[_number(v) for v in d[f]]]
             row += [_number(means.get(f))] if has_mean else []
             row += [None if per_layer or ref is None else float(ref)] if has_scalar else []
+            row += [_mean_std(nulls.get(f), "mean_over_layers", "mean_over_layers_std")] if has_null else []
             rows.append(tuple(row))
             if per_layer:
                 if len(ref) != len(labels):
@@ -282,6 +289,7 @@ def table3(data: Mapping[str, Any]) -> Table:
                 row = [module, f"{f} (random)", *[_number(v) for v in ref]]
                 row += [_number(random_means.get(f))] if has_mean else []
                 row += [None] if has_scalar else []
+                row += [None] if has_null else []
                 rows.append(tuple(row))
         expected = random.get("expected")
         if isinstance(expected, Mapping):
@@ -298,6 +306,11 @@ def table3(data: Mapping[str, Any]) -> Table:
     detail = ", ".join(f"{k} = {settings[k]}" for k in ("i", "j", "seed") if settings.get(k) is not None)
     if detail:
         notes.append(f"Settings: {detail}.")
+    if has_null:
+        notes.append(
+            "W-null: theta replaced by Gaussian matrices R of its shape (phi(A_l, R_A W_l^T), phi(B_l, W_l R_B^T), "
+            f"BA from those factors), mean over layers ± std over {settings.get('null_draws', 'the')} draws."
+        )
     return Table(columns, tuple(rows), "phi(LoRA, CondLoRA) per layer (Table 3)", tuple(notes))
 
 
@@ -361,31 +374,69 @@ def table3_over_pairs(data: Mapping[str, Any], digits: int = 4) -> Table:
     """Table 3 over several LoRA/CondLoRA pairs (e.g. training seeds), from
     :func:`~loralens.analyses.condlora_vs_lora.comparisons_to_dict`:
     per module and factor the mean phi over layers of each pair,
-    their mean ± sample std over pairs, and the mean random baseline."""
+    their mean ± sample std over pairs, and the mean random baseline; with the W-conditioned null (``w_null`` in
+    the summary), a ``W-null`` column: its mean over layers averaged over pairs ± the pairs' mean std over draws."""
     summary = _submapping(data, "summary")
     pairs = data.get("pairs") or []
     if not summary or not pairs:
         raise LoralensError("table 3 over pairs needs 'pairs' and 'summary'; pass compare.comparisons_to_dict(...)")
     factor_names = {**{f: f for f in _FACTORS}, "conv_A": "W^-1 A^T vs theta_A^T", "conv_B": "W^-1 B vs theta_B^T"}
     columns = ("module", "factor", *(f"pair {k + 1}" for k in range(len(pairs))), "mean ± std", "random")
+    has_null = any(
+        isinstance(s, Mapping) and s.get("w_null") is not None
+        for factors in summary.values()
+        if isinstance(factors, Mapping)
+        for s in factors.values()
+    )
+    columns += ("W-null",) if has_null else ()
     rows = []
     for module, factors in summary.items():
         for factor, s in _mapping(factors, module).items():
-            rows.append(
-                (
-                    module,
-                    factor_names.get(factor, factor),
-                    *(_number(v) for v in s["per_pair"]),
-                    f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}",
-                    _number(s.get("random")),
-                )
+            row: tuple[Cell, ...] = (
+                module,
+                factor_names.get(factor, factor),
+                *(_number(v) for v in s["per_pair"]),
+                f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}",
+                _number(s.get("random")),
             )
+            if has_null:
+                w, spread = s.get("w_null"), _pairs_null_std(pairs, module, factor)
+                cell = None if w is None else f"{w:.{digits}f}"
+                row += (cell if cell is None or spread is None else f"{cell} ± {spread:.{digits}f}",)
+            rows.append(row)
     notes = tuple(
         f"pair {k + 1}: LoRA {p['settings'].get('lora')}, CondLoRA {p['settings'].get('condlora')}"
         for k, p in enumerate(pairs)
     )
     title = "phi(LoRA, CondLoRA), mean over layers, per pair (Table 3 over seeds)"
-    return Table(columns, tuple(rows), title, (*notes, "A on right, B and BA on left singular vectors; i = j = r."))
+    notes += ("A on right, B and BA on left singular vectors; i = j = r.",)
+    if has_null:
+        notes += (
+            "W-null: theta replaced by Gaussians R (A, B, BA), or for the conversion matrices the LoRA factor by "
+            "W_l^-1 R; its mean over layers, averaged over pairs ± the pairs' mean std over draws.",
+        )
+    return Table(columns, tuple(rows), title, notes)
+
+
+def _mean_std(data: Any, mean_key: str, std_key: str, digits: int = 4) -> Cell:
+    """``"0.0207 ± 0.0013"`` from ``data[mean_key]`` and ``data[std_key]``; None when either is missing."""
+    if not isinstance(data, Mapping) or data.get(mean_key) is None or data.get(std_key) is None:
+        return None
+    return f"{data[mean_key]:.{digits}f} ± {data[std_key]:.{digits}f}"
+
+
+def _pairs_null_std(pairs: Sequence[Any], module: str, factor: str) -> float | None:
+    """Mean over pairs of the W-null's std over draws (of its mean over layers) for ``factor`` of the summary
+    (``A``, ``B``, ``BA`` or ``conv_A``, ``conv_B``); None when a pair lacks it."""
+    stds = []
+    for p in pairs:
+        entry = p.get("modules", {}).get(module, {}) if isinstance(p, Mapping) else {}
+        block = entry.get("conv_vs_theta", {}).get("w_null") if factor.startswith("conv_") else entry.get("w_null")
+        w = block.get(factor.removeprefix("conv_")) if isinstance(block, Mapping) else None
+        if not isinstance(w, Mapping) or w.get("mean_over_layers_std") is None:
+            return None
+        stds.append(float(w["mean_over_layers_std"]))
+    return sum(stds) / len(stds) if stds else None
 
 
 # ------------------------------------------------------------------ the LoRA paper's analyses (Hu et al. 2022)
