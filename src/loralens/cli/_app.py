@@ -66,16 +66,14 @@ def _hub_options(
         bool,
         typer.Option(
             "--offline",
-            help="Never touch the network: hub names (org/name@revision) resolve from the local Hugging Face cache "
-            "only (as with HF_HUB_OFFLINE=1).",
+            help="Hub names from the local cache only; no network.",
         ),
     ] = False,
     allow_pickle_download: Annotated[
         bool,
         typer.Option(
             "--allow-pickle-download",
-            help="Allow downloading .bin (pickle) weights from the hub; loralens reads them with "
-            "torch.load(weights_only=True), but does not fetch one unasked.",
+            help="Allow downloading .bin (pickle) weights.",
         ),
     ] = False,
 ) -> None:
