@@ -66,7 +66,7 @@ def _hub_options(
         bool,
         typer.Option(
             "--offline",
-            help="Hub names from the local cache only; no network.",
+            help="Hub names from the local cache only.",
         ),
     ] = False,
     allow_pickle_download: Annotated[
