@@ -276,9 +276,12 @@ def refuse_dora(adapter: LoraAdapter, names: Sequence[str], analysis: str) -> No
         )
 
 
-def at_model_layers(e: BatchError, what: str, layers: Sequence[int], where: Any) -> LoralensError:
+def at_model_layers(
+    e: BatchError, what: str, layers: Sequence[int], where: Any, *, adapter: Any = None
+) -> LoralensError:
     """A core error about batch positions (``e.indices``) restated for module ``what`` with model layer numbers
-    (``layers[k]`` for each position) and where the weights came from (``where``, or None); for re-raising."""
+    (``layers[k]`` for each position) and where the weights came from (``where``: the base, or None; ``adapter``:
+    the adapter's folder, named first when given); for re-raising."""
     named = [layers[k] for k in e.indices] if e.indices else list(layers)
     origin = f" in {where}" if where is not None else ""
     if isinstance(e, SingularMatrixError):
@@ -291,8 +294,15 @@ def at_model_layers(e: BatchError, what: str, layers: Sequence[int], where: Any)
             option=("dtype", "modules") if float32 else "modules",
         )
     if isinstance(e, RankError):
-        untrained = " (all zero: an untrained adapter? PEFT initialises lora_B to zero)" if "all zero" in str(e) else ""
-        return RankError(f"module {what!r} at layers {named}: {e}{untrained}", tuple(named), option=e.option)
+        source = f"{adapter}: " if adapter is not None else ""
+        if "all zero" in str(e):  # say what it means, not the core's "subspace dimension ... batch positions"
+            return RankError(
+                f"{source}module {what!r} at layers {named}: its update is all zero, so it has no subspace to "
+                "analyse (an untrained adapter? PEFT initialises lora_B to zero); train it, or leave the module out",
+                tuple(named),
+                option="modules",
+            )
+        return RankError(f"{source}module {what!r} at layers {named}: {e}", tuple(named), option=e.option)
     return type(e)(f"module {what!r}{origin}: {e}", tuple(named), option=e.option)
 
 

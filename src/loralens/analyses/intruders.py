@@ -211,7 +211,7 @@ def intruder_dimensions(
                 intruder = c < epsilon
                 share = projected_update_share(top.U, intruder, B, A, scale)
             except BatchError as e:
-                raise at_model_layers(e, name, list(mod.layers[layers]), base.root) from e
+                raise at_model_layers(e, name, list(mod.layers[layers]), base.root, adapter=adapter.path) from e
             parts.append(tuple(t.cpu() for t in (c, top.S, intruder, share, intruder_counts(c.cpu(), sweep))))
         c, sigma, intruder, share = (torch.cat([part[i] for part in parts]) for i in range(4))
         counts = torch.cat([part[4] for part in parts], dim=-1)  # (E, L): layers along the last axis

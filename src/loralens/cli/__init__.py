@@ -26,8 +26,10 @@ import loralens.cli.dora  # noqa: F401  (registers dora)
 import loralens.cli.figures  # noqa: F401  (registers figure, report)
 import loralens.cli.condlora  # noqa: F401  (registers train, compare, params, export)
 import loralens.cli.reproduce  # noqa: F401  (registers reproduce table2)
-from loralens.cli._app import EXIT_INTERRUPTED, EXIT_USER_ERROR, app
+from loralens.cli._app import EXIT_INTERRUPTED, EXIT_USER_ERROR, app, reflow_help
 from loralens.io.outputs import interrupt_on_termination
+
+reflow_help(app)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from loralens.io.files import os_error_reason
 from loralens.io.hub import hub_settings
 
 if TYPE_CHECKING:  # typed against the installed typer, which vendors click as typer._click
+    from rich.console import Console
     from typer._click.globals import get_current_context
 
     from loralens.io.outputs import Writer
@@ -53,6 +54,48 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _hide_flag_types() -> None:
+    """Recent typer shows ``--help <bool>`` and ``--json <bool>`` for on/off flags, which take no value: show no
+    type for flags (the one place loralens adjusts typer's help)."""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if option is None or shown is None:  # older typer: no type column for flags anyway
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
+def reflow_help(typer_app: typer.Typer) -> None:
+    """Give every command its docstring as help with each paragraph on one line: rich keeps a docstring's line
+    breaks, which wrapped at any other width than the source's break sentences mid-line. Paragraphs (blank-line
+    separated) and list items (lines starting with ``-``) stay apart. Run once all commands are registered."""
+    import inspect
+
+    for info in typer_app.registered_commands:
+        doc = info.help or (inspect.getdoc(info.callback) if info.callback else None)
+        if not doc:
+            continue
+        paragraphs = []
+        for block in doc.split("\n\n"):
+            lines: list[str] = []
+            for line in block.splitlines():
+                if lines and not line.lstrip().startswith("- "):
+                    lines[-1] += " " + line.strip()
+                else:
+                    lines.append(line.strip())
+            paragraphs.append("\n".join(lines))
+        info.help = "\n\n".join(paragraphs)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            reflow_help(group.typer_instance)
 
 
 def _announce_download(repo_id: str, filename: str, size: int) -> None:
@@ -398,7 +441,6 @@ class _DelayedProgress:
         if self._progress is None:
             if time.monotonic() - self._start < self._delay_s or done >= total:
                 return
-            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
@@ -406,7 +448,7 @@ class _DelayedProgress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=make_console(stderr=True),
                 transient=True,
             )
             self._progress.start()
@@ -472,9 +514,22 @@ def emit_result(
         typer.echo(f"wrote {p}")
 
 
+def make_console(*, stderr: bool = False) -> Console:
+    """The rich console every command prints through: the terminal's width on a terminal; unwrapped when the
+    stream is piped or redirected (rich would otherwise cut tables and break paths at 80 columns)."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    interactive = stream.isatty()
+    return Console(stderr=stderr, width=None if interactive else _PIPED_WIDTH, soft_wrap=not interactive)
+
+
+#: Columns of piped output: wide enough that no table or line is wrapped or cut.
+_PIPED_WIDTH = 100_000
+
+
 def print_table(table: Table, digits: int = 4) -> None:
     """A :class:`loralens.render.tables.Table` on the terminal with rich: its title above, its notes below."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table as RichTable
 
@@ -485,7 +540,7 @@ def print_table(table: Table, digits: int = 4) -> None:
         shown.add_column(escape(column), justify="right" if numeric else "left")
     for row in table.rows:
         shown.add_row(*(escape(format_cell(cell, digits)) for cell in row))
-    Console().print(shown)
+    make_console().print(shown)
 
 
 def print_pairs(data: dict[str, Any]) -> None:

@@ -45,6 +45,7 @@ from loralens.cli._app import (
     format_number,
     load_inputs,
     load_many,
+    make_console,
     parse_modules,
     print_pairs,
     progress_bar,
@@ -134,7 +135,8 @@ def conversion(
 def _check_product_size(
     lora: LoraAdapter, modules: list[str] | None, dtype: torch.dtype, budget: int, max_memory: str
 ) -> None:
-    """Refuse before any work when W^-1 B A (L x d x d per module) would not fit the memory budget."""
+    """Refuse before any work when W^-1 B A (L x d x d per module) would not fit the memory budget; say its size up
+    front when it is large (an 11.8 MB adapter can make an 829 MB file)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     size = sum(len(lora.modules[n].layers) * lora.modules[n].shape[1] ** 2 for n in select_modules(lora, modules))
     size *= itemsize
@@ -144,6 +146,16 @@ def _check_product_size(
             f"{str(dtype).removeprefix('torch.')}), over --max-memory {max_memory}; pass --no-product to write "
             "W^-1 A^T and W^-1 B only ('loralens similarity' gets phi of B A from the factors), or raise --max-memory"
         )
+    if size > _LARGE_OUTPUT:
+        typer.echo(
+            f"note: W^-1 B A makes conversion.safetensors about {format_memory_size(size)} (layers x d x d per "
+            "module); --no-product writes W^-1 A^T and W^-1 B only",
+            err=True,
+        )
+
+
+#: Output size from which ``conversion`` says how large its file will be before writing it.
+_LARGE_OUTPUT = 300_000_000
 
 
 @app.command(rich_help_panel="Analysis", short_help="Layer x layer phi of conversion matrices (Figure 1).")
@@ -266,7 +278,7 @@ def demo(
             },
             replace=True,  # the demo's own folder: a rerun replaces it
         )
-        console = Console()
+        console = make_console()
         console.print(f"Base: {base_ckpt.root}\nAdapter: {adapter}\n", soft_wrap=True)  # paths never broken
         _print_similarity(report, console)
         console.print("\nCondLoRA vs LoRA, the shipped adapters of seeds " + ", ".join(str(s) for s, _, _ in seeds))
@@ -279,10 +291,13 @@ def demo(
 
 
 def _print_many(reports: list[SimilarityReport], labels: list[str]) -> None:
-    table = Table(title=f"Layer x layer subspace similarity phi of {len(reports)} adapters (mean off-diagonal)")
+    table = Table(
+        title=f"Layer x layer subspace similarity phi of {len(reports)} adapters (mean off-diagonal)",
+        caption=LAYERS_FROM_ONE,
+    )
     columns = ("adapter", "module", "factor", "layers", "i, j", "mean phi", "random (one draw)", "E=max(i,j)/d")
     for col in (*columns, "W-null", "share of excess"):
-        table.add_column(col, justify="right" if col[0] in "mrEWs" else "left")
+        table.add_column(col, justify="left" if col in _TEXT_COLUMNS else "right")
     for label, report in zip(labels, reports, strict=True):
         for name, factors in report.modules.items():
             for f, s in factors.items():
@@ -290,14 +305,27 @@ def _print_many(reports: list[SimilarityReport], labels: list[str]) -> None:
                     label,
                     name,
                     f,
-                    layer_span(report.layers[name]),
+                    _numbered(report.layers[name]),
                     f"{s.i}, {s.j}",
                     format_number(s.mean_offdiag),
                     format_number(s.random_mean_offdiag),
                     f"{s.random_expected:.4f}",
                     *_w_null_cells(s),
                 )
-    Console().print(table)
+    make_console().print(table)
+
+
+#: What every terminal table of these commands says of its layer numbers (JSON keeps the checkpoint's index).
+LAYERS_FROM_ONE = "Layers numbered from 1 (checkpoint layer index + 1), as in the paper; --json gives the index."
+
+
+#: Columns of the similarity tables that hold words (left-aligned); the others hold numbers.
+_TEXT_COLUMNS = ("adapter", "module", "factor", "layers", "i, j")
+
+
+def _numbered(layers: tuple[int, ...] | list[int]) -> str:
+    """Checkpoint layer indices as people read them: numbered from 1, as a span (``1-6``)."""
+    return layer_span([k + 1 for k in layers])
 
 
 def _w_null_cells(s: FactorSimilarity) -> tuple[str, str]:
@@ -309,7 +337,7 @@ def _w_null_cells(s: FactorSimilarity) -> tuple[str, str]:
 
 
 def _print_conversion(convs: dict[str, ModuleConversion], paths: list[Path]) -> None:
-    table = Table(title="Conversion matrices")
+    table = Table(title="Conversion matrices", caption=LAYERS_FROM_ONE)
     for col in ("module", "layers", "convention", "conv_A", "conv_B", "max residual", "max cond (1-norm)"):
         table.add_column(col)
     for name, mc in convs.items():
@@ -318,22 +346,29 @@ def _print_conversion(convs: dict[str, ModuleConversion], paths: list[Path]) -> 
         fallback = tuple(least_squares_layers(mc))
         table.add_row(
             name,
-            layer_span(mc.layers),
-            c.convention + (f" (least squares at {layer_span(fallback)})" if fallback else ""),
+            _numbered(mc.layers),
+            c.convention + (f" (least squares at {_numbered(fallback)})" if fallback else ""),
             "x".join(map(str, c.A.shape)),
             "x".join(map(str, c.B.shape)),
             f"{res:.1e}",
             f"{float(c.condition.max()):.3g}",
         )
-    console = Console()
+    console = make_console()
     console.print(table)
     for p in paths:
         console.print(f"wrote {p}", soft_wrap=True)
 
 
-def _print_similarity(report: SimilarityReport, console: Console | None = None) -> None:
-    console = console or Console()
-    table = Table(title=f"Layer x layer subspace similarity phi ({report.settings['side']} singular vectors)")
+#: Layers up to which ``similarity`` prints each L x L phi matrix on the terminal.
+_MAX_PRINTED_LAYERS = 16
+
+
+def _print_similarity(report: SimilarityReport, out: Console | None = None) -> None:
+    console = out or make_console()
+    table = Table(
+        title=f"Layer x layer subspace similarity phi ({report.settings['side']} singular vectors)",
+        caption=LAYERS_FROM_ONE,
+    )
     for col in (
         "module",
         "factor",
@@ -345,13 +380,13 @@ def _print_similarity(report: SimilarityReport, console: Console | None = None) 
         "W-null",
         "share of excess",
     ):
-        table.add_column(col, justify="right" if col[0] in "mrWs" else "left")
+        table.add_column(col, justify="left" if col in _TEXT_COLUMNS else "right")
     for name, factors in report.modules.items():
         for f, s in factors.items():
             table.add_row(
                 name,
                 f,
-                layer_span(report.layers[name]),
+                _numbered(report.layers[name]),
                 f"{s.i}, {s.j}",
                 format_number(s.mean_offdiag),
                 format_number(s.random_mean_offdiag),
@@ -366,13 +401,20 @@ def _print_similarity(report: SimilarityReport, console: Console | None = None) 
             "excess: (W-null - random) / (observed - random)",
             highlight=False,
         )
+    hidden = [name for name in report.modules if len(report.layers[name]) > _MAX_PRINTED_LAYERS]
+    if hidden:
+        console.print(
+            f"phi matrices of {', '.join(hidden)} not printed (over {_MAX_PRINTED_LAYERS} layers): --json has them, "
+            "and 'loralens figure --out DIR' draws them with every value in phi_matrices.csv",
+            highlight=False,
+        )
     for name, factors in report.modules.items():
         for f, s in factors.items():
-            if len(report.layers[name]) > 16:
+            if name in hidden:
                 continue
-            header = "       " + " ".join(f"L{k:<4d}" for k in report.layers[name])
+            header = "       " + " ".join(f"L{k + 1:<4d}" for k in report.layers[name])
             rows = [
-                f"  L{k:<3d} " + " ".join(f"{v:.3f}" for v in row)
+                f"  L{k + 1:<3d} " + " ".join(f"{v:.3f}" for v in row)
                 for k, row in zip(report.layers[name], s.phi.tolist(), strict=True)
             ]
             console.print(f"\n{name} / {f}: phi (average similarity {format_number(s.mean_offdiag)})", highlight=False)
