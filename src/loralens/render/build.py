@@ -95,7 +95,9 @@ def build_report(
     device, dtype, layer_batch
         Where, in which precision and how many layers at a time the analyses run.
     null_draws : int
-        Draws of Figure 1's W-conditioned null (0: off), see :func:`~loralens.analyses.similarity.adapter_similarity`.
+        Draws of the W-conditioned null (0: off) for Figure 1 and, with CondLoRA adapters, for Table 3; see
+        :func:`~loralens.analyses.similarity.adapter_similarity` and
+        :func:`~loralens.analyses.condlora_vs_lora.compare_adapters`.
 
     Returns
     -------
