@@ -104,6 +104,15 @@ def test_params(tiny_bert: Path) -> None:
     assert_valid("params", out)
 
 
+def test_params_with_a_non_square_target(minilm_path: Path) -> None:
+    out = run_json("params", "--base", minilm_path, "--targets", "query,intermediate.dense", "--json")
+    assert_valid("params", out)
+    assert out["not_square"] == ["intermediate.dense"] and out["modules"]["dense"]["condlora"] is None
+    alone = run_json("params", "--base", minilm_path, "--targets", "intermediate.dense", "--json")
+    assert_valid("params", alone)
+    assert alone["ratio"] is None
+
+
 def test_compare_one_pair_and_pairs_without_metrics(
     tiny_bert: Path, tiny_bert_adapter: Path, tiny_condlora: Path
 ) -> None:

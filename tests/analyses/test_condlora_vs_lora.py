@@ -138,12 +138,12 @@ def _shapes_from_header(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _formula(shapes: dict[str, tuple[int, ...]], r: int, targets: list[str]) -> tuple[int, int]:
-    """Table 4 written out: LoRA sums r (in + out) over matched weights, CondLoRA 2 r in once per target."""
+    """Table 4 written out: LoRA sums r (in + out) over matched weights, CondLoRA 2 r in once per square target."""
     lora, cond = 0, 0
     for t in targets:
         matched = [s for k, s in shapes.items() if k.endswith(f".{t}.weight") and ".layer" in k]
         lora += sum(r * (s[0] + s[1]) for s in matched)
-        cond += 2 * r * matched[0][1]
+        cond += 2 * r * matched[0][1] if matched[0][0] == matched[0][1] else 0
     return lora, cond
 
 
@@ -153,6 +153,7 @@ def test_table4_for_roberta_base_from_the_header_alone(tmp_path: Path) -> None:
     assert (counts.lora, counts.condlora) == (294_912, 24_576)  # the paper's Table 4
     assert counts.ratio == pytest.approx(1 / 12)
     assert counts.modules["value"] == {
+        "targets": ["value"],
         "layers": 12,
         "shape": [768, 768],
         "square": True,
@@ -175,6 +176,8 @@ def test_table4_for_bert_and_llama_shapes(tiny_bert: Path, tiny_llama: Path) -> 
     assert (llama.lora, llama.condlora) == _formula(_shapes_from_header(tiny_llama / "model.safetensors"), 8, targets)
     assert llama.modules["q_proj"]["square"] and not llama.modules["v_proj"]["square"]  # GQA: 16 x 64
     assert llama.modules["v_proj"]["shape"] == [16, 64] and llama.modules["v_proj"]["lora"] == 2 * 8 * (16 + 64)
+    assert llama.modules["v_proj"]["condlora"] is None and llama.not_square == ("v_proj",)
+    assert llama.ratio == pytest.approx(llama.condlora / llama.modules["q_proj"]["lora"])
 
 
 def test_table4_errors(tiny_bert: Path) -> None:
@@ -412,3 +415,32 @@ def test_many_pairs_summary_carries_the_w_null(minilm_path: Path) -> None:
     assert a is not None and b is not None and a["A"].draws == 4
     off = comparisons_to_dict(compare_adapters_many(base, pairs, modules=["value"], device="cpu", null_draws=0))
     assert off["summary"]["value"]["A"]["w_null"] is None
+
+
+def test_table4_leaves_non_square_targets_out_of_condlora(minilm_path: Path) -> None:
+    """MiniLM's intermediate.dense is 1536 x 384: LoRA adapts it, CondLoRA is undefined there, so it adds nothing
+    to the CondLoRA count and the ratio compares the square targets only (counted by hand from the header)."""
+    shapes = _shapes_from_header(minilm_path / "model.safetensors")
+    inter = [s for k, s in shapes.items() if k.endswith(".intermediate.dense.weight")]
+    square = [s for k, s in shapes.items() if k.endswith((".self.query.weight", ".self.value.weight"))]
+    assert len(inter) == 6 and set(inter) == {(1536, 384)} and len(square) == 12 and set(square) == {(384, 384)}
+    counts = parameter_counts(open_base(minilm_path), r=8, targets=["query", "value", "intermediate.dense"])
+    lora_square = sum(8 * (o + i) for o, i in square)
+    assert counts.lora == lora_square + sum(8 * (o + i) for o, i in inter) == 73_728 + 6 * 8 * (1536 + 384)
+    assert counts.condlora == 2 * (2 * 8 * 384) == 12_288  # query and value only
+    assert counts.lora_square == lora_square == 73_728
+    assert counts.ratio == pytest.approx(12_288 / 73_728)
+    assert counts.not_square == ("intermediate.dense",)
+    assert counts.modules["dense"] == {
+        "targets": ["intermediate.dense"],
+        "layers": 6,
+        "shape": [1536, 384],
+        "square": False,
+        "lora": 6 * 8 * (1536 + 384),
+        "condlora": None,
+    }
+    data = counts.to_dict()
+    assert (data["not_square"], data["lora_square"]) == (["intermediate.dense"], 73_728)
+    assert data["ratio"] == pytest.approx(1 / 6)
+    only = parameter_counts(open_base(minilm_path), r=8, targets=["intermediate.dense"])
+    assert (only.condlora, only.lora_square, only.ratio, only.to_dict()["ratio"]) == (0, 0, None, None)

@@ -74,3 +74,48 @@ def test_random_baselines_do_not_depend_on_module_selection(tiny_bert: Path, tin
     amp_both = amplification_report(base, adapter, device="cpu", record_inputs=False)
     amp_alone = amplification_report(base, adapter, modules=[names[-1]], device="cpu", record_inputs=False)
     assert torch.equal(amp_alone.modules[names[-1]].random_projection, amp_both.modules[names[-1]].random_projection)
+
+
+def _with_recorded_base(adapter: Path, out: Path, recorded: str) -> Path:
+    """A copy of ``adapter`` whose adapter_config.json records ``recorded`` as base_model_name_or_path."""
+    import json
+    import shutil
+
+    shutil.copytree(adapter, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+    return out
+
+
+def test_base_for_a_relative_recorded_base(
+    tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PEFT records the base as training named it ("smol-base", relative to where it ran): found from another
+    working directory beside the adapter's folder (in its parent folder) or inside it; when nothing resolves the
+    error says the value came from adapter_config.json and asks for the base (option "base")."""
+    import shutil
+
+    from loralens.analyses.engine import base_for
+    from loralens.errors import InputPathError
+    from loralens.io.adapters import load_lora_adapter
+
+    shutil.copytree(tiny_bert, tmp_path / "run" / "smol-base")
+    beside = _with_recorded_base(tiny_bert_adapter, tmp_path / "run" / "adapter", "smol-base")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert base_for(load_lora_adapter(beside)).root == tmp_path / "run" / "smol-base"
+    inside = _with_recorded_base(tiny_bert_adapter, tmp_path / "other" / "adapter", "base")
+    shutil.copytree(tiny_bert, inside / "base")
+    assert base_for(load_lora_adapter(inside)).root == inside / "base"
+    monkeypatch.chdir(tmp_path / "run")  # the working directory wins where the path exists from it
+    assert base_for(load_lora_adapter(inside)).root == inside / "base"
+    assert base_for(load_lora_adapter(beside)).root.resolve() == (tmp_path / "run" / "smol-base").resolve()
+    lost = _with_recorded_base(tiny_bert_adapter, tmp_path / "lost" / "adapter", "gone-base")
+    with pytest.raises(InputPathError) as info:
+        base_for(load_lora_adapter(lost))
+    message = str(info.value)
+    assert message.startswith(f"{lost / 'adapter_config.json'}: its base_model_name_or_path 'gone-base'")
+    assert str(lost / "gone-base") in message and str(tmp_path / "lost" / "gone-base") in message
+    assert "give the base model explicitly" in message and "--" not in message
+    assert info.value.options[0] == "base"
+    assert base_for(load_lora_adapter(lost), tiny_bert).root == tiny_bert  # an explicit base is used as given

@@ -242,3 +242,43 @@ def test_compare_json_is_the_python_apis_to_dict(minilm_path: Path) -> None:
     api = comparisons_to_dict(reports, table2_from_folders(lora, cond))
     assert json.loads(proc.stdout) == json.loads(json_text(api))
     assert api["settings"]["max_memory"] == 2 * 10**9 and api["table2"] is not None
+
+
+def test_params_leaves_non_square_targets_out_of_condlora(minilm_path: Path) -> None:
+    """MiniLM's intermediate.dense (1536 x 384) counts for LoRA, not for CondLoRA; the output names it, and the
+    ratio covers the square targets (query, value: 12,288 / 73,728), as a hand count from the shapes gives."""
+    argv = ["params", "--base", minilm_path, "--r", "8", "--targets", "query,value,intermediate.dense"]
+    proc = run_cli(*argv, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    inter = 6 * 8 * (1536 + 384)
+    assert (out["lora"], out["condlora"], out["lora_square"]) == (73_728 + inter, 12_288, 73_728)
+    assert out["ratio"] == pytest.approx(1 / 6) and out["not_square"] == ["intermediate.dense"]
+    assert out["modules"]["dense"]["condlora"] is None and out["modules"]["dense"]["lora"] == inter
+    text = run_cli(*argv)
+    assert text.returncode == 0 and text.stderr == "", text.stderr
+    lines = text.stdout.splitlines()
+    total = next(line for line in lines if line.strip("│ ").startswith("total"))
+    assert f"{73_728 + inter:,}" in total and "12,288" in total
+    dense = next(line for line in lines if "intermediate.dense" in line and "1536x384" in line)
+    assert "not square" in dense and f"{inter:,}" in dense
+    assert "Left out of the CondLoRA count: intermediate.dense (not square: CondLoRA is undefined there" in text.stdout
+    assert "CondLoRA / LoRA = 0.1667 (1/6.0) over the square targets (LoRA there: 73,728)" in text.stdout
+    plain = run_cli("params", "--base", minilm_path)
+    assert "Left out" not in plain.stdout and "over the square targets" not in plain.stdout
+
+
+def test_compare_prints_layers_numbered_from_one(minilm_path: Path) -> None:
+    """The terminal tables number layers from 1, as the paper and the figures do, and say so; --json keeps the
+    checkpoint's index."""
+    args = ["compare", "--base", minilm_path, "--lora", default_adapter(), "--condlora", default_condlora()]
+    args += ["--modules", "value", "--device", "cpu", "--null-draws", "2"]
+    text = run_cli(*args)
+    assert text.returncode == 0, text.stderr
+    rows = [line.split() for line in text.stdout.splitlines()]
+    first = [row[1] for row in rows if len(row) > 2 and row[0] == "│" and row[1].isdigit()]
+    assert first == ["1", "2", "3", "4", "5", "6"], text.stdout
+    assert text.stdout.count("Layers numbered from 1 (checkpoint layer index + 1), as in the paper") == 2
+    assert "layers 1-6;" in text.stdout
+    data = json.loads(run_cli(*args, "--json").stdout)
+    assert data["modules"]["value"]["layers"] == [0, 1, 2, 3, 4, 5]

@@ -607,8 +607,13 @@ def _random_bases(layers: tuple[int, ...], d: int, k: int, seed: int, module: st
 class ParameterCounts:
     """Table 4: trainable adapter parameters of LoRA and CondLoRA for one base, rank and target list.
 
-    ``modules`` maps each CondLoRA target key to its ``layers``, ``shape`` ``(d_out, d_in)``, ``square`` (CondLoRA
-    needs it) and both counts. ``ratio = condlora / lora``.
+    ``lora`` counts every target. CondLoRA is defined for square weights only (``A_l = theta_A W_l^T`` needs
+    ``d_out = d_in``), so ``condlora`` counts the square targets and ``not_square`` lists the targets left out of
+    it (as the caller named them); ``lora_square`` is LoRA's count over the square targets, and
+    ``ratio = condlora / lora_square`` compares the two on the same modules (None when no target is square).
+    ``modules`` maps each CondLoRA target key (the last name component: one theta per key) to the ``targets`` it
+    stands for, its ``layers``, ``shape`` ``(d_out, d_in)``, ``square`` and both counts (``condlora`` None where
+    not square).
     """
 
     lora: int
@@ -616,23 +621,30 @@ class ParameterCounts:
     r: int
     targets: tuple[str, ...]
     modules: dict[str, dict[str, Any]]
+    lora_square: int
+    not_square: tuple[str, ...] = ()
 
     @property
-    def ratio(self) -> float:
-        return self.condlora / self.lora
+    def ratio(self) -> float | None:
+        """CondLoRA / LoRA over the square targets; None when no target is square."""
+        return self.condlora / self.lora_square if self.lora_square else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "lora": self.lora,
             "condlora": self.condlora,
-            "ratio": json_values(self.ratio),
+            "ratio": None if self.ratio is None else json_values(self.ratio),
+            "lora_square": self.lora_square,
+            "not_square": list(self.not_square),
             "r": self.r,
             "targets": list(self.targets),
             "modules": self.modules,
             "formula": {
-                "lora": "sum over (module, layer) of r * (d_in + d_out)",
-                "condlora": "sum over module types of 2 * r * d_in",
-                "ratio": "condlora / lora",
+                "lora": "sum over (module, layer) of r * (d_in + d_out), every target",
+                "condlora": "sum over square module types of 2 * r * d_in (CondLoRA is undefined for non-square "
+                "weights: the targets in not_square are left out)",
+                "lora_square": "the lora sum over the square targets only",
+                "ratio": "condlora / lora_square (both over the square targets)",
             },
         }
 
@@ -642,7 +654,9 @@ def parameter_counts(base: BaseCheckpoint, *, r: int, targets: Sequence[str]) ->
 
     Each target matches the 2-D ``.weight`` tensors inside numbered layers whose module path equals it or ends
     with ``"." + target``, as PEFT matches ``target_modules``. LoRA trains ``r * (d_in + d_out)`` per matched weight;
-    CondLoRA trains ``theta_A`` and ``theta_B``, ``2 * r * d_in``, once per target (shared by all its layers).
+    CondLoRA trains ``theta_A`` and ``theta_B``, ``2 * r * d_in``, once per target (shared by all its layers), and
+    only for square weights: a non-square target adds to ``lora`` but not to ``condlora``, is listed in
+    ``not_square``, and is left out of ``ratio`` (computed over the square targets).
 
     Raises
     ------
@@ -656,25 +670,35 @@ def parameter_counts(base: BaseCheckpoint, *, r: int, targets: Sequence[str]) ->
     owners = [k[: -len(".weight")] for k in base.keys if k.endswith(".weight") and len(base.shapes[k]) == 2]
     per_target = target_module_paths(targets, owners, base.root)
     lora_shapes: list[tuple[int, int]] = []
+    square_shapes: list[tuple[int, int]] = []
     module_types = {}
-    modules = {}
+    modules: dict[str, dict[str, Any]] = {}
+    not_square = []
     for key, groups in per_target.items():
         shapes = [base.shapes[p.dotted + ".weight"] for paths in groups.values() for p in paths]
+        given = [t for t in targets if theta_key(t) == key]  # the targets as the caller named them
         if len(set(shapes)) > 1:
             raise ShapeError(
-                f"target {key!r} matches weights of different shapes {sorted(set(shapes))} in {base.root}; CondLoRA "
-                "shares one theta per target name, so name one module type (e.g. attention.output.dense)"
+                f"target {', '.join(map(repr, given))} matches weights of different shapes {sorted(set(shapes))} in "
+                f"{base.root}; CondLoRA shares one theta per target name, so name one module type (e.g. "
+                "attention.output.dense)"
             )
-        d_out, d_in = shapes[0]
+        d_out, d_in = (int(n) for n in shapes[0])
         pairs = [(int(o), int(n)) for o, n in shapes]  # (d_out, d_in) of each layer's weight
         lora_shapes.extend(pairs)
-        module_types[key] = (int(d_out), int(d_in))
+        square = d_out == d_in
+        if square:
+            square_shapes.extend(pairs)
+            module_types[key] = (d_out, d_in)
+        if not square:
+            not_square.extend(given)
         modules[key] = {
+            "targets": given,
             "layers": len(shapes),
-            "shape": [int(d_out), int(d_in)],
-            "square": d_out == d_in,
+            "shape": [d_out, d_in],
+            "square": square,
             "lora": lora_parameter_count(pairs, r),
-            "condlora": condlora_parameter_count({key: (d_out, d_in)}, r),
+            "condlora": condlora_parameter_count({key: (d_out, d_in)}, r) if square else None,
         }
     return ParameterCounts(
         lora_parameter_count(lora_shapes, r),
@@ -682,4 +706,6 @@ def parameter_counts(base: BaseCheckpoint, *, r: int, targets: Sequence[str]) ->
         r,
         tuple(targets),
         modules,
+        lora_square=lora_parameter_count(square_shapes, r),
+        not_square=tuple(not_square),
     )

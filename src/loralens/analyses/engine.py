@@ -19,6 +19,7 @@ import re
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -90,16 +91,41 @@ def run_settings(
 
 
 def base_for(adapter: LoraAdapter, spec: str | os.PathLike[str] | None = None) -> BaseCheckpoint:
-    """Open the base model: ``spec`` if given, else the adapter's ``base_model_name_or_path``."""
-    if spec is None:
-        recorded = adapter.base_model_name_or_path
-        if recorded is None:
-            raise InputPathError(
-                f"{adapter.path}: adapter_config.json names no base_model_name_or_path; give the base model folder",
-                option="base",
-            )
-        spec = recorded
-    return open_base(spec)
+    """Open the base model: ``spec`` if given, else the adapter's ``base_model_name_or_path``.
+
+    PEFT records the base as the training run named it, so a relative path (``"smol-base"``) means the folder
+    from where training ran. A recorded relative path that does not exist from the working directory is looked
+    for relative to the adapter folder, then to its parent folder; otherwise the value is resolved as
+    :func:`~loralens.io.base_weights.open_base` resolves any name (an installed model package, a hub repo id).
+    When nothing resolves, the :class:`InputPathError` names ``adapter_config.json`` as where the value came from
+    (``option="base"``: give the base explicitly).
+    """
+    if spec is not None:
+        return open_base(spec)
+    config = adapter.path / "adapter_config.json"
+    recorded = adapter.base_model_name_or_path
+    if recorded is None:
+        raise InputPathError(
+            f"{config} names no base_model_name_or_path; give the base model folder explicitly", option="base"
+        )
+    path = Path(recorded).expanduser()
+    tried = ""
+    if not path.is_absolute() and not path.exists():
+        beside = [folder / path for folder in (adapter.path, adapter.path.parent)]
+        for candidate in beside:
+            if candidate.exists():
+                spec = candidate
+                break
+        places = ", then as ".join(map(str, beside))
+        tried = f" (looked for it from the working directory {Path.cwd()}, then as {places})"
+    try:
+        return open_base(recorded if spec is None else spec)
+    except InputPathError as e:
+        raise InputPathError(
+            f"{config}: its base_model_name_or_path {recorded!r} does not resolve to a base model{tried}: {e}; "
+            "give the base model explicitly",
+            option=tuple(dict.fromkeys(("base", *e.options))),
+        ) from e
 
 
 def select_modules(adapter: LoraAdapter, modules: Sequence[str] | None) -> list[str]:

@@ -24,6 +24,7 @@ import typer
 
 from loralens.analyses.engine import ProgressCallback, base_for
 from loralens.analyses.engine import run_settings as engine_run_settings
+from loralens.analyses.serialize import layer_span
 from loralens.errors import LoralensError, LoralensWarning
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint
@@ -484,6 +485,16 @@ def run_settings(device: str, dtype: DType, **extra: Any) -> dict[str, Any]:
 
 def torch_dtype(dtype: DType) -> torch.dtype:
     return torch.float64 if dtype is DType.float64 else torch.float32
+
+
+#: What every terminal table says of its layer numbers (``--json`` keeps the checkpoint's 0-based index).
+LAYERS_FROM_ONE = "Layers numbered from 1 (checkpoint layer index + 1), as in the paper; --json gives the index."
+
+
+def numbered_layers(layers: Iterable[int]) -> str:
+    """Checkpoint layer indices as people read them: numbered from 1, as a span (``1-6``); print
+    :data:`LAYERS_FROM_ONE` with them."""
+    return layer_span([k + 1 for k in layers])
 
 
 def format_number(x: float) -> str:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import Tensor
@@ -23,8 +22,8 @@ from loralens.analyses.condlora_vs_lora import (
 )
 from loralens.analyses.engine import base_for, parse_memory_size
 from loralens.analyses.seeds import table2_from_folders
-from loralens.analyses.serialize import layer_span
 from loralens.cli._app import (
+    LAYERS_FROM_ONE,
     BaseOpt,
     DeviceOpt,
     DType,
@@ -34,6 +33,8 @@ from loralens.cli._app import (
     MaxMemoryOpt,
     ModulesOpt,
     app,
+    make_console,
+    numbered_layers,
     parse_modules,
     print_pairs,
     torch_dtype,
@@ -142,7 +143,7 @@ def train(
         if not folder.is_dir():
             raise InputPathError(f"{folder}: training needs a model folder (config.json, weights, tokenizer)")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        with Progress(*columns, console=make_console(stderr=True), transient=True) as progress:
             bar = progress.add_task(f"{method.value} {task.value}", total=None)
 
             def on_step(step: int, total: int, loss: float) -> None:
@@ -249,7 +250,11 @@ def params(
     targets: TargetsOpt = "query,value",
     json_output: JsonOpt = False,
 ) -> None:
-    """Trainable parameters of LoRA and CondLoRA (the paper's Table 4), from the base's tensor shapes alone."""
+    """Trainable parameters of LoRA and CondLoRA (the paper's Table 4), from the base's tensor shapes alone.
+
+    CondLoRA is defined for square weights only: a target that is not square (e.g. intermediate.dense) counts for
+    LoRA, not for CondLoRA, and the CondLoRA / LoRA ratio compares the two over the square targets.
+    """
     with user_errors():
         base_ckpt = open_base(base)
         counts = parameter_counts(base_ckpt, r=r, targets=_split(targets))
@@ -259,13 +264,24 @@ def params(
         table = Table(title=f"Trainable parameters, r = {r} ({base_ckpt.root})")
         for col in ("module", "layers", "shape", "LoRA", "CondLoRA"):
             table.add_column(col, justify="left" if col in ("module", "shape") else "right")
-        for name, m in counts.modules.items():
-            shape = "x".join(map(str, m["shape"])) + ("" if m["square"] else " (not square: no CondLoRA)")
-            table.add_row(name, str(m["layers"]), shape, f"{m['lora']:,}", f"{m['condlora']:,}")
+        for m in counts.modules.values():
+            shape = "x".join(map(str, m["shape"])) + ("" if m["square"] else " (not square)")
+            cond = f"{m['condlora']:,}" if m["condlora"] is not None else "none: not square"
+            table.add_row(", ".join(m["targets"]), str(m["layers"]), shape, f"{m['lora']:,}", cond)
         table.add_row("total", "", "", f"{counts.lora:,}", f"{counts.condlora:,}")
-        console = Console()
+        console = make_console()
         console.print(table)
-        console.print(f"CondLoRA / LoRA = {counts.ratio:.4f} (1/{1 / counts.ratio:.1f})", highlight=False)
+        if counts.not_square:
+            console.print(
+                f"Left out of the CondLoRA count: {', '.join(counts.not_square)} (not square: CondLoRA is undefined "
+                "there; LoRA's total counts them).",
+                highlight=False,
+            )
+        if counts.ratio is None:
+            console.print("CondLoRA / LoRA: none of the targets is square, so there is no ratio.", highlight=False)
+            return
+        over = f" over the square targets (LoRA there: {counts.lora_square:,})" if counts.not_square else ""
+        console.print(f"CondLoRA / LoRA = {counts.ratio:.4f} (1/{1 / counts.ratio:.1f}){over}", highlight=False)
 
 
 @app.command(rich_help_panel="CondLoRA", short_help="Write a CondLoRA adapter as a standard PEFT LoRA folder.")
@@ -299,11 +315,12 @@ def _split(text: str) -> list[str]:
 
 
 def _print_comparison(report: ComparisonReport) -> None:
-    console = Console()
+    console = make_console()
     for name, mc in report.modules.items():
         table = Table(
             title=f"{name}: phi(LoRA, CondLoRA) per layer, i = {mc.i}, j = {mc.j} "
-            f"(A {mc.sides['A']}, B {mc.sides['B']}, BA {mc.sides['BA']} singular vectors)"
+            f"(A {mc.sides['A']}, B {mc.sides['B']}, BA {mc.sides['BA']} singular vectors)",
+            caption=LAYERS_FROM_ONE,
         )
         cols: list[Any] = ["layer", *TABLE3_FACTORS, *(f"rand {f}" for f in TABLE3_FACTORS), "conv A", "conv B"]
         for col in cols:
@@ -311,14 +328,14 @@ def _print_comparison(report: ComparisonReport) -> None:
         for k, layer in enumerate(mc.layers):
             values = [mc.phi[f][k] for f in TABLE3_FACTORS] + [mc.random[f][k] for f in TABLE3_FACTORS]
             values += [mc.conv_vs_theta["A"][k], mc.conv_vs_theta["B"][k]]
-            table.add_row(str(layer), *(f"{float(v):.4f}" for v in values))
+            table.add_row(str(layer + 1), *(f"{float(v):.4f}" for v in values))
         means = [mc.phi[f].mean() for f in TABLE3_FACTORS] + [mc.random[f].mean() for f in TABLE3_FACTORS]
         means += [mc.conv_vs_theta["A"].mean(), mc.conv_vs_theta["B"].mean()]
         table.add_row("mean", *(f"{float(v):.4f}" for v in means), style="bold")
         console.print(table)
         expected = ", ".join(f"{f} {v:.4f}" for f, v in mc.random_expected.items())
         console.print(
-            f"layers {layer_span(mc.layers)}; random expectation max(i, j)/d: {expected}; "
+            f"layers {numbered_layers(mc.layers)}; random expectation max(i, j)/d: {expected}; "
             f"conv A / conv B: phi(W^-1 A_l^T, theta_A^T) / phi(W^-1 B_l, theta_B^T), random "
             f"{mc.conv_random_expected:.4f}\n",
             highlight=False,
@@ -336,7 +353,7 @@ def _print_comparison(report: ComparisonReport) -> None:
 def _w_null_table(mc: ModuleComparison, w_null: dict[str, LayerWNull], conv_w_null: dict[str, LayerWNull]) -> Table:
     """Per factor: observed mean over layers, the W-null's (+- std over draws), the random baseline (conv: its
     expectation), and the layers whose phi exceeds the W-null at p <= 0.05."""
-    table = Table(title=f"{mc.module}: against the W-conditioned null (mean over layers)")
+    table = Table(title=f"{mc.module}: against the W-conditioned null (mean over layers)", caption=LAYERS_FROM_ONE)
     for col in ("factor", "observed", "W-null", "random", "layers with p <= 0.05"):
         table.add_column(col, justify="left" if col in ("factor", "layers with p <= 0.05") else "right")
     rows: list[tuple[str, Tensor, Tensor | float, LayerWNull]]
@@ -349,6 +366,6 @@ def _w_null_table(mc: ModuleComparison, w_null: dict[str, LayerWNull], conv_w_nu
             f"{float(observed.mean()):.4f}",
             f"{w.mean_over_layers:.4f} +- {w.mean_over_layers_std:.4f}",
             f"{float(random):.4f}",
-            layer_span(tuple(significant)) if significant else "none",
+            numbered_layers(significant) if significant else "none",
         )
     return table

@@ -20,7 +20,6 @@ from loralens.analyses.conversion import (
     least_squares_layers,
 )
 from loralens.analyses.engine import format_memory_size, parse_memory_size, select_modules
-from loralens.analyses.serialize import layer_span
 from loralens.analyses.similarity import (
     FactorSimilarity,
     SimilarityReport,
@@ -28,6 +27,7 @@ from loralens.analyses.similarity import (
     similarity_reports_to_dict,
 )
 from loralens.cli._app import (
+    LAYERS_FROM_ONE,
     AdapterOpt,
     AdaptersOpt,
     BaseOpt,
@@ -46,6 +46,7 @@ from loralens.cli._app import (
     load_inputs,
     load_many,
     make_console,
+    numbered_layers,
     parse_modules,
     print_pairs,
     progress_bar,
@@ -305,7 +306,7 @@ def _print_many(reports: list[SimilarityReport], labels: list[str]) -> None:
                     label,
                     name,
                     f,
-                    _numbered(report.layers[name]),
+                    numbered_layers(report.layers[name]),
                     f"{s.i}, {s.j}",
                     format_number(s.mean_offdiag),
                     format_number(s.random_mean_offdiag),
@@ -315,17 +316,8 @@ def _print_many(reports: list[SimilarityReport], labels: list[str]) -> None:
     make_console().print(table)
 
 
-#: What every terminal table of these commands says of its layer numbers (JSON keeps the checkpoint's index).
-LAYERS_FROM_ONE = "Layers numbered from 1 (checkpoint layer index + 1), as in the paper; --json gives the index."
-
-
 #: Columns of the similarity tables that hold words (left-aligned); the others hold numbers.
 _TEXT_COLUMNS = ("adapter", "module", "factor", "layers", "i, j")
-
-
-def _numbered(layers: tuple[int, ...] | list[int]) -> str:
-    """Checkpoint layer indices as people read them: numbered from 1, as a span (``1-6``)."""
-    return layer_span([k + 1 for k in layers])
 
 
 def _w_null_cells(s: FactorSimilarity) -> tuple[str, str]:
@@ -346,8 +338,8 @@ def _print_conversion(convs: dict[str, ModuleConversion], paths: list[Path]) -> 
         fallback = tuple(least_squares_layers(mc))
         table.add_row(
             name,
-            _numbered(mc.layers),
-            c.convention + (f" (least squares at {_numbered(fallback)})" if fallback else ""),
+            numbered_layers(mc.layers),
+            c.convention + (f" (least squares at {numbered_layers(fallback)})" if fallback else ""),
             "x".join(map(str, c.A.shape)),
             "x".join(map(str, c.B.shape)),
             f"{res:.1e}",
@@ -386,7 +378,7 @@ def _print_similarity(report: SimilarityReport, out: Console | None = None) -> N
             table.add_row(
                 name,
                 f,
-                _numbered(report.layers[name]),
+                numbered_layers(report.layers[name]),
                 f"{s.i}, {s.j}",
                 format_number(s.mean_offdiag),
                 format_number(s.random_mean_offdiag),
