@@ -119,3 +119,9 @@ class FanInFanOutWarning(LoralensWarning):
 
 class DoraProductWarning(LoralensWarning):
     """A DoRA adapter's ``B A`` was analysed: the product of its factors, not its update (which DoRA rescales)."""
+
+
+class AdapterConfigWarning(LoralensWarning):
+    """``adapter_config.json`` raises a suspicion about the analysed update: its scaling (rsLoRA or alpha / r, a
+    missing or default ``lora_alpha``), a base weight that the initialisation modified (PiSSA, OLoRA, ...), or DoRA
+    without magnitude vectors. A heuristic: the numbers were computed as the config says."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,8 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import loralens
-from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
-from loralens.errors import LoralensError, ModelMismatchError, RankError
+from loralens.analyses.lowrank import amplification_report, config_checks, rank_overlap, spectra_report
+from loralens.errors import AdapterConfigWarning, LoralensError, ModelMismatchError, RankError
 from loralens.io.outputs import json_text
 
 PHI_TOL = 1e-10
@@ -268,6 +270,169 @@ def test_reports_are_json_ready(tiny_bert: Path, tiny_bert_adapter: Path, second
     assert len(amp["modules"]["query"]["random_projection_draws"][0]) == 2
     spec = json.loads(json_text(spectra_report(base, a).to_dict()))
     assert len(spec["modules"]["value"]["principal_angles_deg"][0]) == 4 and spec["settings"]["energy_threshold"] == 0.9
+
+
+# ------------------------------------------------------------------------------------------ health checks
+
+
+def dense_health(W: np.ndarray, dW: np.ndarray, r: int) -> tuple[float, float, float]:
+    """dominance, spike ratio (NaN for r = 1), stable rank from numpy's dense SVDs of the formed dW and of W."""
+    S = np.linalg.svd(dW, compute_uv=False)[:r]
+    S_W = np.linalg.svd(W, compute_uv=False)
+    return S[0] / S_W[0], (S[0] / S[1] if r > 1 else math.nan), float(np.sum(S**2) / S[0] ** 2)
+
+
+def test_health_numbers_of_the_shipped_adapter_equal_dense_references(minilm_path: Path) -> None:
+    """The shipped default adapter (r = alpha = 8, plain LoRA on the real MiniLM): every layer's dominance, spike
+    ratio and stable rank equal those of the formed s B A and W0, the values are sane, and its config is clean."""
+    from loralens.examples import default_adapter
+
+    folder = default_adapter(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = spectra_report(loralens.open_base(minilm_path), load(folder), device="cpu")
+    assert not [w for w in caught if issubclass(w.category, AdapterConfigWarning)]
+    assert report.checks == ()
+    for name, ms in report.modules.items():
+        assert ms.ranks == (8,) * 6
+        for n, layer in enumerate(ms.layers):
+            A, B, s = raw_factors(folder, name, layer)
+            rho, spike, stable = dense_health(raw_weight(minilm_path, name, layer), s * B @ A, 8)
+            assert float(ms.dominance[n]) == pytest.approx(rho, rel=REL)
+            assert float(ms.spike_ratio[n]) == pytest.approx(spike, rel=1e-8)
+            assert float(ms.stable_rank[n]) == pytest.approx(stable, rel=REL)
+            assert float(ms.dominance[n]) == pytest.approx(float(ms.singular_values[n, 0] / ms.W_singular_values[n, 0]))
+        # sane: a trained update below 3x W's top stretch, one direction or a few, never more than r
+        assert bool(((ms.dominance > 0.05) & (ms.dominance < 3)).all())
+        assert bool(((ms.spike_ratio >= 1) & (ms.stable_rank >= 1) & (ms.stable_rank <= 8)).all())
+    data = json.loads(json_text(report.to_dict()))
+    assert data["checks"] == [] and "stable_rank" in data["definition"]
+    value = data["modules"]["value"]
+    assert value["stable_rank"] == [round(float(x), 10) for x in report.modules["value"].stable_rank]
+    assert len(value["dominance"]) == len(value["spike_ratio"]) == 6
+
+
+def test_spike_ratio_of_rank_one_layers_is_null(tiny_bert: Path, tmp_path: Path) -> None:
+    """r = 1 (via rank_pattern): no second singular value, so the spike ratio is NaN, null in JSON; stable rank 1."""
+    one = checkpoints.lora_adapter(
+        tiny_bert, tmp_path / "r1", arch="bert", r=4, alpha=4, rank_pattern={"layer.0.attention.self.value": 1}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AdapterConfigWarning)
+        report = spectra_report(loralens.open_base(tiny_bert), load(one), modules=["value"])
+    ms = report.modules["value"]
+    assert ms.ranks == (1, 4) and math.isnan(float(ms.spike_ratio[0])) and float(ms.stable_rank[0]) == 1.0
+    assert not math.isnan(float(ms.spike_ratio[1]))
+    data = json.loads(json_text(report.to_dict()))["modules"]["value"]
+    assert data["spike_ratio"][0] is None and data["stable_rank"][0] == 1.0
+    A, B, s = raw_factors(one, "value", 1)
+    rho, spike, stable = dense_health(raw_weight(tiny_bert, "value", 1), s * B @ A, 4)
+    assert (float(ms.dominance[1]), float(ms.spike_ratio[1])) == (pytest.approx(rho), pytest.approx(spike))
+
+
+def _edited_copy(adapter: Path, dst: Path, **changes: object) -> Path:
+    """A copy of a real PEFT adapter folder whose adapter_config.json has ``changes`` (None deletes a key)."""
+    shutil.copytree(adapter, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _names(adapter: Path) -> list[str]:
+    return [c.check for c in config_checks(load(adapter))]
+
+
+def test_config_checks_on_peft_adapters(
+    tiny_bert: Path, tiny_bert_adapter: Path, pattern_adapter: Path, tmp_path: Path
+) -> None:
+    """Each check fires on the config it describes, and only there (adapters written by PEFT itself)."""
+    # r = 4 under PEFT's default alpha 8: a default alpha, nothing else
+    assert _names(tiny_bert_adapter) == ["default_alpha"]
+    (check,) = config_checks(load(tiny_bert_adapter))
+    assert "lora_alpha is 8, PEFT's default, while r is 4 in query, value" in check.message
+    assert "2 at r = 4" in check.message and "suspicion" in check.message
+    # ranks 4 and 8 (rank_pattern) under one alpha, no rsLoRA: the rsLoRA suspicion; alpha 8 at r = 4 too
+    assert _names(pattern_adapter) == ["rslora_suspicion", "default_alpha"]
+    message = config_checks(load(pattern_adapter))[0].message
+    assert "ranks [4, 8] under one lora_alpha 8" in message and "use_rslora is false" in message
+    # only the selected modules count: value has rank 4 everywhere
+    assert [c.check for c in config_checks(load(pattern_adapter), ["value"])] == ["default_alpha"]
+    # alpha = sqrt(r) without rsLoRA
+    root = checkpoints.lora_adapter(tiny_bert, tmp_path / "root", arch="bert", r=4, alpha=2)
+    assert _names(root) == ["rslora_suspicion"]
+    assert "lora_alpha 2 = sqrt(r) at r = 4" in config_checks(load(root))[0].message
+    # clean: rsLoRA with per-rank alphas; or alpha_pattern that keeps alpha / r = 1 across ranks
+    rs = checkpoints.lora_adapter(
+        tiny_bert,
+        tmp_path / "rs",
+        arch="bert",
+        r=4,
+        alpha=4,
+        use_rslora=True,
+        rank_pattern={"layer.1.attention.self.query": 8},
+    )
+    assert _names(rs) == []
+    matched = checkpoints.lora_adapter(
+        tiny_bert,
+        tmp_path / "matched",
+        arch="bert",
+        r=4,
+        alpha=4,
+        rank_pattern={"layer.1.attention.self.query": 8},
+        alpha_pattern={"layer.1.attention.self.query": 8},
+    )
+    assert _names(matched) == []
+    # DoRA in the config, but the magnitudes were not saved
+    dora = checkpoints.lora_adapter(tiny_bert, tmp_path / "dora", arch="bert", r=4, alpha=4, use_dora=True)
+    weights = dora / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if "lora_magnitude_vector" not in k}, str(weights))
+    assert json.loads((dora / "adapter_config.json").read_text())["use_dora"] is True
+    (check,) = config_checks(load(dora))
+    assert check.check == "dora_without_magnitudes" and "no lora_magnitude_vector for query, value" in check.message
+
+
+def test_config_checks_on_edited_configs(tiny_bert_adapter: Path, tmp_path: Path) -> None:
+    """Fields PEFT writes for other runs, written into copies of a real adapter's config."""
+    missing = _edited_copy(tiny_bert_adapter, tmp_path / "missing", lora_alpha=None)
+    (check,) = config_checks(load(missing))
+    assert check.check == "missing_alpha" and "loralens took alpha = r" in check.message
+    assert "PEFT's LoraConfig would default to lora_alpha = 8" in check.message
+    for init in ("pissa", "pissa_niter_4", "olora", "corda", "lora_ga", "PiSSA"):
+        folder = _edited_copy(tiny_bert_adapter, tmp_path / init, init_lora_weights=init, lora_alpha=4)
+        (check,) = config_checks(load(folder))
+        assert check.check == "modified_base_init" and f"init_lora_weights is {init!r}" in check.message
+        assert "path_initial_model_for_weight_conversion=init_dir" in check.message
+        assert "s (B A - B0 A0)" in check.message and "rank 2r" in check.message
+    loftq = _edited_copy(tiny_bert_adapter, tmp_path / "loftq", init_lora_weights="loftq", lora_alpha=4)
+    (check,) = config_checks(load(loftq))
+    assert "LoftQ replaced the base weight by a quantised Q" in check.message
+    # not modified at init: EVA (sets lora_A only), Gaussian, orthogonal, PEFT's default and random inits
+    for init in ("eva", "gaussian", "orthogonal", True, False):
+        folder = _edited_copy(tiny_bert_adapter, tmp_path / f"ok-{init}", init_lora_weights=init, lora_alpha=4)
+        assert _names(folder) == [], init
+
+
+def test_spectra_report_warns_its_checks_and_keeps_them(
+    tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path
+) -> None:
+    pissa = _edited_copy(tiny_bert_adapter, tmp_path / "pissa", init_lora_weights="pissa_niter_4")
+    with pytest.warns(AdapterConfigWarning) as record:
+        report = spectra_report(loralens.open_base(tiny_bert), load(pissa))
+    ours = [str(w.message) for w in record if issubclass(w.category, AdapterConfigWarning)]
+    assert [c.message for c in report.checks] == ours and len(ours) == 2
+    data = json.loads(json_text(report.to_dict()))
+    assert [c["check"] for c in data["checks"]] == ["default_alpha", "modified_base_init"]
+    assert all(set(c) == {"check", "message"} for c in data["checks"])
+    # the numbers are those of s B A as the config says, the same as without the field
+    with pytest.warns(AdapterConfigWarning, match="default alpha"):
+        plain = spectra_report(loralens.open_base(tiny_bert), load(tiny_bert_adapter))
+    torch.testing.assert_close(report.modules["query"].stable_rank, plain.modules["query"].stable_rank)
 
 
 # ------------------------------------------------------------------------------------------- real MiniLM

@@ -9,6 +9,7 @@ in process (fast) and once through a subprocess: one line ``error: ...``, exit c
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,38 @@ def test_json_is_the_python_apis_to_dict(minilm_path: Path) -> None:
     got = run_json("overlap", "--adapter", first, "--adapter", second, *flags)  # no base: the adapters alone
     assert got == plain(rank_overlap(lora, other, **api).to_dict())
     assert set(got["settings"]["inputs"]) == {"adapters"}
+
+
+def test_spectra_health_columns_and_config_warnings(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    """Health numbers in the table and the JSON; each config check one ``warning:`` line on stderr, exit code 0,
+    and the same findings under ``checks`` in ``--json``."""
+    pissa = tmp_path / "pissa"
+    shutil.copytree(tiny_bert_adapter, pissa)
+    config = json.loads((pissa / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa_niter_4"
+    (pissa / "adapter_config.json").write_text(json.dumps(config))
+    runner = CliRunner()
+    argv = ["spectra", "--base", str(tiny_bert), "--adapter", str(pissa)]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    header = result.stdout.splitlines()[0]
+    assert all(column in header for column in ("dominance", "spike", "stable rank"))
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("warning: ") for line in lines), result.stderr
+    assert "lora_alpha is 8, PEFT's default, while r is 4" in lines[0]
+    assert "init_lora_weights is 'pissa_niter_4'" in lines[1] and "path_initial_model_for_weight_conversion" in lines[1]
+    data = json.loads(runner.invoke(app, [*argv, "--json"]).stdout)
+    assert [c["check"] for c in data["checks"]] == ["default_alpha", "modified_base_init"]
+    assert [f"warning: {c['message']}" for c in data["checks"]] == lines
+    for ms in data["modules"].values():
+        assert len(ms["dominance"]) == len(ms["spike_ratio"]) == len(ms["stable_rank"]) == len(ms["layers"])
+        assert all(1 <= x <= 4 for x in ms["stable_rank"]) and all(x >= 1 for x in ms["spike_ratio"])
+
+
+def test_spectra_of_the_shipped_adapter_warns_nothing(minilm_path: Path) -> None:
+    from loralens.examples import default_adapter
+
+    proc = run_cli("spectra", "--base", minilm_path, "--adapter", default_adapter(0), "--json", "--modules", "value")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["checks"] == [] and len(data["modules"]["value"]["stable_rank"]) == 6

@@ -35,6 +35,7 @@ from loralens.core.lowrank import (
     random_projection_expected,
     random_projection_norms,
     top_projection_norm,
+    update_health,
     update_spectrum,
     weight_projection,
 )
@@ -366,6 +367,72 @@ def test_overlap_grid_range_symmetry_and_spectrum_ranges(
     low, high = effective_rank_energy(sp.singular_values, 0.5), effective_rank_energy(sp.singular_values, 0.99)
     assert bool(((1 <= low) & (low <= high) & (high <= r)).all())
     torch.testing.assert_close(sp.principal_angles.cos().square().mean(dim=-1), sp.phi_W_top, rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ health numbers
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "r"), [(20, 15, 4), (12, 30, 6), (16, 16, 1)])
+def test_health_numbers_match_dense_svds_of_the_formed_update_and_of_W(d_out: int, d_in: int, r: int) -> None:
+    """dominance, spike ratio and stable rank from update_spectrum's singular values (factored) equal those of
+    numpy's dense SVDs of the formed s B A and of W0."""
+    rng = np.random.default_rng(d_out * 1000 + d_in * 10 + r)
+    W, B, A = factors(rng, 3, d_out, d_in, r)
+    scale = np.array([0.25, 2.0, 1.5])
+    sp = update_spectrum(T(W), T(B), T(A), T(scale))
+    health = update_health(sp.singular_values, sp.W_singular_values)
+    assert all(t.shape == (3,) and t.dtype == torch.float64 for t in health)
+    for l in range(3):
+        S = np.linalg.svd(scale[l] * B[l] @ A[l], compute_uv=False)
+        S_W = np.linalg.svd(W[l], compute_uv=False)
+        assert float(health.dominance[l]) == pytest.approx(S[0] / S_W[0], rel=REL)
+        assert float(health.stable_rank[l]) == pytest.approx(np.sum(S[:r] ** 2) / S[0] ** 2, rel=REL)
+        if r == 1:  # no second direction: undefined
+            assert math.isnan(float(health.spike_ratio[l]))
+        else:
+            assert float(health.spike_ratio[l]) == pytest.approx(S[0] / S[1], rel=1e-9)
+
+
+def test_health_numbers_known_answers_and_undefined_cases() -> None:
+    S = torch.tensor([[3.0, 3.0, 3.0], [4.0, 2.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    S_W = torch.tensor([[6.0, 1.0], [8.0, 1.0], [5.0, 5.0], [0.0, 0.0]], dtype=torch.float64)
+    h = update_health(S, S_W)
+    torch.testing.assert_close(h.dominance[:3], torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64))
+    assert math.isnan(float(h.dominance[3]))  # sigma_1(W) = 0
+    torch.testing.assert_close(h.spike_ratio[:2], torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert math.isnan(float(h.spike_ratio[2])) and math.isnan(float(h.spike_ratio[3]))  # sigma_2 = 0
+    torch.testing.assert_close(h.stable_rank[:3], torch.tensor([3.0, 1.25, 1.0], dtype=torch.float64))
+    assert math.isnan(float(h.stable_rank[3]))  # dW = 0
+    one = update_health(torch.tensor([[2.0]]), torch.tensor([[4.0]]))  # r = 1
+    assert math.isnan(float(one.spike_ratio[0])) and float(one.stable_rank[0]) == 1.0
+    with pytest.raises(ShapeError, match="one batch shape"):
+        update_health(torch.ones(2, 3), torch.ones(3, 3))
+    with pytest.raises(LoralensError, match="non-negative"):
+        update_health(torch.tensor([1.0, -1.0]), torch.tensor([1.0]))
+    with pytest.raises(NonFiniteError):
+        update_health(torch.tensor([float("nan")]), torch.tensor([1.0]))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=cases(), c=st.floats(0.1, 10.0))
+def test_health_ranges_and_scaling(case: tuple[int, int, int, int, np.random.Generator], c: float) -> None:
+    """Stable rank in [1, r] and spike ratio >= 1 whatever the factors; rescaling dW by c rescales the dominance
+    by c and leaves spike ratio and stable rank alone."""
+    L, d_out, d_in, r, rng = case
+    W, B, A = (T(x) for x in factors(rng, L, d_out, d_in, r))
+    sp = update_spectrum(W, B, A)
+    h = update_health(sp.singular_values, sp.W_singular_values)
+    k = sp.singular_values.shape[-1]
+    assert bool(((h.stable_rank >= 1 - 1e-12) & (h.stable_rank <= k + 1e-9)).all())
+    assert bool((h.dominance > 0).all())
+    if k == 1:
+        assert bool(h.spike_ratio.isnan().all())
+    else:
+        assert bool((h.spike_ratio >= 1 - 1e-12).all())
+    scaled = update_health(update_spectrum(W, B, A, c).singular_values, sp.W_singular_values)
+    torch.testing.assert_close(scaled.dominance, c * h.dominance, rtol=1e-9, atol=0)
+    torch.testing.assert_close(scaled.spike_ratio, h.spike_ratio, rtol=1e-8, atol=0, equal_nan=True)
+    torch.testing.assert_close(scaled.stable_rank, h.stable_rank, rtol=1e-8, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -16,7 +16,10 @@ Definitions (``W`` the base weight ``(d_out, d_in)``, ``dW = s B A = U diag(S) V
 - **amplification**: ``||U.T W V||_F`` (W projected onto dW's r-dimensional subspaces), the same for W's own
   top-r singular vectors and for random subspaces, and ``||dW||_F / ||U.T W V||_F`` (Table 7).
 - **spectra**: dW's singular values, entropy and energy effective ranks, and the principal angles between
-  ``span(U)`` and W's top-r left singular subspace.
+  ``span(U)`` and W's top-r left singular subspace; with them three health numbers per layer (dominance
+  ``sigma_1(dW) / sigma_1(W)``, spike ratio ``sigma_1(dW) / sigma_2(dW)``, stable rank ``||dW||_F^2 /
+  sigma_1(dW)^2``, :func:`loralens.core.lowrank.update_health`) and the adapter config's health checks
+  (:func:`config_checks`).
 
 All decompositions of dW go through its factors (:mod:`loralens.core.lowrank`); the only dense SVD is of W
 (its singular values for amplification, its top-r left singular vectors for spectra), batched over the layers
@@ -34,6 +37,8 @@ exactly as LoRA does, for the direction of its update), and says nothing about d
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,11 +61,12 @@ from loralens.core.lowrank import (
     overlap_grid,
     random_overlap_expected,
     random_projection_norms,
+    update_health,
     update_spectrum,
     weight_projection,
 )
 from loralens.core.similarity import Side, top_singular_vectors
-from loralens.errors import BatchError, LoralensError, ModelMismatchError, RankError
+from loralens.errors import AdapterConfigWarning, BatchError, LoralensError, ModelMismatchError, RankError
 from loralens.io.adapters import AdapterModule, LoraAdapter, read_base_weights
 from loralens.io.base_weights import BaseCheckpoint
 
@@ -74,9 +80,12 @@ __all__ = [
     "AmplificationReport",
     "ModuleSpectra",
     "SpectraReport",
+    "ConfigCheck",
+    "MODIFIED_BASE_INITS",
     "rank_overlap",
     "amplification_report",
     "spectra_report",
+    "config_checks",
 ]
 
 #: Factor -> the singular vectors the LoRA paper compares: right for A (r, d_in), left for B (d_out, r).
@@ -96,7 +105,9 @@ DEFINITIONS = {
     "spectra": "singular values of dW = s B A (factored: QR of B and A^T, SVD of the r x r core); "
     "effective_rank_entropy = exp(H(sigma / sum sigma)) (Roy & Vetterli 2007); effective_rank_energy = smallest "
     "k with sum_{t<=k} sigma_t^2 >= threshold * sum sigma^2; principal angles (degrees, ascending) between "
-    "span(U) and W's top-r left singular subspace; phi_W_top = mean cos^2 of those angles",
+    "span(U) and W's top-r left singular subspace; phi_W_top = mean cos^2 of those angles; dominance = "
+    "sigma_1(dW) / sigma_1(W); spike_ratio = sigma_1(dW) / sigma_2(dW) (null when r = 1 or sigma_2 = 0); "
+    "stable_rank = ||dW||_F^2 / sigma_1(dW)^2, in [1, r]",
 }
 
 
@@ -520,6 +531,12 @@ class ModuleSpectra:
         ``(L, r_max)`` radians, ascending, between dW's column space and W's top-r left singular subspace.
     phi_W_top : Tensor
         ``(L,)`` mean cos^2 of those angles.
+    dominance : Tensor
+        ``(L,)`` ``sigma_1(dW) / sigma_1(W)``.
+    spike_ratio : Tensor
+        ``(L,)`` ``sigma_1(dW) / sigma_2(dW)``; NaN where ``r = 1`` or ``sigma_2 = 0`` (no second direction).
+    stable_rank : Tensor
+        ``(L,)`` ``||dW||_F^2 / sigma_1(dW)^2``, in ``[1, r]``.
     """
 
     module: str
@@ -534,17 +551,33 @@ class ModuleSpectra:
     effective_rank_energy: Tensor
     principal_angles: Tensor
     phi_W_top: Tensor
+    dominance: Tensor
+    spike_ratio: Tensor
+    stable_rank: Tensor
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    """One finding of :func:`config_checks`: ``check`` its name, ``message`` the text it is warned with."""
+
+    check: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"check": self.check, "message": self.message}
 
 
 @dataclass(frozen=True)
 class SpectraReport:
-    """dW's spectra, effective ranks and angles to W, per module."""
+    """dW's spectra, effective ranks, angles to W and health numbers per module, and the config's health checks."""
 
     modules: dict[str, ModuleSpectra]
     settings: dict[str, Any]
+    checks: tuple[ConfigCheck, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready; angles in degrees (``principal_angles_deg``), NaN past a layer's rank -> null."""
+        """JSON-ready; angles in degrees (``principal_angles_deg``), NaN past a layer's rank -> null (so is an
+        undefined ``spike_ratio``); ``checks`` the config findings as ``{"check": name, "message": text}``."""
         out = {}
         for name, ms in self.modules.items():
             out[name] = {
@@ -559,8 +592,16 @@ class SpectraReport:
                 "effective_rank_energy": [int(k) for k in ms.effective_rank_energy.tolist()],
                 "principal_angles_deg": json_values(torch.rad2deg(ms.principal_angles), 8),
                 "phi_W_top": json_values(ms.phi_W_top, 10),
+                "dominance": json_values(ms.dominance, 10),
+                "spike_ratio": json_values(ms.spike_ratio, 10),
+                "stable_rank": json_values(ms.stable_rank, 10),
             }
-        return {"modules": out, "definition": DEFINITIONS["spectra"], "settings": self.settings}
+        return {
+            "modules": out,
+            "checks": [c.to_dict() for c in self.checks],
+            "definition": DEFINITIONS["spectra"],
+            "settings": self.settings,
+        }
 
 
 def spectra_report(
@@ -576,10 +617,15 @@ def spectra_report(
     record_inputs: bool = True,
 ) -> SpectraReport:
     """Singular values, effective ranks and principal angles to W of every layer's dW
-    (:func:`loralens.core.lowrank.update_spectrum`).
+    (:func:`loralens.core.lowrank.update_spectrum`), its health numbers, and the config's health checks.
 
     Cost per layer: dW's SVD through its factors (``O(r^2 d)``) and one dense ``torch.linalg.svd(W)``
     (``O(d^3)``, batched over ``layer_batch`` layers, all by default) for W's top-r left singular vectors.
+    The health numbers (:func:`loralens.core.lowrank.update_health`: dominance ``sigma_1(dW) / sigma_1(W)``,
+    spike ratio, stable rank) come from those singular values, with no further decomposition.
+
+    The findings of :func:`config_checks` on the selected modules are kept in ``checks`` and each is warned once
+    as an :class:`~loralens.errors.AdapterConfigWarning` after the numbers are computed; nothing is printed.
 
     ``settings`` records the device and dtype, and unless ``record_inputs=False`` the inputs
     (:func:`loralens.analyses.provenance.provenance`) under ``"inputs"``.
@@ -600,6 +646,7 @@ def spectra_report(
         S_W, angles = S.clone(), S.clone()
         entropy, phi = torch.full((L,), float("nan"), dtype=dtype), torch.full((L,), float("nan"), dtype=dtype)
         energy = torch.zeros(L, dtype=torch.int64)
+        health = {f: torch.full((L,), float("nan"), dtype=dtype) for f in ("dominance", "spike_ratio", "stable_rank")}
         keys: list[str] = []
         for layers, W, B, A, scale, batch_keys in module_batches(
             base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
@@ -620,13 +667,205 @@ def spectra_report(
                 entropy[at] = sp.effective_rank_entropy.cpu()
                 energy[at] = sp.effective_rank_energy.cpu()
                 phi[at] = sp.phi_W_top.cpu()
+                for f, values in update_health(sp.singular_values, sp.W_singular_values)._asdict().items():
+                    health[f][at] = values.cpu()
         result[name] = ModuleSpectra(
-            name, mod.layers, tuple(keys), mod.shape, mod.ranks, mod.scaling, S, S_W, entropy, energy, angles, phi
+            name,
+            mod.layers,
+            tuple(keys),
+            mod.shape,
+            mod.ranks,
+            mod.scaling,
+            S,
+            S_W,
+            entropy,
+            energy,
+            angles,
+            phi,
+            **health,
         )
     settings: dict[str, Any] = {"energy_threshold": energy_threshold, **run_settings(dev, dtype, max_memory=max_memory)}
     if record_inputs:
         settings["inputs"] = provenance(base, adapter)
-    return SpectraReport(result, settings)
+    checks = config_checks(adapter, names)
+    for check in checks:
+        warnings.warn(AdapterConfigWarning(check.message), stacklevel=2)
+    return SpectraReport(result, settings, checks)
+
+
+# -------------------------------------------------------------------------------------------- config checks
+
+#: ``init_lora_weights`` values (PEFT's names, matched as prefixes: ``"pissa_niter_4"`` is PiSSA) whose
+#: initialisation changes the base weight, so that ``s B A`` is not the update against the original base.
+MODIFIED_BASE_INITS = {
+    "pissa": "PiSSA",
+    "olora": "OLoRA",
+    "corda": "CorDA",
+    "lora_ga": "LoRA-GA",
+    "loftq": "LoftQ",
+}
+#: PEFT's ``LoraConfig.lora_alpha`` default.
+PEFT_DEFAULT_ALPHA = 8
+
+
+def config_checks(adapter: LoraAdapter, modules: Sequence[str] | None = None) -> tuple[ConfigCheck, ...]:
+    """Health checks of ``adapter_config.json`` against the selected modules' ranks, alphas and tensors.
+
+    Each finding is a suspicion about whether the ``dW = s B A`` that loralens analyses is the update the
+    adapter really applies, or about how its scale was chosen; the numbers are computed as the config says
+    either way. At most one finding per check, in this order (``modules``: names as in ``adapter.modules``;
+    all by default). Per layer, ``alpha = scaling * r`` (``scaling * sqrt(r)`` with ``use_rslora``), which
+    honours ``rank_pattern`` and ``alpha_pattern``.
+
+    - ``"rslora_suspicion"`` (rsLoRA vs ``alpha / r``), only when ``use_rslora`` is false, for either rule:
+      (1) the layers have different ranks (``rank_pattern``) but one alpha: ``s = alpha / r`` then shrinks with
+      the rank, while rank-stabilised LoRA's ``alpha / sqrt(r)`` is the scaling under which updates of different
+      ranks learn alike (Kalajdzievski 2023), so one alpha across ranks suggests the run meant rsLoRA;
+      (2) some layer with ``r > 1`` has ``alpha = sqrt(r)`` (to 1e-9): then ``alpha / sqrt(r) = 1`` exactly,
+      rsLoRA's natural choice, while ``alpha / r = 1 / sqrt(r)``. Not flagged: ``use_rslora`` true with any
+      alpha (``alpha = r``, giving ``s = sqrt(r)``, is a legitimate choice there), and ``r = 1``, where both
+      scalings agree.
+    - ``"missing_alpha"``: no ``lora_alpha`` in the config. loralens's loader then takes ``alpha = r``, while
+      PEFT's ``LoraConfig`` would take its default 8: the scale of every dW depends on that guess.
+    - ``"default_alpha"``: ``lora_alpha`` is 8, PEFT's default, while some layer that uses it (alpha 8 after
+      ``alpha_pattern``) has ``r != 8``: ``s = 8 / r`` (``8 / sqrt(r)``) may be a default left unchanged rather
+      than a choice. ``r = 8`` with alpha 8 (``s = 1``) is not flagged.
+    - ``"modified_base_init"``: ``init_lora_weights`` is a string naming one of :data:`MODIFIED_BASE_INITS`
+      (PiSSA and its ``pissa_niter_<n>`` variants, OLoRA, CorDA, LoRA-GA, LoftQ). These subtract ``s B0 A0`` from
+      (or quantise) the base weight at initialisation, so the trained ``s B A`` is not the update against the
+      original base: PiSSA, OLoRA, CorDA and LoRA-GA adapters should be analysed as PEFT's converted adapter
+      (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``, a plain LoRA of rank 2r whose
+      ``s B A`` is ``s (B A - B0 A0)``), LoftQ against the quantised base it was trained on. EVA (``"eva"``) is
+      not flagged: it only sets ``lora_A`` from activations, keeps ``B = 0`` and leaves the base unchanged; nor
+      are ``"gaussian"``, ``"orthogonal"`` and ``"mica"``, which leave the base as it is too.
+    - ``"dora_without_magnitudes"``: ``use_dora`` is true but some selected module has no
+      ``lora_magnitude_vector`` tensors: PEFT would load it as DoRA with magnitudes left at their
+      initial row norms, an update that is not ``s B A``.
+
+    Returns
+    -------
+    tuple of ConfigCheck
+        Empty for a clean config (e.g. the shipped default adapter: r = alpha = 8, plain LoRA).
+    """
+    names = select_modules(adapter, modules)
+    config = adapter.config
+    where = adapter.path / "adapter_config.json"
+    rslora = bool(config.get("use_rslora"))
+    layers = [
+        (name, r, s * (math.sqrt(r) if rslora else r))
+        for name in names
+        for r, s in zip(adapter.modules[name].ranks, adapter.modules[name].scaling, strict=True)
+    ]
+    found = [
+        _rslora_check(layers, rslora, where),
+        _alpha_check(layers, config, rslora, where),
+        _init_check(config.get("init_lora_weights"), where),
+        _dora_check(adapter, names, where),
+    ]
+    return tuple(c for c in found if c is not None)
+
+
+def _same(x: float, y: float) -> bool:
+    return math.isclose(x, y, rel_tol=1e-9)
+
+
+def _rslora_check(layers: list[tuple[str, int, float]], rslora: bool, where: Any) -> ConfigCheck | None:
+    if rslora:
+        return None
+    reasons = []
+    ranks = sorted({r for _, r, _ in layers})
+    alphas = [a for _, _, a in layers]
+    if len(ranks) > 1 and all(_same(a, alphas[0]) for a in alphas):
+        scalings = ", ".join(f"{alphas[0] / r:.3g} at r = {r}" for r in ranks)
+        reasons.append(
+            f"the layers have ranks {ranks} under one lora_alpha {alphas[0]:g}, so s = alpha / r shrinks with the "
+            f"rank ({scalings}); rank-stabilised LoRA's alpha / sqrt(r) is the scaling that keeps updates of "
+            "different ranks alike"
+        )
+    root = sorted({(r, a) for _, r, a in layers if r > 1 and _same(a, math.sqrt(r))})
+    if root:
+        r, a = root[0]
+        reasons.append(
+            f"lora_alpha {a:g} = sqrt(r) at r = {r}: alpha / sqrt(r) = 1, rsLoRA's natural choice, but alpha / r "
+            f"= {a / r:.3g} is applied"
+        )
+    if not reasons:
+        return None
+    return ConfigCheck(
+        "rslora_suspicion",
+        f"{where}: suspicion of an rsLoRA / alpha-over-r mix-up: use_rslora is false, but {'; and '.join(reasons)}. "
+        "If the adapter was trained with use_rslora true, its config lost the flag and every dW here is scaled "
+        "wrongly (by 1 / sqrt(r)); the numbers use alpha / r as the config says",
+    )
+
+
+def _alpha_check(
+    layers: list[tuple[str, int, float]], config: dict[str, Any], rslora: bool, where: Any
+) -> ConfigCheck | None:
+    formula = "alpha / sqrt(r)" if rslora else "alpha / r"
+    if "lora_alpha" not in config:
+        return ConfigCheck(
+            "missing_alpha",
+            f"{where}: no lora_alpha: loralens took alpha = r (s = {formula} = "
+            f"{'sqrt(r)' if rslora else '1'}), while PEFT's LoraConfig would default to lora_alpha = "
+            f"{PEFT_DEFAULT_ALPHA}; the scale of every dW here (singular values, dominance) rests on that guess: "
+            "write the alpha the adapter was trained with into adapter_config.json",
+        )
+    if not _same(float(config["lora_alpha"]), PEFT_DEFAULT_ALPHA):
+        return None
+    off = {(name, r) for name, r, a in layers if _same(a, PEFT_DEFAULT_ALPHA) and r != PEFT_DEFAULT_ALPHA}
+    if not off:
+        return None
+    ranks = sorted({r for _, r in off})
+    modules = sorted({name for name, _ in off})
+    scalings = ", ".join(f"{PEFT_DEFAULT_ALPHA / (math.sqrt(r) if rslora else r):.3g} at r = {r}" for r in ranks)
+    return ConfigCheck(
+        "default_alpha",
+        f"{where}: suspicion of a default alpha: lora_alpha is {PEFT_DEFAULT_ALPHA}, PEFT's default, while r is "
+        f"{', '.join(map(str, ranks))} in {', '.join(modules)}: if alpha was left at its default rather than "
+        f"chosen, the scaling s = {formula} ({scalings}, not 1) is an accident that scales every dW here",
+    )
+
+
+def _init_check(init: Any, where: Any) -> ConfigCheck | None:
+    if not isinstance(init, str):
+        return None
+    key = next((k for k in MODIFIED_BASE_INITS if init.lower().startswith(k)), None)
+    if key is None:
+        return None
+    method = MODIFIED_BASE_INITS[key]
+    if key == "loftq":
+        remedy = (
+            "LoftQ replaced the base weight by a quantised Q with W0 ~ Q + s B0 A0, so s B A is the update against "
+            "Q, not against the original W0: analyse the adapter with the LoftQ base it was trained on (the "
+            "quantised, then dequantised, model saved with it), not the original checkpoint; PEFT's conversion "
+            "to a plain LoRA does not cover LoftQ"
+        )
+    else:
+        remedy = (
+            f"{method} subtracted s B0 A0 from the base weight at initialisation (W_res = W0 - s B0 A0), so the "
+            "update against the original base is s (B A - B0 A0), not the s B A analysed here: analyse PEFT's "
+            "converted adapter instead, a plain LoRA of rank 2r. To get it, save the untrained adapter right after "
+            "get_peft_model (model.save_pretrained(init_dir)) and, after training, save with "
+            "model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=init_dir) (convert_pissa_to_lora "
+            "in older PEFT); then analyse out_dir against the original base"
+        )
+    return ConfigCheck("modified_base_init", f"{where}: init_lora_weights is {init!r}: {remedy}")
+
+
+def _dora_check(adapter: LoraAdapter, names: Sequence[str], where: Any) -> ConfigCheck | None:
+    if not adapter.config.get("use_dora"):
+        return None
+    missing = [n for n in names if adapter.modules[n].magnitude is None]
+    if not missing:
+        return None
+    return ConfigCheck(
+        "dora_without_magnitudes",
+        f"{where}: use_dora is true, but {adapter.weights_file.name} holds no lora_magnitude_vector for "
+        f"{', '.join(missing)}: loaded by PEFT it would be a DoRA adapter with magnitudes left at their initial "
+        "row norms, whose update is not s B A; the numbers here read it as plain LoRA (s B A). Re-save the adapter "
+        "with its magnitudes, or set use_dora to false if it was trained as plain LoRA",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- helpers

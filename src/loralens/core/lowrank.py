@@ -14,6 +14,9 @@ dense SVD of the ``d_out x d_in`` product (:func:`lowrank_svd`).
   and the amplification factor ``||dW||_F / ||U.T W V||_F`` (:func:`weight_projection`).
 - **Spectra**: dW's singular values, two effective ranks and the principal angles between dW's column
   space and W's top-r left singular subspace (:func:`update_spectrum`).
+- **Health numbers** from those singular values alone (:func:`update_health`): dominance
+  ``sigma_1(dW) / sigma_1(W)``, spike ratio ``sigma_1(dW) / sigma_2(dW)`` and stable rank
+  ``||dW||_F^2 / sigma_1(dW)^2``.
 
 Public functions validate their inputs and raise :class:`~loralens.errors.LoralensError` subclasses; private
 ``_`` functions compute and assume valid input. Nothing here reads files, prints or plots. Every function works
@@ -37,6 +40,7 @@ __all__ = [
     "LowRankSVD",
     "WeightProjection",
     "UpdateSpectrum",
+    "UpdateHealth",
     "lowrank_svd",
     "overlap_grid",
     "random_overlap_expected",
@@ -49,6 +53,7 @@ __all__ = [
     "effective_rank_energy",
     "principal_angles",
     "update_spectrum",
+    "update_health",
 ]
 
 
@@ -129,6 +134,24 @@ class UpdateSpectrum(NamedTuple):
     effective_rank_energy: Tensor
     principal_angles: Tensor
     phi_W_top: Tensor
+
+
+class UpdateHealth(NamedTuple):
+    """Three health numbers of ``dW = s B A`` per layer, from singular values only (:func:`update_health`).
+
+    Attributes
+    ----------
+    dominance : Tensor
+        ``(...)`` ``rho = sigma_1(dW) / sigma_1(W)``: the update's largest stretch against the base weight's.
+    spike_ratio : Tensor
+        ``(...)`` ``sigma_1(dW) / sigma_2(dW)``; NaN where it is undefined (``k = 1``, or ``sigma_2 = 0``).
+    stable_rank : Tensor
+        ``(...)`` ``||dW||_F^2 / sigma_1(dW)^2 = sum_t sigma_t^2 / sigma_1^2``, in ``[1, k]``; NaN where dW = 0.
+    """
+
+    dominance: Tensor
+    spike_ratio: Tensor
+    stable_rank: Tensor
 
 
 # ------------------------------------------------------------------------------------------- factored SVD
@@ -552,6 +575,58 @@ def _update_spectrum(W: Tensor, svd: LowRankSVD, energy_threshold: float) -> Upd
         effective_rank_energy=_effective_rank_energy(svd.S, energy_threshold),
         principal_angles=_principal_angles(svd.U, U_W),
         phi_W_top=basis_similarity(svd.U, U_W),
+    )
+
+
+def update_health(S: Tensor, S_W: Tensor) -> UpdateHealth:
+    """Dominance, spike ratio and stable rank of ``dW`` from its singular values and ``W``'s largest one.
+
+    No decomposition here: the inputs are what :func:`update_spectrum` already returns (``singular_values``,
+    from the factors, and ``W_singular_values``), so the health numbers cost nothing beyond the spectra.
+
+    - **dominance** ``rho = sigma_1(s B A) / sigma_1(W)``: how far the update stretches any direction relative to
+      the base weight's strongest one (the spectral norm ratio ``||dW||_2 / ||W||_2``). Far below 1 for a
+      gentle fine-tune; near or above 1 means the update rivals the pre-trained weight.
+    - **spike ratio** ``sigma_1(dW) / sigma_2(dW)``: whether one direction dominates the update. Undefined, and
+      NaN here, when dW has a single singular value (``k = 1``, i.e. ``r = 1``) or when ``sigma_2 = 0`` (a
+      rank-1 update stored at a higher rank): there is no second direction to compare with.
+    - **stable rank** ``||dW||_F^2 / sigma_1(dW)^2 = sum_t sigma_t^2 / sigma_1^2``: a rank that ignores tiny
+      singular values, in ``[1, k]``: 1 for a rank-1 update, ``k`` for ``k`` equal singular values.
+
+    Parameters
+    ----------
+    S : Tensor
+        ``(..., k)`` singular values of ``dW = s B A``, non-negative, descending (e.g. ``(L, r)``).
+    S_W : Tensor
+        ``(..., p)`` singular values of ``W``, descending, ``p >= 1`` (only ``S_W[..., 0] = sigma_1(W)`` is
+        used, so W's top-``k`` values as :class:`UpdateSpectrum` holds them suffice); batch shape as ``S``.
+
+    Returns
+    -------
+    UpdateHealth
+        Each field ``(...)`` in the dtype of ``S``. Dominance is NaN where ``sigma_1(W) = 0``, stable rank where
+        ``dW = 0``.
+    """
+    S = _check_singular_values(S)
+    S_W = _check_singular_values(S_W)
+    if S.shape[:-1] != S_W.shape[:-1]:
+        raise ShapeError(
+            f"singular values of dW (..., k) and of W (..., p) need one batch shape: {tuple(S.shape)} vs "
+            f"{tuple(S_W.shape)}"
+        )
+    return _update_health(S, S_W.to(S.dtype))
+
+
+def _update_health(S: Tensor, S_W: Tensor) -> UpdateHealth:
+    """S (..., k), S_W (..., p) -> three (...) tensors; 0 / 0 and x / 0 become NaN."""
+    nan = torch.tensor(float("nan"), dtype=S.dtype, device=S.device)
+    s1 = S[..., 0]
+    w1 = S_W[..., 0]
+    s2 = S[..., 1] if S.shape[-1] > 1 else torch.zeros_like(s1)
+    return UpdateHealth(
+        dominance=torch.where(w1 > 0, s1 / w1, nan),
+        spike_ratio=torch.where(s2 > 0, s1 / s2, nan),
+        stable_rank=torch.where(s1 > 0, S.square().sum(dim=-1) / s1.square(), nan),
     )
 
 

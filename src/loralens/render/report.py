@@ -247,8 +247,12 @@ def spectra_picture(data: Mapping[str, Any], dpi: int = DPI) -> Picture:
         "singular values, one line per layer (log scale). Middle: the principal angles between dW's column space "
         "and W's top-r left singular subspace (0 degrees: inside it, 90: orthogonal to it). Right: dW's effective "
         f"ranks (entropy, and the fewest directions holding {threshold:.0%} of the energy) against its rank r, "
-        f"dashed. Definition: {DEFINITIONS['spectra']}."
+        f"dashed. The table adds each layer's health numbers: dominance, spike ratio and stable rank. Definition: "
+        f"{DEFINITIONS['spectra']}."
     )
+    checks = [c.get("message") for c in data.get("checks") or () if isinstance(c, Mapping) and c.get("message")]
+    if checks:
+        caption += " Config checks: " + " ".join(f"{m}." for m in checks)
     return _picture("spectra", caption, fig, dpi)
 
 

@@ -522,19 +522,28 @@ def amplification_table(data: Mapping[str, Any]) -> Table:
     )
 
 
+#: The health numbers of a spectra row, in column order (absent from spectra data written before them).
+_HEALTH_KEYS = ("dominance", "spike_ratio", "stable_rank")
+
+
 def spectra_table(data: Mapping[str, Any]) -> Table:
     """Spectra of dW = s B A, one row per module and layer.
 
     ``data`` is ``SpectraReport.to_dict()``. Columns: rank, the largest and the r-th singular value, the entropy
     and energy effective ranks, the principal angles between col(dW) and W's top-r left singular subspace (degrees,
-    smallest-largest), their phi (mean cos^2) and its random expectation ``r / d_out``.
+    smallest-largest), their phi (mean cos^2) and its random expectation ``r / d_out``, and the health numbers:
+    dominance ``sigma_1(dW) / sigma_1(W)``, spike ratio ``sigma_1 / sigma_2`` (n/a when r = 1 or sigma_2 = 0) and
+    stable rank ``||dW||_F^2 / sigma_1^2``. Spectra data written before the health numbers existed has none: its
+    table has no health columns.
     """
     threshold = _mapping(data.get("settings"), "spectra data['settings']").get("energy_threshold")
     if not isinstance(threshold, (int, float)):
         raise LoralensError("spectra data['settings'] lacks the energy_threshold (a number)")
     rows: list[tuple[Cell, ...]] = []
     keys = ("layers", "shape", "ranks", "singular_values", "effective_rank_entropy", "effective_rank_energy")
-    for module, ms in _lowrank_modules(data, "spectra").items():
+    modules = _lowrank_modules(data, "spectra")
+    health = any(isinstance(ms, Mapping) and all(k in ms for k in _HEALTH_KEYS) for ms in modules.values())
+    for module, ms in modules.items():
         where = f"spectra data['modules'][{module!r}]"
         _require(ms, (*keys, "principal_angles_deg", "phi_W_top"), where)
         labels = _layer_labels(ms["layers"], len(ms["layers"]))
@@ -555,16 +564,21 @@ def spectra_table(data: Mapping[str, Any]) -> Table:
                     f"{min(angles):.0f}-{max(angles):.0f}",
                     _number(_at(ms, "phi_W_top", n, where)),
                     r / int(ms["shape"][0]),
+                    *((_number(_at(ms, k, n, where)) if k in ms else None for k in _HEALTH_KEYS) if health else ()),
                 )
             )
     cols = ("module", "layer", "r", "sigma_1", "sigma_r", "erank H", f"erank {threshold:.0%}", "angles", "phi")
-    return Table(
-        (*cols, "random"),
-        tuple(rows),
+    title = (
         "Spectra of dW: effective ranks (entropy H, energy share); principal angles (degrees, min-max) and phi "
-        "between col(dW) and W's top-r left singular subspace (random: E[phi] = r / d_out)",
-        (_LAYERS_NOTE,),
+        "between col(dW) and W's top-r left singular subspace (random: E[phi] = r / d_out)"
     )
+    if health:
+        title += (
+            "; dominance = sigma_1(dW) / sigma_1(W), spike = sigma_1 / sigma_2 (n/a when r = 1 or sigma_2 = 0), "
+            "stable rank = |dW|_F^2 / sigma_1^2"
+        )
+    health_cols = ("dominance", "spike", "stable rank") if health else ()
+    return Table((*cols, "random", *health_cols), tuple(rows), title, (_LAYERS_NOTE,))
 
 
 def _lowrank_modules(data: Mapping[str, Any], what: str) -> Mapping[str, Any]:
