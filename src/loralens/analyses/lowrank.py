@@ -493,7 +493,9 @@ def amplification_report(
                         gen = seeded_generator(seed, name, mod.layers[pos])
                         draws[pos] = random_projection_norms(W[n], k, n_random, generator=gen).cpu()
                 except BatchError as e:
-                    raise at_model_layers(e, name, [mod.layers[pos] for pos in at], base.root) from e
+                    raise at_model_layers(
+                        e, name, [mod.layers[pos] for pos in at], base.root, adapter=adapter.path
+                    ) from e
                 for f in _PROJECTION_FIELDS:
                     per_layer[f][at] = getattr(wp, f).cpu()
         result[name] = ModuleAmplification(
@@ -659,7 +661,7 @@ def spectra_report(
                         W[idx], B[idx, :, :r], A[idx, :r], scale[idx], energy_threshold=energy_threshold
                     )
                 except BatchError as e:
-                    raise at_model_layers(e, name, [mod.layers[k] for k in at], base.root) from e
+                    raise at_model_layers(e, name, [mod.layers[k] for k in at], base.root, adapter=adapter.path) from e
                 k = sp.singular_values.shape[-1]
                 S[at, :k] = sp.singular_values.cpu()
                 S_W[at, :k] = sp.W_singular_values.cpu()

@@ -129,6 +129,7 @@ def figure1_pictures(similarity: Mapping[str, Any], dpi: int = DPI) -> list[Pict
                 labels=labels,
                 subtitle=f"i = {s['i']}, j = {s['j']}, {side} singular vectors, d = {s['dim']}",
                 w_null=s.get("w_null"),
+                convention=settings.get("conventions", {}).get(module, "solve"),
             )
             png, svg = render_figure(fig, dpi)
             caption = (
