@@ -86,7 +86,10 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _flip_fan_in_fan_out(adapter: Path, dst: Path) -> Path:
     folder = _copy(adapter, dst)
-    _edit_json(folder / "adapter_config.json", lambda c: c.update(fan_in_fan_out=not c["fan_in_fan_out"]))
+    # alpha = r as well, so that the fan_in_fan_out warning is the only one (alpha 8 at r != 8 has its own check)
+    _edit_json(
+        folder / "adapter_config.json", lambda c: c.update(fan_in_fan_out=not c["fan_in_fan_out"], lora_alpha=c["r"])
+    )
     return folder
 
 
