@@ -125,3 +125,8 @@ class AdapterConfigWarning(LoralensWarning):
     """``adapter_config.json`` raises a suspicion about the analysed update: its scaling (rsLoRA or alpha / r, a
     missing or default ``lora_alpha``), a base weight that the initialisation modified (PiSSA, OLoRA, ...), or DoRA
     without magnitude vectors. A heuristic: the numbers were computed as the config says."""
+
+
+class UnanalysedTensorsWarning(LoralensWarning):
+    """An adapter holds tensors that loralens leaves out (LoRA factors of modules outside the numbered layers,
+    modules saved in full through ``modules_to_save``, other tensors): the analyses cover the rest."""

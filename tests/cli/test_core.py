@@ -249,3 +249,54 @@ def test_similarity_json_is_the_python_apis_to_dict(minilm_path: Path) -> None:
     assert many == json.loads(json_text(similarity_reports_to_dict(reports, [str(f) for f in folders])))
     assert [e["inputs"]["adapter"]["path"] for e in many["adapters"]] == [str(f) for f in folders]
     assert "adapter" not in many["settings"]["inputs"] and "base" in many["settings"]["inputs"]
+
+
+def test_a_relative_recorded_base_from_another_working_directory(
+    tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path
+) -> None:
+    """adapter_config.json records the base relative to where training ran ("smol-base"): found beside the adapter
+    from any working directory; a value that resolves nowhere is one error line naming adapter_config.json and
+    --base."""
+    shutil.copytree(tiny_bert, tmp_path / "run" / "smol-base")
+    for name, recorded in (("adapter", "smol-base"), ("lost", "gone-base")):
+        shutil.copytree(tiny_bert_adapter, tmp_path / "run" / name)
+        config = json.loads((tmp_path / "run" / name / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = recorded
+        (tmp_path / "run" / name / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "elsewhere").mkdir()
+    args = ("similarity", "--modules", "value", "--device", "cpu", "--json", "--adapter")
+    proc = run_cli(*args, tmp_path / "run" / "adapter", cwd=tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["settings"]["inputs"]["base"]["path"] == str(tmp_path / "run" / "smol-base")
+    lost = run_cli(*args, tmp_path / "run" / "lost", cwd=tmp_path / "elsewhere")
+    lines = lost.stderr.strip().splitlines()
+    assert lost.returncode == 2 and len(lines) == 1, lost.stderr
+    assert lines[0].startswith(f"error: {tmp_path / 'run' / 'lost' / 'adapter_config.json'}: its base_model_name")
+    assert "'gone-base'" in lines[0] and "pass --base <model folder>" in lines[0]
+
+
+def test_adapter_tensors_left_out_are_one_warning_line(tmp_path: Path, tiny_bert: Path) -> None:
+    """A LoRA on pooler.dense is not analysed: one warning line per command names it; the result is unchanged."""
+    pooled = checkpoints.lora_adapter(tiny_bert, tmp_path / "pooled", arch="bert", targets=["query", "pooler.dense"])
+    proc = run_cli("similarity", "--base", tiny_bert, "--adapter", pooled, "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: "), proc.stderr
+    assert "2 stored tensors are not analysed: LoRA factors of pooler.dense (outside the numbered layers)" in lines[0]
+    assert list(json.loads(proc.stdout)["modules"]) == ["query"]
+
+
+def test_report_steps_share_one_progress_bar() -> None:
+    """Stages "report: <analysis>" update one bar whose label names the step; other stages get their own bar."""
+    from loralens.cli._app import _DelayedProgress
+
+    bar = _DelayedProgress(0.0)
+    try:
+        bar("report: similarity (Figure 1)", 0, 3)
+        bar("solve", 1, 4)
+        bar("report: spectra", 1, 3)
+        assert bar.shown and set(bar._tasks) == {"report", "solve"}
+        task = bar._progress.tasks[bar._tasks["report"]]
+        assert (task.description, task.completed, task.total) == ("report: spectra", 1, 3)
+    finally:
+        bar.close()

@@ -260,3 +260,29 @@ def test_eight_bit_adapter_weights_are_refused_not_crashed(
     save_file(tensors, folder / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match=rf"adapter_model\.safetensors: tensor '{first}' has dtype .*dequantized"):
         load_lora_adapter(folder)
+
+
+def test_tensors_left_out_are_named_in_one_warning(tmp_path: Path, tiny_bert: Path) -> None:
+    """A LoRA on pooler.dense (outside the numbered layers) and a module saved in full are left out of the analyses:
+    one UnanalysedTensorsWarning names them; PEFT's own classification head alone warns nothing."""
+    import warnings
+
+    from loralens.errors import UnanalysedTensorsWarning
+
+    pooled = checkpoints.lora_adapter(tiny_bert, tmp_path / "pooled", arch="bert", targets=["query", "pooler.dense"])
+    with pytest.warns(UnanalysedTensorsWarning) as record:
+        adapter = load_lora_adapter(pooled)
+    assert len(record) == 1 and list(adapter.modules) == ["query"]
+    assert adapter.ignored_keys == tuple(f"base_model.model.pooler.dense.lora_{f}.weight" for f in "AB")
+    assert str(record[0].message) == (
+        f"{adapter.weights_file}: 2 stored tensors are not analysed: LoRA factors of pooler.dense (outside the "
+        "numbered layers); the analyses cover the LoRA factors inside the numbered layers"
+    )
+    saved = checkpoints.lora_adapter(tiny_bert, tmp_path / "saved", arch="bert", modules_to_save=["pooler"])
+    with pytest.warns(UnanalysedTensorsWarning, match=r"2 stored tensors .*: pooler\.dense saved in full \(modules_to"):
+        load_lora_adapter(saved)
+    task_base = checkpoints.bert_base(tmp_path / "task", task_model=True)
+    head_only = checkpoints.lora_adapter(task_base, tmp_path / "head", arch="bert", task_model=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnanalysedTensorsWarning)
+        assert any("classifier" in k for k in load_lora_adapter(head_only).ignored_keys)

@@ -423,3 +423,14 @@ def test_table2_from_the_shipped_seeds() -> None:
     assert "0.7760 ± 0.0181" in text and "| CondLoRA |" in text
     with pytest.raises(LoralensError, match="no tasks"):
         table2({"tasks": {}})
+
+
+def test_table4_says_which_targets_are_not_square() -> None:
+    """ParameterCounts.to_dict() of a target list with a non-square module: the notes name it and say the ratio
+    covers the square targets; without one, neither note."""
+    data = {"lora": 165_888, "condlora": 12_288, "ratio": 1 / 6, "lora_square": 73_728}
+    notes = " ".join(table4({**data, "not_square": ["intermediate.dense"]}).notes)
+    assert "CondLoRA / LoRA parameters = 0.1667 over the square targets only" in notes
+    assert "left out of the CondLoRA count: intermediate.dense" in notes
+    assert " ".join(table4({**data, "not_square": []}).notes) == "CondLoRA / LoRA parameters = 0.1667"
+    assert "square" not in " ".join(table4({**data, "ratio": None, "not_square": []}).notes)

@@ -193,7 +193,7 @@ def test_loading_into_another_model_is_refused(tiny_bert: Path, cond_bert: CondL
 
 
 def test_bad_targets(tiny_bert: Path) -> None:
-    with pytest.raises(ShapeError, match=r"square weights, but 'dense' has"):
+    with pytest.raises(ShapeError, match=r"square weights, but target 'intermediate\.dense' is 128 x 32"):
         CondLoraModel(_task_model(tiny_bert), CondLoraConfig(target_modules=("intermediate.dense",)))
     with pytest.raises(ModelMismatchError, match=r"target modules \['q_proj'\] match no module"):
         CondLoraModel(_task_model(tiny_bert), CondLoraConfig(target_modules=("q_proj",)))
@@ -252,3 +252,44 @@ def test_short_real_training_improves_held_out_accuracy(vader_condlora, minilm_p
             ]
         )
     assert float((logits.argmax(1).numpy() == labels).mean()) == m["after"]
+
+
+def test_non_square_targets_are_refused_before_the_model_loads(
+    minilm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train(method="condlora") checks the targets against the base's tensor shapes first (safetensors headers),
+    naming the target as given (intermediate.dense, not its theta key 'dense'), before any model or tokenizer is
+    loaded; the CLI prints it as one line with the flag advice."""
+    import time
+
+    import transformers
+
+    from clitools import run_cli
+    from loralens.io.base_weights import open_base
+    from loralens.training.condlora import check_square_targets
+    from loralens.training.config import TrainConfig
+    from loralens.training.trainer import train
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model or tokenizer was loaded before the targets were checked")
+
+    for auto in ("AutoModelForSequenceClassification", "AutoTokenizer", "AutoModel"):
+        monkeypatch.setattr(getattr(transformers, auto), "from_pretrained", no_loading)
+    expected = r"CondLoRA needs square weights, but target 'intermediate\.dense' is 1536 x 384 \(d_out x d_in\)"
+    with pytest.raises(ShapeError, match=expected) as info:
+        check_square_targets(open_base(minilm_path), ["query", "intermediate.dense"])
+    assert info.value.option == "targets"
+    check_square_targets(open_base(minilm_path), ["query", "value", "attention.output.dense"])
+    config = TrainConfig(method="condlora", targets=("query", "intermediate.dense"), steps=1)
+    with pytest.raises(ShapeError, match=expected):
+        train(minilm_path, "vader-polarity", config, out_dir=tmp_path / "run")
+    start = time.monotonic()
+    proc = run_cli(
+        "train", "--base", minilm_path, "--method", "condlora", "--task", "vader-polarity", "--steps", "1",
+        "--targets", "query,intermediate.dense", "--out", tmp_path / "cli",
+    )  # fmt: skip
+    assert time.monotonic() - start < 3
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "target 'intermediate.dense' is 1536 x 384" in lines[0] and "'dense'" not in lines[0]
+    assert lines[0].endswith("(choose them with --targets)") and not (tmp_path / "cli").exists()

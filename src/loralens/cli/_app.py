@@ -287,6 +287,7 @@ OPTION_ADVICE: dict[str, str] = {
     "null_draws": "set the number of W-null draws with --null-draws (0 leaves it out)",
     "offline": "leave out --offline and unset HF_HUB_OFFLINE to let loralens download it",
     "replace": "pass --force to replace it",
+    "targets": "choose them with --targets",
     "warmup_ratio": "set the warmup with --warmup-ratio",
 }
 
@@ -428,7 +429,10 @@ def progress_bar(quiet: bool, *, delay_s: float = 2.0) -> Iterator[ProgressCallb
 
 
 class _DelayedProgress:
-    """``progress(stage, done, total)`` that opens a rich progress display once the work has run ``delay_s``."""
+    """``progress(stage, done, total)`` that opens a rich progress display once the work has run ``delay_s``.
+
+    One bar per stage; stages named ``"<bar>: <step>"`` (``"report: spectra"``) share the bar ``<bar>``, which
+    shows the step running."""
 
     _LABELS = {"solve": "Solving layers", "similarity": "Similarity"}
 
@@ -453,9 +457,11 @@ class _DelayedProgress:
                 transient=True,
             )
             self._progress.start()
-        if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(self._LABELS.get(stage, stage), total=total)
-        self._progress.update(self._tasks[stage], completed=done, total=total)
+        bar = stage.partition(": ")[0]
+        label = self._LABELS.get(stage, stage)
+        if bar not in self._tasks:
+            self._tasks[bar] = self._progress.add_task(label, total=total)
+        self._progress.update(self._tasks[bar], completed=done, total=total, description=label)
 
     @property
     def shown(self) -> bool:

@@ -18,10 +18,12 @@ from loralens.cli._app import (
     ForceOpt,
     LayerBatchOpt,
     ModulesOpt,
+    QuietOpt,
     SideChoice,
     app,
     load_inputs,
     parse_modules,
+    progress_bar,
     torch_dtype,
     user_errors,
 )
@@ -143,6 +145,7 @@ def report(
     dtype: DTypeOpt = DType.float64,
     layer_batch: LayerBatchOpt = None,
     force: ForceOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """One self-contained report.html (pictures embedded, opens offline) with inputs, hashes, settings and the
     numbers as tables, plus the pictures (PNG, SVG) and tables (CSV, Markdown, LaTeX) beside it, and every number
@@ -168,11 +171,12 @@ def report(
         base_ckpt, first = load_inputs(base, lora[0])
         loras = [first, *(load_lora_adapter(p) for p in lora[1:])]
         conds = [load_condlora_adapter(c) for c in condlora or []]
-        built = build_report(
-            base_ckpt, loras, conds, overlap=load_lora_adapter(overlap) if overlap is not None else None,
-            lowrank=lowrank, modules=names, seed=seed, dpi=dpi, device=device, dtype=torch_dtype(dtype),
-            layer_batch=layer_batch, null_draws=null_draws,
-        )  # fmt: skip
+        with progress_bar(quiet) as progress:
+            built = build_report(
+                base_ckpt, loras, conds, overlap=load_lora_adapter(overlap) if overlap is not None else None,
+                lowrank=lowrank, modules=names, seed=seed, dpi=dpi, device=device, dtype=torch_dtype(dtype),
+                layer_batch=layer_batch, null_draws=null_draws, progress=progress,
+            )  # fmt: skip
         paths = write_outputs(out, built.files, replace=force, inputs=inputs)
         _print_written(paths)
         typer.echo(f"report: {out / 'report.html'}")

@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralens.errors import CheckpointError, FanInFanOutWarning, InputPathError, ModelMismatchError
+from loralens.errors import (
+    CheckpointError,
+    FanInFanOutWarning,
+    InputPathError,
+    ModelMismatchError,
+    UnanalysedTensorsWarning,
+)
 from loralens.io.base_weights import BaseCheckpoint, check_not_complex, check_weights_file
 from loralens.io.files import (
     check_finite,
@@ -32,6 +38,7 @@ from loralens.io.files import (
 )
 from loralens.io.hub import resolve_adapter
 from loralens.io.keys import (
+    PEFT_PREFIX,
     ModulePath,
     match_base_weights,
     module_type_names,
@@ -204,7 +211,57 @@ def load_lora_adapter(
         for t, paths in sorted(by_type.items(), key=lambda item: names[item[0]])
     }
     _check_layers_to_transform(modules, config, folder / CONFIG_NAME)
+    _warn_unanalysed(ignored, config, weights_file)
     return LoraAdapter(folder, weights_file, config, modules, tuple(sorted(ignored)))
+
+
+#: The heads PEFT itself adds to ``modules_to_save`` for sequence classification: saved alone, they warn nothing.
+_TASK_HEADS = ("classifier", "score")
+
+
+def _warn_unanalysed(ignored: Sequence[str], config: dict[str, Any], weights_file: Path) -> None:
+    """One :class:`UnanalysedTensorsWarning` naming the modules whose stored tensors the analyses leave out
+    (``ignored``: keys that are not LoRA factors inside numbered layers). A classification head that PEFT saves
+    (``modules_to_save`` ``classifier`` / ``score``, outside the layers) warns nothing on its own."""
+    saved = [str(m) for m in config.get("modules_to_save") or () if isinstance(m, str)]
+    lora_outside: set[str] = set()
+    in_layers: set[str] = set()
+    heads: set[str] = set()
+    other: set[str] = set()
+    for key in ignored:
+        parsed = parse_adapter_key(key)
+        module = (parsed[0] if parsed else key.rpartition(".")[0] or key).removeprefix(PEFT_PREFIX)
+        if parsed is not None:
+            lora_outside.add(module)
+            continue
+        owner = next((m for m in saved if f".{m}." in f".{module}."), None)
+        if owner is None:
+            other.add(module)
+        elif parse_module_path(module) is not None:
+            in_layers.add(module)
+        else:
+            heads.add(module if owner not in _TASK_HEADS else owner)
+    if not (lora_outside or in_layers or other or heads - set(_TASK_HEADS)):
+        return
+    parts = []
+    if lora_outside:
+        parts.append(f"LoRA factors of {', '.join(sorted(lora_outside))} (outside the numbered layers)")
+    if in_layers:
+        parts.append(
+            f"{', '.join(sorted(in_layers))} saved in full (modules_to_save) inside the layers: the adapted model "
+            "uses these trained copies, the analyses the base's weights"
+        )
+    if heads:
+        parts.append(f"{', '.join(sorted(heads))} saved in full (modules_to_save; trained copies, not LoRA updates)")
+    if other:
+        parts.append(f"other tensors of {', '.join(sorted(other))}")
+    warnings.warn(
+        UnanalysedTensorsWarning(
+            f"{weights_file}: {len(ignored)} stored tensors are not analysed: {'; '.join(parts)}; the analyses cover "
+            "the LoRA factors inside the numbered layers"
+        ),
+        stacklevel=3,
+    )
 
 
 def read_base_weights(

@@ -15,7 +15,7 @@ modules as a list, a torch dtype. Every analysis runs before anything is rendere
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from loralens.analyses.condlora_vs_lora import compare_adapters_many, comparisons_to_dict, parameter_counts
+from loralens.analyses.engine import ProgressCallback
 from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
 from loralens.analyses.provenance import adapter_record
 from loralens.analyses.seeds import table2_from_folders, training_speeds
@@ -69,6 +70,7 @@ def build_report(
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
     null_draws: int = 20,
+    progress: ProgressCallback | None = None,
 ) -> BuiltReport:
     """Everything ``loralens report`` writes: ``report.html`` (self-contained), pictures, tables, ``report.json``.
 
@@ -98,6 +100,13 @@ def build_report(
         Draws of the W-conditioned null (0: off) for Figure 1 and, with CondLoRA adapters, for Table 3; see
         :func:`~loralens.analyses.similarity.adapter_similarity` and
         :func:`~loralens.analyses.condlora_vs_lora.compare_adapters`.
+    progress : callable, optional
+        ``progress(stage, done, total)`` (:data:`~loralens.analyses.engine.ProgressCallback`): called as each
+        analysis starts, ``stage`` ``"report: <analysis>"`` (``"report: similarity (Figure 1)"``, ``"report: LoRA vs
+        CondLoRA (Table 3)"``, ``"report: parameters (Table 4)"``, ``"report: amplification"``, ``"report:
+        spectra"``, ``"report: overlap"``, ``"report: figures and tables"``), ``done`` the analyses finished of the
+        ``total`` this report runs, and once more with ``done == total`` at the end; Figure 1's own stages
+        (``"solve"``, ``"similarity"``) pass through.
 
     Returns
     -------
@@ -110,17 +119,21 @@ def build_report(
     conds = [] if condlora is None else [condlora] if isinstance(condlora, CondLoraAdapter) else list(condlora)
     check_pairs(len(loras), len(conds))
     first = loras[0]
+    step = _Steps(progress, conds=bool(conds), lowrank=lowrank, overlap=overlap is not None)
+    step("similarity (Figure 1)")
     (sim,) = adapter_similarity(
         base, [first], modules=modules, seed=seed, device=device, dtype=dtype, layer_batch=layer_batch,
-        null_draws=null_draws,
+        null_draws=null_draws, progress=progress,
     )  # fmt: skip
     comparison = params = seeds = pairs = None
     if conds:
+        step("LoRA vs CondLoRA (Table 3)")
         reports = compare_adapters_many(
             base, list(zip(loras, conds, strict=True)), modules=modules, seed=seed, dtype=dtype, device=device,
             null_draws=null_draws,
         )  # fmt: skip
         comparison = reports[0].to_dict()
+        step("parameters (Table 4)")
         params = parameter_counts(base, r=conds[0].r, targets=sorted(conds[0].thetas)).to_dict()
         lora_folders, cond_folders = [a.path for a in loras], [c.path for c in conds]
         params["speed"] = training_speeds(lora_folders, cond_folders)
@@ -132,8 +145,9 @@ def build_report(
             seeds = pairs.get("table2")
     low = _lowrank_analyses(
         base, first, overlap, lowrank, modules=modules, seed=seed, device=device, dtype=dtype,
-        layer_batch=layer_batch, first_inputs=sim.settings["inputs"]["adapter"],
+        layer_batch=layer_batch, first_inputs=sim.settings["inputs"]["adapter"], step=step,
     )  # fmt: skip
+    step("figures and tables")
     sim_data = sim.to_dict()
     inputs = input_identities(base, first, conds[0] if conds else None, recorded=sim.settings["inputs"])
     files = report_files(
@@ -147,7 +161,32 @@ def build_report(
         "parameters": params,
         "lowrank": low,
     }
+    step.finish()
     return BuiltReport({**files, "report.json": json_writer(numbers)}, numbers, sim)
+
+
+class _Steps:
+    """``step(name)``: report that the analysis ``name`` starts (``progress("report: <name>", done, total)``);
+    ``finish()``: all done. Does nothing without a callback."""
+
+    def __init__(self, progress: ProgressCallback | None, *, conds: bool, lowrank: bool, overlap: bool) -> None:
+        self._progress = progress
+        # similarity, [Table 3, Table 4], [amplification, spectra], [overlap], figures and tables
+        self.total = 2 + 2 * conds + 2 * lowrank + overlap
+        self.done = 0
+        self._name = ""
+
+    def __call__(self, name: str) -> None:
+        if self._name:
+            self.done += 1
+        self._name = name
+        if self._progress is not None:
+            self._progress(f"report: {name}", self.done, self.total)
+
+    def finish(self) -> None:
+        self.done = self.total
+        if self._progress is not None:
+            self._progress(f"report: {self._name}", self.done, self.total)
 
 
 def _lowrank_analyses(
@@ -162,6 +201,7 @@ def _lowrank_analyses(
     dtype: torch.dtype,
     layer_batch: int | None,
     first_inputs: dict[str, Any],
+    step: Callable[[str], None],
 ) -> dict[str, Any] | None:
     """The LoRA paper's analyses as plain data (``to_dict()``): amplification and spectra when ``default``, the
     overlap of ``lora`` against ``other`` when given; None when neither. Their inputs are the report's own
@@ -170,7 +210,9 @@ def _lowrank_analyses(
     reports: dict[str, Any] = {}
     if default:
         try:
+            step("amplification")
             reports["amplification"] = amplification_report(base, lora, seed=seed, layer_batch=layer_batch, **options)
+            step("spectra")
             reports["spectra"] = spectra_report(base, lora, layer_batch=layer_batch, **options)
         except RankError as e:
             raise RankError(
@@ -179,6 +221,7 @@ def _lowrank_analyses(
                 option=tuple(dict.fromkeys((*e.options, "lowrank"))),
             ) from e
     if other is not None:
+        step("overlap")
         reports["overlap"] = rank_overlap(lora, other, base=base, **options)
         reports["overlap"].settings["inputs"] = {"adapters": [first_inputs, adapter_record(other)]}
     return {name: analysis.to_dict() for name, analysis in reports.items()} or None

@@ -315,7 +315,10 @@ def table3(data: Mapping[str, Any]) -> Table:
 
 
 def table4(data: Mapping[str, Any]) -> Table:
-    """The paper's Table 4: trainable parameters (and training speed when given) of LoRA and CondLoRA."""
+    """The paper's Table 4: trainable parameters (and training speed when given) of LoRA and CondLoRA.
+
+    When ``data`` lists ``not_square`` targets (``ParameterCounts.to_dict()``), a note says they are left out of
+    the CondLoRA count (CondLoRA is undefined for non-square weights) and that the ratio covers the square targets."""
     speed_data = data.get("speed")
     speeds: Mapping[str, Any] = speed_data if isinstance(speed_data, Mapping) else {}
     rows = []
@@ -329,8 +332,15 @@ def table4(data: Mapping[str, Any]) -> Table:
     has_speed = any(r[2] is not None for r in rows)
     columns = ("method", "trainable parameters", *(("speed (examples/s)",) if has_speed else ()))
     notes = [str(data["speed_source"])] if has_speed and data.get("speed_source") else []
+    not_square = [str(t) for t in data.get("not_square") or ()]
     if data.get("ratio") is not None:
-        notes.append(f"CondLoRA / LoRA parameters = {float(data['ratio']):.4f}")
+        over = " over the square targets only" if not_square else ""
+        notes.append(f"CondLoRA / LoRA parameters = {float(data['ratio']):.4f}{over}")
+    if not_square:
+        notes.append(
+            f"Not square, so no CondLoRA (it is undefined there), left out of the CondLoRA count: "
+            f"{', '.join(not_square)}; LoRA counts them."
+        )
     return Table(
         columns, tuple(r if has_speed else r[:2] for r in rows), "Trainable parameters (Table 4)", tuple(notes)
     )

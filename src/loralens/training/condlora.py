@@ -36,7 +36,7 @@ from torch.nn import functional
 
 from loralens.core.condlora import condlora_factors
 from loralens.errors import CheckpointError, LoralensError, ModelMismatchError, ShapeError
-from loralens.io.base_weights import open_base
+from loralens.io.base_weights import BaseCheckpoint, open_base
 from loralens.io.condlora import (
     CondLoraAdapter,
     condlora_config,
@@ -50,7 +50,7 @@ from loralens.io.condlora import (
 from loralens.io.keys import PEFT_PREFIX
 from loralens.io.outputs import Writer
 
-__all__ = ["CondLoraConfig", "CondLoraLinear", "CondLoraModel", "export_as_lora"]
+__all__ = ["CondLoraConfig", "CondLoraLinear", "CondLoraModel", "check_square_targets", "export_as_lora"]
 
 #: What PEFT adds to ``modules_to_save`` for sequence classification (the new head), when present.
 _SEQ_CLS_HEADS = ("classifier", "score")
@@ -415,9 +415,39 @@ class CondLoraModel(nn.Module):
             state[name].copy_(value)
 
 
+def check_square_targets(base: BaseCheckpoint, targets: Sequence[str]) -> None:
+    """Refuse CondLoRA targets whose base weights are not square, from the checkpoint's tensor shapes alone (its
+    safetensors headers: nothing is read, no model is loaded), naming each target as given. A target matches the
+    2-D ``<target>.weight`` tensors whose name equals it or ends with ``"." + target``, as in the model; one that
+    matches none is left to the model's own check.
+
+    Raises
+    ------
+    ShapeError
+        A target whose weights are not square (``option="targets"``).
+    """
+    for target in targets:
+        keys = [k for k in base.keys if k == f"{target}.weight" or k.endswith(f".{target}.weight")]
+        bad = sorted(
+            {base.shapes[k] for k in keys if len(base.shapes[k]) == 2 and base.shapes[k][0] != base.shapes[k][1]}
+        )
+        if bad:
+            raise ShapeError(_not_square(target, bad, f"{base.root}: "), option="targets")
+
+
+def _not_square(target: str, shapes: Sequence[tuple[int, ...]], where: str = "") -> str:
+    sizes = " and ".join(f"{s[0]} x {s[1]}" for s in shapes)
+    return (
+        f"{where}CondLoRA needs square weights, but target {target!r} is {sizes} (d_out x d_in): A_l = theta_A W_l^T "
+        "is only (r, d_in) when d_out = d_in (the paper's stated limitation); choose square modules such as "
+        "query and value"
+    )
+
+
 def _find_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, list[str]]:
     """Theta key -> names of the ``nn.Linear`` modules it adapts, in model order; strict about shapes."""
     found: dict[str, list[str]] = {}
+    given: dict[str, str] = {}  # theta key -> the target as the caller named it
     for name, module in model.named_modules():
         hits = [t for t in targets if name == t or name.endswith("." + t)]
         if not hits:
@@ -427,6 +457,7 @@ def _find_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, list[st
                 f"CondLoRA target {hits[0]!r} matches {name!r}, a {type(module).__name__}; only nn.Linear is supported"
             )
         found.setdefault(theta_key(hits[0]), []).append(name)
+        given.setdefault(theta_key(hits[0]), hits[0])
     missing = [t for t in targets if theta_key(t) not in found]
     if missing:
         raise ModelMismatchError(f"CondLoRA target modules {missing} match no module of {type(model).__name__}")
@@ -435,12 +466,9 @@ def _find_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, list[st
         shapes = {tuple(modules[n].weight.shape) for n in names}
         bad = [s for s in shapes if s[0] != s[1]]
         if bad:
-            raise ShapeError(
-                f"CondLoRA needs square weights, but {key!r} has {sorted(shapes)}: A_l = theta_A W_l^T is only "
-                "(r, d_in) when d_out = d_in (the paper's stated limitation); choose square modules such as query/value"
-            )
+            raise ShapeError(_not_square(given[key], sorted(bad)), option="targets")
         if len(shapes) > 1:
-            raise ShapeError(f"CondLoRA target {key!r} has layers of different shapes {sorted(shapes)}")
+            raise ShapeError(f"CondLoRA target {given[key]!r} has layers of different shapes {sorted(shapes)}")
     return found
 
 

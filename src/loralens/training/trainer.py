@@ -386,6 +386,11 @@ def train(
     base_path = Path(base_path)
     if not base_path.is_dir():
         raise InputPathError(f"base model folder not found: {base_path} (needs config.json, weights and a tokenizer)")
+    if config.method == "condlora":  # from the weights' headers, before a model is loaded
+        from loralens.io.base_weights import open_base
+        from loralens.training.condlora import check_square_targets
+
+        check_square_targets(open_base(base_path), config.targets)
     names = (*ADAPTER_FILES, "metrics.json", *((LR_SEARCH_FILE,) if lr_search else ()))
     # refuse an output folder before training, not after minutes of it
     check_output_folder(Path(out_dir), replace=replace, names=names)
