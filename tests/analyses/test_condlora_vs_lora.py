@@ -444,3 +444,16 @@ def test_table4_leaves_non_square_targets_out_of_condlora(minilm_path: Path) -> 
     assert data["ratio"] == pytest.approx(1 / 6)
     only = parameter_counts(open_base(minilm_path), r=8, targets=["intermediate.dense"])
     assert (only.condlora, only.lora_square, only.ratio, only.to_dict()["ratio"]) == (0, 0, None, None)
+
+
+def test_compare_reports_progress(minilm_path: Path) -> None:
+    """progress("solve", ...) while the conversions are solved, then progress("compare", pairs done, pairs)."""
+    calls: list[tuple[str, int, int]] = []
+    pair = (load_lora_adapter(default_adapter()), load_condlora_adapter(default_condlora()))
+    compare_adapters_many(
+        open_base(minilm_path), [pair], modules=["value"], device="cpu", null_draws=0,
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )  # fmt: skip
+    assert [c for c in calls if c[0] == "compare"] == [("compare", 1, 1)]
+    solve = [c for c in calls if c[0] == "solve"]
+    assert solve and solve[-1][1] == solve[-1][2] and [c[1] for c in solve] == sorted(c[1] for c in solve)

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from loralens.analyses.conversion import W_NULL_DRAWS, WNullConversions, check_null_draws, compute_conversions_many
 from loralens.analyses.engine import (
+    ProgressCallback,
     at_model_layers,
     module_batches,
     parse_memory_size,
@@ -287,8 +288,12 @@ def compare_adapters_many(
     device: str | torch.device = "auto",
     max_memory: str | int | None = None,
     null_draws: int = 20,
+    progress: ProgressCallback | None = None,
 ) -> list[ComparisonReport]:
     """:func:`compare_adapters` for several (LoRA, CondLoRA) pairs of one base, e.g. one pair per training seed.
+
+    ``progress``, when given, is called as ``progress("solve", layers done, total)`` while the conversions are
+    solved, then ``progress("compare", pairs done, pairs)``.
 
     LoRA's conversion matrices (for ``conv_vs_theta``) come from one factorisation of each base weight shared by
     all pairs (:func:`~loralens.analyses.conversion.compute_conversions_many`), solved ``max_memory`` at a
@@ -319,9 +324,10 @@ def compare_adapters_many(
         max_memory=max_memory,
         null_draws=null_draws,
         null_seed=seed,
+        progress=progress,
     )
     reports = []
-    for (lora, cond), keys, convs in zip(pairs, targets, conversions, strict=True):
+    for done, ((lora, cond), keys, convs) in enumerate(zip(pairs, targets, conversions, strict=True), start=1):
         result = {}
         for name, key in keys.items():
             mod, conv, conv_null = lora.modules[name], convs[name].conversion, convs[name].null
@@ -347,6 +353,8 @@ def compare_adapters_many(
         settings = {**_settings(base, lora, cond, i, j, seed, dtype, dev), **budget}
         settings.update(null_draws=null_draws, w_null_baseline=W_NULL_TABLE3)
         reports.append(ComparisonReport(result, settings))
+        if progress is not None:
+            progress("compare", done, len(pairs))
     return reports
 
 

@@ -190,6 +190,23 @@ MaxMemoryOpt = Annotated[
         "(e.g. 2GB, 1.5GiB, 512MB). The Python process itself adds about 0.5 GB.",
     ),
 ]
+#: The on-disk cache of base weights' spectra (amplification, spectra, intruders; loralens.io.spectral_cache).
+CacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cache/--no-cache",
+        help="Read and write the on-disk cache of the base weights' singular vectors (keyed by the weight file's "
+        "SHA-256); --no-cache computes them afresh and writes nothing.",
+    ),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Folder of the spectral cache. Default: the user cache folder (~/.cache/loralens on Linux).",
+        show_default=False,
+    ),
+]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar (there is none either when stdout is not a terminal).")
 ]
@@ -434,7 +451,7 @@ class _DelayedProgress:
     One bar per stage; stages named ``"<bar>: <step>"`` (``"report: spectra"``) share the bar ``<bar>``, which
     shows the step running."""
 
-    _LABELS = {"solve": "Solving layers", "similarity": "Similarity"}
+    _LABELS = {"solve": "Solving layers", "similarity": "Similarity", "compare": "Comparing pairs"}
 
     def __init__(self, delay_s: float) -> None:
         self._start = time.monotonic()

@@ -32,11 +32,13 @@ from loralens.cli._app import (
     JsonOpt,
     MaxMemoryOpt,
     ModulesOpt,
+    QuietOpt,
     app,
     make_console,
     numbered_layers,
     parse_modules,
     print_pairs,
+    progress_bar,
     torch_dtype,
     user_errors,
 )
@@ -189,6 +191,7 @@ def compare(
     dtype: DTypeOpt = DType.float64,
     max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Per-layer phi between LoRA's and CondLoRA's factors on the same base (the paper's Table 3).
 
@@ -218,18 +221,20 @@ def compare(
         loras = [load_lora_adapter(p) for p in lora]
         pairs = list(zip(loras, [load_condlora_adapter(p) for p in condlora], strict=True))
         base_ckpt = base_for(loras[0], base)
-        reports = compare_adapters_many(
-            base_ckpt,
-            pairs,
-            modules=parse_modules(modules),
-            i=i,
-            j=j,
-            seed=seed,
-            dtype=torch_dtype(dtype),
-            device=device,
-            max_memory=budget,
-            null_draws=null_draws,
-        )
+        with progress_bar(quiet) as progress:
+            reports = compare_adapters_many(
+                base_ckpt,
+                pairs,
+                modules=parse_modules(modules),
+                i=i,
+                j=j,
+                seed=seed,
+                dtype=torch_dtype(dtype),
+                device=device,
+                max_memory=budget,
+                null_draws=null_draws,
+                progress=progress,
+            )
         if len(reports) == 1:
             if json_output:
                 typer.echo(json_text(reports[0].to_dict()), nl=False)

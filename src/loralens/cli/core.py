@@ -243,6 +243,7 @@ def similarity(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("results/demo"),
     device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
 ) -> None:
     """Run the main analyses on the embedded defaults: the real MiniLM base, a real PEFT LoRA adapter (r = 8,
     query + value, trained on Rotten Tomatoes review polarity) and LoRA / CondLoRA adapters of three training
@@ -257,13 +258,15 @@ def demo(
         base_ckpt, lora = load_inputs(default_base(), adapter)
         convs = compute_conversions(base_ckpt, lora, device=device)
         seeds = default_adapters()
-        built = build_report(
-            base_ckpt,
-            [lora, *(load_lora_adapter(lo) for _, lo, _ in seeds[1:])],
-            [load_condlora_adapter(c) for _, _, c in seeds],
-            overlap=load_lora_adapter(default_adapter(1)),
-            device=device,
-        )
+        with progress_bar(quiet) as progress:
+            built = build_report(
+                base_ckpt,
+                [lora, *(load_lora_adapter(lo) for _, lo, _ in seeds[1:])],
+                [load_condlora_adapter(c) for _, _, c in seeds],
+                overlap=load_lora_adapter(default_adapter(1)),
+                device=device,
+                progress=progress,
+            )
         report = built.similarity
         paths = write_outputs(
             out,
