@@ -456,3 +456,114 @@ def test_real_minilm_adapters_r4_r16_against_references(minilm_path: Path, rt_ad
     assert float(amp.dW_projection[3]) == pytest.approx(np.linalg.norm(U[:, :16].T @ W @ Vh[:16].T), rel=REL)
     # trained dW is no random direction of W's top-r: it projects less of W than W's own top-16 directions
     assert bool((amp.dW_projection < amp.W_top_projection).all())
+
+
+# ------------------------------------------------------------------- W's top-r from the spectral engine (#15)
+
+ENGINE_REL = 1e-6  # sigma, norms and angles: the engine (default float64 tol 1e-10) against the dense path
+
+
+def synthetic_llama(folder: Path, *, d: int, layers: int, r: int, spectra: dict[str, np.ndarray]) -> tuple[Path, Path]:
+    """A Llama-keyed base (``model.layers.N.self_attn.{module}.weight``, float32, one file) whose weights have the
+    given singular values under random orthogonal vectors, and a PEFT-format LoRA adapter (random A and B)."""
+    gen = torch.Generator().manual_seed(7)
+    base, adapter = folder / "base", folder / "adapter"
+    base.mkdir(parents=True)
+    adapter.mkdir(parents=True)
+    weights, lora = {}, {}
+    for layer in range(layers):
+        for module, sigma in spectra.items():
+            U, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
+            V, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
+            weights[f"model.layers.{layer}.self_attn.{module}.weight"] = (
+                (U * torch.tensor(sigma.copy())) @ V.T
+            ).float()
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            lora[f"{prefix}.lora_A.weight"] = torch.randn(r, d, generator=gen) / d**0.5
+            lora[f"{prefix}.lora_B.weight"] = torch.randn(d, r, generator=gen) * 0.01
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text(
+        json.dumps({"model_type": "llama", "hidden_size": d, "num_hidden_layers": layers})
+    )
+    save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": list(spectra),
+        "base_model_name_or_path": str(base),
+        "fan_in_fan_out": False,
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return base, adapter
+
+
+def clustered_spectrum(d: int, seed: int = 0) -> np.ndarray:
+    """Descending, with a cluster of four equal values (and one 1e-9 below) on top and a relative gap of 5 % after
+    the 8th value; the rest decays."""
+    rng = np.random.default_rng(seed)
+    head = [5.0, 5.0, 5.0, 5.0 * (1 - 1e-9), 4.0, 3.9, 3.8, 3.7]
+    tail = np.sort(rng.uniform(0.01, 3.5, d - len(head)))[::-1]
+    return np.concatenate([head, tail])
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float, what: str, floor: float = 0.0) -> None:
+    assert got.shape == want.shape, what
+    both = ~(torch.isnan(got) & torch.isnan(want))
+    err = (got - want).abs()[both]
+    bound = (rel * want.abs() + floor)[both]
+    assert bool((err <= bound).all()), f"{what}: max error {float(err.max()):.2e}"
+
+
+def compare_engine_with_dense(base_dir: Path, adapter_dir: Path, engine_calls: list[str]) -> None:
+    base, adapter = loralens.open_base(base_dir), load(adapter_dir)
+    options = {"cache": False, "record_inputs": False}
+    for report in (amplification_report, spectra_report):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AdapterConfigWarning)
+            dense = report(base, adapter, exact=True, **options)
+            engine = report(base, adapter, **options)
+        assert dense.settings["exact"] is True and engine.settings["exact"] is False
+        for name, d_mod in dense.modules.items():
+            e_mod = engine.modules[name]
+            fields = (
+                ("W_norm", "dW_norm", "dW_projection", "W_top_projection", "random_expected", "amplification")
+                if report is amplification_report
+                else ("W_singular_values", "singular_values", "phi_W_top", "dominance")
+            )
+            for field in fields:
+                assert_close(getattr(e_mod, field), getattr(d_mod, field), ENGINE_REL, f"{name}.{field}")
+            if report is spectra_report:
+                # angles near 0 carry no relative precision: 1e-6 relative plus 1e-7 rad absolute
+                assert_close(e_mod.principal_angles, d_mod.principal_angles, ENGINE_REL, f"{name}.angles", 1e-7)
+    assert engine_calls, "the engine was not used"
+
+
+@pytest.fixture
+def engine_methods(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods (krylov / dense) of the engine's calls made by the analyses."""
+    import loralens.analyses.lowrank as lowrank_module
+    from loralens.core.spectral import top_singular_triplets
+
+    calls: list[str] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        res = top_singular_triplets(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(res.method)
+        return res
+
+    monkeypatch.setattr(lowrank_module, "top_singular_triplets", spy)
+    return calls
+
+
+def test_engine_equals_dense_on_the_real_minilm(minilm_path: Path, engine_methods: list[str]) -> None:
+    compare_engine_with_dense(minilm_path, loralens.examples.default_adapter(), engine_methods)
+
+
+def test_engine_equals_dense_on_random_and_clustered_spectra(tmp_path: Path, engine_methods: list[str]) -> None:
+    d = 448  # above the float64 dense cross-over (384): the Krylov path runs
+    rng = np.random.default_rng(1)
+    spectra = {"q_proj": np.sort(rng.uniform(0.1, 4.0, d))[::-1], "v_proj": clustered_spectrum(d)}
+    base, adapter = synthetic_llama(tmp_path, d=d, layers=2, r=8, spectra=spectra)
+    compare_engine_with_dense(base, adapter, engine_methods)
+    assert set(engine_methods) == {"krylov"}

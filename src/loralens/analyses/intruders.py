@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from loralens.analyses.engine import (
     run_settings,
     select_modules,
 )
+from loralens.analyses.lowrank import base_spectral_keys
 from loralens.analyses.provenance import provenance
 from loralens.analyses.serialize import json_values
 from loralens.core.intruders import intruder_counts, max_cosine, projected_update_share
@@ -40,6 +43,7 @@ from loralens.core.spectral import top_singular_triplets, weight_operator
 from loralens.errors import BatchError, LoralensError
 from loralens.io.adapters import LoraAdapter
 from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.spectral_cache import cached_stack, open_spectral_cache
 
 __all__ = [
     "DEFAULT_EPSILON",
@@ -142,6 +146,8 @@ def intruder_dimensions(
     epsilon: float = DEFAULT_EPSILON,
     seed: int = 0,
     exact: bool = False,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
@@ -161,6 +167,12 @@ def intruder_dimensions(
     exact : bool
         Dense SVD of ``W0 + s B A`` instead of the engine (for checking; the engine already takes the dense path
         for small weights, see :mod:`loralens.core.spectral`).
+    cache, cache_dir : bool, path
+        W0's thin SVD (its left singular vectors and singular values) is kept in the on-disk spectral cache
+        (:mod:`loralens.io.spectral_cache`, method ``"exact"`` with ``k = min(d_out, d_in)``), keyed by the weight
+        file's SHA-256 and the tensor, in ``cache_dir`` (default
+        :func:`loralens.io.spectral_cache.default_cache_dir`); a second run on the same base reads it instead of
+        decomposing again. ``cache=False`` neither reads nor writes it. Cached and fresh results are identical.
     device, dtype, layer_batch
         Where and in what precision to compute; ``layer_batch`` layers are read and solved together (all by default).
     record_inputs : bool
@@ -195,6 +207,8 @@ def intruder_dimensions(
                 f"k = {k} exceeds min(d_out, d_in) = {n} of module {name!r}; choose k <= {n}", option="k"
             )
     sweep = torch.tensor(EPSILON_SWEEP, dtype=dtype)
+    store = open_spectral_cache(cache, cache_dir)
+    digests: dict[Path, str | None] = {}
     result = {}
     for name in names:
         mod = adapter.modules[name]
@@ -204,8 +218,14 @@ def intruder_dimensions(
             base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
         ):
             keys.extend(batch_keys)
+            full = min(W.shape[-2:])
+            cache_keys = (
+                base_spectral_keys(base, W, batch_keys, full, "exact", digests)
+                if store is not None
+                else [None] * len(batch_keys)
+            )
             try:
-                U0 = torch.linalg.svd(W, full_matrices=False).U
+                U0 = cached_stack(store, cache_keys, ("U",), partial(_thin_svd, W), device=W.device)["U"]
                 top = top_singular_triplets(weight_operator(W, B, A, scale), k, seed=seed, exact=exact)
                 c = max_cosine(top.U, U0)
                 intruder = c < epsilon
@@ -227,3 +247,10 @@ def intruder_dimensions(
     if record_inputs:
         settings["inputs"] = provenance(base, adapter)
     return IntrudersReport(result, settings)
+
+
+def _thin_svd(W: Tensor, idx: list[int]) -> dict[str, Tensor]:
+    """W0's thin SVD for the layers ``idx`` of a batch ``W`` ``(n, d_out, d_in)``: ``U`` ``(len(idx), d_out, p)``
+    and ``S`` ``(len(idx), p)``, ``p = min(d_out, d_in)``."""
+    U, S, _ = torch.linalg.svd(W[idx], full_matrices=False)
+    return {"U": U, "S": S}

@@ -37,10 +37,12 @@ exactly as LoRA does, for the direction of its update), and says nothing about d
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,7 +57,7 @@ from loralens.analyses.engine import (
     seeded_generator,
     select_modules,
 )
-from loralens.analyses.provenance import pair_provenance, provenance
+from loralens.analyses.provenance import file_record, pair_provenance, provenance
 from loralens.analyses.serialize import json_values
 from loralens.core.lowrank import (
     overlap_grid,
@@ -66,9 +68,11 @@ from loralens.core.lowrank import (
     weight_projection,
 )
 from loralens.core.similarity import Side, top_singular_vectors
+from loralens.core.spectral import top_singular_triplets, weight_operator
 from loralens.errors import AdapterConfigWarning, BatchError, LoralensError, ModelMismatchError, RankError
 from loralens.io.adapters import AdapterModule, LoraAdapter, read_base_weights
 from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.spectral_cache import SpectralCache, SpectralKey, cached_stack, open_spectral_cache
 
 __all__ = [
     "OVERLAP_FACTORS",
@@ -86,6 +90,7 @@ __all__ = [
     "amplification_report",
     "spectra_report",
     "config_checks",
+    "base_spectral_keys",
 ]
 
 #: Factor -> the singular vectors the LoRA paper compares: right for A (r, d_in), left for B (d_out, r).
@@ -440,6 +445,9 @@ def amplification_report(
     modules: Sequence[str] | None = None,
     n_random: int = 10,
     seed: int = 0,
+    exact: bool = False,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
@@ -453,8 +461,17 @@ def amplification_report(
     (:func:`loralens.core.lowrank.weight_projection`). Random draws are seeded per (``seed``, module, layer), so
     they do not depend on ``layer_batch`` or on which modules are selected.
 
-    Cost per layer: one ``svdvals(W)`` (``O(d^3)``, batched over ``layer_batch`` layers, all by default) and
-    ``O((1 + n_random) r d^2)`` for the projections; dW is never formed.
+    Cost per layer: W's top-``r_max`` singular values (``r_max`` the module's largest rank) from the spectral engine
+    (:func:`loralens.core.spectral.top_singular_triplets`: block Krylov, ``O(d^2 r)`` per iteration; a dense SVD
+    below its cross-over), or with ``exact=True`` from one dense ``svdvals(W)`` (``O(d^3)``), batched over
+    ``layer_batch`` layers (all by default); and ``O((1 + n_random) r d^2)`` for the projections; dW is never formed.
+    The engine's values agree with the dense ones to about 1e-10 relative in float64 (its residual tolerance).
+
+    W's spectra are kept in an on-disk cache (:mod:`loralens.io.spectral_cache`), keyed by the weight file's
+    SHA-256, the tensor, ``r_max``, the dtype and the method, so a second run on the same base reads them instead of
+    decomposing again (``spectra`` with the engine reads the same entries): ``cache_dir`` (default
+    :func:`loralens.io.spectral_cache.default_cache_dir`), ``cache=False`` to neither read nor write it. Cached
+    and fresh results are identical.
 
     ``settings`` records the device and dtype, and unless ``record_inputs=False`` the inputs
     (:func:`loralens.analyses.provenance.provenance`: paths, SHA-256, versions) under ``"inputs"``.
@@ -473,6 +490,8 @@ def amplification_report(
     dev = resolve_device(device)
     names = select_modules(adapter, modules)
     refuse_dora(adapter, names, "amplification")
+    store = open_spectral_cache(cache, cache_dir)
+    digests: dict[Path, str | None] = {}
     result = {}
     for name in names:
         mod = adapter.modules[name]
@@ -480,14 +499,22 @@ def amplification_report(
         per_layer = {f: torch.full((L,), float("nan"), dtype=dtype) for f in _PROJECTION_FIELDS}
         draws = torch.full((L, n_random), float("nan"), dtype=dtype)
         keys: list[str] = []
+        k_top = min(max(mod.ranks), *mod.shape)
         for layers, W, B, A, scale, batch_keys in module_batches(
             base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
         ):
             keys.extend(batch_keys)
+            try:
+                S_top = _base_spectra(base, W, batch_keys, k_top, exact, store, digests, values_only=True)["S"]
+            except BatchError as e:
+                at_batch = list(mod.layers[layers])
+                raise at_model_layers(e, name, at_batch, base.root, adapter=adapter.path) from e
             for r, idx in _groups(mod.ranks[layers]).items():
                 at = [layers.start + n for n in idx]
                 try:
-                    wp = weight_projection(W[idx], B[idx, :, :r], A[idx, :r], scale[idx], n_random=0)
+                    wp = weight_projection(
+                        W[idx], B[idx, :, :r], A[idx, :r], scale[idx], n_random=0, W_singular_values=S_top[idx]
+                    )
                     k = min(r, *mod.shape)
                     for n, pos in zip(idx, at, strict=True):
                         gen = seeded_generator(seed, name, mod.layers[pos])
@@ -505,6 +532,7 @@ def amplification_report(
         "n_random": n_random,
         "seed": seed,
         "random": "per (seed, module, layer): Gaussian + QR",
+        "exact": exact,
         **run_settings(dev, dtype, max_memory=max_memory),
     }
     if record_inputs:
@@ -612,6 +640,9 @@ def spectra_report(
     *,
     modules: Sequence[str] | None = None,
     energy_threshold: float = 0.9,
+    exact: bool = False,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     layer_batch: int | None = None,
@@ -621,8 +652,15 @@ def spectra_report(
     """Singular values, effective ranks and principal angles to W of every layer's dW
     (:func:`loralens.core.lowrank.update_spectrum`), its health numbers, and the config's health checks.
 
-    Cost per layer: dW's SVD through its factors (``O(r^2 d)``) and one dense ``torch.linalg.svd(W)``
-    (``O(d^3)``, batched over ``layer_batch`` layers, all by default) for W's top-r left singular vectors.
+    Cost per layer: dW's SVD through its factors (``O(r^2 d)``) and W's top-``r_max`` singular values and left
+    singular vectors (``r_max`` the module's largest rank): from the spectral engine
+    (:func:`loralens.core.spectral.top_singular_triplets`, ``O(d^2 r)`` per Krylov iteration; a dense SVD below its
+    cross-over), or with ``exact=True`` from one dense ``torch.linalg.svd(W)`` (``O(d^3)``), batched over
+    ``layer_batch`` layers (all by default). The engine's singular values and principal angles agree with the dense
+    path's to 1e-6 relative or better in float64 (its residual tolerance is 1e-10 of ``sigma_1(W)``; subspace
+    angles move by about that over the gap ``sigma_r(W) - sigma_{r+1}(W)``, relative to ``sigma_1``).
+    ``W_singular_values`` holds W's top ``r`` values per layer on both paths. ``cache`` and ``cache_dir``: the
+    on-disk cache of W's spectra, as in :func:`amplification_report` (whose engine entries it shares).
     The health numbers (:func:`loralens.core.lowrank.update_health`: dominance ``sigma_1(dW) / sigma_1(W)``,
     spike ratio, stable rank) come from those singular values, with no further decomposition.
 
@@ -639,6 +677,8 @@ def spectra_report(
     dev = resolve_device(device)
     names = select_modules(adapter, modules)
     refuse_dora(adapter, names, "spectra")
+    store = open_spectral_cache(cache, cache_dir)
+    digests: dict[Path, str | None] = {}
     result = {}
     for name in names:
         mod = adapter.modules[name]
@@ -650,15 +690,27 @@ def spectra_report(
         energy = torch.zeros(L, dtype=torch.int64)
         health = {f: torch.full((L,), float("nan"), dtype=dtype) for f in ("dominance", "spike_ratio", "stable_rank")}
         keys: list[str] = []
+        k_top = min(r_max, *mod.shape)
         for layers, W, B, A, scale, batch_keys in module_batches(
             base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
         ):
             keys.extend(batch_keys)
+            try:
+                top = _base_spectra(base, W, batch_keys, k_top, exact, store, digests, values_only=False)
+            except BatchError as e:
+                at_batch = list(mod.layers[layers])
+                raise at_model_layers(e, name, at_batch, base.root, adapter=adapter.path) from e
             for r, idx in _groups(mod.ranks[layers]).items():
                 at = [layers.start + n for n in idx]
                 try:
                     sp = update_spectrum(
-                        W[idx], B[idx, :, :r], A[idx, :r], scale[idx], energy_threshold=energy_threshold
+                        W[idx],
+                        B[idx, :, :r],
+                        A[idx, :r],
+                        scale[idx],
+                        energy_threshold=energy_threshold,
+                        W_singular_values=top["S"][idx],
+                        W_left_vectors=top["U"][idx],
                     )
                 except BatchError as e:
                     raise at_model_layers(e, name, [mod.layers[k] for k in at], base.root, adapter=adapter.path) from e
@@ -686,7 +738,11 @@ def spectra_report(
             phi,
             **health,
         )
-    settings: dict[str, Any] = {"energy_threshold": energy_threshold, **run_settings(dev, dtype, max_memory=max_memory)}
+    settings: dict[str, Any] = {
+        "energy_threshold": energy_threshold,
+        "exact": exact,
+        **run_settings(dev, dtype, max_memory=max_memory),
+    }
     if record_inputs:
         settings["inputs"] = provenance(base, adapter)
     checks = config_checks(adapter, names)
@@ -868,6 +924,88 @@ def _dora_check(adapter: LoraAdapter, names: Sequence[str], where: Any) -> Confi
         "row norms, whose update is not s B A; the numbers here read it as plain LoRA (s B A). Re-save the adapter "
         "with its magnitudes, or set use_dora to false if it was trained as plain LoRA",
     )
+
+
+# ------------------------------------------------------------------------------------ base weights' spectra
+
+
+def base_spectral_keys(
+    base: BaseCheckpoint,
+    W: Tensor,
+    keys: Sequence[str],
+    k: int,
+    method: str,
+    digests: dict[Path, str | None],
+) -> list[SpectralKey | None]:
+    """The :class:`~loralens.io.spectral_cache.SpectralKey` of each base tensor of a batch ``W`` ``(n, d_out, d_in)``.
+
+    The file digest is the provenance hash (:func:`loralens.analyses.provenance.file_record`), computed once per
+    file into ``digests``. A safetensors file over 1 GiB is identified by its header's SHA-256, which two
+    checkpoints of one architecture share; its keys then add the SHA-256 of a fixed sample of the tensor's values
+    (every ``ceil(size / 65536)``-th entry, in the analysis dtype), so a fine-tuned sibling of a base never reads
+    the base's entries. None where the file has no digest (a pickled file over 1 GiB) or the dtype is neither
+    float32 nor float64: those layers are not cached.
+    """
+    if W.dtype not in (torch.float32, torch.float64):
+        return [None] * len(keys)
+    out: list[SpectralKey | None] = []
+    for n, key in enumerate(keys):
+        path = base.files[key]
+        if path not in digests:
+            record = file_record(path)
+            digests[path] = record["sha256"] or (
+                "header:" + record["header_sha256"] if record.get("header_sha256") else None
+            )
+        digest = digests[path]
+        if digest is None:
+            out.append(None)
+            continue
+        if digest.startswith("header:"):
+            flat = W[n].reshape(-1)
+            sample = flat[:: -(-flat.numel() // 65536)].contiguous().cpu()
+            digest += ":sample:" + hashlib.sha256(sample.numpy().tobytes()).hexdigest()
+        d_out, d_in = W.shape[-2:]
+        dtype = str(W.dtype).removeprefix("torch.")
+        out.append(SpectralKey(digest, key, (d_out, d_in), k, dtype, method))
+    return out
+
+
+def _base_spectra(
+    base: BaseCheckpoint,
+    W: Tensor,
+    keys: Sequence[str],
+    k: int,
+    exact: bool,
+    store: SpectralCache | None,
+    digests: dict[Path, str | None],
+    *,
+    values_only: bool,
+) -> dict[str, Tensor]:
+    """W's top-``k`` singular values ``S`` ``(n, k)`` (and, unless ``values_only``, left singular vectors ``U``
+    ``(n, d_out, k)``) for a batch ``W`` ``(n, d_out, d_in)``, from the cache where it holds them.
+
+    The engine path computes (and stores) ``U``, ``S`` and ``V`` together, so amplification and spectra share its
+    entries; the exact path stores what the dense routine it replaces gave: ``svdvals`` (method ``"exact-values"``)
+    or ``svd`` (method ``"exact"``).
+    """
+    parts = ("S",) if values_only else ("U", "S")
+    method = "engine" if not exact else ("exact-values" if values_only else "exact")
+
+    def compute(idx: list[int]) -> dict[str, Tensor]:
+        Ws = W[idx]
+        if not exact:
+            try:
+                top = top_singular_triplets(weight_operator(Ws), k)
+            except BatchError as e:  # positions among the layers computed -> positions in the batch
+                raise type(e)(str(e), tuple(idx[i] for i in e.indices), option=e.option) from e
+            return {"U": top.U, "S": top.S, "V": top.V}
+        if values_only:
+            return {"S": torch.linalg.svdvals(Ws)[..., :k]}
+        U, S, _ = torch.linalg.svd(Ws, full_matrices=False)
+        return {"U": U[..., :k], "S": S[..., :k]}
+
+    cache_keys = base_spectral_keys(base, W, keys, k, method, digests) if store is not None else [None] * len(keys)
+    return cached_stack(store, cache_keys, parts, compute, device=W.device)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -16,6 +16,8 @@ from loralens.cli._app import (
     DPI,
     AdapterOpt,
     BaseOpt,
+    CacheDirOpt,
+    CacheOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
@@ -49,6 +51,8 @@ def intruders(
     exact: Annotated[
         bool, typer.Option("--exact", help="Dense SVD of W0 + s B A instead of the top-k engine.")
     ] = False,
+    cache: CacheOpt = True,
+    cache_dir: CacheDirOpt = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Also write intruders.json, .png and .svg into this folder.", show_default=False),
@@ -71,7 +75,8 @@ def intruders(
             check_output_folder(out, replace=force, inputs=[adapter, base])
         base_ckpt, lora = load_inputs(base, adapter)
         data = intruder_dimensions(
-            base_ckpt, lora, modules=parse_modules(modules), k=k, epsilon=epsilon, exact=exact, device=device,
+            base_ckpt, lora, modules=parse_modules(modules), k=k, epsilon=epsilon, exact=exact, cache=cache,
+            cache_dir=cache_dir, device=device,
             dtype=torch_dtype(dtype), layer_batch=layer_batch, max_memory=max_memory,
         ).to_dict()  # fmt: skip
         files = None

@@ -20,6 +20,8 @@ from loralens.cli._app import (
     DPI,
     AdapterOpt,
     BaseOpt,
+    CacheDirOpt,
+    CacheOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
@@ -51,6 +53,12 @@ OutOpt = Annotated[
     ),
 ]
 DpiOpt = Annotated[int, typer.Option("--dpi", min=72, max=600, help="Resolution of the PNG file.")]
+ExactOpt = Annotated[
+    bool,
+    typer.Option(
+        "--exact", help="Dense SVD of every base weight instead of the top-r spectral engine (slower; for checking)."
+    ),
+]
 
 
 @app.command(
@@ -123,6 +131,9 @@ def amplification(
         int, typer.Option("--n-random", min=0, help="Random subspace pairs per layer for the baseline.")
     ] = 10,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random subspaces.")] = 0,
+    exact: ExactOpt = False,
+    cache: CacheOpt = True,
+    cache_dir: CacheDirOpt = None,
     out: OutOpt = None,
     force: ForceOpt = False,
     dpi: DpiOpt = DPI,
@@ -147,6 +158,9 @@ def amplification(
             modules=parse_modules(modules),
             n_random=n_random,
             seed=seed,
+            exact=exact,
+            cache=cache,
+            cache_dir=cache_dir,
             device=device,
             dtype=torch_dtype(dtype),
             layer_batch=layer_batch,
@@ -164,6 +178,9 @@ def spectra(
         float,
         typer.Option("--energy-threshold", min=0.0, max=1.0, help="Energy effective rank: share of sum sigma^2."),
     ] = 0.9,
+    exact: ExactOpt = False,
+    cache: CacheOpt = True,
+    cache_dir: CacheDirOpt = None,
     out: OutOpt = None,
     force: ForceOpt = False,
     dpi: DpiOpt = DPI,
@@ -186,6 +203,9 @@ def spectra(
             lora,
             modules=parse_modules(modules),
             energy_threshold=energy_threshold,
+            exact=exact,
+            cache=cache,
+            cache_dir=cache_dir,
             device=device,
             dtype=torch_dtype(dtype),
             layer_batch=layer_batch,

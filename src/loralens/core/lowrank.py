@@ -359,6 +359,7 @@ def weight_projection(
     *,
     n_random: int = 10,
     generator: torch.Generator | None = None,
+    W_singular_values: Tensor | None = None,
 ) -> WeightProjection:
     """LoRA paper Table 7 for a stack of layers: W projected onto dW's subspaces, W's own and random ones.
 
@@ -386,6 +387,9 @@ def weight_projection(
         Random subspace pairs per matrix (:func:`random_projection_norms`); 0 skips them.
     generator : torch.Generator, optional
         For the random draws, on ``W``'s device.
+    W_singular_values : Tensor, optional
+        ``(..., p)`` W's top ``p >= k`` singular values, descending, when already known (e.g. from
+        :func:`loralens.core.spectral.top_singular_triplets` or a cache): then no ``svdvals(W)`` is taken.
 
     Returns
     -------
@@ -405,15 +409,18 @@ def weight_projection(
     d_out, d_in = W.shape[-2:]
     k = svd.S.shape[-1]
     require_rank(svd.S, k, max(d_out, d_in))
-    return _weight_projection(W, svd, n_random, generator)
+    if W_singular_values is not None:
+        W_singular_values = _check_known_spectrum(W_singular_values, W, k, "W_singular_values")
+    return _weight_projection(W, svd, n_random, generator, W_singular_values)
 
 
 def _weight_projection(
-    W: Tensor, svd: LowRankSVD, n_random: int, generator: torch.Generator | None
+    W: Tensor, svd: LowRankSVD, n_random: int, generator: torch.Generator | None, S_W: Tensor | None = None
 ) -> WeightProjection:
     d_out, d_in = W.shape[-2:]
     k = svd.S.shape[-1]
-    S_W = torch.linalg.svdvals(W)  # (..., min(d_out, d_in)), the one dense decomposition
+    if S_W is None:
+        S_W = torch.linalg.svdvals(W)  # (..., min(d_out, d_in)), the one dense decomposition
     W_norm = torch.linalg.matrix_norm(W)
     dW_norm = svd.S.square().sum(dim=-1).sqrt()
     dW_projection = _projection_norm(W, svd.U, svd.V)
@@ -520,7 +527,14 @@ def _principal_angles(Q1: Tensor, Q2: Tensor) -> Tensor:
 
 
 def update_spectrum(
-    W: Tensor, B: Tensor, A: Tensor, scale: float | Tensor = 1.0, *, energy_threshold: float = 0.9
+    W: Tensor,
+    B: Tensor,
+    A: Tensor,
+    scale: float | Tensor = 1.0,
+    *,
+    energy_threshold: float = 0.9,
+    W_singular_values: Tensor | None = None,
+    W_left_vectors: Tensor | None = None,
 ) -> UpdateSpectrum:
     """dW's singular values, effective ranks, and the principal angles between its column space and W's.
 
@@ -542,6 +556,10 @@ def update_spectrum(
         LoRA scaling, scalar or ``(...)``.
     energy_threshold : float
         For :func:`effective_rank_energy`, in ``(0, 1]``.
+    W_singular_values, W_left_vectors : Tensor, optional
+        W's top ``p >= k`` singular values ``(..., p)`` and left singular vectors ``(..., d_out, p)`` when already
+        known (e.g. from :func:`loralens.core.spectral.top_singular_triplets` or a cache), given together: then
+        no dense SVD of ``W`` is taken.
 
     Returns
     -------
@@ -560,12 +578,28 @@ def update_spectrum(
     svd = _lowrank_svd(B, A, scale_t)
     k = svd.S.shape[-1]
     require_rank(svd.S, k, max(W.shape[-2:]))
-    return _update_spectrum(W, svd, energy_threshold)
+    if (W_singular_values is None) != (W_left_vectors is None):
+        raise ShapeError("give both W_singular_values (..., p) and W_left_vectors (..., d_out, p), or neither")
+    known = None
+    if W_singular_values is not None and W_left_vectors is not None:
+        S_W = _check_known_spectrum(W_singular_values, W, k, "W_singular_values")
+        if W_left_vectors.shape != (*W.shape[:-1], S_W.shape[-1]):
+            raise ShapeError(
+                f"W_left_vectors {tuple(W_left_vectors.shape)} does not fit W {tuple(W.shape)} and "
+                f"W_singular_values {tuple(S_W.shape)}: expected (..., d_out, p)"
+            )
+        known = (W_left_vectors.to(W.dtype), S_W)
+    return _update_spectrum(W, svd, energy_threshold, known)
 
 
-def _update_spectrum(W: Tensor, svd: LowRankSVD, energy_threshold: float) -> UpdateSpectrum:
+def _update_spectrum(
+    W: Tensor, svd: LowRankSVD, energy_threshold: float, known: tuple[Tensor, Tensor] | None = None
+) -> UpdateSpectrum:
     k = svd.S.shape[-1]
-    U_W, S_W, _ = torch.linalg.svd(W, full_matrices=False)  # the one dense decomposition
+    if known is None:
+        U_W, S_W, _ = torch.linalg.svd(W, full_matrices=False)  # the one dense decomposition
+    else:
+        U_W, S_W = known  # (..., d_out, p), (..., p) with p >= k
     U_W = U_W[..., :k]
     P = svd.S / svd.S.sum(dim=-1, keepdim=True)
     return UpdateSpectrum(
@@ -670,6 +704,16 @@ def _check_scale(scale: float | Tensor, like: Tensor) -> Tensor:
     if not torch.isfinite(s).all():
         raise NonFiniteError("the LoRA scaling holds NaN or Inf")
     return s
+
+
+def _check_known_spectrum(S_W: Tensor, W: Tensor, k: int, name: str) -> Tensor:
+    """W's known top singular values ``(..., p)``: W's batch shape, ``k <= p <= min(d_out, d_in)``, in W's dtype."""
+    p_max = min(W.shape[-2:])
+    if S_W.shape[:-1] != W.shape[:-2] or not k <= S_W.shape[-1] <= p_max:
+        raise ShapeError(
+            f"{name} {tuple(S_W.shape)} does not fit W {tuple(W.shape)}: expected (..., p) with {k} <= p <= {p_max}"
+        )
+    return _check_singular_values(S_W).to(W.dtype)
 
 
 def _check_singular_values(S: Tensor) -> Tensor:
