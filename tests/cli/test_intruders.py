@@ -47,3 +47,14 @@ def test_intruders_bad_input_is_one_line(minilm_path: Path) -> None:
         proc = run_cli("intruders", "--base", minilm_path, "--adapter", default_adapter(), *args)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_intruders_cache_options(minilm_path: Path, tmp_path: Path) -> None:
+    """--cache-dir keeps W0's thin SVDs (#15); a cached, a warm and a --no-cache run give the same JSON."""
+    args = ("intruders", "--base", minilm_path, "--adapter", default_adapter(), "--json", "--modules", "value")
+    cold = _json(run_cli(*args, "--cache-dir", tmp_path / "c"))
+    assert len(list((tmp_path / "c").glob("spectral-v1/*.safetensors"))) == 6  # one per layer of value
+    warm = _json(run_cli(*args, "--cache-dir", tmp_path / "c"))
+    fresh = _json(run_cli(*args, "--no-cache", "--cache-dir", tmp_path / "none"))
+    assert cold["modules"] == warm["modules"] == fresh["modules"]
+    assert not (tmp_path / "none").exists()

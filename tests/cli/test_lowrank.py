@@ -212,3 +212,27 @@ def test_spectra_of_the_shipped_adapter_warns_nothing(minilm_path: Path) -> None
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     data = json.loads(proc.stdout)
     assert data["checks"] == [] and len(data["modules"]["value"]["stable_rank"]) == 6
+
+
+def test_exact_and_cache_options(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    """--exact, --cache-dir and --no-cache on amplification and spectra (#15): the same numbers every way; the
+    cache folder holds entries after a cached run and none is written with --no-cache."""
+    runner = CliRunner()
+    for command in ("amplification", "spectra"):
+        common = [command, "--base", str(tiny_bert), "--adapter", str(tiny_bert_adapter), "--json", "--device", "cpu"]
+        folder = tmp_path / command
+        outputs = []
+        for extra in (["--cache-dir", str(folder)], ["--cache-dir", str(folder)], ["--exact", "--no-cache"]):
+            result = runner.invoke(app, [*common, *extra])
+            assert result.exit_code == 0, result.output
+            outputs.append(json.loads(result.stdout))
+        assert list(folder.glob("spectral-v1/*.safetensors"))  # written by the first run, read by the second
+        assert outputs[0]["modules"] == outputs[1]["modules"]
+        assert outputs[0]["settings"]["exact"] is False and outputs[2]["settings"]["exact"] is True
+        field = "W_top_projection" if command == "amplification" else "W_singular_values"
+        for name, mod in outputs[0]["modules"].items():
+            got, want = torch.tensor(mod[field], dtype=torch.float64), outputs[2]["modules"][name][field]
+            torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=0)
+        empty = tmp_path / f"{command}-none"
+        assert runner.invoke(app, [*common, "--no-cache", "--cache-dir", str(empty)]).exit_code == 0
+        assert not empty.exists()

@@ -388,3 +388,38 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
         assert max_angle(gpu.V[b].cpu().double().numpy(), cpu.V[b].double().numpy()) < angle
     dense = top_singular_triplets(weight_operator(W.cuda()), 8, exact=True)
     assert dense.method == "dense" and dense.S.device.type == "cuda"
+
+
+# ------------------------------------------------------- known top-r spectra in core.lowrank (#15 item 3)
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_engine_top_r_gives_the_dense_amplification_and_spectra(clustered: bool) -> None:
+    """weight_projection / update_spectrum fed W's top-r triplets from the Krylov engine equal their dense path
+    (svdvals / svd of W) to 1e-6 relative on sigma and norms and 1e-6 rad on principal angles."""
+    from loralens.core.lowrank import update_spectrum, weight_projection
+
+    d, r = 300, 8
+    rng = np.random.default_rng(3)
+    if clustered:  # four equal values on top, a 5 % gap after the r-th
+        sigma = np.concatenate([[5.0] * 4, [4.0, 3.9, 3.8, 3.7], np.sort(rng.uniform(0.1, 3.5, d - 8))[::-1]])
+    else:
+        sigma = np.sort(rng.uniform(0.1, 4.0, d))[::-1]
+    W = T(stack_with_spectrum(2, d, d, sigma, seed=5))
+    gen = torch.Generator().manual_seed(1)
+    B = torch.randn(2, d, r, dtype=torch.float64, generator=gen)
+    A = torch.randn(2, r, d, dtype=torch.float64, generator=gen)
+    top = top_singular_triplets(weight_operator(W), r, dense_cutover=0)
+    assert top.method == "krylov"
+    dense_wp = weight_projection(W, B, A, 0.5, n_random=0)
+    engine_wp = weight_projection(W, B, A, 0.5, n_random=0, W_singular_values=top.S)
+    torch.testing.assert_close(engine_wp.W_top_projection, dense_wp.W_top_projection, rtol=1e-6, atol=0)
+    dense_sp = update_spectrum(W, B, A, 0.5)
+    engine_sp = update_spectrum(W, B, A, 0.5, W_singular_values=top.S, W_left_vectors=top.U)
+    torch.testing.assert_close(engine_sp.W_singular_values, dense_sp.W_singular_values, rtol=1e-6, atol=0)
+    torch.testing.assert_close(engine_sp.principal_angles, dense_sp.principal_angles, rtol=1e-6, atol=ANGLE)
+    torch.testing.assert_close(engine_sp.phi_W_top, dense_sp.phi_W_top, rtol=1e-6, atol=0)
+    with pytest.raises(ShapeError, match="both"):
+        update_spectrum(W, B, A, W_singular_values=top.S)
+    with pytest.raises(ShapeError, match="does not fit"):
+        weight_projection(W, B, A, W_singular_values=top.S[:, :4])
