@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from loralens.errors import LoralensError, ShapeError
 from loralens.render.lowrank import (
+    OVERLAP_WIDTH,
     amplification_figure,
     amplification_line,
     angle_lines,
@@ -124,3 +125,29 @@ def test_plots_leave_pyplot_alone() -> None:
 def test_bad_input_is_refused(call, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_overlap_figure_wraps_thirty_layers_into_readable_lines() -> None:
+    """30 layers: panels wrap after ``columns`` (about 12 inches of them), unused panels off, never 30 across."""
+    stack = np.stack([grid(4, 4, s) for s in range(30)])
+    fig = overlap_figure({"value, A (right)": stack, "value, B (left)": stack}, labels=list(range(1, 31)))
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    assert len(heatmaps) == 60
+    assert fig.get_figwidth() <= OVERLAP_WIDTH + 1.4
+    columns = int(OVERLAP_WIDTH // (1.1 + 0.12 * 4))
+    lines = -(-30 // columns)
+    assert fig.get_figheight() == pytest.approx((1.0 + 0.12 * 4) * 2 * lines + 0.9)
+    assert [ax.get_title() for ax in heatmaps[:2]] == ["value, A (right)\nlayer 1", "layer 2"]
+    assert heatmaps[30].get_title() == "value, B (left)\nlayer 1"
+    assert sum(not ax.axison for ax in fig.axes) == 2 * (lines * columns - 30)
+
+
+def test_layer_lines_past_eight_layers_name_layers_in_a_colour_bar() -> None:
+    values = np.linspace(1.0, 2.0, 30 * 4).reshape(30, 4)
+    ax = spectrum_lines(values, labels=list(range(1, 31)))
+    assert ax.get_legend() is None and len(ax.lines) == 30
+    bar = ax.figure.axes[-1]
+    assert bar is not ax and bar.get_ylabel() == "layer"
+    assert len(bar.get_yticks()) <= 10
+    small = spectrum_lines(values[:6], labels=list(range(1, 7)))
+    assert len(small.get_legend().get_texts()) == 6 and len(small.figure.axes) == 1

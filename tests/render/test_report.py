@@ -8,6 +8,7 @@ import hashlib
 import html
 import io
 import json
+import re
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 
 import loralens
 from clitools import run_cli
+from loralens.analyses.intruders import INTRUDER_DEFINITION, intruder_dimensions
 from loralens.analyses.lowrank import DEFINITIONS, amplification_report, rank_overlap, spectra_report
 from loralens.errors import LoralensError
 from loralens.io.outputs import write_outputs
@@ -110,11 +112,14 @@ def test_report_is_self_contained(written: Path) -> None:
         png = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         assert png.format == "PNG" and png.width > 600
         assert attrs["alt"]
+    ids = {attrs["id"] for _, attrs in page.tags if attrs.get("id")}
     for tag, attrs in page.tags:
         assert tag not in ("script", "link", "iframe", "object", "embed")
         for key in ("src", "href"):
             value = attrs.get(key)
-            if value and not value.startswith("data:"):
+            if value and value.startswith("#"):
+                assert key == "href" and value[1:] in ids, value  # the contents link to sections of the page
+            elif value and not value.startswith("data:"):
                 assert key == "href" and (written / value).is_file(), value  # links only to files beside it
 
 
@@ -198,7 +203,10 @@ def test_rendering_is_deterministic_and_png_is_agg() -> None:
 
 # ---------------------------------------------------------------------- the LoRA paper's analyses (Hu et al. 2022)
 
-LOWRANK = ("amplification", "spectra", "overlap")
+LOWRANK = ("amplification", "spectra", "intruders", "overlap")
+#: The pictures: the overlap is drawn once per module (#20: one picture of every module and layer was unreadable).
+LOWRANK_PICTURES = ("amplification", "spectra", "intruders", "overlap_query", "overlap_value")
+LOWRANK_DEFINITIONS = {**DEFINITIONS, "intruders": INTRUDER_DEFINITION}
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +217,7 @@ def lowrank_data() -> dict[str, dict[str, Any]]:
     return {
         "amplification": amplification_report(base, adapter, n_random=4, seed=1, device="cpu").to_dict(),
         "spectra": spectra_report(base, adapter, energy_threshold=0.8, device="cpu").to_dict(),
+        "intruders": intruder_dimensions(base, adapter, device="cpu", record_inputs=False).to_dict(),
         "overlap": rank_overlap(adapter, adapter, base=base, device="cpu").to_dict(),
     }
 
@@ -232,10 +241,12 @@ def written_lowrank(
 @pytest.mark.slow  # builds a whole report (tens of seconds here): make test runs it, test-fast does not
 def test_report_with_lowrank_writes_pictures_and_tables(written_lowrank: Path) -> None:
     names = {p.name for p in written_lowrank.iterdir()}
-    assert {f"{a}.{ext}" for a in LOWRANK for ext in ("png", "svg", "csv", "md", "tex")} <= names
-    for a in LOWRANK:
+    assert {f"{a}.{ext}" for a in LOWRANK for ext in ("csv", "md", "tex")} <= names
+    assert {f"{a}.{ext}" for a in LOWRANK_PICTURES for ext in ("png", "svg")} <= names and "overlap.png" not in names
+    for a in LOWRANK_PICTURES:
         assert Image.open(written_lowrank / f"{a}.png").format == "PNG"
         assert ET.parse(written_lowrank / f"{a}.svg").getroot().tag.endswith("svg")
+    for a in LOWRANK:
         assert (written_lowrank / f"{a}.tex").read_text().startswith(r"\begin{table}")
 
 
@@ -245,16 +256,18 @@ def test_report_lowrank_section_embeds_pictures_tables_and_captions(written_lowr
     page = parse(text)
     assert "<h2" in text and "Low-rank updates (Hu et al. 2022, Section 7)</h2>" in text
     figures = {attrs["id"] for tag, attrs in page.tags if tag == "figure"}
-    assert set(LOWRANK) <= figures
+    assert set(LOWRANK_PICTURES) <= figures
     images = [attrs for tag, attrs in page.tags if tag == "img"]
-    assert len(images) == 1 + 3  # Figure 1 for value/B, then the three analyses
+    assert len(images) == 1 + 5  # Figure 1 for value/B, then the analyses, the overlap once per module
     for attrs in images[1:]:
         png = Image.open(io.BytesIO(base64.b64decode((attrs["src"] or "").split(",", 1)[1])))
         assert png.format == "PNG" and png.width > 600
     section = text[text.index("Low-rank updates") :]
     for a in LOWRANK:
-        assert html.escape(DEFINITIONS[a]) in section  # the caption states the definition
-        assert f'href="{a}.png"' in section and f'href="{a}.csv"' in section
+        assert html.escape(LOWRANK_DEFINITIONS[a]) in section  # the caption states the definition
+        assert f'href="{a}.csv"' in section
+    for a in LOWRANK_PICTURES:
+        assert f'href="{a}.png"' in section
     assert section.count("<table") >= 3 and "phi(k,k)" in section and "ampl." in section and "erank 80%" in section
 
 
@@ -310,7 +323,7 @@ def test_lowrank_pictures_from_the_dicts(lowrank_data: dict) -> None:
         ({"amplification": {}}, "amplification data has no modules"),
         ({"spectra": {"modules": {"value": {"layers": [0]}}}}, "'value' lacks ranks, singular_values"),
         ({"overlap": {"modules": {"value": {"layers": [0], "ranks": [[1], [1]], "factors": {"A": {}}}}}}, "grid"),
-        ({"svd": {"modules": {}}}, "unknown analysis 'svd'; choose from amplification, spectra, overlap"),
+        ({"svd": {"modules": {}}}, "unknown analysis 'svd'; choose from amplification, spectra, intruders, overlap"),
     ],
 )
 def test_malformed_lowrank_data_is_named(one_factor: dict, lowrank: dict, match: str) -> None:
@@ -349,9 +362,68 @@ def test_build_report_writes_what_the_cli_writes(minilm_path: Path, tmp_path: Pa
     from_cli = json.loads((out_cli / "report.json").read_text())
     assert built.to_dict() == from_cli == json.loads((out_api / "report.json").read_text())
     assert from_cli["pairs"]["table2"] is not None
-    assert set(from_cli["lowrank"]) == {"amplification", "spectra", "overlap"}
+    assert set(from_cli["lowrank"]) == {"amplification", "spectra", "intruders", "overlap"}
     assert from_cli["settings"]["device"] == "cpu" and from_cli["settings"]["dtype"] == "float64"
     names = sorted(p.name for p in out_cli.iterdir())
     assert names == sorted(p.name for p in out_api.iterdir()) and "report.html" in names
     for name in names:
         assert (out_cli / name).read_bytes() == (out_api / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------- at 30 layers (#20)
+
+#: The report's content width: body max-width 72rem at 16 px. A picture wider than twice this would be shown at
+#: under half its size (the 30-layer Figure 1 was 5,428 px, shown at 21 %).
+CONTENT_PX = 72 * 16
+
+
+@pytest.fixture(scope="module")
+def written_30(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole report of a synthetic 30-layer BERT and its PEFT LoRA adapter (query, value; r = 4), with the
+    W-null (4 draws) and the overlap of the adapter with itself."""
+    from checkpoints import bert_base, lora_adapter
+
+    folder = tmp_path_factory.mktemp("layers30")
+    base_dir = bert_base(folder / "base", layers=30)
+    adapter = loralens.load_lora_adapter(lora_adapter(base_dir, folder / "adapter", arch="bert", alpha=4))
+    built = loralens.build_report(
+        loralens.base_for(adapter, base_dir), adapter, overlap=adapter, device="cpu", null_draws=4
+    )
+    built.write(folder / "report")
+    return folder / "report"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR header."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.slow  # builds a 30-layer model and its whole report (about a minute here)
+def test_thirty_layer_report_is_readable_without_shrinking(written_30: Path) -> None:
+    text = (written_30 / "report.html").read_text(encoding="utf-8")
+    page = parse(text)
+    images = [attrs["src"] or "" for tag, attrs in page.tags if tag == "img"]
+    assert len(images) == 6 + 3 + 2  # Figure 1 (2 modules x 3 factors), amplification/spectra/intruders, overlap x 2
+    for src in images:
+        width, height = png_size(base64.b64decode(src.split(",", 1)[1]))
+        assert width <= 2 * CONTENT_PX, (width, height)  # shown at >= 50 % of its size
+        assert height <= 3_000, (width, height)  # the tallest: one module's overlap, 2 factors x 5 lines of 6
+    # a table of contents first, its links resolving to ids of the page
+    ids = {attrs["id"] for _, attrs in page.tags if attrs.get("id")}
+    links = [attrs["href"] or "" for tag, attrs in page.tags if tag == "a" and (attrs["href"] or "").startswith("#")]
+    assert text.index('<nav id="contents"') < text.index('<h2 id="summary"') < text.index('<h2 id="inputs"')
+    assert {"#summary", "#figure1", "#lowrank", "#lowrank-intruders", "#figure1_query_A"} <= set(links)
+    assert all(link[1:] in ids for link in links)
+    # the summary: a verdict per module and factor by the stated rule
+    summary = text[text.index('<h2 id="summary"') : text.index('<h2 id="inputs"')]
+    assert "observed &gt; mean + 2 std" in summary
+    assert summary.count("within the W-null") + summary.count("above the W-null by") >= 6
+    # long tables folded (spectra, amplification, intruders: 2 modules x 30 layers = 60 rows), with a one-line summary
+    folded = re.findall(r'<details class="table"><summary>([^<]*)</summary>', text)
+    assert len(folded) >= 3 and all("60 rows" in s or "rows" in s for s in folded)
+    assert any(s.startswith("Intruder dimensions") for s in folded)
+    # every table scrolls in its own box: a wide one never widens the page
+    assert text.count("<table") == text.count('<div class="wide"><table') + text.count('<table class="inputs">') + (
+        text.count('<table class="settings">')
+    )

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 import loralens.render
 from loralens.errors import LoralensError, ShapeError
 from loralens.render import per_layer_similarity, similarity_figure, similarity_heatmap
+from loralens.render.similarity import FIGURE_PANEL_MAX, offdiag_range
 
 
 def phi_matrix(L: int, seed: int = 0) -> np.ndarray:
@@ -106,12 +107,24 @@ def test_figure_pairs_the_random_baseline_on_one_colour_scale() -> None:
         subtitle="i = j = 8",
     )
     assert isinstance(fig, Figure)
-    left, right, bar = fig.axes
+    # the first row on 0..1, the second row the same panels on the fitted off-diagonal scale (#20, a deliberate
+    # change: the figure had only the first row)
+    left, right, zoomed_left, zoomed_right, bar, zoomed_bar = fig.axes
     for ax in (left, right):
         assert ax.collections[0].get_array().size == 36
         assert ax.collections[0].get_clim() == (0.0, 1.0)
         assert len(ax.texts) == 36
     assert bar.get_ylim() == (0.0, 1.0)
+    off = ~np.eye(6, dtype=bool)
+    low, high = offdiag_range(phi_matrix(6), phi_matrix(6, 1))
+    assert low == min(phi_matrix(6)[off].min(), phi_matrix(6, 1)[off].min()) and high < 1.0
+    for ax, matrix in ((zoomed_left, phi_matrix(6)), (zoomed_right, phi_matrix(6, 1))):
+        assert ax.collections[0].get_clim() == (low, high) and not ax.texts
+        cells = ax.collections[0].get_array().reshape(6, 6)
+        blank = np.ma.getmaskarray(cells)
+        assert blank.diagonal().all() and not blank[off].any()  # the diagonal (1) blank, every other cell drawn
+        np.testing.assert_allclose(cells[off], matrix[off])
+    assert zoomed_bar.get_ylim() == (low, high) and "off-diagonal" in zoomed_bar.get_ylabel()
     assert "value" in left.get_title() and "average similarity 0.054" in left.get_title()
     assert "random" in right.get_title() and "average similarity 0.020" in right.get_title()
     assert "E = 0.021" in right.get_title()
@@ -196,7 +209,9 @@ def test_figure_adds_the_w_null_panel_and_marks_cells_not_above_it() -> None:
     np.fill_diagonal(p, 1.0)
     w_null = {"phi_mean": phi_matrix(L, 2), "p": p, "draws": 20, "mean_offdiag": 0.057, "mean_offdiag_std": 0.003}
     fig = similarity_figure(phi_matrix(L), phi_matrix(L, 1), module="value", factor="A", w_null=w_null)
-    observed, random, null, bar = fig.axes
+    observed, random, null, *zoomed, bar, zoomed_bar = fig.axes
+    assert len(zoomed) == 3 and {ax.collections[0].get_clim() for ax in zoomed} == {offdiag_range(
+        phi_matrix(L), phi_matrix(L, 1), w_null["phi_mean"])}  # fmt: skip
     assert bar.get_ylabel().startswith(r"$\varphi$")
     meshes = [ax.collections[0] for ax in (observed, random, null)]
     assert {(m.norm.vmin, m.norm.vmax) for m in meshes} == {(0.0, 1.0)}  # one colour scale for the three panels
@@ -207,6 +222,30 @@ def test_figure_adds_the_w_null_panel_and_marks_cells_not_above_it() -> None:
     assert [t.get_text() for t in observed.get_legend().get_texts()] == ["not above the W-null (p > 0.05)"]
     FigureCanvasAgg(fig).draw()  # renders without error
     two = similarity_figure(phi_matrix(L), phi_matrix(L, 1), module="value", factor="A")
-    assert len(two.axes) == 3  # without a W-null: the paper's pair and the colour bar
+    assert len(two.axes) == 6  # without a W-null: the paper's pair on both scales and their colour bars
     with pytest.raises(ShapeError, match="w_null phi_mean"):
         similarity_figure(phi_matrix(L), phi_matrix(L, 1), module="m", factor="A", w_null={**w_null, "p": p[:2, :2]})
+
+
+def test_offdiag_range_spans_every_matrix_and_never_collapses() -> None:
+    a, b = np.eye(3), np.full((3, 3), 0.2)
+    a[0, 1], b[2, 0] = 0.05, 0.3
+    assert offdiag_range(a, b) == (0.0, 0.3)
+    assert offdiag_range(np.full((2, 2), 0.5)) == pytest.approx((0.495, 0.505))  # constant: widened to 0.01
+    assert offdiag_range(np.full((2, 2), np.nan)) == (0.0, 1.0)
+
+
+def test_thirty_layers_keep_figure1_small_and_its_tick_labels_apart() -> None:
+    """At 30 layers the labels 1..30 must not run together ("1011121314") and the picture stays under 15 inches."""
+    L = 30
+    fig = similarity_figure(phi_matrix(L), phi_matrix(L, 1), module="value", factor="A")
+    assert fig.get_figwidth() <= 3 * FIGURE_PANEL_MAX + 1.4
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    for ax in fig.axes[:4]:
+        labels = [t for t in ax.get_xticklabels() if t.get_text()]
+        assert 5 <= len(labels) <= 10
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:], strict=False))
+    line = per_layer_similarity({"A": np.full(L, 0.1)})
+    assert len(line.get_xticks()) <= 10

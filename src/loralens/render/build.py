@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from loralens.analyses.condlora_vs_lora import compare_adapters_many, comparisons_to_dict, parameter_counts
-from loralens.analyses.engine import ProgressCallback
+from loralens.analyses.engine import ProgressCallback, select_modules
+from loralens.analyses.intruders import DEFAULT_EPSILON, DEFAULT_K, intruder_dimensions
 from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
 from loralens.analyses.provenance import adapter_record
 from loralens.analyses.seeds import table2_from_folders, training_speeds
@@ -113,7 +114,8 @@ def build_report(
     BuiltReport
         Its ``data`` is ``report.json``: Figure 1's ``"modules"`` and ``"settings"`` (run settings and inputs
         recorded), ``"inputs"`` (:func:`loralens.render.report.input_identities`), ``"comparison"``, ``"pairs"``,
-        ``"parameters"`` and ``"lowrank"`` (None where not computed).
+        ``"parameters"`` and ``"lowrank"`` (None where not computed; with ``lowrank``, ``"amplification"``,
+        ``"spectra"`` and ``"intruders"``).
     """
     loras = [lora] if isinstance(lora, LoraAdapter) else list(lora)
     conds = [] if condlora is None else [condlora] if isinstance(condlora, CondLoraAdapter) else list(condlora)
@@ -203,7 +205,9 @@ def _lowrank_analyses(
     first_inputs: dict[str, Any],
     step: Callable[[str], None],
 ) -> dict[str, Any] | None:
-    """The LoRA paper's analyses as plain data (``to_dict()``): amplification and spectra when ``default``, the
+    """The LoRA paper's analyses as plain data (``to_dict()``): amplification, spectra and intruder dimensions
+    (:func:`loralens.analyses.intruders.intruder_dimensions`, k = 10 capped by the smallest module, epsilon = 0.5)
+    when ``default``, the
     overlap of ``lora`` against ``other`` when given; None when neither. Their inputs are the report's own
     (``"inputs"``), so only the overlap records its two adapters (``first_inputs``: ``lora``'s, recorded already)."""
     options: dict[str, Any] = {"modules": modules, "device": device, "dtype": dtype, "record_inputs": False}
@@ -214,6 +218,14 @@ def _lowrank_analyses(
             reports["amplification"] = amplification_report(base, lora, seed=seed, layer_batch=layer_batch, **options)
             step("spectra")
             reports["spectra"] = spectra_report(base, lora, layer_batch=layer_batch, **options)
+            # intruder dimensions (Shuttleworth et al. 2024) run within the spectra stage: defined on dW = s B A
+            # like amplification and spectra (which already refuse DoRA), k capped by the smallest module
+            names = select_modules(lora, modules)
+            if not any(lora.modules[n].magnitude is not None for n in names):
+                k = min(DEFAULT_K, *(min(lora.modules[n].shape) for n in names))
+                reports["intruders"] = intruder_dimensions(
+                    base, lora, k=k, epsilon=DEFAULT_EPSILON, seed=seed, layer_batch=layer_batch, **options
+                )
         except RankError as e:
             raise RankError(
                 f"{e}; build the report with lowrank=False to leave the low-rank analyses out",

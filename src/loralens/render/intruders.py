@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from loralens.errors import LoralensError
-from loralens.render.style import layer_labels, palette
+from loralens.render.style import layer_labels, palette, thin_ticks
 from loralens.render.tables import Cell, Table
 
 __all__ = ["intruder_count_heatmap", "epsilon_curve", "intruders_figure", "intruders_table"]
@@ -48,9 +48,11 @@ def intruder_count_heatmap(
     for (row, col), value in np.ndenumerate(grid):
         if value != value:  # NaN: no adapter there
             continue
-        ax.text(col, row, f"{int(value)}", ha="center", va="center", fontsize=9,
+        ax.text(col, row, f"{int(value)}", ha="center", va="center", fontsize=9 if grid.shape[1] <= 16 else 6,
                 color="white" if value > 0.6 * top else "black")  # fmt: skip
-    ax.set_xticks(range(grid.shape[1]), [str(x) for x in layer_labels(labels, grid.shape[1])])
+    names = layer_labels(labels, grid.shape[1])
+    keep = thin_ticks(len(names), 16)  # labels never overlap, also at 30 layers
+    ax.set_xticks(keep, [str(names[k]) for k in keep])
     ax.set_yticks(range(len(modules)), modules)
     ax.set_xlabel("layer")
     ax.figure.colorbar(image, ax=ax, label="intruders" + (f" (of top {k})" if k else ""))

@@ -18,12 +18,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from loralens.errors import LoralensError, ShapeError
-from loralens.render.style import layer_labels, palette
+from loralens.render.style import LEGEND_MAX_LAYERS, layer_colorbar, layer_colours, layer_labels, palette, thin_ticks
 
 __all__ = [
     "CMAP",
@@ -41,6 +40,8 @@ __all__ = [
 #: Perceptually uniform and colour-blind safe, as in :mod:`loralens.render.similarity`.
 CMAP = "viridis"
 PHI_LABEL = r"$\varphi(i, j)$"
+#: Inches of panels per line of :func:`overlap_figure` (about 1,800 px at 150 dpi: shown at >= 60 % in a report).
+OVERLAP_WIDTH = 12.0
 
 
 # ------------------------------------------------------------------------------------------------ overlap
@@ -108,8 +109,11 @@ def overlap_figure(
     j_label: str = "j",
     title: str | None = None,
     cmap: str = CMAP,
+    columns: int | None = None,
 ) -> Figure:
-    """A panel grid of phi(i, j) heatmaps: one row per entry of ``grids``, one column per layer.
+    """A panel grid of phi(i, j) heatmaps: for each entry of ``grids``, its layers in reading order, wrapped after
+    ``columns`` panels (default: as many as fit about 12 inches) so that a figure stays readable at 30 layers; draw
+    one figure per module to keep each small.
 
     Parameters
     ----------
@@ -122,10 +126,14 @@ def overlap_figure(
     title : str, optional
         Figure title.
 
+    columns : int, optional
+        Panels per line.
+
     Returns
     -------
     Figure
-        ``len(grids) * L`` heatmap Axes (row-major) and one shared colour bar.
+        ``len(grids) * L`` heatmap Axes (row-major, each entry's layers in order) and one shared colour bar; unused
+        panels of an entry's last line are switched off.
     """
     if not grids:
         raise LoralensError("overlap_figure needs at least one row of grids")
@@ -135,19 +143,26 @@ def overlap_figure(
     n_i = max(v.shape[1] for v in rows.values())
     n_j = max(v.shape[2] for v in rows.values())
     cell_w, cell_h = min(3.2, 1.1 + 0.12 * n_j), min(3.2, 1.0 + 0.12 * n_i)
-    fig = Figure(figsize=(cell_w * L + 1.4, cell_h * len(rows) + 0.9), layout="constrained")
-    axes = fig.subplots(len(rows), L, squeeze=False)
-    for n, (row, (name, stack)) in enumerate(zip(axes, rows.items(), strict=True)):
-        for col, (ax, grid, layer) in enumerate(zip(row, stack, ticks, strict=True)):
+    if columns is None:
+        columns = max(1, int(OVERLAP_WIDTH // cell_w))
+    columns = max(1, min(L, columns))
+    lines = -(-L // columns)  # of each entry
+    fig = Figure(figsize=(cell_w * columns + 1.4, cell_h * lines * len(rows) + 0.9), layout="constrained")
+    axes = fig.subplots(lines * len(rows), columns, squeeze=False)
+    for n, (name, stack) in enumerate(rows.items()):
+        for k, (grid, layer) in enumerate(zip(stack, ticks, strict=True)):
+            line, col = n * lines + k // columns, k % columns
             overlap_heatmap(
                 grid,
-                title=f"{name}\nlayer {layer}" if col == 0 else f"layer {layer}",
+                title=f"{name}\nlayer {layer}" if k == 0 else f"layer {layer}",
                 i_label=i_label if col == 0 else "",
-                j_label=j_label if n == len(rows) - 1 else "",
+                j_label=j_label if n == len(rows) - 1 and k + columns >= L else "",  # no panel below
                 colorbar=False,
                 cmap=cmap,
-                ax=ax,
+                ax=axes[line, col],
             )
+        for k in range(L, lines * columns):
+            axes[n * lines + k // columns, k % columns].set_axis_off()
     fig.colorbar(axes[0, 0].images[0], ax=axes.ravel().tolist(), shrink=0.9, label=PHI_LABEL)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -195,7 +210,7 @@ def projection_bars(
         ax.bar(x + (k - (len(series) - 1) / 2) * width, v, width, label=name, color=colour)
     if logy:
         ax.set_yscale("log")
-    ax.set_xticks(x, [str(t) for t in ticks])
+    _layer_xticks(ax, ticks)
     ax.set_xlabel("layer")
     ax.set_ylabel(r"$\|U^\top W V\|_F$")
     # the legend sits in one row in headroom above the tallest bar, never over a bar
@@ -224,7 +239,7 @@ def amplification_line(
         ax = Figure(figsize=(max(5.0, 0.4 * len(v) + 2.5), 3.6), layout="constrained").add_subplot()
     x = np.arange(len(v))
     ax.plot(x, v, marker="o", color=palette(1)[0])
-    ax.set_xticks(x, [str(t) for t in ticks])
+    _layer_xticks(ax, ticks)
     ax.set_xlabel("layer")
     ax.set_ylabel(r"$\|\Delta W\|_F \,/\, \|U^\top W V\|_F$")
     ax.set_ylim(bottom=0.0)
@@ -292,7 +307,8 @@ def spectrum_lines(
     Returns
     -------
     Axes
-        ``L`` lines, coloured from early (dark) to late (light) layers.
+        ``L`` lines, coloured from early (dark) to late (light) layers; named in a legend up to
+        :data:`~loralens.render.style.LEGEND_MAX_LAYERS` layers, else by a colour bar of layers.
     """
     values = _matrix(singular_values, "singular_values")
     return _layer_lines(values, labels, ax, title, ylabel, logy)
@@ -335,7 +351,7 @@ def effective_rank_lines(
     if rank is not None:
         r = _vector(np.broadcast_to(np.asarray(rank, dtype=float), (L,)), "rank")
         ax.plot(x, r, linestyle="--", color="0.4", label="rank r")
-    ax.set_xticks(x, [str(t) for t in ticks])
+    _layer_xticks(ax, ticks)
     ax.set_xlabel("layer")
     ax.set_ylabel("effective rank")
     ax.set_ylim(bottom=0.0)
@@ -405,16 +421,18 @@ def _layer_lines(
     ticks = layer_labels(labels, L)
     if ax is None:
         ax = Figure(figsize=(max(5.0, 0.3 * r + 3.0), 3.6), layout="constrained").add_subplot()
-    cmap = colormaps[CMAP]
     k = np.arange(1, r + 1)
-    for n, (v, layer) in enumerate(zip(values, ticks, strict=True)):
-        ax.plot(k, v, marker="o", markersize=3, color=cmap(0.9 * n / max(1, L - 1)), label=f"layer {layer}")
+    for v, layer, colour in zip(values, ticks, layer_colours(L, CMAP), strict=True):
+        ax.plot(k, v, marker="o", markersize=3, color=colour, label=f"layer {layer}")
     if logy:
         ax.set_yscale("log")
     ax.set_xticks(_ticks(r))
     ax.set_xlabel("k")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, ncols=2 if L > 6 else 1)
+    if L > LEGEND_MAX_LAYERS:  # a legend of L entries would cover the lines: a colour bar names the layers
+        layer_colorbar(ax, ticks, CMAP)
+    else:
+        ax.legend(fontsize=7, ncols=2 if L > 6 else 1)
     if title:
         ax.set_title(title, fontsize=10)
     return ax
@@ -453,6 +471,12 @@ def _same_length(series: Mapping[str, np.ndarray]) -> int:
     if len(set(lengths.values())) != 1:
         raise ShapeError(f"all series need the same number of layers; got {lengths}")
     return next(iter(lengths.values()))
+
+
+def _layer_xticks(ax: Axes, ticks: Sequence[Any]) -> None:
+    """x ticks at layers ``0..L-1`` labelled with ``ticks``, thinned (:func:`~loralens.render.style.thin_ticks`)."""
+    keep = thin_ticks(len(ticks))
+    ax.set_xticks(keep, [str(ticks[k]) for k in keep])
 
 
 def _ticks(n: int) -> list[int]:

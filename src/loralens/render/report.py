@@ -40,6 +40,7 @@ from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.condlora import CondLoraAdapter
 from loralens.io.outputs import Writer, bytes_writer, json_text
 from loralens.render import tables
+from loralens.render.intruders import intruders_figure, intruders_table
 from loralens.render.lowrank import amplification_figure, overlap_figure, spectra_figure
 from loralens.render.similarity import per_layer_similarity, similarity_figure
 
@@ -52,6 +53,10 @@ __all__ = [
     "figure1_pictures",
     "figure_files",
     "overlap_picture",
+    "overlap_pictures",
+    "intruders_picture",
+    "VERDICT_STD",
+    "COLLAPSE_ROWS",
     "amplification_picture",
     "spectra_picture",
     "report_files",
@@ -59,6 +64,11 @@ __all__ = [
 
 #: Resolution of the PNG files and of the pictures embedded in the report.
 DPI = 150
+#: The summary's rule: an average similarity is "above the W-null" when it exceeds the null's mean by more than this
+#: many of the null's standard deviations over draws (observed > mean + 2 std), else "within the W-null".
+VERDICT_STD = 2.0
+#: Tables of more rows than this are folded into ``<details>`` with a one-line summary.
+COLLAPSE_ROWS = 30
 
 
 @dataclass(frozen=True)
@@ -134,7 +144,9 @@ def figure1_pictures(similarity: Mapping[str, Any], dpi: int = DPI) -> list[Pict
             png, svg = render_figure(fig, dpi)
             caption = (
                 f"{module}, factor {factor}: phi between the conversion matrices of every pair of layers (left) "
-                f"and between random Gaussian matrices of the same shape (middle), on one 0..1 colour scale. "
+                f"and between random Gaussian matrices of the same shape (middle), on one 0..1 colour scale; "
+                f"the second row draws the same panels on one colour scale fitted to their off-diagonal values "
+                f"together (diagonal blank), where small differences show. "
                 f"Average similarity (mean off-diagonal) {_fmt(s['mean_offdiag'])} vs "
                 f"{_fmt(s['random_mean_offdiag'])} random (expected {s['random_expected']:.4f})."
             )
@@ -193,6 +205,32 @@ def overlap_picture(data: Mapping[str, Any], dpi: int = DPI) -> Picture:
         f"max(i, j) / d. Definition: {DEFINITIONS['overlap']}."
     )
     return _picture("overlap", caption, fig, dpi)
+
+
+def overlap_pictures(data: Mapping[str, Any], dpi: int = DPI) -> list[Picture]:
+    """:func:`overlap_picture` once per module (stems ``overlap_<module>``): each small enough to read unshrunk in
+    the report, where one picture of every module and layer would be several thousand pixels wide."""
+    modules = _lowrank_modules(data, "overlap", ("layers", "ranks", "factors"))
+    pictures = []
+    for name, mo in modules.items():
+        one = overlap_picture({**data, "modules": {name: mo}}, dpi)
+        pictures.append(Picture(f"overlap_{_safe(name)}", f"{name}: {one.caption}", one.png, one.svg))
+    return pictures
+
+
+def intruders_picture(data: Mapping[str, Any], dpi: int = DPI) -> Picture:
+    """Intruder dimensions (Shuttleworth et al. 2024) from ``IntrudersReport.to_dict()``: per module and layer the
+    intruders among the top-k directions, beside their count against epsilon; stem ``intruders``."""
+    modules = _lowrank_modules(data, "intruders", ("layers", "count", "max_cos", "epsilon_sweep"))
+    settings = data.get("settings") or {}
+    fig = intruders_figure(data, title="Intruder dimensions of W0 + s B A (Shuttleworth et al. 2024)")
+    caption = (
+        f"Does the update bring in directions the base does not have? Left: per module ({len(modules)}) and layer, "
+        f"how many of the top-{settings.get('k')} singular directions of W0 + s B A have no base singular direction "
+        f"with |cos| >= {settings.get('epsilon')} (intruders). Right: intruders summed over layers against that "
+        f"threshold. Definition: {data.get('definition', '')}"
+    )
+    return _picture("intruders", caption, fig, dpi)
 
 
 def amplification_picture(data: Mapping[str, Any], dpi: int = DPI) -> Picture:
@@ -261,6 +299,7 @@ def spectra_picture(data: Mapping[str, Any], dpi: int = DPI) -> Picture:
 LOWRANK_ANALYSES = {
     "amplification": (amplification_picture, tables.amplification_table, "How dW relates to W (Table 7)"),
     "spectra": (spectra_picture, tables.spectra_table, "Spectra and effective ranks of dW"),
+    "intruders": (intruders_picture, intruders_table, "Intruder dimensions (Shuttleworth et al. 2024)"),
     "overlap": (overlap_picture, tables.overlap_table, "Subspace overlap of two adapters (Figures 3 and 4)"),
 }
 
@@ -291,8 +330,15 @@ def report_files(
     lowrank : mapping, optional
         The LoRA paper's analyses (Hu et al. 2022, Sec. 7), any of ``"amplification"``, ``"spectra"`` and
         ``"overlap"``, each the ``to_dict()`` of :func:`loralens.analyses.lowrank.amplification_report`,
-        :func:`~loralens.analyses.lowrank.spectra_report` or :func:`~loralens.analyses.lowrank.rank_overlap`.
-        Adds a section with each one's picture, table and caption, and ``<name>.png/.svg/.csv/.md/.tex``.
+        :func:`~loralens.analyses.lowrank.spectra_report` or :func:`~loralens.analyses.lowrank.rank_overlap`, and
+        ``"intruders"`` (:func:`loralens.analyses.intruders.intruder_dimensions`). Adds a section with each one's
+        picture, table and caption, and ``<name>.png/.svg/.csv/.md/.tex`` (the overlap: one picture per module,
+        ``overlap_<module>.png/.svg``).
+
+    The page opens with a table of contents and a summary: per module and factor, the average similarity against
+    the Gaussian baseline and the W-conditioned null, with a verdict by the rule of :data:`VERDICT_STD` ("above the
+    W-null by X std" when observed > null mean + 2 std, else "within the W-null"), and the same for Table 3. Tables
+    of more than :data:`COLLAPSE_ROWS` rows are folded.
     seeds : mapping, optional
         Table 2 (held-out scores over seeds, paired t-test): :func:`loralens.analyses.seeds.compare_seeds`.
     pairs : mapping, optional
@@ -302,7 +348,12 @@ def report_files(
     if unknown:
         raise LoralensError(f"lowrank: unknown analysis {unknown[0]!r}; choose from {', '.join(LOWRANK_ANALYSES)}")
     lowrank_parts = [
-        (name, picture(lowrank[name], dpi), table(lowrank[name]), lowrank[name].get("settings") or {})
+        (
+            name,
+            overlap_pictures(lowrank[name], dpi) if name == "overlap" else [picture(lowrank[name], dpi)],
+            table(lowrank[name]),
+            lowrank[name].get("settings") or {},
+        )
         for name, (picture, table, _) in LOWRANK_ANALYSES.items()
         if lowrank and name in lowrank
     ]
@@ -321,7 +372,7 @@ def report_files(
     if params is not None:
         named_tables["table4"] = tables.table4(params)
     files: dict[str, Writer] = {}
-    files.update(_picture_files([*pictures, *line_pictures, *(part[1] for part in lowrank_parts)]))
+    files.update(_picture_files([*pictures, *line_pictures, *(pic for part in lowrank_parts for pic in part[1])]))
     for name, table in named_tables.items():
         files.update(_table_files(name, table, 3))
     for name, _, table, _ in lowrank_parts:
@@ -337,6 +388,7 @@ def report_files(
         ["report.html", *sorted(files)],
         None if comparison is None else comparison.get("settings"),
         lowrank_parts,
+        comparison,
     )
     return {"report.html": _text_writer(page), **files}
 
@@ -357,6 +409,9 @@ code, pre { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size:
 pre { background: #f7f7f7; padding: .6rem; overflow-x: auto; }
 .notes { font-size: .85rem; color: #444; } .hash { word-break: break-all; }
 details { margin: .4rem 0 1rem; } summary { cursor: pointer; color: #0550ae; }
+.wide { overflow-x: auto; max-width: 100%; }
+nav#contents { background: #f7f7f7; padding: .6rem 1rem; margin: 1rem 0; font-size: .9rem; }
+nav#contents ul { margin: .2rem 0; padding-left: 1.2rem; } nav#contents ul.sub { columns: 3; font-size: .85rem; }
 """
 
 
@@ -369,12 +424,75 @@ def _html_page(
     line_pictures: Sequence[Picture],
     files: Sequence[str],
     comparison_settings: Mapping[str, Any] | None = None,
-    lowrank_parts: Sequence[tuple[str, Picture, tables.Table, Mapping[str, Any]]] = (),
+    lowrank_parts: Sequence[tuple[str, Sequence[Picture], tables.Table, Mapping[str, Any]]] = (),
+    comparison: Mapping[str, Any] | None = None,
 ) -> str:
     e = html.escape
     settings = {
         k: v for k, v in similarity.get("settings", {}).items() if k not in ("inputs", "layers") and v is not None
     }
+    toc: list[tuple[int, str, str]] = []  # (level, id, text)
+
+    def heading(level: int, anchor: str, text: str) -> str:
+        toc.append((level, anchor, text))
+        return f'<h{level + 1} id="{e(anchor)}">{e(text)}</h{level + 1}>'
+
+    body = [
+        heading(1, "summary", "Summary"),
+        _summary_html(similarity, comparison),
+        heading(1, "inputs", "Inputs"),
+        _inputs_html(inputs),
+        heading(1, "settings", "Settings"),
+        _key_values_html(settings),
+        heading(1, "figure1", "Figure 1: layer x layer similarity of conversion matrices"),
+        _table_html(named_tables["similarity_summary"], 4),
+    ]
+    by_stem = {pic.stem: pic for pic in pictures}
+    for module, factors in similarity["modules"].items():
+        for factor, s in factors.items():
+            pic = by_stem[_figure1_stem(module, factor)]
+            toc.append((2, pic.stem, f"{module}, {factor}"))
+            body.append(_figure_html(pic))
+            body.append(
+                _phi_details_html(module, factor, s, similarity.get("settings", {}).get("layers", {}).get(module))
+            )
+    if {"table2", "table3", "table3_over_pairs", "table4"} & set(named_tables):
+        body.append(heading(1, "condlora", "LoRA vs CondLoRA"))
+        if "table2" in named_tables:
+            body.append(_table_html(named_tables["table2"], 4))
+        if "table3_over_pairs" in named_tables:
+            body.append(_table_html(named_tables["table3_over_pairs"], 4))
+        if "table3" in named_tables:
+            body.append(_table_html(named_tables["table3"], 3))
+            if comparison_settings:
+                body.append("<details><summary>settings of the comparison</summary>")
+                body.append(_key_values_html(comparison_settings) + "</details>")
+            body.extend(_figure_html(pic) for pic in line_pictures)
+        if "table4" in named_tables:
+            body.append(_table_html(named_tables["table4"], 4))
+    if lowrank_parts:
+        body.append(heading(1, "lowrank", _LOWRANK_HEADING))
+        body.append(
+            "<p>The analyses of the LoRA paper itself (Hu et al. 2022, <i>LoRA: Low-Rank Adaptation of Large "
+            "Language Models</i>, Section 7) on the same adapter and base: each layer's update "
+            "&Delta;W = s B A, computed through its factors.</p>"
+        )
+        for name, pics, table, lowrank_settings in lowrank_parts:
+            body.append(heading(2, f"lowrank-{name}", LOWRANK_ANALYSES[name][2]))
+            body.extend(_figure_html(pic) for pic in pics)
+            body.append(_table_html(table, _LOWRANK_DIGITS))
+            if lowrank_settings:
+                body.append(f"<details><summary>settings of the {e(name)} analysis</summary>")
+                body.append(_key_values_html(lowrank_settings) + "</details>")
+    conventions = sorted(set(settings.get("conventions", {}).values()))
+    if conventions:
+        body.append(heading(1, "conventions", "Conventions") + "<ul>")
+        body += [f"<li><b>{e(c)}</b>: {e(CONVENTIONS.get(c, c))}</li>" for c in conventions]
+        body.append("</ul>")
+    body.append(heading(1, "files", "Files beside this report") + "<ul>")
+    body += [f'<li><a href="{e(name)}">{e(name)}</a></li>' for name in files]
+    body.append("</ul>")
+    body.append(f'<p class="notes">Written by loralens {e(loralens.__version__)}.</p></body></html>')
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -385,58 +503,118 @@ def _html_page(
         "and their normalized subspace similarity &phi; between layers, after Kim et al. 2024 "
         "(<i>A Single Linear Layer Yields Task-Adapted Low-Rank Matrices</i>, CondLoRA). "
         "Layers are numbered from 1 as in the paper (checkpoint layer index + 1).</p>",
-        "<h2>Inputs</h2>",
-        _inputs_html(inputs),
-        "<h2>Settings</h2>",
-        _key_values_html(settings),
-        "<h2>Figure 1: layer x layer similarity of conversion matrices</h2>",
-        tables.to_html(named_tables["similarity_summary"], 4),
+        _toc_html(toc),
+        *body,
     ]
-    by_stem = {pic.stem: pic for pic in pictures}
+    return "\n".join(parts) + "\n"
+
+
+def _toc_html(toc: Sequence[tuple[int, str, str]]) -> str:
+    """The table of contents: sections, and under them Figure 1's pictures and the low-rank analyses, as links."""
+    e = html.escape
+    out = ['<nav id="contents" aria-label="Contents"><b>Contents</b><ul>']
+    open_sub = False
+    for level, anchor, text in toc:
+        if level == 1 and open_sub:
+            out.append("</ul></li>")
+            open_sub = False
+        elif level == 1 and len(out) > 1:
+            out.append("</li>")
+        if level == 2 and not open_sub:
+            out.append('<ul class="sub">')
+            open_sub = True
+        out.append(f'<li><a href="#{e(anchor)}">{e(text)}</a>' + ("</li>" if level == 2 else ""))
+    out.append("</ul></li>" if open_sub else "</li>")
+    out.append("</ul></nav>")
+    return "".join(out)
+
+
+def _table_html(table: tables.Table, digits: int) -> str:
+    """A table in a horizontally scrolling box (a wide table never widens the page); folded into ``<details>``
+    with a one-line summary when it has more than :data:`COLLAPSE_ROWS` rows."""
+    inner = f'<div class="wide">{tables.to_html(table, digits)}</div>'
+    if len(table.rows) <= COLLAPSE_ROWS:
+        return inner
+    summary = f"{table.title or 'table'}: {len(table.rows)} rows x {len(table.columns)} columns (click to open)"
+    return f'<details class="table"><summary>{html.escape(summary)}</summary>{inner}</details>'
+
+
+def _verdict(observed: float | None, mean: float | None, std: float | None) -> str:
+    """The summary's plain-words verdict on ``observed`` against a null of ``mean`` +- ``std`` (over draws), by
+    the rule observed > mean + :data:`VERDICT_STD` std."""
+    if observed is None or observed != observed or mean is None or mean != mean:
+        return "no W-null computed (null_draws = 0): only the Gaussian baseline applies"
+    if std is None or std != std or std <= 0:
+        return (
+            "above the W-null mean (its std is 0)"
+            if observed > mean
+            else "within the W-null (not evidence of learning)"
+        )
+    z = (observed - mean) / std
+    if z > VERDICT_STD:
+        return f"above the W-null by {z:.1f} std"
+    return f"within the W-null (not evidence of learning; {z:+.1f} std)"
+
+
+def _summary_html(similarity: Mapping[str, Any], comparison: Mapping[str, Any] | None) -> str:
+    """Per module and factor: observed average similarity, Gaussian baseline, W-null mean +- std and a verdict; the
+    same for Table 3 when ``comparison`` is given."""
+    rule = (
+        f"<p>Which modules and factors stand clearly above their baselines? The Gaussian baseline is what random "
+        f"matrices of the same shape give; the W-conditioned null (W-null) is what any adapter shows on this base, "
+        f"since the conversion matrices share W<sup>-1</sup>. Rule: <b>above the W-null</b> when the observed "
+        f"average exceeds the null's mean by more than {VERDICT_STD:g} of its standard deviations over draws "
+        f"(observed &gt; mean + {VERDICT_STD:g} std), reported as &quot;above the W-null by X std&quot;, X = "
+        f"(observed - mean) / std; otherwise <b>within the W-null</b> (not evidence of learning). Share of excess: "
+        f"(null - Gaussian) / (observed - Gaussian), how much of the excess over the Gaussian baseline the W-null "
+        f"already reaches.</p>"
+    )
+    rows: list[tuple[tables.Cell, ...]] = []
     for module, factors in similarity["modules"].items():
         for factor, s in factors.items():
-            parts.append(_figure_html(by_stem[_figure1_stem(module, factor)]))
-            parts.append(
-                _phi_details_html(module, factor, s, similarity.get("settings", {}).get("layers", {}).get(module))
+            null = s.get("w_null") or {}
+            observed, gaussian = s.get("mean_offdiag"), s.get("random_mean_offdiag")
+            mean, std = null.get("mean_offdiag"), null.get("mean_offdiag_std")
+            verdict = _verdict(observed, mean, std)
+            if not null and observed is not None and gaussian is not None:
+                verdict += "; above it" if observed > gaussian else "; not above it"
+            rows.append((module, factor, observed, gaussian, _pm(mean, std), null.get("share_of_excess"), verdict))
+    columns = ("module", "factor", "observed", "Gaussian", "W-null", "share of excess", "verdict")
+    out = [
+        rule,
+        _table_html(tables.Table(columns, tuple(rows), "Figure 1: average similarity (mean off-diagonal phi)"), 4),
+    ]
+    if comparison is not None and isinstance(comparison.get("modules"), Mapping):
+        rows3: list[tuple[tables.Cell, ...]] = []
+        for module, d in comparison["modules"].items():
+            nulls = d.get("w_null") if isinstance(d.get("w_null"), Mapping) else {}
+            means = d.get("mean") if isinstance(d.get("mean"), Mapping) else {}
+            for f in ("A", "B", "BA"):
+                if f not in d:
+                    continue
+                values = [float(v) for v in d[f] if v is not None]
+                observed = means.get(f, sum(values) / len(values) if values else None)
+                null = nulls.get(f) or {}
+                mean, std = null.get("mean_over_layers"), null.get("mean_over_layers_std")
+                rows3.append((module, f, observed, _pm(mean, std), _verdict(observed, mean, std)))
+        if rows3:
+            out.append(
+                _table_html(
+                    tables.Table(
+                        ("module", "factor", "phi(LoRA, CondLoRA), mean over layers", "W-null", "verdict"),
+                        tuple(rows3),
+                        "Table 3: phi between LoRA and CondLoRA against the W-null (theta replaced by Gaussians)",
+                    ),
+                    4,
+                )
             )
-    if {"table2", "table3", "table3_over_pairs", "table4"} & set(named_tables):
-        parts.append("<h2>LoRA vs CondLoRA</h2>")
-        if "table2" in named_tables:
-            parts.append(tables.to_html(named_tables["table2"], 4))
-        if "table3_over_pairs" in named_tables:
-            parts.append(tables.to_html(named_tables["table3_over_pairs"], 4))
-        if "table3" in named_tables:
-            parts.append(tables.to_html(named_tables["table3"], 3))
-            if comparison_settings:
-                parts.append("<details><summary>settings of the comparison</summary>")
-                parts.append(_key_values_html(comparison_settings) + "</details>")
-            parts.extend(_figure_html(pic) for pic in line_pictures)
-        if "table4" in named_tables:
-            parts.append(tables.to_html(named_tables["table4"], 4))
-    if lowrank_parts:
-        parts.append(f'<h2 id="lowrank">{_LOWRANK_HEADING}</h2>')
-        parts.append(
-            "<p>The analyses of the LoRA paper itself (Hu et al. 2022, <i>LoRA: Low-Rank Adaptation of Large "
-            "Language Models</i>, Section 7) on the same adapter and base: each layer's update "
-            "&Delta;W = s B A, computed through its factors.</p>"
-        )
-        for name, pic, table, lowrank_settings in lowrank_parts:
-            parts.append(f'<h3 id="lowrank-{e(name)}">{e(LOWRANK_ANALYSES[name][2])}</h3>')
-            parts.append(_figure_html(pic))
-            parts.append(tables.to_html(table, _LOWRANK_DIGITS))
-            if lowrank_settings:
-                parts.append(f"<details><summary>settings of the {e(name)} analysis</summary>")
-                parts.append(_key_values_html(lowrank_settings) + "</details>")
-    conventions = sorted(set(settings.get("conventions", {}).values()))
-    if conventions:
-        parts.append("<h2>Conventions</h2><ul>")
-        parts += [f"<li><b>{e(c)}</b>: {e(CONVENTIONS.get(c, c))}</li>" for c in conventions]
-        parts.append("</ul>")
-    parts.append("<h2>Files beside this report</h2><ul>")
-    parts += [f'<li><a href="{e(name)}">{e(name)}</a></li>' for name in files]
-    parts.append("</ul>")
-    parts.append(f'<p class="notes">Written by loralens {e(loralens.__version__)}.</p></body></html>')
-    return "\n".join(parts) + "\n"
+    return "\n".join(out)
+
+
+def _pm(mean: float | None, std: float | None) -> str | None:
+    if mean is None or mean != mean:
+        return None
+    return f"{mean:.4f} ± {std:.4f}" if std is not None and std == std else f"{mean:.4f}"
 
 
 def _inputs_html(inputs: Mapping[str, Any]) -> str:
@@ -531,9 +709,8 @@ def _phi_details_html(module: str, factor: str, s: Mapping[str, Any], layers: Se
     out = []
     for name, matrix in (("phi", s["phi"]), ("random phi", s["random_phi"])):
         rows = tuple((lab, *row) for lab, row in zip(labels, matrix, strict=True))
-        out.append(
-            tables.to_html(tables.Table(("layer", *labels), rows, f"{module}, {_FACTOR_TEXT[factor]}: {name}"), 3)
-        )
+        table = tables.Table(("layer", *labels), rows, f"{module}, {_FACTOR_TEXT[factor]}: {name}")
+        out.append(f'<div class="wide">{tables.to_html(table, 3)}</div>')
     summary = f"numbers: {html.escape(module)}, {html.escape(factor)}"
     return f"<details><summary>{summary}</summary>{''.join(out)}</details>"
 

@@ -10,7 +10,6 @@ Layers are labelled 1..L as in the paper unless ``labels`` says otherwise.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, SupportsFloat, cast
 
@@ -19,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from loralens.errors import LoralensError, ShapeError
+from loralens.render.style import thin_ticks
 
 __all__ = [
     "CMAP",
@@ -27,6 +27,7 @@ __all__ = [
     "FACTOR_LABELS",
     "similarity_heatmap",
     "similarity_figure",
+    "offdiag_range",
     "per_layer_similarity",
 ]
 
@@ -34,6 +35,9 @@ __all__ = [
 CMAP = "viridis"
 #: Cells carry their value when the matrix has at most this many layers.
 ANNOTATE_MAX_LAYERS = 16
+#: Largest side of one Figure-1 panel (inches): three panels and a colour bar stay under 15 inches (2,250 px at
+#: 150 dpi), shown at half their size or more in a report.
+FIGURE_PANEL_MAX = 4.5
 #: A colour-blind-safe qualitative palette (seaborn's "colorblind") for line plots.
 COLORBLIND = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133")
 #: Mathtext names of the conversion matrices (paper's Equations 3, 4) per factor.
@@ -59,9 +63,11 @@ def similarity_heatmap(
     annotate: bool | None = None,
     colorbar: bool = True,
     cmap: str = CMAP,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
     ax: Axes | None = None,
 ) -> Axes:
-    """Draw an ``(L, L)`` phi matrix as a heatmap on the fixed colour scale 0..1.
+    """Draw an ``(L, L)`` phi matrix as a heatmap on the fixed colour scale 0..1 (or ``vmin .. vmax``).
 
     Parameters
     ----------
@@ -79,6 +85,8 @@ def similarity_heatmap(
         Add a colour bar beside the Axes.
     cmap : str
         Matplotlib colour map; keep it perceptually uniform (viridis, cividis).
+    vmin, vmax : float
+        The colour scale; 0..1 unless a figure needs a scale fitted to small values (cells outside it are clipped).
     ax : Axes, optional
         Where to draw; a new Figure's Axes when None.
 
@@ -97,8 +105,8 @@ def similarity_heatmap(
     mesh = ax.pcolormesh(
         np.ma.masked_invalid(values),
         cmap=cmap,
-        vmin=0.0,
-        vmax=1.0,
+        vmin=vmin,
+        vmax=vmax,
         edgecolors="white",
         linewidth=0.5 if L <= 32 else 0.0,
     )
@@ -150,7 +158,10 @@ def similarity_figure(
     """The paper's Figure 1 panel pair: phi of the conversion matrices beside phi of random Gaussian matrices,
     and with ``w_null`` a third panel: the W-conditioned null's mean phi.
 
-    All panels share one 0..1 colour bar. ``average`` / ``random_average`` are the mean off-diagonal
+    The first row's panels share one 0..1 colour bar. A second row draws the same panels again on a colour scale
+    fitted to the off-diagonal values of all of them together (:func:`offdiag_range`, so the panels stay comparable
+    with each other), the diagonal (1 by definition) left blank: on 0..1 off-diagonal values of 0.01..0.1 all look
+    alike. ``average`` / ``random_average`` are the mean off-diagonal
     values to print; ``random_expected`` is ``max(i, j) / d``; ``subtitle`` a line under the figure title
     (e.g. ``"i = j = 8, left singular vectors"``). ``w_null`` is the ``"w_null"`` object of
     ``SimilarityReport.to_dict()`` (``phi_mean`` and ``p`` ``(L, L)``, ``mean_offdiag``, ``mean_offdiag_std``,
@@ -161,7 +172,8 @@ def similarity_figure(
     Returns
     -------
     Figure
-        With two (three with ``w_null``) heatmap Axes (conversion, random, W-null) and a colour bar Axes.
+        With two (three with ``w_null``) heatmap Axes (conversion, random, W-null) on 0..1, the same number on the
+        fitted off-diagonal scale, and a colour bar Axes for each row.
     """
     values, random_values = _square(phi, "phi"), _square(random_phi, "random_phi")
     if values.shape != random_values.shape:
@@ -174,10 +186,11 @@ def similarity_figure(
                 f"w_null phi_mean {null_values.shape} and p {p_values.shape} must have phi's shape {values.shape}"
             )
     L = values.shape[0]
-    side = max(4.0, 0.32 * L + 2.0)
+    side = min(FIGURE_PANEL_MAX, max(4.0, 0.32 * L + 2.0))
     panels = 2 if null_values is None else 3
-    fig = Figure(figsize=(panels * side + 1.4, side + 1.6), layout="constrained")
-    axes = list(fig.subplots(1, panels))
+    fig = Figure(figsize=(panels * side + 1.4, 2 * side + 2.4), layout="constrained")
+    grid = fig.subplots(2, panels)
+    axes, zoomed = list(grid[0]), list(grid[1])
     left, right = axes[0], axes[1]
     name = (LSTSQ_FACTOR_LABELS if convention == "lstsq" else FACTOR_LABELS).get(factor, factor)
     similarity_heatmap(values, labels=labels, title=f"{module}, {name}", average=average, colorbar=False, ax=left)
@@ -190,9 +203,41 @@ def similarity_figure(
     if w_null is not None and null_values is not None and p_values is not None:
         _w_null_panel(axes[2], left, null_values, p_values, w_null, labels, alpha, convention)
     fig.colorbar(left.collections[0], ax=axes, shrink=0.85, label=_COLORBAR_LABEL)
+    shown = [values, random_values] + ([] if null_values is None else [null_values])
+    low, high = offdiag_range(*shown)
+    off = ~np.eye(L, dtype=bool)
+    names = ["observed", "random Gaussian", "W-null"]
+    for ax, matrix, what in zip(zoomed, shown, names, strict=False):
+        similarity_heatmap(
+            np.where(off, matrix, np.nan), labels=labels, title=f"{what}: off-diagonal scale", annotate=False,
+            colorbar=False, vmin=low, vmax=high, ax=ax,
+        )  # fmt: skip
+    fig.colorbar(
+        zoomed[0].collections[0], ax=zoomed, shrink=0.85,
+        label=rf"$\varphi$, off-diagonal scale {low:.3g}..{high:.3g}",
+    )  # fmt: skip
     heading = f"Layer x layer similarity of conversion matrices: {module}, factor {factor}"
     fig.suptitle(heading if subtitle is None else f"{heading}\n{subtitle}", fontsize=11)
     return fig
+
+
+def offdiag_range(*matrices: Any) -> tuple[float, float]:
+    """``(low, high)``: the smallest and largest finite off-diagonal value over all ``(L, L)`` ``matrices`` together,
+    widened to at least 0.01 apart (``(0, 1)`` when none is finite): the fitted colour scale of Figure 1's second
+    row."""
+    values = []
+    for m in matrices:
+        array = np.asarray(m, dtype=np.float64)
+        off = array[~np.eye(array.shape[0], dtype=bool)]
+        values.append(off[np.isfinite(off)])
+    finite = np.concatenate(values) if values else np.array([])
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    if high - low < 0.01:
+        middle = (low + high) / 2
+        low, high = max(0.0, middle - 0.005), min(1.0, max(middle + 0.005, 0.01))
+    return low, high
 
 
 def per_layer_similarity(
@@ -242,7 +287,8 @@ def per_layer_similarity(
         ax.axhline(float(baseline), linestyle="--", color="0.4", label="random")
     top = max(float(np.nanmax(v)) if np.isfinite(v).any() else 0.0 for v in series.values())
     ax.set_ylim(0.0, min(1.05, max(0.05, 1.25 * top)))
-    ax.set_xticks(x, [str(t) for t in ticks])
+    keep = thin_ticks(L)
+    ax.set_xticks(x[keep], [str(ticks[k]) for k in keep])
     ax.set_xlabel("layer")
     ax.set_ylabel(r"$\varphi$")
     ax.grid(axis="y", alpha=0.3)
@@ -335,9 +381,8 @@ def _labels(labels: Sequence[Any] | None, L: int) -> list[Any]:
 
 
 def _layer_ticks(ax: Axes, labels: list[Any]) -> None:
-    """Every label up to 16 layers, else about 12 of them (cells are centred at k + 0.5)."""
-    step = 1 if len(labels) <= ANNOTATE_MAX_LAYERS else math.ceil(len(labels) / 12)
-    positions = np.arange(0, len(labels), step)
+    """Every label up to 16 layers, else at most 10 of them, so they never overlap (cells are centred at k + 0.5)."""
+    positions = np.array(thin_ticks(len(labels), ANNOTATE_MAX_LAYERS if len(labels) <= ANNOTATE_MAX_LAYERS else 10))
     texts = [str(labels[k]) for k in positions]
     ax.set_xticks(positions + 0.5, texts, rotation=0)
     ax.set_yticks(positions + 0.5, texts, rotation=0)
