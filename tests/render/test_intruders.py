@@ -45,3 +45,12 @@ def test_axes_level_functions_draw_on_a_given_axes_and_refuse_bad_input() -> Non
             intruder_count_heatmap(bad)
     with pytest.raises(LoralensError, match="at least one module"):
         intruders_figure({"modules": {}})
+
+
+def test_thirty_layers_thin_the_layer_ticks_and_keep_every_count() -> None:
+    """At 30 layers every cell still carries its count, but at most 16 layer labels, so they never run together."""
+    counts = [k % 3 for k in range(30)]
+    ax = intruder_count_heatmap({"query": counts, "value": counts[::-1]}, labels=list(range(1, 31)), k=10)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(labels) <= 16 and labels[:2] == ["1", "3"]
+    assert len(ax.texts) == 60 and {t.get_fontsize() for t in ax.texts} == {6}

@@ -535,7 +535,8 @@ def _table_html(table: tables.Table, digits: int) -> str:
     inner = f'<div class="wide">{tables.to_html(table, digits)}</div>'
     if len(table.rows) <= COLLAPSE_ROWS:
         return inner
-    summary = f"{table.title or 'table'}: {len(table.rows)} rows x {len(table.columns)} columns (click to open)"
+    name = re.split(r"[:;]", table.title)[0].strip()[:80] or "table"  # one line: the title's first clause
+    summary = f"{name}: {len(table.rows)} rows x {len(table.columns)} columns (click to open)"
     return f'<details class="table"><summary>{html.escape(summary)}</summary>{inner}</details>'
 
 
