@@ -20,7 +20,9 @@ from loralens.cli import app
 from loralens.examples import default_condlora
 from loralens.io.condlora import condlora_config, write_condlora_adapter
 
-LOWRANK_FILES = {f"{a}.{ext}" for a in ("amplification", "spectra") for ext in ("png", "svg", "csv", "md", "tex")}
+# intruder dimensions joined the low-rank section, and the overlap is drawn once per module (#20, deliberate)
+LOWRANK = ("amplification", "spectra", "intruders")
+LOWRANK_FILES = {f"{a}.{ext}" for a in LOWRANK for ext in ("png", "svg", "csv", "md", "tex")}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,8 @@ def test_report_with_condlora_writes_one_self_contained_html(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     html = (out / "report.html").read_text(encoding="utf-8")
-    # Figure 1 x 6, Table 3 lines x 2 modules, amplification and spectra (included by default)
-    assert html.count('<img src="data:image/png;base64,') == 6 + 2 + 2
+    # Figure 1 x 6, Table 3 lines x 2 modules, amplification, spectra and intruders (included by default)
+    assert html.count('<img src="data:image/png;base64,') == 6 + 2 + 3
     numbers = json.loads((out / "report.json").read_text())
     assert numbers["inputs"]["adapter"]["sha256"] in html
     assert numbers["settings"]["device"] == "cpu"
@@ -80,7 +82,8 @@ def test_report_with_condlora_writes_one_self_contained_html(
         assert {f"{table}.csv", f"{table}.md", f"{table}.tex"} <= names
     assert {"table3_query.png", "table3_value.svg"} <= names
     assert LOWRANK_FILES <= names and "Low-rank updates (Hu et al. 2022, Section 7)" in html
-    assert set(numbers["lowrank"]) == {"amplification", "spectra"}
+    assert set(numbers["lowrank"]) == set(LOWRANK)
+    assert "Table 3: phi between LoRA and CondLoRA against the W-null" in html  # the summary's Table 3 verdicts
 
 
 def test_report_lowrank_numbers_and_overlap_on_real_adapters(
@@ -91,10 +94,11 @@ def test_report_lowrank_numbers_and_overlap_on_real_adapters(
     proc = run_cli(*argv, "--device", "cpu", "--seed", "3", "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     names = {p.name for p in out.iterdir()}
-    assert LOWRANK_FILES | {f"overlap.{ext}" for ext in ("png", "svg", "csv", "md", "tex")} <= names
+    overlap_pictures = {f"overlap_{m}.{ext}" for m in ("query", "value") for ext in ("png", "svg")}
+    assert LOWRANK_FILES | overlap_pictures | {f"overlap.{ext}" for ext in ("csv", "md", "tex")} <= names
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert html.count('<img src="data:image/png;base64,') == 6 + 3
-    assert html.index("Low-rank updates") < html.index('<figure id="overlap">')
+    assert html.count('<img src="data:image/png;base64,') == 6 + 3 + 2
+    assert html.index("Low-rank updates") < html.index('<figure id="overlap_query">')
     low = json.loads((out / "report.json").read_text())["lowrank"]
     base, a4, a16 = loralens.open_base(minilm_path), *map(loralens.load_lora_adapter, (rt_adapters[4], rt_adapters[16]))
     options = {"device": "cpu", "dtype": torch.float32}
@@ -133,7 +137,8 @@ def test_report_no_lowrank_leaves_the_analyses_out(tmp_path: Path, tiny_bert: Pa
     )
     assert result.exit_code == 0, result.output
     low = json.loads((only / "report.json").read_text())["lowrank"]
-    assert set(low) == {"overlap"} and (only / "overlap.png").is_file() and not (only / "amplification.png").exists()
+    assert set(low) == {"overlap"} and (only / "overlap_value.png").is_file()
+    assert not (only / "amplification.png").exists() and not (only / "intruders.png").exists()
     diagonal = low["overlap"]["modules"]["value"]["factors"]["B"]["diagonal"]
     assert all(v == pytest.approx(1.0) for d in diagonal for v in d)
 
@@ -186,9 +191,10 @@ def test_demo_writes_the_report(tmp_path: Path) -> None:
     names = {p.name for p in out.iterdir()}
     assert {"report.html", "conversion.safetensors", "similarity.json", "figure1_value_B.png"} <= names
     html = (out / "report.html").read_text(encoding="utf-8")
-    # Figure 1 (6), Table 3 line plots (2), amplification, spectra, overlap of the seed-0 and seed-1 LoRA adapters
-    assert "minilm-rt-lora" in html and html.count("<img ") == 6 + 2 + 3
-    assert {"table2.md", "table3_over_pairs.csv", "table3.csv", "table4.tex", "overlap.png"} <= names
+    # Figure 1 (6), Table 3 line plots (2), amplification, spectra, intruders, overlap of the seed-0 and seed-1 LoRA
+    # adapters (one picture per module)
+    assert "minilm-rt-lora" in html and html.count("<img ") == 6 + 2 + 3 + 2
+    assert {"table2.md", "table3_over_pairs.csv", "table3.csv", "table4.tex", "overlap_value.png"} <= names
     numbers = json.loads((out / "report.json").read_text(encoding="utf-8"))
     # Table 2 of the three shipped seed pairs, from their metrics.json, with the paired t-test
     table2 = numbers["pairs"]["table2"]["tasks"]["rt-polarity"]
@@ -196,5 +202,5 @@ def test_demo_writes_the_report(tmp_path: Path) -> None:
     assert [p["settings"]["condlora"] for p in numbers["pairs"]["pairs"]] == [
         str(default_condlora(s)) for s in (0, 1, 2)
     ]
-    assert set(numbers["lowrank"]) == {"amplification", "spectra", "overlap"}
+    assert set(numbers["lowrank"]) == {*LOWRANK, "overlap"}
     assert "Held-out scores over seeds (Table 2)" in html and "t = " in proc.stdout

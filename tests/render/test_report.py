@@ -427,3 +427,27 @@ def test_thirty_layer_report_is_readable_without_shrinking(written_30: Path) -> 
     assert text.count("<table") == text.count('<div class="wide"><table') + text.count('<table class="inputs">') + (
         text.count('<table class="settings">')
     )
+
+
+@pytest.mark.slow  # renders a Figure-1 picture (seconds)
+def test_summary_gives_a_verdict_by_the_stated_rule(one_factor: dict, tmp_path: Path) -> None:
+    """Observed > W-null mean + 2 std: "above the W-null by X std"; else "within the W-null"; also for Table 3."""
+    table3 = json.loads(json.dumps(TABLE3))
+    table3["modules"]["query"]["w_null"] = {
+        "A": {"mean_over_layers": 0.02, "mean_over_layers_std": 0.005},  # observed mean 0.0533: (0.0533-0.02)/0.005
+        "B": {"mean_over_layers": 0.04, "mean_over_layers_std": 0.01},  # observed mean 0.04: 0 std
+    }
+    write_outputs(tmp_path / "r", report_files(one_factor, {}, comparison=table3))
+    text = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    summary = text[text.index('<h2 id="summary"') : text.index('<h2 id="inputs"')]
+    assert "observed &gt; mean + 2 std" in summary
+    assert (
+        "above the W-null by 6.7 std" in summary and "within the W-null (not evidence of learning; +0.0 std)" in summary
+    )
+    s = one_factor["modules"]["value"]["B"]
+    null = s.get("w_null")
+    if null is None:  # no W-null computed: the verdict says so and compares with the Gaussian baseline only
+        assert "no W-null computed" in summary
+    else:
+        z = (s["mean_offdiag"] - null["mean_offdiag"]) / null["mean_offdiag_std"]
+        assert (f"above the W-null by {z:.1f} std" if z > 2 else f"{z:+.1f} std)") in summary
