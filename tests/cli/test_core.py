@@ -89,6 +89,14 @@ def test_similarity_says_which_matrices_it_does_not_print(tmp_path: Path) -> Non
     assert "L17" not in proc.stdout
 
 
+def test_conversion_explains_least_squares_residuals(tmp_path: Path, tiny_bert: Path) -> None:
+    adapter = checkpoints.lora_adapter(tiny_bert, tmp_path / "ffn", arch="bert", r=2, targets=["intermediate.dense"])
+    proc = run_cli("conversion", "--base", tiny_bert, "--adapter", adapter, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    # tiny_bert's intermediate.dense is 128 x 32: a random factor leaves sqrt(1 - 32/128) = 0.87 outside W's range
+    assert "not square: no inverse exists" in proc.stdout and "a random factor gives about 0.87" in proc.stdout
+
+
 def test_similarity_null_draws_option(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     flags = ("--base", tiny_bert, "--adapter", tiny_bert_adapter, "--modules", "value", "--device", "cpu")
     off = json.loads(run_cli("similarity", *flags, "--null-draws", "0", "--json").stdout)

@@ -350,6 +350,16 @@ def _print_conversion(convs: dict[str, ModuleConversion], paths: list[Path]) -> 
         )
     console = make_console()
     console.print(table)
+    for name, mc in convs.items():
+        if mc.conversion.convention == "lstsq":
+            d_out, d_in = mc.conversion.A.shape[1], mc.conversion.B.shape[1]  # conv_A (d_out, r), conv_B (d_in, r)
+            expected = (1 - min(d_out, d_in) / max(d_out, d_in)) ** 0.5
+            console.print(
+                f"{name} is {d_out} x {d_in}, not square: no inverse exists, so its conversion matrices are least-"
+                f"squares solutions (W^+); the over-determined side's residual ||W X - RHS|| / ||RHS|| is the share "
+                f"of the factor outside W's range, not a failure (a random factor gives about {expected:.2f})",
+                highlight=False,
+            )
     for p in paths:
         console.print(f"wrote {p}", soft_wrap=True)
 
