@@ -119,3 +119,14 @@ def test_base_for_a_relative_recorded_base(
     assert "give the base model explicitly" in message and "--" not in message
     assert info.value.options[0] == "base"
     assert base_for(load_lora_adapter(lost), tiny_bert).root == tiny_bert  # an explicit base is used as given
+
+
+def test_errors_name_many_layers_as_a_span() -> None:
+    from loralens.analyses.engine import at_model_layers
+    from loralens.errors import RankError
+
+    core = RankError("subspace dimension 32 exceeds the rank", tuple(range(30)), option=("i", "j"))
+    e = at_model_layers(core, "q_proj (A)", list(range(30)), None)
+    assert "at layers 0-29 (30 layers):" in str(e) and "[0, 1" not in str(e) and e.option == ("i", "j")
+    few = at_model_layers(RankError("x", (1, 2)), "q", [0, 1, 2], None)
+    assert "at layers [1, 2]:" in str(few)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from loralens.analyses.serialize import layer_span
 from loralens.core.conversion import (
     chunk_bytes,
     layer_working_bytes,
@@ -313,7 +314,7 @@ def at_model_layers(
     if isinstance(e, SingularMatrixError):
         float32 = "torch.float32" in str(e)
         return SingularMatrixError(
-            f"module {what!r}: base weight{origin} is exactly singular at layers {named}"
+            f"module {what!r}: base weight{origin} is exactly singular at layers {_layer_list(named)}"
             f"{' to float32 precision' if float32 else ''}; conversion matrices W^-1 A.T "
             f"and W^-1 B are undefined there ({'compute in float64, or ' if float32 else ''}leave the module out)",
             tuple(named),
@@ -323,13 +324,25 @@ def at_model_layers(
         source = f"{adapter}: " if adapter is not None else ""
         if "all zero" in str(e):  # say what it means, not the core's "subspace dimension ... batch positions"
             return RankError(
-                f"{source}module {what!r} at layers {named}: its update is all zero, so it has no subspace to "
-                "analyse (an untrained adapter? PEFT initialises lora_B to zero); train it, or leave the module out",
+                f"{source}module {what!r} at layers {_layer_list(named)}: its update is all zero, so it has no "
+                "subspace to analyse (an untrained adapter? PEFT initialises lora_B to zero); train it, or leave the "
+                "module out",
                 tuple(named),
                 option="modules",
             )
-        return RankError(f"{source}module {what!r} at layers {named}: {e}", tuple(named), option=e.option)
+        return RankError(f"{source}module {what!r} at layers {_layer_list(named)}: {e}", tuple(named), option=e.option)
     return type(e)(f"module {what!r}{origin}: {e}", tuple(named), option=e.option)
+
+
+def _layer_list(layers: Sequence[int]) -> str:
+    """Layer numbers for a message: the list when short, else a span (``[0, 1, 2]``; ``0-29 (30 layers)``)."""
+    if len(layers) <= _LISTED_LAYERS:
+        return str(list(layers))
+    return f"{layer_span(list(layers))} ({len(layers)} layers)"
+
+
+#: Layer numbers an error message lists one by one; more are given as a span.
+_LISTED_LAYERS = 8
 
 
 _SIZE_RE = re.compile(r"^([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)$")
