@@ -130,3 +130,17 @@ def test_errors_name_many_layers_as_a_span() -> None:
     assert "at layers 0-29 (30 layers):" in str(e) and "[0, 1" not in str(e) and e.option == ("i", "j")
     few = at_model_layers(RankError("x", (1, 2)), "q", [0, 1, 2], None)
     assert "at layers [1, 2]:" in str(few)
+
+
+def test_streamed_analyses_report_layers_done(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    """amplification, spectra and intruders call progress("layers", done, total) as batches finish, up to every
+    layer of every selected module."""
+    base, adapter = loralens.open_base(tiny_bert), loralens.load_lora_adapter(tiny_bert_adapter)
+    total = sum(len(m.layers) for m in adapter.modules.values())
+    for analysis in (amplification_report, spectra_report, intruder_dimensions):
+        calls: list[tuple[str, int, int]] = []
+        analysis(
+            base, adapter, device="cpu", record_inputs=False, layer_batch=1, cache=False,
+            progress=lambda stage, done, n, calls=calls: calls.append((stage, done, n)),
+        )  # fmt: skip
+        assert calls == [("layers", k, total) for k in range(1, total + 1)], analysis.__name__

@@ -52,6 +52,7 @@ __all__ = [
     "layers_per_batch",
     "ModuleBatch",
     "module_batches",
+    "layer_progress",
     "seeded_generator",
     "warn_if_dora_product",
     "refuse_dora",
@@ -233,13 +234,15 @@ def module_batches(
     layer_batch: int | None = None,
     max_memory: str | int | None = None,
     dense_copies: int = 3,
+    on_done: Callable[[int], None] | None = None,
 ) -> Iterator[ModuleBatch]:
     """Module ``name``'s layers with their base weights, a batch at a time: ``layer_batch`` layers, or as many as
     fit ``max_memory`` (whichever is fewer; all at once when neither is given).
 
     The budget counts per layer the stored weight (at 4 bytes an entry), ``dense_copies`` dense ``d_out x d_in``
     working copies in ``dtype`` (the upcast copy and what the analysis builds from it, e.g. LAPACK's SVD workspace: 3 by
-    default) and the factors; an analysis that holds more dense matrices per layer says so.
+    default) and the factors; an analysis that holds more dense matrices per layer says so. ``on_done(n)`` is
+    called once the caller has finished a batch of ``n`` layers (see :func:`layer_progress`).
 
     Raises
     ------
@@ -264,6 +267,23 @@ def module_batches(
         yield ModuleBatch(
             part, W.to(device, dtype), mod.B[part].to(device, dtype), mod.A[part].to(device, dtype), scale, keys
         )
+        if on_done is not None:  # the caller asked for the next batch: this one is done
+            on_done(part.stop - part.start)
+
+
+def layer_progress(progress: ProgressCallback | None, total: int) -> Callable[[int], None] | None:
+    """``on_done`` for :func:`module_batches` that reports ``progress("layers", layers done, total)`` across the
+    modules of an analysis; None without a ``progress`` callback."""
+    if progress is None:
+        return None
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress("layers", done, total)
+
+    return advance
 
 
 def seeded_generator(seed: int, module: str, layer: int | None = None, purpose: str = "") -> torch.Generator:

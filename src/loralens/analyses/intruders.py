@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 
 from loralens.analyses.engine import (
+    ProgressCallback,
     at_model_layers,
+    layer_progress,
     module_batches,
     refuse_dora,
     resolve_device,
@@ -153,6 +155,7 @@ def intruder_dimensions(
     layer_batch: int | None = None,
     max_memory: str | int | None = None,
     record_inputs: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> IntrudersReport:
     """Intruder dimensions of every (selected) module and layer of ``adapter``.
 
@@ -210,12 +213,20 @@ def intruder_dimensions(
     store = open_spectral_cache(cache, cache_dir)
     digests: dict[Path, str | None] = {}
     result = {}
+    advance = layer_progress(progress, sum(len(adapter.modules[n].layers) for n in names))
     for name in names:
         mod = adapter.modules[name]
         parts: list[tuple[Tensor, ...]] = []
         keys: list[str] = []
         for layers, W, B, A, scale, batch_keys in module_batches(
-            base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
+            base,
+            adapter,
+            name,
+            device=dev,
+            dtype=dtype,
+            layer_batch=layer_batch,
+            max_memory=max_memory,
+            on_done=advance,
         ):
             keys.extend(batch_keys)
             full = min(W.shape[-2:])

@@ -49,7 +49,9 @@ import torch
 from torch import Tensor
 
 from loralens.analyses.engine import (
+    ProgressCallback,
     at_model_layers,
+    layer_progress,
     module_batches,
     refuse_dora,
     resolve_device,
@@ -453,6 +455,7 @@ def amplification_report(
     layer_batch: int | None = None,
     max_memory: str | int | None = None,
     record_inputs: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> AmplificationReport:
     """Table 7 of the LoRA paper for every (selected) module and layer of ``adapter``.
 
@@ -493,6 +496,7 @@ def amplification_report(
     store = open_spectral_cache(cache, cache_dir)
     digests: dict[Path, str | None] = {}
     result = {}
+    advance = layer_progress(progress, sum(len(adapter.modules[n].layers) for n in names))
     for name in names:
         mod = adapter.modules[name]
         L = len(mod.layers)
@@ -501,7 +505,14 @@ def amplification_report(
         keys: list[str] = []
         k_top = min(max(mod.ranks), *mod.shape)
         for layers, W, B, A, scale, batch_keys in module_batches(
-            base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
+            base,
+            adapter,
+            name,
+            device=dev,
+            dtype=dtype,
+            layer_batch=layer_batch,
+            max_memory=max_memory,
+            on_done=advance,
         ):
             keys.extend(batch_keys)
             try:
@@ -648,6 +659,7 @@ def spectra_report(
     layer_batch: int | None = None,
     max_memory: str | int | None = None,
     record_inputs: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> SpectraReport:
     """Singular values, effective ranks and principal angles to W of every layer's dW
     (:func:`loralens.core.lowrank.update_spectrum`), its health numbers, and the config's health checks.
@@ -680,6 +692,7 @@ def spectra_report(
     store = open_spectral_cache(cache, cache_dir)
     digests: dict[Path, str | None] = {}
     result = {}
+    advance = layer_progress(progress, sum(len(adapter.modules[n].layers) for n in names))
     for name in names:
         mod = adapter.modules[name]
         r_max = max(mod.ranks)
@@ -692,7 +705,14 @@ def spectra_report(
         keys: list[str] = []
         k_top = min(r_max, *mod.shape)
         for layers, W, B, A, scale, batch_keys in module_batches(
-            base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory
+            base,
+            adapter,
+            name,
+            device=dev,
+            dtype=dtype,
+            layer_batch=layer_batch,
+            max_memory=max_memory,
+            on_done=advance,
         ):
             keys.extend(batch_keys)
             try:

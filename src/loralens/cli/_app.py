@@ -451,7 +451,7 @@ class _DelayedProgress:
     One bar per stage; stages named ``"<bar>: <step>"`` (``"report: spectra"``) share the bar ``<bar>``, which
     shows the step running."""
 
-    _LABELS = {"solve": "Solving layers", "similarity": "Similarity", "compare": "Comparing pairs"}
+    _LABELS = {"solve": "Solving layers", "similarity": "Similarity", "compare": "Comparing pairs", "layers": "Layers"}
 
     def __init__(self, delay_s: float) -> None:
         self._start = time.monotonic()

@@ -69,6 +69,7 @@ def figure(
     dtype: DTypeOpt = DType.float64,
     layer_batch: LayerBatchOpt = None,
     force: ForceOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Figure 1 of the paper: per module and factor (A, B, BA), the layer x layer phi heatmap of the conversion
     matrices beside the same for random Gaussian matrices, on one 0..1 colour scale (--null-draws: the
@@ -82,10 +83,11 @@ def figure(
         check_output_folder(out, replace=force, inputs=[adapter, base])
         names = parse_modules(modules)
         base_ckpt, lora = load_inputs(base, adapter)
-        (sim,) = adapter_similarity(
-            base_ckpt, [lora], modules=names, i=i, j=j, side=cast(Side, side.value), seed=seed, device=device,
-            dtype=torch_dtype(dtype), layer_batch=layer_batch, null_draws=null_draws,
-        )  # fmt: skip
+        with progress_bar(quiet) as progress:
+            (sim,) = adapter_similarity(
+                base_ckpt, [lora], modules=names, i=i, j=j, side=cast(Side, side.value), seed=seed, device=device,
+                dtype=torch_dtype(dtype), layer_batch=layer_batch, null_draws=null_draws, progress=progress,
+            )  # fmt: skip
         paths = write_outputs(out, figure_files(sim.to_dict(), dpi), replace=force, inputs=[adapter, base])
         _print_written(paths)
 

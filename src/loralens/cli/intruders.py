@@ -26,10 +26,12 @@ from loralens.cli._app import (
     LayerBatchOpt,
     MaxMemoryOpt,
     ModulesOpt,
+    QuietOpt,
     app,
     emit_result,
     load_inputs,
     parse_modules,
+    progress_bar,
     torch_dtype,
     user_errors,
 )
@@ -63,6 +65,7 @@ def intruders(
     layer_batch: LayerBatchOpt = None,
     max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Per module and layer: how many of the top-k left singular vectors of the fine-tuned weight W0 + s B A have
     no counterpart among W0's singular vectors (max |cos| < epsilon), their cosines and singular values, the
@@ -74,11 +77,12 @@ def intruders(
         if out is not None:
             check_output_folder(out, replace=force, inputs=[adapter, base])
         base_ckpt, lora = load_inputs(base, adapter)
-        data = intruder_dimensions(
-            base_ckpt, lora, modules=parse_modules(modules), k=k, epsilon=epsilon, exact=exact, cache=cache,
-            cache_dir=cache_dir, device=device,
-            dtype=torch_dtype(dtype), layer_batch=layer_batch, max_memory=max_memory,
-        ).to_dict()  # fmt: skip
+        with progress_bar(quiet) as progress:
+            data = intruder_dimensions(
+                base_ckpt, lora, modules=parse_modules(modules), k=k, epsilon=epsilon, exact=exact, cache=cache,
+                cache_dir=cache_dir, device=device, dtype=torch_dtype(dtype), layer_batch=layer_batch,
+                max_memory=max_memory, progress=progress,
+            ).to_dict()  # fmt: skip
         files = None
         if out is not None:
             png, svg = render_figure(intruders_figure(data, title=f"Intruder dimensions: {lora.path.name}"), DPI)

@@ -30,10 +30,12 @@ from loralens.cli._app import (
     LayerBatchOpt,
     MaxMemoryOpt,
     ModulesOpt,
+    QuietOpt,
     app,
     emit_result,
     load_inputs,
     parse_modules,
+    progress_bar,
     torch_dtype,
     user_errors,
 )
@@ -142,6 +144,7 @@ def amplification(
     layer_batch: LayerBatchOpt = None,
     max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """How dW relates to W (LoRA paper, Table 7), per module and layer: ||U^T W V||_F for dW's r-dim singular
     subspaces, for W's own top-r ones and for random ones, and the amplification factor ||dW||_F / ||U^T W V||_F.
@@ -152,20 +155,22 @@ def amplification(
         if out is not None:
             check_output_folder(out, replace=force, inputs=[adapter, base])
         base_ckpt, lora = load_inputs(base, adapter)
-        report = amplification_report(
-            base_ckpt,
-            lora,
-            modules=parse_modules(modules),
-            n_random=n_random,
-            seed=seed,
-            exact=exact,
-            cache=cache,
-            cache_dir=cache_dir,
-            device=device,
-            dtype=torch_dtype(dtype),
-            layer_batch=layer_batch,
-            max_memory=max_memory,
-        )
+        with progress_bar(quiet) as progress:
+            report = amplification_report(
+                base_ckpt,
+                lora,
+                modules=parse_modules(modules),
+                n_random=n_random,
+                seed=seed,
+                exact=exact,
+                cache=cache,
+                cache_dir=cache_dir,
+                device=device,
+                dtype=torch_dtype(dtype),
+                layer_batch=layer_batch,
+                max_memory=max_memory,
+                progress=progress,
+            )
         _emit(report.to_dict(), out, "amplification", amplification_table, dpi, json_output, force)
 
 
@@ -189,6 +194,7 @@ def spectra(
     layer_batch: LayerBatchOpt = None,
     max_memory: MaxMemoryOpt = "2GB",
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Spectra of dW = s B A per module and layer: singular values, entropy and energy effective ranks, and the
     principal angles between dW's column space and W's top-r left singular subspace."""
@@ -198,19 +204,21 @@ def spectra(
         if out is not None:
             check_output_folder(out, replace=force, inputs=[adapter, base])
         base_ckpt, lora = load_inputs(base, adapter)
-        report = spectra_report(
-            base_ckpt,
-            lora,
-            modules=parse_modules(modules),
-            energy_threshold=energy_threshold,
-            exact=exact,
-            cache=cache,
-            cache_dir=cache_dir,
-            device=device,
-            dtype=torch_dtype(dtype),
-            layer_batch=layer_batch,
-            max_memory=max_memory,
-        )
+        with progress_bar(quiet) as progress:
+            report = spectra_report(
+                base_ckpt,
+                lora,
+                modules=parse_modules(modules),
+                energy_threshold=energy_threshold,
+                exact=exact,
+                cache=cache,
+                cache_dir=cache_dir,
+                device=device,
+                dtype=torch_dtype(dtype),
+                layer_batch=layer_batch,
+                max_memory=max_memory,
+                progress=progress,
+            )
         _emit(report.to_dict(), out, "spectra", spectra_table, dpi, json_output, force)
 
 
