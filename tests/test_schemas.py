@@ -175,6 +175,7 @@ def test_overlap(tiny_bert: Path, tiny_bert_adapter: Path, second_adapter: Path)
     assert_valid("overlap", run_json(*argv, "--device", "cpu"))
 
 
+@pytest.mark.slow  # builds a whole report or several figures: make test runs it, test-fast does not
 def test_report(
     tiny_bert: Path,
     tiny_bert_adapter: Path,

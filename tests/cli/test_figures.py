@@ -49,6 +49,7 @@ def test_figure_writes_png_svg_and_csv(tmp_path: Path, tiny_bert: Path, tiny_ber
     assert str(out / "figure1_value_B.png") in proc.stdout
 
 
+@pytest.mark.slow  # builds a whole report or several figures: make test runs it, test-fast does not
 def test_figure_options_pick_modules_and_dimensions(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     out = tmp_path / "figs"
     argv = ["figure", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out, "--modules", "value"]

@@ -15,6 +15,7 @@ from loralens.io.adapters import load_lora_adapter
 from loralens.render.build import build_report
 
 
+@pytest.mark.slow  # builds a whole report or several figures: make test runs it, test-fast does not
 def test_progress_counts_each_analysis(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     calls: list[tuple[str, int, int]] = []
     adapter = load_lora_adapter(tiny_bert_adapter)
@@ -35,6 +36,7 @@ def test_progress_counts_each_analysis(tiny_bert: Path, tiny_bert_adapter: Path)
     assert any(stage == "solve" for stage, _, _ in calls)  # Figure 1's own progress passes through
 
 
+@pytest.mark.slow  # builds a whole report or several figures: make test runs it, test-fast does not
 def test_the_report_command_passes_its_progress_bar(
     tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
