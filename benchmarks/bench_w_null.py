@@ -2,7 +2,8 @@
 
 A synthetic Llama-shaped case (q_proj + v_proj, d x d, L layers, rank r; :func:`_common.llama_checkpoint`), scaled
 to run here in under two minutes, in-process (float64, CPU, the base read from the page cache). The null adds
-``2 N r`` right-hand-side columns to each layer's LU solve (about ``6 N r / d`` of the LU's flops), its Gaussian
+``N r`` right-hand-side columns to each layer's LU solve (square W: A's and B's null are one distribution and share
+them; about ``3 N r / d`` of the LU's flops), its Gaussian
 draws and the thin SVDs of ``N`` times as many ``(d, r)`` matrices; the cost model printed extrapolates the
 measured parts to d = 4096, L = 32, r = 8.
 
@@ -77,7 +78,7 @@ def main() -> None:
     m = measure(args.dim, args.layers, args.r, args.draws, args.repeat)
     m["extra_ratio"] = (m["on_s"] - m["off_s"]) / m["off_s"]
     # Cost model per module type: the run without the null grows as L d^3 (the LU); the null's extra solve as
-    # L d^2 N r (2 N r more columns in the triangular solves), its draws and thin SVDs as L d N r^2.
+    # L d^2 N r (N r more columns in the triangular solves), its draws and thin SVDs as L d N r^2.
     d7, l7, r7 = 4096, 32, 8
     dim, layers, r = m["dim"], m["layers"], m["r"]
     base_7b = m["off_s"] * (l7 * d7**3) / (layers * dim**3)

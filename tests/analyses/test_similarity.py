@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 import checkpoints
 import loralens
 from loralens.analyses.conversion import compute_conversions
-from loralens.analyses.engine import select_modules
+from loralens.analyses.engine import seeded_generator, select_modules
 from loralens.analyses.similarity import layer_similarity
+from loralens.core.random import gaussian
 from loralens.errors import LoralensError, NearSingularWarning, RankError, SingularMatrixError
 
 
@@ -367,6 +368,30 @@ def test_w_null_statistics_are_sane_and_byte_identical(tmp_path: Path) -> None:
         }
     assert one.settings["null_draws"] == 7 and "w_null:<factor>" in one.settings["w_null_baseline"]
     assert off.to_dict()["modules"]["q_proj"]["A"]["w_null"] is None and off.settings["null_draws"] == 0
+
+
+def test_w_null_of_a_square_w_solves_one_block_for_a_and_b(tmp_path: Path) -> None:
+    # Square W: W^-1 R_A and W^-1 R_B are one distribution, so the null solves the B draws once and uses them for
+    # both; R_A (independent of R_B) enters only the B A null.
+    rng = np.random.default_rng(6)
+    L, d, r, N = 3, 12, 2, 4
+    W = rng.standard_normal((L, d, d)) + 3 * np.eye(d)
+    base, adapter = _synthetic(tmp_path, torch.from_numpy(W), r)
+    (mc,) = compute_conversions(
+        loralens.open_base(base), loralens.load_lora_adapter(adapter), device="cpu", null_draws=N, null_seed=9
+    ).values()
+    null = mc.null
+    assert null is not None and null.shared and null.A is null.B
+    for layer in range(L):
+        R_B = gaussian(N, d, r, generator=seeded_generator(9, "q_proj", layer, purpose="w_null:B"))
+        R_A = gaussian(N, d, r, generator=seeded_generator(9, "q_proj", layer, purpose="w_null:A"))
+        # float64 reference; tolerance: a well-conditioned 12 x 12 solve agrees to ~1e-13.
+        np.testing.assert_allclose(null.B[:, layer].numpy(), np.linalg.solve(W[layer], R_B.numpy()), atol=1e-11)
+        assert torch.equal(null.rhs_A[:, layer], R_A)
+        assert not torch.equal(R_A, R_B)
+    report = _w_null_report(base, adapter, N, seed=9)
+    A, B = (report.modules["q_proj"][f].w_null for f in ("A", "B"))
+    assert A is not None and B is not None and torch.equal(A.phi_mean, B.phi_mean)
 
 
 def test_w_null_draws_are_validated(tmp_path: Path) -> None:

@@ -245,7 +245,7 @@ def compare_adapters(
         (theta replaced by Gaussians ``R``: ``phi(A_l, R_A W_l^T)``, ``phi(B_l, W_l R_B^T)``, BA from those
         factors) and ``ModuleComparison.conv_w_null`` (the LoRA factor replaced: ``phi(W_l^-1 R, theta^T)``),
         per layer mean, std, z and p, and the mean over layers (:data:`W_NULL_TABLE3`). Cost: the conversions
-        solve ``2 N r`` more right-hand sides per layer on the same LU (``compute_conversions_many``'s
+        solve ``N r`` more right-hand sides per layer on the same LU (``compute_conversions_many``'s
         ``null_draws``, which holds ``N L (3 d) r`` numbers per module); per batch of ``n`` layers each draw forms
         ``n`` null CondLoRA factor pairs (``2 n r d`` numbers, one draw at a time) and repeats the CondLoRA side's
         SVDs, so Table 3's SVD work grows about ``N``-fold on the CondLoRA side; the draws of theta are

@@ -91,7 +91,9 @@ W_NULL_DRAWS = (
     "per module, layer and factor, N draws of R with i.i.d. N(0, 1) entries of the shape of that factor's "
     "right-hand side (A: d_in x r, B: d_out x r), drawn consecutively from "
     "seeded_generator(seed, module, layer, 'w_null:<factor>'), solved like the adapter's factors (same "
-    "factorisation of W, same convention); BA: (W^-1 R_B) R_A with R_A the A draw transposed (r x d_in)"
+    "factorisation of W, same convention); BA: (W^-1 R_B) R_A with R_A the A draw transposed (r x d_in). "
+    "Under the 'solve' convention (square W) the A and B nulls are one distribution, phi of W^-1 R with R "
+    "Gaussian d x r, so both use the solved B draws (one solve, one set of phi); R_A enters only BA"
 )
 
 
@@ -115,6 +117,10 @@ class WNullConversions:
         ``(N, L, d_B, r)``: ``W^-1 R_B``, ``R_B`` ``(d_out, r)``.
     rhs_A : Tensor
         ``(N, L, d_in, r)``: the ``R_A`` draws; ``rhs_A.mT`` is the right factor of the B A null.
+    shared : bool
+        ``A`` is ``B`` (the ``"solve"`` convention: ``W^-1 R_A`` and ``W^-1 R_B`` have one distribution, so the
+        null solves one block of draws, not two, and their phi is computed once); ``R_A`` is then used only in
+        the B A null, where it must be independent of ``R_B``.
     """
 
     draws: int
@@ -122,6 +128,7 @@ class WNullConversions:
     A: Tensor
     B: Tensor
     rhs_A: Tensor
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,9 +234,10 @@ def compute_conversions_many(
     gives for that adapter alone (up to rounding in the last bits).
 
     ``null_draws > 0`` also solves the W-conditioned null (:class:`WNullConversions`, :data:`W_NULL_DRAWS`) on
-    the same factorisation of each batch of layers: ``2 N r`` more right-hand-side columns per module and layer
-    (adapters with the same module name and rank share them), so the extra cost is about
-    ``2 N r * 2 d^2 / (2/3 d^3) = 6 N r / d`` of the LU's flops (and the draws' generation), plus the memory of
+    the same factorisation of each batch of layers: ``N r`` more right-hand-side columns per module and layer for
+    a square W (``WNullConversions.shared``; ``2 N r`` under ``"lstsq"``; adapters with the same module name and
+    rank share them), so the extra cost is about ``N r * 2 d^2 / (2/3 d^3) = 3 N r / d`` of the LU's flops (and
+    the draws' generation), plus the memory of
     :class:`WNullConversions`. The draws of a layer depend only on ``null_seed``, the module name and the layer,
     not on the layer batches or the modules selected. The real conversion matrices are unchanged by it.
     """
@@ -405,10 +413,15 @@ def _solve_null(
         rhs[factor] = torch.stack(draws_per_layer, dim=1)  # (N, L_b, rows, r)
     # As one rank-(N r) "adapter": A rows and B columns [draw 0 | draw 1 | ...], i.e. (L_b, rows, N r) blocks.
     blocks = {f: R.permute(1, 2, 0, 3).reshape(len(layers), R.shape[2], draws * r) for f, R in rhs.items()}
+    unblock = lambda X: X.reshape(X.shape[0], X.shape[1], draws, r).permute(2, 0, 1, 3).cpu()  # noqa: E731
+    if fact.convention == "solve":
+        # W^-1 R_A and W^-1 R_B are one distribution here: solving both would double the null's cost for
+        # nothing (see WNullConversions.shared). The B draws serve both; R_A stays for the B A null.
+        B = unblock(fact.solve(blocks["B"]))
+        return B, B, rhs["A"].cpu()
     (conv,) = solve_conversions(
         fact, [blocks["A"].mT], [blocks["B"]], with_product=False, with_residuals=False, warn=False
     )
-    unblock = lambda X: X.reshape(X.shape[0], X.shape[1], draws, r).permute(2, 0, 1, 3).cpu()  # noqa: E731
     return unblock(conv.A), unblock(conv.B), rhs["A"].cpu()
 
 
@@ -544,8 +557,10 @@ def _to_cpu(c: Conversion) -> Conversion:
 def _concat_null(parts: list[tuple[Tensor, Tensor, Tensor]] | None, draws: int, seed: int) -> WNullConversions | None:
     if not parts:
         return None
-    A, B, rhs_A = (torch.cat([p[k] for p in parts], dim=1) if len(parts) > 1 else parts[0][k] for k in range(3))
-    return WNullConversions(draws, seed, A, B, rhs_A)
+    shared = all(p[0] is p[1] for p in parts)
+    cat = lambda k: torch.cat([p[k] for p in parts], dim=1) if len(parts) > 1 else parts[0][k]  # noqa: E731
+    B = cat(1)
+    return WNullConversions(draws, seed, B if shared else cat(0), B, cat(2), shared)
 
 
 def _concat(parts: list[Conversion]) -> Conversion:

@@ -264,9 +264,19 @@ def layer_similarity_many(
                     random = baselines[draw]
                     null_phi = None
                     if mc.null is not None and null_draws != 0:
-                        null_key = (*draw, mc.layers, mc.null.draws, mc.null.seed, tuple(mc.null.A.shape))
+                        # A shared null (square W) has one phi for A and B: computed once, under "B".
+                        null_factor = "B" if mc.null.shared and factor == "A" else factor
+                        null_key = (
+                            name,
+                            null_factor,
+                            *draw[2:],
+                            mc.layers,
+                            mc.null.draws,
+                            mc.null.seed,
+                            mc.null.B.shape,
+                        )
                         if null_key not in null_phis:
-                            null_phis[null_key] = _null_similarity(mc.null, factor, ii, jj, side, dev)
+                            null_phis[null_key] = _null_similarity(mc.null, null_factor, ii, jj, side, dev)
                         null_phi = null_phis[null_key]
                 except BatchError as e:
                     raise at_model_layers(e, f"{name} ({factor})", mc.layers, None) from e
