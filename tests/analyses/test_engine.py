@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import loralens
+from loralens.analyses.dora import magnitude_direction, magnitude_direction_series
 from loralens.analyses.engine import module_batches, seeded_generator
 from loralens.analyses.intruders import intruder_dimensions
-from loralens.analyses.lowrank import amplification_report, spectra_report
+from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
+from loralens.analyses.zoo import adapter_zoo
 from loralens.errors import LoralensError
 
 
@@ -144,3 +146,31 @@ def test_streamed_analyses_report_layers_done(tiny_bert: Path, tiny_bert_adapter
             progress=lambda stage, done, n, calls=calls: calls.append((stage, done, n)),
         )  # fmt: skip
         assert calls == [("layers", k, total) for k in range(1, total + 1)], analysis.__name__
+
+
+def test_dora_zoo_and_overlap_report_layers_done(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
+    """dora (one adapter, and a series counted across its checkpoints) per batch of layers, the zoo per shared layer,
+    the overlap per module and factor (its layers once per factor): progress("layers", done, total) up to total."""
+    base, adapter = loralens.open_base(tiny_bert), loralens.load_lora_adapter(tiny_bert_adapter)
+    layers = [len(m.layers) for m in adapter.modules.values()]
+    total = sum(layers)
+    calls: list[tuple[str, int, int]] = []
+
+    def record(stage: str, done: int, n: int) -> None:
+        calls.append((stage, done, n))
+
+    magnitude_direction(base, adapter, device="cpu", record_inputs=False, layer_batch=1, progress=record)
+    assert calls == [("layers", k, total) for k in range(1, total + 1)]
+    calls.clear()
+    second = loralens.load_lora_adapter(tiny_bert_adapter)
+    magnitude_direction_series(
+        base, [adapter, second], device="cpu", record_inputs=False, layer_batch=1, progress=record
+    )
+    assert calls == [("layers", k, 2 * total) for k in range(1, 2 * total + 1)]
+    calls.clear()
+    adapter_zoo([adapter, second], device="cpu", progress=record)
+    assert calls == [("layers", k, total) for k in range(1, total + 1)]
+    calls.clear()
+    rank_overlap(adapter, second, device="cpu", record_inputs=False, progress=record)
+    steps = [n for n in layers for _ in ("A", "B")]
+    assert calls == [("layers", sum(steps[: k + 1]), 2 * total) for k in range(len(steps))]

@@ -8,8 +8,10 @@ in process (fast) and once through a subprocess: one line ``error: ...``, exit c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -236,3 +238,25 @@ def test_exact_and_cache_options(tmp_path: Path, tiny_bert: Path, tiny_bert_adap
         empty = tmp_path / f"{command}-none"
         assert runner.invoke(app, [*common, "--no-cache", "--cache-dir", str(empty)]).exit_code == 0
         assert not empty.exists()
+
+
+def test_overlap_passes_its_progress_bar(tiny_bert_adapter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """overlap runs under the delayed progress bar (none with --quiet, nor when piped), counting each module's
+    layers once per factor."""
+    import loralens.cli.lowrank
+
+    calls: list[tuple[str, int, int]] = []
+    quiet_flags: list[bool] = []
+
+    @contextlib.contextmanager
+    def recording(quiet: bool, **_: object) -> Iterator[object]:
+        quiet_flags.append(quiet)
+        yield lambda stage, done, total: calls.append((stage, done, total))
+
+    monkeypatch.setattr(loralens.cli.lowrank, "progress_bar", recording)
+    args = ["overlap", "--adapter", tiny_bert_adapter, "--adapter", tiny_bert_adapter, "--modules", "query"]
+    for extra in ([], ["--quiet"]):
+        proc = run_cli(*args, "--device", "cpu", "--json", *extra)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert quiet_flags == [False, True]
+    assert calls == [("layers", 2, 4), ("layers", 4, 4)] * 2  # 2 layers of query, factors A then B; each run

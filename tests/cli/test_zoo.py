@@ -3,8 +3,12 @@ writes its files, a folder named twice counts once, bad input is one line and ex
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from clitools import run_cli
 from loralens.analyses.zoo import adapter_zoo
@@ -41,3 +45,25 @@ def test_zoo_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, words in cases:
         proc = run_cli("zoo", *args)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_zoo_passes_its_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command runs the zoo under the delayed progress bar (none with --quiet, nor when piped) and the bar
+    counts the compared layers."""
+    import loralens.cli.zoo
+
+    calls: list[tuple[str, int, int]] = []
+    quiet_flags: list[bool] = []
+
+    @contextlib.contextmanager
+    def recording(quiet: bool, **_: object) -> Iterator[object]:
+        quiet_flags.append(quiet)
+        yield lambda stage, done, total: calls.append((stage, done, total))
+
+    monkeypatch.setattr(loralens.cli.zoo, "progress_bar", recording)
+    args = ["zoo", "--adapter", default_adapter(0), "--adapter", default_adapter(1), "--device", "cpu", "--json"]
+    for extra in ([], ["--quiet"], ["-q"]):
+        proc = run_cli(*args, "--modules", "query", *extra)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert quiet_flags == [False, True, True]
+    assert calls == [("layers", k, 6) for k in range(1, 7)] * 3  # MiniLM: 6 layers of query, each run

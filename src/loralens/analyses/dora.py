@@ -19,14 +19,22 @@ series each and a pooled line. Base weights are read a batch of layers at a time
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from loralens.analyses.engine import at_model_layers, module_batches, resolve_device, run_settings, select_modules
+from loralens.analyses.engine import (
+    ProgressCallback,
+    at_model_layers,
+    layer_progress,
+    module_batches,
+    resolve_device,
+    run_settings,
+    select_modules,
+)
 from loralens.analyses.provenance import provenance
 from loralens.analyses.serialize import json_values
 from loralens.core.dora import linear_fit, magnitude_direction_change
@@ -145,6 +153,7 @@ def magnitude_direction(
     layer_batch: int | None = None,
     max_memory: str | int | None = None,
     record_inputs: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> DoraReport:
     """DoRA's magnitude change ``dM`` and direction change ``dD`` of every (selected) module and layer.
 
@@ -161,6 +170,9 @@ def magnitude_direction(
     record_inputs : bool
         Record the inputs (:func:`loralens.analyses.provenance.provenance`: paths, SHA-256, versions) in
         ``settings["inputs"]``; the device and dtype are always recorded.
+    progress : callable, optional
+        ``progress("layers", layers done, total)`` (:data:`~loralens.analyses.engine.ProgressCallback`) as each
+        batch of layers is finished, ``total`` counting every layer of every selected module.
 
     Raises
     ------
@@ -170,7 +182,8 @@ def magnitude_direction(
         The adapter does not fit the base.
     """
     dev, names = _check(adapter, modules, device, dtype)
-    result = {name: _module(base, adapter, name, dev, dtype, layer_batch, max_memory) for name in names}
+    advance = layer_progress(progress, _layer_count(adapter, names))
+    result = {name: _module(base, adapter, name, dev, dtype, layer_batch, max_memory, advance) for name in names}
     settings = run_settings(dev, dtype, max_memory=max_memory)
     if record_inputs:
         settings["inputs"] = provenance(base, adapter)
@@ -187,19 +200,22 @@ def magnitude_direction_series(
     layer_batch: int | None = None,
     max_memory: str | int | None = None,
     record_inputs: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> DoraSeriesReport:
     """:func:`magnitude_direction` of several checkpoints of one run (the paper's view over training steps), and
     per module the line through the points of all of them. Parameters as there; each adapter is checked and
     computed on its own (its selected modules, its settings), the base weights read once per adapter.
+    ``progress("layers", done, total)`` counts the layers of every adapter's selected modules together.
     """
     if not adapters:
         raise LoralensError("magnitude_direction_series needs at least one adapter", option="adapters")
+    counts = [_layer_count(a, _check(a, modules, device, dtype)[1]) for a in adapters]
     runs = tuple(
         magnitude_direction(
             base, a, modules=modules, device=device, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory,
-            record_inputs=record_inputs,
+            record_inputs=record_inputs, progress=_shifted(progress, sum(counts[:k]), sum(counts)),
         )
-        for a in adapters
+        for k, a in enumerate(adapters)
     )  # fmt: skip
     pooled = {}
     for name in dict.fromkeys(n for run in runs for n in run.modules):
@@ -218,6 +234,18 @@ def _check(
     return resolve_device(device), select_modules(adapter, modules)
 
 
+def _layer_count(adapter: LoraAdapter, names: Sequence[str]) -> int:
+    return sum(len(adapter.modules[n].layers) for n in names)
+
+
+def _shifted(progress: ProgressCallback | None, before: int, total: int) -> ProgressCallback | None:
+    """``progress`` for one adapter of a series: its counts after the ``before`` layers of the adapters before it,
+    out of the series' ``total``."""
+    if progress is None:
+        return None
+    return lambda stage, done, _: progress(stage, before + done, total)
+
+
 def _module(
     base: BaseCheckpoint,
     adapter: LoraAdapter,
@@ -226,6 +254,7 @@ def _module(
     dtype: torch.dtype,
     layer_batch: int | None,
     max_memory: str | int | None,
+    on_done: Callable[[int], None] | None = None,
 ) -> DoraModule:
     mod = adapter.modules[name]
     dMs: list[Tensor] = []
@@ -233,7 +262,15 @@ def _module(
     keys: list[str] = []
     # one dense copy per layer: the upcast W0; the row norms are reductions and the rest is O((d_out + d_in) r)
     for layers, W, B, A, scale, batch_keys in module_batches(
-        base, adapter, name, device=dev, dtype=dtype, layer_batch=layer_batch, max_memory=max_memory, dense_copies=1
+        base,
+        adapter,
+        name,
+        device=dev,
+        dtype=dtype,
+        layer_batch=layer_batch,
+        max_memory=max_memory,
+        dense_copies=1,
+        on_done=on_done,
     ):
         keys.extend(batch_keys)
         magnitude = mod.magnitude[layers].to(dev, dtype) if mod.magnitude is not None else None

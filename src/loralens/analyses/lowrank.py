@@ -209,6 +209,7 @@ def rank_overlap(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
     record_inputs: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> OverlapReport:
     """phi(i, j) grids between two adapters of one base (LoRA paper, Figures 3 and 4), per module and layer.
 
@@ -231,6 +232,9 @@ def rank_overlap(
     record_inputs : bool
         Record the inputs (:func:`loralens.analyses.provenance.pair_provenance`: paths, SHA-256) in
         ``settings["inputs"]``; the device and dtype are always recorded.
+    progress : callable, optional
+        ``progress("layers", done, total)`` (:data:`~loralens.analyses.engine.ProgressCallback`) as each factor of
+        a module is done (all its layers at once), ``total`` counting every selected module's layers once per factor.
 
     Returns
     -------
@@ -253,6 +257,7 @@ def rank_overlap(
     names = _paired_modules(first, second, modules)
     _check_same_base(first, second, base, names)
     result = {}
+    advance = layer_progress(progress, len(factors) * sum(len(first.modules[n].layers) for n in names))
     for name in names:
         mod1, mod2 = first.modules[name], second.modules[name]
         _check_pair(first, second, mod1, mod2)
@@ -262,6 +267,8 @@ def rank_overlap(
                 per_factor[f] = _factor_overlap(mod1, mod2, f, i, j, dev, dtype)
             except BatchError as e:
                 raise at_model_layers(e, f"{name} ({f})", mod1.layers, None) from e
+            if advance is not None:
+                advance(len(mod1.layers))
         result[name] = ModuleOverlap(name, mod1.layers, mod1.shape, (mod1.ranks, mod2.ranks), per_factor)
     settings = {
         "factors": list(factors),

@@ -24,14 +24,20 @@ results (``3 L N^2`` numbers per module). Nothing here prints or writes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from loralens.analyses.engine import resolve_device, run_settings, warn_if_dora_product
+from loralens.analyses.engine import (
+    ProgressCallback,
+    layer_progress,
+    resolve_device,
+    run_settings,
+    warn_if_dora_product,
+)
 from loralens.analyses.serialize import json_values, layer_span
 from loralens.core.similarity import top_singular_vectors
 from loralens.core.zoo import cosine_from_inner_products, segment_subspace_similarity, update_inner_products
@@ -124,6 +130,7 @@ def adapter_zoo(
     assume_same_base: bool = False,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float64,
+    progress: ProgressCallback | None = None,
 ) -> ZooReport:
     """Pairwise update cosines and factor-subspace phi of ``adapters`` per module and layer, and their clustering.
 
@@ -140,6 +147,9 @@ def adapter_zoo(
         module shapes must still agree.
     device, dtype
         Where and in what precision to compute (float64 or float32).
+    progress : callable, optional
+        ``progress("layers", layers done, total)`` (:data:`~loralens.analyses.engine.ProgressCallback`) as each
+        layer of a module is compared across all adapters, ``total`` counting the shared layers of every module.
 
     Raises
     ------
@@ -161,14 +171,18 @@ def adapter_zoo(
     for adapter in adapters:
         warn_if_dora_product(adapter)
     notes: list[str] = []
-    result = {}
+    shared = {}
     for name in names:
         layers = sorted(set.intersection(*(set(a.modules[name].layers) for a in adapters)))
         if not layers:
             raise ModelMismatchError(f"module {name!r}: the adapters share no layer; compare adapters of one model")
         if any(len(a.modules[name].layers) != len(layers) for a in adapters):
             notes.append(f"{name}: compared on the {len(layers)} layers all adapters have ({layer_span(layers)})")
-        result[name] = _compare_module(adapters, name, layers, block, dev, dtype)
+        shared[name] = layers
+    advance = layer_progress(progress, sum(len(layers) for layers in shared.values()))
+    result = {
+        name: _compare_module(adapters, name, layers, block, dev, dtype, advance) for name, layers in shared.items()
+    }
     settings = {
         "n_adapters": len(adapters),
         "bases": sorted({str(a.base_model_name_or_path) for a in adapters}),
@@ -221,7 +235,13 @@ def _check_zoo(adapters: Sequence[LoraAdapter], modules: Sequence[str] | None, a
 
 
 def _compare_module(
-    adapters: Sequence[LoraAdapter], name: str, layers: list[int], block: int, dev: torch.device, dtype: torch.dtype
+    adapters: Sequence[LoraAdapter],
+    name: str,
+    layers: list[int],
+    block: int,
+    dev: torch.device,
+    dtype: torch.dtype,
+    on_done: Callable[[int], None] | None = None,
 ) -> ZooModule:
     n, L = len(adapters), len(layers)
     mods = [a.modules[name] for a in adapters]
@@ -263,6 +283,8 @@ def _compare_module(
                 for out, value in ((inner, tile), (phi_B, qb), (phi_A, qa)):
                     out[at, I.start : I.stop, J.start : J.stop] = value
                     out[at, J.start : J.stop, I.start : I.stop] = value.mT
+        if on_done is not None:
+            on_done(1)
     norms_sq = inner.diagonal(dim1=-2, dim2=-1)  # (L, n)
     cosine = cosine_from_inner_products(inner, norms_sq, norms_sq)
     total = norms_sq.sum(dim=0)

@@ -25,10 +25,12 @@ from loralens.cli._app import (
     LayerBatchOpt,
     MaxMemoryOpt,
     ModulesOpt,
+    QuietOpt,
     app,
     emit_result,
     load_many,
     parse_modules,
+    progress_bar,
     torch_dtype,
     user_errors,
 )
@@ -56,6 +58,7 @@ def dora(
     max_memory: MaxMemoryOpt = "2GB",
     layer_batch: LayerBatchOpt = None,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Per module and layer, over the output units n (rows of the weight): dM = mean |m'_n - m0_n| and
     dD = mean (1 - cos(W'_n, W0_n)), m' the DoRA magnitudes (or the row norms of W0 + s B A for LoRA), and the
@@ -68,12 +71,15 @@ def dora(
             check_output_folder(out, replace=force, inputs=[*adapter, base])
         base_ckpt, loras = load_many(base, adapter)
         mods, dt = parse_modules(modules), torch_dtype(dtype)
-        if len(loras) == 1:
-            data = magnitude_direction(base_ckpt, loras[0], modules=mods, device=device, dtype=dt,
-                                       layer_batch=layer_batch, max_memory=max_memory).to_dict()  # fmt: skip
-        else:
-            data = magnitude_direction_series(base_ckpt, loras, modules=mods, device=device, dtype=dt,
-                                              layer_batch=layer_batch, max_memory=max_memory).to_dict()  # fmt: skip
+        with progress_bar(quiet) as progress:
+            if len(loras) == 1:
+                data = magnitude_direction(base_ckpt, loras[0], modules=mods, device=device, dtype=dt,
+                                           layer_batch=layer_batch, max_memory=max_memory,
+                                           progress=progress).to_dict()  # fmt: skip
+            else:
+                data = magnitude_direction_series(base_ckpt, loras, modules=mods, device=device, dtype=dt,
+                                                  layer_batch=layer_batch, max_memory=max_memory,
+                                                  progress=progress).to_dict()  # fmt: skip
         files = None
         if out is not None:
             what = loras[0].path.name if len(loras) == 1 else f"{len(loras)} checkpoints"

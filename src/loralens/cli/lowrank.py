@@ -97,6 +97,7 @@ def overlap(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Rank-subspace overlap of two adapters (LoRA paper, Figures 3 and 4): per module and layer the grid
     phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), i <= r1, j <= r2, on the right singular vectors of A
@@ -110,17 +111,19 @@ def overlap(
             raise LoralensError(f"overlap compares exactly two adapters (--adapter X --adapter Y); got {len(adapter)}")
         first, second = load_lora_adapter(adapter[0]), load_lora_adapter(adapter[1])
         base_ckpt = base_for(first, base) if base is not None else None
-        report = rank_overlap(
-            first,
-            second,
-            base=base_ckpt,
-            modules=parse_modules(modules),
-            factors=[f.strip() for f in factors.split(",") if f.strip()],
-            i=i,
-            j=j,
-            device=device,
-            dtype=torch_dtype(dtype),
-        )
+        with progress_bar(quiet) as progress:
+            report = rank_overlap(
+                first,
+                second,
+                base=base_ckpt,
+                modules=parse_modules(modules),
+                factors=[f.strip() for f in factors.split(",") if f.strip()],
+                i=i,
+                j=j,
+                device=device,
+                dtype=torch_dtype(dtype),
+                progress=progress,
+            )
         _emit(report.to_dict(), out, "overlap", overlap_table, dpi, json_output, force)
 
 

@@ -22,9 +22,11 @@ from loralens.cli._app import (
     ForceOpt,
     JsonOpt,
     ModulesOpt,
+    QuietOpt,
     app,
     emit_result,
     parse_modules,
+    progress_bar,
     torch_dtype,
     user_errors,
 )
@@ -62,6 +64,7 @@ def zoo(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Per module, for every pair of adapters: the cosine of their updates dW = s B A (per layer and over all
     layers), phi between B's column spaces and between A's row spaces, and an average-linkage clustering on
@@ -74,10 +77,11 @@ def zoo(
         if out is not None:
             check_output_folder(out, replace=force, inputs=folders)
         adapters = [load_lora_adapter(f) for f in folders]
-        data = adapter_zoo(
-            adapters, modules=parse_modules(modules), block=block, assume_same_base=same_base, device=device,
-            dtype=torch_dtype(dtype),
-        ).to_dict()  # fmt: skip
+        with progress_bar(quiet) as progress:
+            data = adapter_zoo(
+                adapters, modules=parse_modules(modules), block=block, assume_same_base=same_base, device=device,
+                dtype=torch_dtype(dtype), progress=progress,
+            ).to_dict()  # fmt: skip
         files = None
         if out is not None:
             files = {"zoo.json": json_writer(data)}
