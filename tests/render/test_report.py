@@ -451,3 +451,20 @@ def test_summary_gives_a_verdict_by_the_stated_rule(one_factor: dict, tmp_path: 
     else:
         z = (s["mean_offdiag"] - null["mean_offdiag"]) / null["mean_offdiag_std"]
         assert (f"above the W-null by {z:.1f} std" if z > 2 else f"{z:+.1f} std)") in summary
+
+
+@pytest.mark.slow  # renders two Figure-1 pictures (seconds)
+def test_phi_tables_name_a_non_square_module_with_the_pseudo_inverse(
+    default_analysis: tuple[dict, dict], tmp_path: Path
+) -> None:
+    """The folded phi tables' captions say W^+ for a module solved by least squares (a non-square W), as its
+    figure does, and W^-1 for a square one."""
+    similarity, _ = default_analysis
+    data = json.loads(json.dumps(similarity))
+    data["modules"] = {m: {"B": data["modules"][m]["B"]} for m in ("query", "value")}
+    data["settings"]["conventions"] = {"query": "solve", "value": "lstsq"}
+    write_outputs(tmp_path / "r", report_files(data, {}))
+    text = html.unescape((tmp_path / "r" / "report.html").read_text(encoding="utf-8"))
+    for name in ("phi", "random phi"):
+        assert f"value, W^+ B: {name}" in text and f"value, W^-1 B: {name}" not in text
+        assert f"query, W^-1 B: {name}" in text and f"query, W^+ B: {name}" not in text

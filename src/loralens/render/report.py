@@ -42,7 +42,7 @@ from loralens.io.outputs import Writer, bytes_writer, json_text
 from loralens.render import tables
 from loralens.render.intruders import intruders_figure, intruders_table
 from loralens.render.lowrank import amplification_figure, overlap_figure, spectra_figure
-from loralens.render.similarity import per_layer_similarity, similarity_figure
+from loralens.render.similarity import factor_label, per_layer_similarity, similarity_figure
 
 __all__ = [
     "DPI",
@@ -448,14 +448,14 @@ def _html_page(
         _table_html(named_tables["similarity_summary"], 4),
     ]
     by_stem = {pic.stem: pic for pic in pictures}
+    module_layers, module_conventions = (similarity.get("settings", {}).get(k, {}) for k in ("layers", "conventions"))
     for module, factors in similarity["modules"].items():
         for factor, s in factors.items():
             pic = by_stem[_figure1_stem(module, factor)]
             toc.append((2, pic.stem, f"{module}, {factor}"))
             body.append(_figure_html(pic))
-            body.append(
-                _phi_details_html(module, factor, s, similarity.get("settings", {}).get("layers", {}).get(module))
-            )
+            convention = module_conventions.get(module, "solve")
+            body.append(_phi_details_html(module, factor, s, module_layers.get(module), convention))
     if {"table2", "table3", "table3_over_pairs", "table4"} & set(named_tables):
         body.append(heading(1, "condlora", "LoRA vs CondLoRA"))
         if "table2" in named_tables:
@@ -704,19 +704,22 @@ def _figure_html(pic: Picture) -> str:
     )
 
 
-def _phi_details_html(module: str, factor: str, s: Mapping[str, Any], layers: Sequence[int] | None) -> str:
-    """The numbers behind one Figure-1 picture, folded: phi and random phi as L x L tables."""
+def _phi_details_html(
+    module: str, factor: str, s: Mapping[str, Any], layers: Sequence[int] | None, convention: str
+) -> str:
+    """The numbers behind one Figure-1 picture, folded: phi and random phi as L x L tables, captioned with the
+    conversion matrix's name under the module's ``convention`` (``W^+`` for ``"lstsq"``)."""
     labels = [str(k + 1) for k in (layers if layers is not None else range(len(s["phi"])))]
     out = []
     for name, matrix in (("phi", s["phi"]), ("random phi", s["random_phi"])):
         rows = tuple((lab, *row) for lab, row in zip(labels, matrix, strict=True))
-        table = tables.Table(("layer", *labels), rows, f"{module}, {_FACTOR_TEXT[factor]}: {name}")
+        title = f"{module}, {factor_label(factor, convention, text=True)}: {name}"
+        table = tables.Table(("layer", *labels), rows, title)
         out.append(f'<div class="wide">{tables.to_html(table, 3)}</div>')
     summary = f"numbers: {html.escape(module)}, {html.escape(factor)}"
     return f"<details><summary>{summary}</summary>{''.join(out)}</details>"
 
 
-_FACTOR_TEXT = {"A": "W^-1 A^T", "B": "W^-1 B", "BA": "W^-1 B A"}
 _LOWRANK_HEADING = "Low-rank updates (Hu et al. 2022, Section 7)"
 _LOWRANK_DIGITS = 4
 

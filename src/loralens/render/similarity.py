@@ -25,6 +25,7 @@ __all__ = [
     "COLORBLIND",
     "ANNOTATE_MAX_LAYERS",
     "FACTOR_LABELS",
+    "factor_label",
     "similarity_heatmap",
     "similarity_figure",
     "offdiag_range",
@@ -52,6 +53,19 @@ LSTSQ_FACTOR_LABELS = {
     "B": r"$W^{+}B$",
     "BA": r"$W^{+}BA$",
 }
+#: Plain-text names of the same matrices, for tables and captions.
+FACTOR_TEXT = {"A": "W^-1 A^T", "B": "W^-1 B", "BA": "W^-1 B A"}
+LSTSQ_FACTOR_TEXT = {"A": "W^+ A^T", "B": "W^+ B", "BA": "W^+ B A"}
+
+
+def factor_label(factor: str, convention: str = "solve", *, text: bool = False) -> str:
+    """The name of ``factor``'s conversion matrix (``"A"``, ``"B"``, ``"BA"``): with ``W^-1`` for a square W, with
+    the pseudo-inverse ``W^+`` under the least-squares ``convention`` (``"lstsq"``, a non-square W), as no inverse
+    exists there. Mathtext for figures, or plain ``text`` for tables and captions."""
+    lstsq = convention == "lstsq"
+    if text:
+        return (LSTSQ_FACTOR_TEXT if lstsq else FACTOR_TEXT).get(factor, factor)
+    return (LSTSQ_FACTOR_LABELS if lstsq else FACTOR_LABELS).get(factor, factor)
 
 
 def similarity_heatmap(
@@ -192,7 +206,7 @@ def similarity_figure(
     grid = fig.subplots(2, panels)
     axes, zoomed = list(grid[0]), list(grid[1])
     left, right = axes[0], axes[1]
-    name = (LSTSQ_FACTOR_LABELS if convention == "lstsq" else FACTOR_LABELS).get(factor, factor)
+    name = factor_label(factor, convention)
     similarity_heatmap(values, labels=labels, title=f"{module}, {name}", average=average, colorbar=False, ax=left)
     random_title = "random Gaussian, same shape"
     if random_expected is not None:
