@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from checkpoints import roberta_base_shapes_only
-from clitools import run_cli
+from clitools import run_cli, run_cli_subprocess
 from loralens.analyses.condlora_vs_lora import compare_adapters
 from loralens.cli import app
 from loralens.examples import default_adapter, default_condlora
@@ -178,6 +178,24 @@ def test_train_condlora_json(minilm_path: Path, tmp_path: Path) -> None:
         "metrics.json",
     ]
     assert load_condlora_adapter(tmp_path / "run").base_model_name_or_path == str(minilm_path)
+
+
+@pytest.mark.slow
+@pytest.mark.training  # one real optimizer step on MiniLM per method, in a fresh interpreter
+@pytest.mark.parametrize("method", ["lora", "condlora"])
+def test_train_prints_no_library_noise(minilm_path: Path, tmp_path: Path, method: str) -> None:
+    """A fresh process (warnings shown once per process would hide in this one): no FutureWarning (PeftModel reads
+    transformers' deprecated is_gradient_checkpointing), no warnings.warn source line, no transformers load
+    report on stderr; nothing at all there when stdout is not a terminal."""
+    proc = run_cli_subprocess(
+        "train", "--base", minilm_path, "--method", method, "--task", "vader-rating", "--steps", "1",
+        "--max-length", "8", "--eval-size", "16", "--dev-size", "16", "--out", tmp_path / "run", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for noise in ("FutureWarning", "warnings.warn", "Warning:", "LOAD REPORT", "Loading weights"):
+        assert noise not in proc.stderr, proc.stderr
+    assert proc.stderr == ""
+    assert json.loads(proc.stdout)["method"] == method
 
 
 def test_user_errors_are_one_line_in_a_subprocess(minilm_path: Path, tmp_path: Path) -> None:

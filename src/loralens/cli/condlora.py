@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -145,17 +147,22 @@ def train(
         if not folder.is_dir():
             raise InputPathError(f"{folder}: training needs a model folder (config.json, weights, tokenizer)")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=make_console(stderr=True), transient=True) as progress:
+        piped = not (sys.stdout.isatty() and sys.stderr.isatty())  # no bar, not even its closing newline
+        with Progress(*columns, console=make_console(stderr=True), transient=True, disable=piped) as progress:
             bar = progress.add_task(f"{method.value} {task.value}", total=None)
 
             def on_step(step: int, total: int, loss: float) -> None:
                 label = f"{method.value} {task.value} loss {loss:.4f}"
                 progress.update(bar, completed=step, total=total, description=label)
 
-            metrics = train_run(
-                folder, task.value, config, out_dir=out, replace=force, base_name=base, on_step=on_step,
-                lr_search=lr_search, lr_range=search_range,
-            )  # fmt: skip
+            with warnings.catch_warnings():
+                # PeftModel reads transformers' deprecated is_gradient_checkpointing: their FutureWarning, nothing
+                # the user can act on (issue #20: no library noise on stderr)
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                metrics = train_run(
+                    folder, task.value, config, out_dir=out, replace=force, base_name=base, on_step=on_step,
+                    lr_search=lr_search, lr_range=search_range,
+                )  # fmt: skip
         if json_output:
             typer.echo(json_text(metrics), nl=False)
         else:
