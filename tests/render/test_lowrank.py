@@ -151,3 +151,19 @@ def test_layer_lines_past_eight_layers_name_layers_in_a_colour_bar() -> None:
     assert len(bar.get_yticks()) <= 10
     small = spectrum_lines(values[:6], labels=list(range(1, 7)))
     assert len(small.get_legend().get_texts()) == 6 and len(small.figure.axes) == 1
+
+
+def test_effective_rank_legend_stays_off_thirty_layers_of_lines() -> None:
+    """The spectra figure's effective-rank panel at 30 layers: its legend (a few series, not layers) sits beside
+    the axes, not over the lines, and inside the figure."""
+    rng = np.random.default_rng(0)
+    S = {"value": np.sort(rng.uniform(0.1, 2.0, (30, 8)), axis=1)[:, ::-1]}
+    er = {"value": {"entropy": rng.uniform(6.0, 8.0, 30), "energy 90%": rng.integers(5, 8, 30).astype(float)}}
+    fig = spectra_figure(S, {"value": S["value"] * 10}, er, ranks={"value": 8}, labels={"value": list(range(1, 31))})
+    FigureCanvasAgg(fig).draw()
+    ax = next(a for a in fig.axes if a.get_ylabel() == "effective rank")
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["entropy", "energy 90%", "rank r"]
+    box, data = legend.get_window_extent(), ax.get_window_extent()
+    assert not box.overlaps(data), (box, data)
+    assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)

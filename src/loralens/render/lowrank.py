@@ -337,7 +337,8 @@ def effective_rank_lines(
     title: str | None = None,
     ax: Axes | None = None,
 ) -> Axes:
-    """Effective ranks per layer, one line per series (e.g. entropy, energy 90 %), the adapter's rank dashed."""
+    """Effective ranks per layer, one line per series (e.g. entropy, energy 90 %), the adapter's rank dashed; the
+    series named in a legend beside the axes (right), never over the lines."""
     if not values:
         raise LoralensError("effective_rank_lines needs at least one series")
     series = {name: _vector(v, name) for name, v in values.items()}
@@ -355,7 +356,8 @@ def effective_rank_lines(
     ax.set_xlabel("layer")
     ax.set_ylabel("effective rank")
     ax.set_ylim(bottom=0.0)
-    ax.legend(fontsize=8)
+    # beside the axes, not over them: with many layers the lines span the whole width and any spot inside covers them
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     return ax
