@@ -139,9 +139,39 @@ def smollm2_adapter(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> 
     )
 
 
+@pytest.fixture(scope="session")
+def minilm_full_finetune(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
+    """A real full fine-tune of MiniLM on Rotten Tomatoes (every weight trained, 30 steps at lr 1e-4, inputs cut
+    to 32 tokens): ``BertForSequenceClassification`` saved as config.json + model.safetensors (keys ``bert.``)."""
+    from loralens.training.trainer import train_adapter
+
+    out = tmp_path_factory.mktemp("minilm-rt-full") / "model"
+    train_adapter(
+        minilm_path,
+        "rt-polarity",
+        out_dir=out,
+        method="full",
+        steps=30,
+        lr=1e-4,
+        batch_size=16,
+        max_length=32,
+        seed=0,
+        eval_size=64,
+        dev_size=64,
+    )
+    return out
+
+
 # Test lanes. `make test` runs everything; `make test-fast` leaves out the lanes below (-m "not ...").
 #: Fixtures that train a real adapter (tens of seconds each on 2 cores).
-TRAINING_FIXTURES = {"vader_adapter", "rt_adapters", "vader_condlora", "smollm2", "smollm2_adapter"}
+TRAINING_FIXTURES = {
+    "vader_adapter",
+    "rt_adapters",
+    "vader_condlora",
+    "smollm2",
+    "smollm2_adapter",
+    "minilm_full_finetune",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -62,6 +62,8 @@ _EXPORTS = {
     "DoraSeriesReport": "loralens.analyses.dora",
     "magnitude_direction": "loralens.analyses.dora",
     "magnitude_direction_series": "loralens.analyses.dora",
+    "FinetunedAdapter": "loralens.analyses.finetuned",
+    "finetuned_adapter": "loralens.analyses.finetuned",
     "ZooReport": "loralens.analyses.zoo",
     "adapter_zoo": "loralens.analyses.zoo",
     "BuiltReport": "loralens.render.build",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # static analysers see ordinary imports
     from loralens.analyses.conversion import FACTORS, ModuleConversion, compute_conversions, compute_conversions_many
     from loralens.analyses.dora import DoraReport, DoraSeriesReport, magnitude_direction, magnitude_direction_series
     from loralens.analyses.engine import base_for, parse_memory_size
+    from loralens.analyses.finetuned import FinetunedAdapter, finetuned_adapter
     from loralens.analyses.intruders import IntrudersReport, intruder_dimensions
     from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
     from loralens.analyses.similarity import (

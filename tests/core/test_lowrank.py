@@ -275,6 +275,37 @@ def test_effective_rank_entropy_closed_form() -> None:
     assert int(effective_rank_energy(torch.zeros(3, dtype=torch.float64))) == 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 30),
+    top=st.integers(1, 30),
+    tau=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_energy_rank_from_the_top_values_and_the_total(n: int, top: int, tau: float, seed: int) -> None:
+    # k_tau from a top-k SVD (``total`` = ||M||_F^2): the full-spectrum k_tau where the top values reach tau,
+    # else -1; the reference is numpy's cumulative energy of the whole spectrum (float64).
+    rng = np.random.default_rng(seed)
+    S = np.sort(rng.gamma(0.5, size=n))[::-1].copy()
+    top = min(top, n)
+    energy = np.cumsum(S**2)
+    k_full = int(np.argmax(energy >= tau * energy[-1] * (1 - 1e-12))) + 1
+    got = int(effective_rank_energy(T(S[:top]), tau, total=torch.tensor(energy[-1], dtype=torch.float64)))
+    assert got == (k_full if k_full <= top else -1), (got, k_full, top)
+    # the whole spectrum with its own total is the plain energy rank
+    assert int(effective_rank_energy(T(S), tau, total=torch.tensor(energy[-1], dtype=torch.float64))) == int(
+        effective_rank_energy(T(S), tau)
+    )
+
+
+def test_energy_rank_total_is_checked() -> None:
+    S = T(np.array([3.0, 1.0]))
+    with pytest.raises(LoralensError, match="total energy"):
+        effective_rank_energy(S, 0.9, total=torch.tensor(-1.0, dtype=torch.float64))
+    with pytest.raises(LoralensError, match="total energy"):
+        effective_rank_energy(S, 0.9, total=torch.ones(2, dtype=torch.float64))
+
+
 def test_principal_angles_match_scipy() -> None:
     rng = np.random.default_rng(8)
     for k1, k2 in ((3, 3), (5, 2), (2, 6)):

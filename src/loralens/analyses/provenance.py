@@ -70,6 +70,18 @@ def adapter_record(adapter: LoraAdapter) -> dict[str, Any]:
     """The ``"adapter"`` entry of :func:`provenance`: its path, files with their SHA-256, and its config; ``"hub"``
     for an adapter from a hub repo."""
     hub = hub_ref_of(adapter.path)
+    full = adapter.config.get("loralens_full_finetune")
+    if full is not None:  # a virtual adapter (loralens.analyses.finetuned): the fine-tune's files, not PEFT's
+        config_file = adapter.path / "config.json"
+        files = [*map(Path, full["weight_files"]), *([config_file] if config_file.is_file() else [])]
+        return {
+            "path": str(adapter.path),
+            "full_finetune": full,
+            "files": [file_record(p) for p in files],
+            "target_modules": adapter.config.get("target_modules"),
+            "base_model_name_or_path": adapter.base_model_name_or_path,
+            **({"hub": hub.record()} if hub is not None else {}),
+        }
     return {
         "path": str(adapter.path),
         "weights_file": adapter.weights_file.name,

@@ -459,8 +459,9 @@ def effective_rank_entropy(S: Tensor) -> Tensor:
     return torch.exp(-torch.xlogy(P, P).sum(dim=-1))
 
 
-def effective_rank_energy(S: Tensor, threshold: float = 0.9) -> Tensor:
-    """Energy effective rank: the smallest ``k`` with ``sum_{t<=k} sigma_t^2 >= threshold * sum_t sigma_t^2``.
+def effective_rank_energy(S: Tensor, threshold: float = 0.9, *, total: Tensor | None = None) -> Tensor:
+    """Energy effective rank: the smallest ``k`` with ``sum_{t<=k} sigma_t^2 >= threshold * sum_t sigma_t^2``
+    (``k_tau`` of Biderman et al. 2024 with ``threshold = tau``).
 
     The comparison allows a relative rounding slack of ``p * eps`` of the total, so ``threshold = 1``
     gives the number of non-zero singular values of an exactly rank-``k`` construction.
@@ -468,27 +469,42 @@ def effective_rank_energy(S: Tensor, threshold: float = 0.9) -> Tensor:
     Parameters
     ----------
     S : Tensor
-        ``(..., p)`` non-negative singular values in descending order.
+        ``(..., p)`` non-negative singular values in descending order: all of them, or only the top ``p`` when
+        ``total`` is given.
     threshold : float
         Fraction of the energy ``sum sigma^2`` to capture, in ``(0, 1]``.
+    total : Tensor, optional
+        ``(...)`` the whole energy ``sum_t sigma_t^2 = ||M||_F^2`` when ``S`` holds only the top values (a top-k
+        SVD): then ``k`` is exact where the top ``p`` reach ``threshold * total``, and -1 where they do not
+        (``k_tau > p``). Default: ``sum S^2``.
 
     Returns
     -------
     Tensor
-        ``(...)`` int64 in ``1..p``; 0 where all singular values are zero.
+        ``(...)`` int64 in ``1..p``; 0 where all singular values are zero; -1 where ``total`` is given and the top
+        ``p`` values do not reach the threshold.
     """
     S = _check_singular_values(S)
     if not 0 < threshold <= 1:
         raise LoralensError(f"energy threshold must lie in (0, 1], got {threshold}")
-    return _effective_rank_energy(S, threshold)
+    if total is not None:
+        total = torch.as_tensor(total, dtype=S.dtype, device=S.device)
+        if total.shape != S.shape[:-1] or bool((total < 0).any()) or not bool(torch.isfinite(total).all()):
+            raise LoralensError(
+                f"total energy must be finite, non-negative and of shape {tuple(S.shape[:-1])}, got "
+                f"{tuple(total.shape)}"
+            )
+    return _effective_rank_energy(S, threshold, total)
 
 
-def _effective_rank_energy(S: Tensor, threshold: float) -> Tensor:
+def _effective_rank_energy(S: Tensor, threshold: float, total: Tensor | None = None) -> Tensor:
     energy = S.square().cumsum(dim=-1)  # (..., p)
-    total = energy[..., -1:]
-    slack = S.shape[-1] * torch.finfo(S.dtype).eps * total
-    k = (energy < threshold * total - slack).sum(dim=-1) + 1
-    return torch.where(total[..., 0] > 0, k.clamp(max=S.shape[-1]), 0)
+    whole = energy[..., -1:] if total is None else total.unsqueeze(-1)
+    slack = S.shape[-1] * torch.finfo(S.dtype).eps * whole
+    k = (energy < threshold * whole - slack).sum(dim=-1) + 1
+    if total is not None:
+        k = torch.where(k > S.shape[-1], -1, k)
+    return torch.where(whole[..., 0] > 0, k.clamp(max=S.shape[-1]), 0)
 
 
 def principal_angles(Q1: Tensor, Q2: Tensor) -> Tensor:

@@ -55,6 +55,7 @@ __all__ = [
     "read_base_weights",
     "base_weight_matrices",
     "stores_transposed",
+    "conv1d_module",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -333,8 +334,7 @@ def stores_transposed(base: BaseCheckpoint, adapter: LoraAdapter, module: str) -
     model_type = (base.config or {}).get("model_type")
     if not isinstance(model_type, str):
         return stated
-    name = adapter.modules[module].paths[0].tail.rsplit(".", 1)[-1]
-    conv1d = model_type in _CONV1D_MODEL_TYPES and name in _CONV1D_MODULES
+    conv1d = conv1d_module(model_type, adapter.modules[module].paths[0].tail)
     seen = ("fan_in_fan_out", str(adapter.path), str(stated))
     if conv1d != stated and seen not in base.warned:
         base.warned.add(seen)
@@ -346,6 +346,14 @@ def stores_transposed(base: BaseCheckpoint, adapter: LoraAdapter, module: str) -
             stacklevel=3,
         )
     return conv1d
+
+
+def conv1d_module(model_type: object, tail: str) -> bool:
+    """Whether the module at ``tail`` (the path inside a layer, ``attn.c_attn``) of a ``model_type`` model is GPT-2's
+    ``Conv1D``, whose weight is stored (in, out); every other module is an ``nn.Linear``, stored (out, in)."""
+    return (
+        isinstance(model_type, str) and model_type in _CONV1D_MODEL_TYPES and tail.rsplit(".", 1)[-1] in _CONV1D_MODULES
+    )
 
 
 def adapter_folder(

@@ -16,6 +16,7 @@ from loralens.errors import LoralensError
 
 __all__ = [
     "DEFAULT_STEPS",
+    "FULL_FINETUNE",
     "EVALS_PER_RUN",
     "LR_RANGE",
     "METHODS",
@@ -27,6 +28,9 @@ __all__ = [
 
 #: The adapters the trainer makes: PEFT LoRA, and CondLoRA (:mod:`loralens.training.condlora`).
 METHODS = ("lora", "condlora")
+#: The trainer's other method: a full fine-tune (every weight trained, the model saved), what adapters are
+#: compared with (:mod:`loralens.analyses.finetuned`); not part of the paper's Table 2.
+FULL_FINETUNE = "full"
 #: Learning-rate schedules, as ``transformers.get_scheduler`` names them.
 SCHEDULES = ("linear", "cosine", "constant")
 #: Which checkpoint is saved: the one with the best dev score, or the last.
@@ -51,7 +55,7 @@ class TrainConfig:
     """One training run's settings, the same for LoRA and CondLoRA except ``method``.
 
     Attributes:
-        method: ``"lora"`` (PEFT) or ``"condlora"``.
+        method: ``"lora"`` (PEFT), ``"condlora"`` or ``"full"`` (every weight; r, alpha and targets unused).
         r, alpha, targets: rank, ``lora_alpha`` (the update is scaled ``alpha / r``) and the target module names.
         lr: AdamW's peak learning rate (reached at the end of warmup).
         schedule: ``"linear"`` (warmup, then linear decay to 0), ``"cosine"`` (warmup, then half a cosine to 0)
@@ -105,8 +109,8 @@ class TrainConfig:
         def fail(what: str) -> None:
             raise LoralensError(f"TrainConfig: {what}")
 
-        if self.method not in METHODS:
-            fail(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in (*METHODS, FULL_FINETUNE):
+            fail(f"unknown method {self.method!r}; choose one of {', '.join((*METHODS, FULL_FINETUNE))}")
         if self.schedule not in SCHEDULES:
             fail(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.select not in SELECTS:

@@ -23,7 +23,7 @@ import torch
 
 from loralens.errors import InputPathError, LoralensError
 from loralens.io.outputs import Writer, check_output_folder, json_writer, safetensors_writer, write_outputs
-from loralens.training.config import LR_RANGE, METHODS, TrainConfig, TrainingDivergedError
+from loralens.training.config import FULL_FINETUNE, LR_RANGE, METHODS, TrainConfig, TrainingDivergedError
 from loralens.training.data import TextDataset, load_task, split_three_way
 
 __all__ = [
@@ -48,9 +48,11 @@ logger = logging.getLogger(__name__)
 SPLIT_SEED = 0
 TEST_FRACTION = 0.1
 _EVAL_BATCH = 64
-_PEFT_TYPES = {"lora": "LORA", "condlora": "ConditionalLORA"}
+_PEFT_TYPES = {"lora": "LORA", "condlora": "ConditionalLORA", FULL_FINETUNE: None}
 #: The adapter files ``train`` writes (both methods use these names), besides ``metrics.json``.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: What a full fine-tune (``method="full"``) writes instead: the whole model, as ``save_pretrained`` would.
+MODEL_FILES = ("config.json", "model.safetensors")
 LR_SEARCH_FILE = "lr_search.json"
 
 #: ``on_step(step, steps, loss)`` after every optimizer step (e.g. to drive a progress bar).
@@ -119,7 +121,10 @@ def _evaluate(model: Any, tokenizer: Any, ds: TextDataset, max_length: int) -> f
 
 
 def _wrap(method: str, base: Any, peft: Any, r: int, alpha: float, targets: Sequence[str], base_name: str) -> Any:
-    """The base model with the method's adapter; only the adapter and the new head are trainable."""
+    """The base model with the method's adapter; only the adapter and the new head are trainable (every weight
+    for a full fine-tune)."""
+    if method == FULL_FINETUNE:
+        return base
     if method == "lora":
         config = peft.LoraConfig(
             task_type="SEQ_CLS", r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0
@@ -138,7 +143,14 @@ def _wrap(method: str, base: Any, peft: Any, r: int, alpha: float, targets: Sequ
 
 
 def _adapter_files(method: str, model: Any, peft: Any, base_name: str) -> dict[str, Writer]:
-    """The adapter's files (name -> writer), for one atomic write with metrics.json."""
+    """The adapter's files (name -> writer), for one atomic write with metrics.json; a full fine-tune's model."""
+    if method == FULL_FINETUNE:
+        # The classification model whole (its encoder keys carry the model's prefix, e.g. "bert."), as
+        # save_pretrained writes it; contiguous copies, since safetensors refuses shared or strided storage.
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        config = model.config.to_dict()
+        config["_name_or_path"] = base_name
+        return {"config.json": json_writer(config), "model.safetensors": safetensors_writer(state, {"format": "pt"})}
     if method == "condlora":
         from loralens.io.condlora import CONFIG_NAME, SAFETENSORS_NAME, condlora_tensors
 
@@ -355,6 +367,8 @@ def train(
          targets: one ``theta_A``, ``theta_B`` per module type, ``A_l = theta_A W_l^T``, ``B_l = W_l theta_B^T``.
 
        Both also train and save the classifier head (``modules_to_save``).
+       - ``method="full"``: every weight is trained (a full fine-tune, to compare adapters with); the whole
+         classification model is saved (``config.json``, ``model.safetensors``) instead of adapter files.
     3. Train with AdamW (``weight_decay``), the ``schedule`` with ``warmup_ratio`` warmup
        (:func:`make_scheduler`) and clipping at ``max_grad_norm``, for ``steps`` steps (or ``epochs``) of
        ``batch_size`` examples (shuffled with ``seed``, padded per batch, truncated to ``max_length`` tokens);
@@ -391,7 +405,8 @@ def train(
         from loralens.training.condlora import check_square_targets
 
         check_square_targets(open_base(base_path), config.targets)
-    names = (*ADAPTER_FILES, "metrics.json", *((LR_SEARCH_FILE,) if lr_search else ()))
+    saved = MODEL_FILES if config.method == FULL_FINETUNE else ADAPTER_FILES
+    names = (*saved, "metrics.json", *((LR_SEARCH_FILE,) if lr_search else ()))
     # refuse an output folder before training, not after minutes of it
     check_output_folder(Path(out_dir), replace=replace, names=names)
     ds = task if isinstance(task, TextDataset) else load_task(task)
@@ -435,7 +450,7 @@ def _metrics(result: FitResult, before: float, base_name: str, peft: Any, transf
     after = _evaluate(model, result.tokenizer, test, config.max_length)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # PEFT's lora_A/lora_B and CondLoRA's linear_for_lora_A/B; the rest is the head (modules_to_save)
-    n_adapter = sum(p.numel() for n, p in named if "lora_" in n)
+    n_adapter = sum(p.numel() for n, p in named if "lora_" in n or config.method == FULL_FINETUNE)
     seconds = max(result.train_seconds, 1e-9)
     metrics: dict[str, Any] = {
         "task": test.name,
