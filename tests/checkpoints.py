@@ -574,6 +574,34 @@ def smollm2_base(out_dir: str | os.PathLike[str], *, with_tokenizer: bool = Fals
 # ----------------------------------------------------------------------------------------------- corruption
 
 
+def full_finetune(
+    base_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    prefix: str = "",
+    change: str = "",
+    scale: float = 1e-2,
+    seed: int = 1,
+) -> Path:
+    """A synthetic full fine-tune of the base in ``base_dir`` (one ``model.safetensors``): every key gets
+    ``prefix`` (``"bert."``, as a classifier fine-tune saves it) and every 2-D weight whose key contains ``change``
+    gets ``scale`` times a seeded Gaussian update (dense, full rank). Returns ``Path(out_dir)`` with config.json."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base_dir, out = Path(base_dir), Path(out_dir)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text((base_dir / "config.json").read_text())
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, value in load_file(str(base_dir / "model.safetensors")).items():
+        if change and change in key and key.endswith(".weight") and value.ndim == 2:
+            value = value + scale * torch.randn(value.shape, generator=gen, dtype=value.dtype)
+        tensors[prefix + key] = value.contiguous()
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
 def truncate_file(path: str | os.PathLike[str], keep_bytes: int) -> Path:
     """Cut the file at ``path`` in place to its first ``keep_bytes`` bytes.
 

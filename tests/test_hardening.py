@@ -186,7 +186,9 @@ def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_ad
     r["bad --layer-batch"] = Row(
         ["conversion", "--adapter", adapter, "--out", str(tmp / "o"), "--layer-batch", "0"], "--layer-batch"
     )
-    r["missing --adapter"] = Row(["similarity"], "Missing option '--adapter'")
+    r["missing --adapter"] = Row(
+        ["similarity"], "give at least one adapter (--adapter) or full fine-tune (--finetuned)"
+    )
     r["unknown command"] = Row(["nosuch"], "No such command")
     # --- CondLoRA inputs (compare, report --condlora)
     cond = checkpoints.condlora_adapter(tmp / "cond", hidden=32, base_name=base)

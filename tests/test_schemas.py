@@ -138,6 +138,17 @@ def test_amplification_and_spectra(command: str, tiny_bert: Path, tiny_bert_adap
     assert_valid(command, run_json(*argv))
 
 
+def test_a_full_fine_tune_as_input(tiny_bert: Path, tmp_path: Path) -> None:
+    ft = checkpoints.full_finetune(tiny_bert, tmp_path / "ft", prefix="bert.", change="attention.self")
+    doc = run_json("spectra", "--base", tiny_bert, "--finetuned", ft, "--device", "cpu", "--json")
+    assert_valid("spectra", doc)
+    identity = doc["settings"]["inputs"]["adapter"]
+    assert identity["full_finetune"]["rank"] == "energy" and "sha256" not in identity
+    bad = copy.deepcopy(doc)
+    del bad["settings"]["inputs"]["adapter"]["full_finetune"]["tau"]
+    assert not validator("spectra").is_valid(bad)
+
+
 def test_intruders(tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path) -> None:
     out = tmp_path / "intruders"
     argv = ["intruders", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--k", "3", "--device", "cpu"]

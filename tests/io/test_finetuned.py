@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,9 @@ from loralens.io.base_weights import open_base
 from loralens.io.finetuned import finetuned_modules, open_finetuned, read_weight_pair
 
 
-def finetune_of(base: Path, out: Path, *, prefix: str = "", change: str = "", scale: float = 1e-2) -> Path:
-    """A copy of ``base`` whose keys get ``prefix`` and whose weights containing ``change`` get a random update."""
-    out.mkdir(parents=True)
-    shutil.copy(base / "config.json", out / "config.json")
-    gen = torch.Generator().manual_seed(1)
-    tensors = {}
-    for key, value in load_file(str(base / "model.safetensors")).items():
-        if change and change in key and key.endswith(".weight") and value.ndim == 2:
-            value = value + scale * torch.randn(value.shape, generator=gen)
-        tensors[prefix + key] = value.contiguous()
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
-
-
 def test_weights_pair_across_prefixes(tiny_bert: Path, tmp_path: Path) -> None:
     # A classifier fine-tune stores "bert.encoder..." where the bare base has "encoder...".
-    ft_dir = finetune_of(tiny_bert, tmp_path / "ft", prefix="bert.", change="query")
+    ft_dir = checkpoints.full_finetune(tiny_bert, tmp_path / "ft", prefix="bert.", change="query")
     base, ft = open_base(tiny_bert), open_finetuned(ft_dir)
     found = finetuned_modules(base, ft)
     assert {"query", "key", "value", "attention.output.dense", "intermediate.dense"} <= set(found)
@@ -48,7 +33,7 @@ def test_weights_pair_across_prefixes(tiny_bert: Path, tmp_path: Path) -> None:
 
 def test_conv1d_weights_are_transposed(tmp_path: Path) -> None:
     base_dir = checkpoints.gpt2_base(tmp_path / "gpt2", layers=2, hidden=16, heads=2)
-    ft_dir = finetune_of(base_dir, tmp_path / "ft", change="c_attn")
+    ft_dir = checkpoints.full_finetune(base_dir, tmp_path / "ft", change="c_attn")
     base, ft = open_base(base_dir), open_finetuned(ft_dir)
     c_attn = finetuned_modules(base, ft)["c_attn"]
     assert c_attn.transposed and c_attn.shape == (48, 16)  # Conv1D stores (in, out) = (16, 48)
@@ -66,7 +51,7 @@ def test_bad_fine_tunes_get_one_line_errors(tiny_bert: Path, tiny_bert_adapter: 
     deeper = checkpoints.bert_base(tmp_path / "deeper", layers=3, hidden=32)
     with pytest.raises(ModelMismatchError, match="a fine-tune of another base"):
         finetuned_modules(base, open_finetuned(deeper))
-    ft = open_finetuned(finetune_of(tiny_bert, tmp_path / "ft"))
+    ft = open_finetuned(checkpoints.full_finetune(tiny_bert, tmp_path / "ft"))
     with pytest.raises(ModelMismatchError, match="no module 'q_proj'; it has"):
         finetuned_modules(base, ft, ["q_proj"])
     flat = tmp_path / "flat"

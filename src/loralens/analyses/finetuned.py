@@ -287,6 +287,6 @@ def _check(rank: RankRule, tau: float, dtype: torch.dtype) -> None:
     if rank != "energy" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise LoralensError(f"rank must be 'energy' or a positive integer, got {rank!r}", option="rank")
     if not (isinstance(tau, float | int) and 0 < tau <= 1) or isinstance(tau, bool) or math.isnan(tau):
-        raise LoralensError(f"tau must lie in (0, 1], got {tau!r}", option="tau")
+        raise LoralensError(f"tau must lie in (0, 1], got {tau!r}")
     if dtype not in (torch.float64, torch.float32):
         raise LoralensError(f"dtype must be float64 or float32, got {dtype}", option="dtype")

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 import typer
@@ -27,7 +27,7 @@ from loralens.analyses.engine import run_settings as engine_run_settings
 from loralens.analyses.serialize import layer_span
 from loralens.errors import LoralensError, LoralensWarning
 from loralens.io.adapters import LoraAdapter, load_lora_adapter
-from loralens.io.base_weights import BaseCheckpoint
+from loralens.io.base_weights import BaseCheckpoint, open_base
 from loralens.io.files import os_error_reason
 from loralens.io.hub import hub_settings
 
@@ -59,14 +59,21 @@ app = typer.Typer(
 
 def _hide_flag_types() -> None:
     """Recent typer shows ``--help <bool>`` and ``--json <bool>`` for on/off flags, which take no value: show no
-    type for flags (the one place loralens adjusts typer's help)."""
+    type for flags, and ``<path>`` rather than ``<list[Path]>`` for repeatable options (the one place loralens
+    adjusts typer's help)."""
     option = getattr(typer.core, "TyperOption", None)
     shown = getattr(option, "display_type_rich", None)
     if option is None or shown is None:  # older typer: no type column for flags anyway
         return
 
     def display_type_rich(self: Any, ctx: Any) -> str | None:
-        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+        if getattr(self, "is_flag", False):
+            return None
+        text = shown(self, ctx)
+        # a repeatable option (list[Path] | None) shows its element type, <path>, as the others do
+        if isinstance(text, str) and text.startswith("<list[") and text.endswith("]>"):
+            return f"<{text[6:-2].lower()}>"
+        return text
 
     option.display_type_rich = display_type_rich
 
@@ -153,11 +160,12 @@ BaseOpt = Annotated[
     ),
 ]
 AdapterOpt = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--adapter",
         help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), or a hub repo id "
-        "(org/name, org/name@revision).",
+        "(org/name, org/name@revision); or give --finetuned.",
+        show_default=False,
     ),
 ]
 ModulesOpt = Annotated[
@@ -210,12 +218,41 @@ CacheDirOpt = Annotated[
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar (there is none either when stdout is not a terminal).")
 ]
+FinetunedOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--finetuned",
+        help="A fully fine-tuned model of the same base (model folder or hub repo id), instead of --adapter: "
+        "analysed as the adapter whose layers are the best rank-k approximations of dW = W_ft - W0 (k: "
+        "--finetuned-rank). Needs --base.",
+        show_default=False,
+    ),
+]
+FinetunedManyOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--finetuned",
+        help="A fully fine-tuned model of the same base, analysed as the adapter of the best rank-k "
+        "approximations of dW = W_ft - W0 (k: --finetuned-rank); repeat for several, beside or instead of "
+        "--adapter.",
+        show_default=False,
+    ),
+]
+FinetunedRankOpt = Annotated[
+    str,
+    typer.Option(
+        "--finetuned-rank",
+        help="Rank per layer of a --finetuned model's adapter: energy (k_0.9, the fewest singular values "
+        "holding 90% of ||dW||_F^2; a dense SVD per layer) or a number k (top-k, no dense SVD).",
+    ),
+]
 AdaptersOpt = Annotated[
-    list[Path],
+    list[Path] | None,
     typer.Option(
         "--adapter",
         help="PEFT LoRA adapter folder; repeat for several adapters of the same base, which share each base "
         "weight's factorisation.",
+        show_default=False,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
@@ -290,6 +327,7 @@ OPTION_ADVICE: dict[str, str] = {
     "device": "choose it with --device",
     "dtype": "use --dtype float64",
     "epsilon": "set it with --epsilon",
+    "rank": "set it with --finetuned-rank",
     "i": "set i with --i",
     "j": "set j with --j",
     "k": "set it with --k",
@@ -411,21 +449,78 @@ def one_line_warnings() -> Iterator[None]:
         yield
 
 
-def load_inputs(base: str | None, adapter: Path) -> tuple[BaseCheckpoint, LoraAdapter]:
-    lora = load_lora_adapter(adapter)
-    return base_for(lora, base), lora
+def load_inputs(
+    base: str | None,
+    adapter: Path | None,
+    finetuned: Path | None = None,
+    finetuned_rank: str = "energy",
+    device: str = "auto",
+    modules: list[str] | None = None,
+) -> tuple[BaseCheckpoint, LoraAdapter]:
+    """The base and the one adapter of a command: ``--adapter``, or ``--finetuned`` as its virtual adapter."""
+    if (adapter is None) == (finetuned is None):
+        raise LoralensError("give one adapter (--adapter) or one full fine-tune (--finetuned), not both or neither")
+    if adapter is not None:
+        lora = load_lora_adapter(adapter)
+        return base_for(lora, base), lora
+    base_ckpt = _finetune_base(base)
+    return base_ckpt, virtual_adapter(base_ckpt, Path(str(finetuned)), finetuned_rank, device, modules)
 
 
-def load_many(base: str | None, adapters: list[Path]) -> tuple[BaseCheckpoint, list[LoraAdapter]]:
-    """Several adapters of one base: ``--base``, else the base all of them record."""
-    loras = [load_lora_adapter(a) for a in adapters]
-    if base is None:
+def load_many(
+    base: str | None,
+    adapters: list[Path] | None,
+    finetuned: list[Path] | None = None,
+    finetuned_rank: str = "energy",
+    device: str = "auto",
+    modules: list[str] | None = None,
+) -> tuple[BaseCheckpoint, list[LoraAdapter]]:
+    """Several adapters of one base: ``--base``, else the base all of them record; then the ``--finetuned``
+    models as virtual adapters (after the adapters, in the order given)."""
+    loras = [load_lora_adapter(a) for a in adapters or ()]
+    if not loras and not finetuned:
+        raise LoralensError("give at least one adapter (--adapter) or full fine-tune (--finetuned)")
+    if base is None and loras:
         recorded = {lora.base_model_name_or_path for lora in loras}
         if len(recorded) > 1:
             raise LoralensError(
                 f"the adapters record different bases ({', '.join(sorted(map(str, recorded)))}); pass --base"
             )
-    return base_for(loras[0], base), loras
+    base_ckpt = base_for(loras[0], base) if loras else _finetune_base(base)
+    virtual = [virtual_adapter(base_ckpt, f, finetuned_rank, device, modules) for f in finetuned or ()]
+    return base_ckpt, [*loras, *virtual]
+
+
+def _finetune_base(base: str | None) -> BaseCheckpoint:
+    if base is None:
+        raise LoralensError("a full fine-tune records no adapter config naming its base; pass --base")
+    return open_base(base)
+
+
+def virtual_adapter(
+    base: BaseCheckpoint, finetuned: Path, rank: str, device: str, modules: list[str] | None = None
+) -> LoraAdapter:
+    """``--finetuned`` as the adapter every analysis takes (:func:`loralens.analyses.finetuned.finetuned_adapter`),
+    with one line on stderr saying what it is: the energy ranks found and the share of ``||dW||^2`` kept."""
+    from loralens.analyses.finetuned import finetuned_adapter
+
+    if rank != "energy" and not (rank.isdigit() and int(rank) >= 1):
+        raise LoralensError(f"--finetuned-rank must be 'energy' or a positive whole number, got {rank!r}")
+    k: int | Literal["energy"] = "energy" if rank == "energy" else int(rank)
+    ft = finetuned_adapter(base, finetuned, modules=modules, rank=k, device=device)
+    parts = []
+    for name, m in ft.modules.items():
+        known = [int(k) for k in m.energy_rank if k > 0]
+        k_tau = f"{min(known)}-{max(known)}" if known else f"> {int(m.rank.max())}"
+        kept = float(m.energy_captured.min())
+        parts.append(f"{name} k_0.9 {k_tau}, rank {_span(m.rank)}, keeps >= {kept:.0%} of ||dW||^2")
+    typer.echo(f"{finetuned} (full fine-tune, dW = W_ft - W0 per layer): {'; '.join(parts)}", err=True)
+    return ft.adapter
+
+
+def _span(values: torch.Tensor) -> str:
+    low, high = int(values.min()), int(values.max())
+    return str(low) if low == high else f"{low}-{high}"
 
 
 @contextlib.contextmanager

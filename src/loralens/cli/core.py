@@ -34,6 +34,9 @@ from loralens.cli._app import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    FinetunedManyOpt,
+    FinetunedOpt,
+    FinetunedRankOpt,
     ForceOpt,
     JsonOpt,
     LayerBatchOpt,
@@ -66,9 +69,11 @@ CONVERSION_FILES = ("conversion.safetensors", "conversion.json")
 
 @app.command(rich_help_panel="Analysis", short_help="Conversion matrices W^-1 A^T, W^-1 B, W^-1 B A per layer.")
 def conversion(
-    adapter: AdapterOpt,
     out: Annotated[Path, typer.Option("--out", help="Output folder for conversion.safetensors and conversion.json.")],
+    adapter: AdapterOpt = None,
     base: BaseOpt = None,
+    finetuned: FinetunedOpt = None,
+    finetuned_rank: FinetunedRankOpt = "energy",
     modules: ModulesOpt = None,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float64,
@@ -96,9 +101,9 @@ def conversion(
     lists them per module (least_squares_layers).
     """
     with user_errors():
-        check_output_folder(out, replace=force, names=CONVERSION_FILES, inputs=[adapter, base])
+        check_output_folder(out, replace=force, names=CONVERSION_FILES, inputs=[adapter, finetuned, base])
         budget = parse_memory_size(max_memory)
-        base_ckpt, lora = load_inputs(base, adapter)
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
         if product:
             _check_product_size(lora, parse_modules(modules), torch_dtype(dtype), budget, max_memory)
         with progress_bar(quiet) as progress:
@@ -161,8 +166,10 @@ _LARGE_OUTPUT = 300_000_000
 
 @app.command(rich_help_panel="Analysis", short_help="Layer x layer phi of conversion matrices (Figure 1).")
 def similarity(
-    adapter: AdaptersOpt,
+    adapter: AdaptersOpt = None,
     base: BaseOpt = None,
+    finetuned: FinetunedManyOpt = None,
+    finetuned_rank: FinetunedRankOpt = "energy",
     modules: ModulesOpt = None,
     i: Annotated[
         int | None,
@@ -210,7 +217,8 @@ def similarity(
     with user_errors():
         budget = parse_memory_size(max_memory)
         names = parse_modules(modules)
-        base_ckpt, loras = load_many(base, adapter)  # one report per --adapter, labelled by its path
+        # one report per --adapter (then per --finetuned), labelled by its path
+        base_ckpt, loras = load_many(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
         with progress_bar(quiet) as progress:
             reports = adapter_similarity(
                 base_ckpt,
@@ -227,7 +235,7 @@ def similarity(
                 dtype=torch_dtype(dtype),
                 null_draws=null_draws,
             )
-        labels = [str(a) for a in adapter]
+        labels = [str(a) for a in (*(adapter or ()), *(finetuned or ()))]
         if len(reports) == 1:
             if json_output:
                 typer.echo(json_text(reports[0].to_dict()), nl=False)

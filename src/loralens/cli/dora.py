@@ -20,6 +20,8 @@ from loralens.cli._app import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    FinetunedManyOpt,
+    FinetunedRankOpt,
     ForceOpt,
     JsonOpt,
     LayerBatchOpt,
@@ -40,13 +42,16 @@ from loralens.io.outputs import bytes_writer, check_output_folder, json_writer
 @app.command(rich_help_panel="Analysis", short_help="DoRA's magnitude and direction changes, dM against dD.")
 def dora(
     adapter: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
             "--adapter",
             help="PEFT LoRA or DoRA adapter folder; repeat for several checkpoints of one run (one series each).",
+            show_default=False,
         ),
-    ],
+    ] = None,
     base: BaseOpt = None,
+    finetuned: FinetunedManyOpt = None,
+    finetuned_rank: FinetunedRankOpt = "energy",
     modules: ModulesOpt = None,
     out: Annotated[
         Path | None,
@@ -68,8 +73,8 @@ def dora(
 
     with user_errors():
         if out is not None:
-            check_output_folder(out, replace=force, inputs=[*adapter, base])
-        base_ckpt, loras = load_many(base, adapter)
+            check_output_folder(out, replace=force, inputs=[*(adapter or ()), *(finetuned or ()), base])
+        base_ckpt, loras = load_many(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
         mods, dt = parse_modules(modules), torch_dtype(dtype)
         with progress_bar(quiet) as progress:
             if len(loras) == 1:
@@ -86,5 +91,11 @@ def dora(
             png, svg = render_figure(dora_figure(data, title=f"DoRA magnitude and direction: {what}"), DPI)
             files = {"dora.json": json_writer(data), "dora.png": bytes_writer(png), "dora.svg": bytes_writer(svg)}
         emit_result(
-            data, dora_table, json_output=json_output, out=out, files=files, force=force, inputs=[*adapter, base]
+            data,
+            dora_table,
+            json_output=json_output,
+            out=out,
+            files=files,
+            force=force,
+            inputs=[*(adapter or ()), *(finetuned or ()), base],
         )

@@ -15,6 +15,8 @@ from loralens.cli._app import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    FinetunedOpt,
+    FinetunedRankOpt,
     ForceOpt,
     LayerBatchOpt,
     ModulesOpt,
@@ -44,9 +46,11 @@ DpiOpt = Annotated[int, typer.Option("--dpi", min=72, max=600, help="Resolution 
 
 @app.command(rich_help_panel="Report", short_help="Figure 1 heatmaps as PNG/SVG, with every phi value as CSV.")
 def figure(
-    adapter: AdapterOpt,
     out: OutOpt,
+    adapter: AdapterOpt = None,
     base: BaseOpt = None,
+    finetuned: FinetunedOpt = None,
+    finetuned_rank: FinetunedRankOpt = "energy",
     modules: ModulesOpt = None,
     i: Annotated[
         int | None, typer.Option("--i", min=1, help="Subspace dimension. Default: r.", show_default=False)
@@ -80,9 +84,9 @@ def figure(
     from loralens.render.report import figure_files
 
     with user_errors():
-        check_output_folder(out, replace=force, inputs=[adapter, base])
+        check_output_folder(out, replace=force, inputs=[adapter, finetuned, base])
         names = parse_modules(modules)
-        base_ckpt, lora = load_inputs(base, adapter)
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
         with progress_bar(quiet) as progress:
             (sim,) = adapter_similarity(
                 base_ckpt, [lora], modules=names, i=i, j=j, side=cast(Side, side.value), seed=seed, device=device,

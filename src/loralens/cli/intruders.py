@@ -21,6 +21,8 @@ from loralens.cli._app import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    FinetunedOpt,
+    FinetunedRankOpt,
     ForceOpt,
     JsonOpt,
     LayerBatchOpt,
@@ -40,8 +42,10 @@ from loralens.io.outputs import bytes_writer, check_output_folder, json_writer
 
 @app.command(rich_help_panel="Analysis", short_help="Intruder dimensions of W0 + s B A (Shuttleworth et al. 2024).")
 def intruders(
-    adapter: AdapterOpt,
+    adapter: AdapterOpt = None,
     base: BaseOpt = None,
+    finetuned: FinetunedOpt = None,
+    finetuned_rank: FinetunedRankOpt = "energy",
     modules: ModulesOpt = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Top directions of W0 + s B A examined per layer.")] = DEFAULT_K,
     epsilon: Annotated[
@@ -75,8 +79,8 @@ def intruders(
 
     with user_errors():
         if out is not None:
-            check_output_folder(out, replace=force, inputs=[adapter, base])
-        base_ckpt, lora = load_inputs(base, adapter)
+            check_output_folder(out, replace=force, inputs=[adapter, finetuned, base])
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
         with progress_bar(quiet) as progress:
             data = intruder_dimensions(
                 base_ckpt, lora, modules=parse_modules(modules), k=k, epsilon=epsilon, exact=exact, cache=cache,

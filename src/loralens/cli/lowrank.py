@@ -25,6 +25,9 @@ from loralens.cli._app import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    FinetunedManyOpt,
+    FinetunedOpt,
+    FinetunedRankOpt,
     ForceOpt,
     JsonOpt,
     LayerBatchOpt,
@@ -34,6 +37,7 @@ from loralens.cli._app import (
     app,
     emit_result,
     load_inputs,
+    load_many,
     parse_modules,
     progress_bar,
     torch_dtype,
@@ -41,6 +45,7 @@ from loralens.cli._app import (
 )
 from loralens.errors import LoralensError
 from loralens.io.adapters import load_lora_adapter
+from loralens.io.base_weights import BaseCheckpoint
 from loralens.io.outputs import bytes_writer, check_output_folder, json_writer
 
 if TYPE_CHECKING:
@@ -69,9 +74,16 @@ ExactOpt = Annotated[
 )
 def overlap(
     adapter: Annotated[
-        list[Path],
-        typer.Option("--adapter", help="Two PEFT LoRA adapters of one base: --adapter X --adapter Y (i indexes X)."),
-    ],
+        list[Path] | None,
+        typer.Option(
+            "--adapter",
+            help="Two PEFT LoRA adapters of one base: --adapter X --adapter Y (i indexes X); or one and a "
+            "--finetuned model (which comes second).",
+            show_default=False,
+        ),
+    ] = None,
+    finetuned: FinetunedManyOpt = None,
+    finetuned_rank: FinetunedRankOpt = "energy",
     base: Annotated[
         str | None,
         typer.Option(
@@ -106,11 +118,20 @@ def overlap(
 
     with user_errors():
         if out is not None:
-            check_output_folder(out, replace=force, inputs=[*adapter, base])
-        if len(adapter) != 2:
-            raise LoralensError(f"overlap compares exactly two adapters (--adapter X --adapter Y); got {len(adapter)}")
-        first, second = load_lora_adapter(adapter[0]), load_lora_adapter(adapter[1])
-        base_ckpt = base_for(first, base) if base is not None else None
+            check_output_folder(out, replace=force, inputs=[*(adapter or ()), *(finetuned or ()), base])
+        given = len(adapter or ()) + len(finetuned or ())
+        if given != 2:
+            raise LoralensError(
+                f"overlap compares exactly two adapters (--adapter X --adapter Y, or --finetuned); got {given}"
+            )
+        base_ckpt: BaseCheckpoint | None = None
+        if finetuned:  # a full fine-tune needs its base: read it, and check the adapter against it too
+            base_ckpt, (first, second) = load_many(
+                base, adapter, finetuned, finetuned_rank, device, parse_modules(modules)
+            )
+        else:
+            first, second = (load_lora_adapter(a) for a in adapter or ())
+            base_ckpt = base_for(first, base) if base is not None else None
         with progress_bar(quiet) as progress:
             report = rank_overlap(
                 first,
@@ -129,8 +150,10 @@ def overlap(
 
 @app.command(rich_help_panel="Analysis", short_help="How dW amplifies W's directions (LoRA paper, Table 7).")
 def amplification(
-    adapter: AdapterOpt,
+    adapter: AdapterOpt = None,
     base: BaseOpt = None,
+    finetuned: FinetunedOpt = None,
+    finetuned_rank: FinetunedRankOpt = "energy",
     modules: ModulesOpt = None,
     n_random: Annotated[
         int, typer.Option("--n-random", min=0, help="Random subspace pairs per layer for the baseline.")
@@ -156,8 +179,8 @@ def amplification(
 
     with user_errors():
         if out is not None:
-            check_output_folder(out, replace=force, inputs=[adapter, base])
-        base_ckpt, lora = load_inputs(base, adapter)
+            check_output_folder(out, replace=force, inputs=[adapter, finetuned, base])
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
         with progress_bar(quiet) as progress:
             report = amplification_report(
                 base_ckpt,
@@ -179,8 +202,10 @@ def amplification(
 
 @app.command(rich_help_panel="Analysis", short_help="Singular values and effective rank of each dW = s B A.")
 def spectra(
-    adapter: AdapterOpt,
+    adapter: AdapterOpt = None,
     base: BaseOpt = None,
+    finetuned: FinetunedOpt = None,
+    finetuned_rank: FinetunedRankOpt = "energy",
     modules: ModulesOpt = None,
     energy_threshold: Annotated[
         float,
@@ -205,8 +230,8 @@ def spectra(
 
     with user_errors():
         if out is not None:
-            check_output_folder(out, replace=force, inputs=[adapter, base])
-        base_ckpt, lora = load_inputs(base, adapter)
+            check_output_folder(out, replace=force, inputs=[adapter, finetuned, base])
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
         with progress_bar(quiet) as progress:
             report = spectra_report(
                 base_ckpt,
