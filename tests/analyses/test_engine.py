@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import loralens
 from loralens.analyses.dora import magnitude_direction, magnitude_direction_series
@@ -174,3 +175,25 @@ def test_dora_zoo_and_overlap_report_layers_done(tiny_bert: Path, tiny_bert_adap
     rank_overlap(adapter, second, device="cpu", record_inputs=False, progress=record)
     steps = [n for n in layers for _ in ("A", "B")]
     assert calls == [("layers", sum(steps[: k + 1]), 2 * total) for k in range(len(steps))]
+
+
+def test_module_batches_count_the_stored_dtype(tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path) -> None:
+    # The budget counts the stored weight at its own size: half-precision weights leave room for more layers.
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text((tiny_bert / "config.json").read_text())
+    stored = load_file(str(tiny_bert / "model.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in stored.items()}, str(half / "model.safetensors"))
+    adapter = loralens.load_lora_adapter(tiny_bert_adapter)
+    d, r = 32, 4
+    per_layer = {4: d * d * (4 + 3 * 8) + 2 * 2 * d * r * 8, 2: d * d * (2 + 3 * 8) + 2 * 2 * d * r * 8}
+    budget = 2 * per_layer[2]  # two fp16 layers fit, two fp32 layers do not
+    assert budget < 2 * per_layer[4]
+    sizes = {}
+    for name, folder in (("fp32", tiny_bert), ("fp16", half)):
+        batches = module_batches(
+            loralens.open_base(folder), adapter, "query", device=torch.device("cpu"), dtype=torch.float64,
+            max_memory=budget,
+        )  # fmt: skip
+        sizes[name] = [b.W.shape[0] for b in batches]
+    assert sizes == {"fp32": [1, 1], "fp16": [2]}

@@ -41,6 +41,7 @@ from loralens.errors import (
 )
 from loralens.io.adapters import LoraAdapter, read_base_weights
 from loralens.io.base_weights import BaseCheckpoint, open_base
+from loralens.io.keys import ModulePath, match_base_weights
 
 __all__ = [
     "ProgressCallback",
@@ -239,7 +240,7 @@ def module_batches(
     """Module ``name``'s layers with their base weights, a batch at a time: ``layer_batch`` layers, or as many as
     fit ``max_memory`` (whichever is fewer; all at once when neither is given).
 
-    The budget counts per layer the stored weight (at 4 bytes an entry), ``dense_copies`` dense ``d_out x d_in``
+    The budget counts per layer the stored weight (in the base's stored dtype), ``dense_copies`` dense ``d_out x d_in``
     working copies in ``dtype`` (the upcast copy and what the analysis builds from it, e.g. LAPACK's SVD workspace: 3 by
     default) and the factors; an analysis that holds more dense matrices per layer says so. ``on_done(n)`` is
     called once the caller has finished a batch of ``n`` layers (see :func:`layer_progress`).
@@ -258,7 +259,8 @@ def module_batches(
         d_out, d_in = mod.shape
         itemsize = torch.empty((), dtype=dtype).element_size()
         r = mod.A.shape[-2]
-        per_layer = d_out * d_in * (4 + dense_copies * itemsize) + 2 * (d_out + d_in) * r * itemsize
+        stored = _stored_itemsize(base, mod.paths[0])
+        per_layer = d_out * d_in * (stored + dense_copies * itemsize) + 2 * (d_out + d_in) * r * itemsize
         step = min(step, _layers_in_budget(per_layer, 0, parse_memory_size(max_memory), mod.shape, dtype, repr(name)))
     for start in range(0, L, step):
         part = slice(start, min(start + step, L))
@@ -269,6 +271,12 @@ def module_batches(
         )
         if on_done is not None:  # the caller asked for the next batch: this one is done
             on_done(part.stop - part.start)
+
+
+def _stored_itemsize(base: BaseCheckpoint, path: ModulePath) -> int:
+    """Bytes per entry of the base weight at ``path`` as stored (from the header; 4 when the header does not say)."""
+    dtype = base.dtypes.get(match_base_weights([path], base.keys)[path])
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 4
 
 
 def layer_progress(progress: ProgressCallback | None, total: int) -> Callable[[int], None] | None:

@@ -200,7 +200,8 @@ def similarity_summary_table(similarity: Mapping[str, Any]) -> Table:
         "Layer x layer similarity of conversion matrices (mean off-diagonal phi)",
         (
             "Random: Gaussian matrices of the same shape; E = max(i, j) / d is the exact expectation.",
-            "W-null: W^-1 R with R Gaussian of the factor's shape, solved like the adapter's factors; its mean "
+            "W-null: W^-1 R (W^+ R where W is not square) with R Gaussian of the factor's shape, solved like the "
+            "adapter's factors; its mean "
             "off-diagonal phi +- the std over draws. Share of excess: (W-null - random) / (average - random), "
             "how much of the excess over the Gaussian baseline W alone already gives.",
         ),
