@@ -286,3 +286,159 @@ def test_tensors_left_out_are_named_in_one_warning(tmp_path: Path, tiny_bert: Pa
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnanalysedTensorsWarning)
         assert any("classifier" in k for k in load_lora_adapter(head_only).ignored_keys)
+
+
+# ------------------------------------------------------------------ index_lora_adapter + read_layer_factors (#16)
+
+
+def _assert_index_matches_load(folder: Path) -> None:
+    """The index describes what load_lora_adapter loads, and each layer read on demand is the loaded stack's slice."""
+    from loralens.io.adapters import index_lora_adapter, read_layer_factors
+
+    loaded, index = load_lora_adapter(folder), index_lora_adapter(folder)
+    assert (index.path, index.weights_file, index.config) == (loaded.path, loaded.weights_file, loaded.config)
+    assert index.ignored_keys == loaded.ignored_keys and index.is_dora == loaded.is_dora
+    assert index.fan_in_fan_out == loaded.fan_in_fan_out
+    assert index.base_model_name_or_path == loaded.base_model_name_or_path
+    assert list(index.modules) == list(loaded.modules)
+    for name, mod in loaded.modules.items():
+        ix = index.modules[name]
+        assert (ix.name, ix.paths, ix.layers, ix.ranks, ix.scaling, ix.shape) == (
+            mod.name, mod.paths, mod.layers, mod.ranks, mod.scaling, mod.shape,
+        )  # fmt: skip
+        for position, r in enumerate(mod.ranks):
+            f = read_layer_factors(index, name, position)
+            assert torch.equal(f.A, mod.A[position, :r]) and torch.equal(f.B, mod.B[position, :, :r])
+            if mod.magnitude is None:
+                assert f.magnitude is None
+            else:
+                assert f.magnitude is not None and torch.equal(f.magnitude, mod.magnitude[position])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"use_rslora": True, "r": 4, "alpha": 8},
+        {"rank_pattern": {"layer.1.attention.self.query": 8}, "r": 4, "alpha_pattern": {"value": 32}},
+        {"layers_to_transform": [1], "r": 2},
+        {"use_dora": True, "r": 4},
+        {"safe_serialization": False},
+    ],
+    ids=["plain", "rslora", "rank_and_alpha_pattern", "layers_to_transform", "dora", "bin"],
+)
+def test_index_describes_what_load_loads(tmp_path: Path, tiny_bert: Path, options: dict[str, Any]) -> None:
+    folder = checkpoints.lora_adapter(tiny_bert, tmp_path / "a", arch="bert", **options)
+    _assert_index_matches_load(folder)
+    from loralens.io.adapters import index_lora_adapter
+
+    index = index_lora_adapter(folder)
+    if options.get("safe_serialization") is False:
+        assert index.weights_file.name == "adapter_model.bin" and index.tensors is not None
+    else:
+        assert index.tensors is None
+
+
+def test_index_of_gqa_conv1d_and_real_adapters(tmp_path: Path, tiny_llama: Path) -> None:
+    _assert_index_matches_load(
+        checkpoints.lora_adapter(tiny_llama, tmp_path / "l", arch="llama", r=4, targets=["q_proj", "v_proj"])
+    )
+    _assert_index_matches_load(
+        checkpoints.lora_adapter(checkpoints.gpt2_base(tmp_path / "g"), tmp_path / "c", arch="gpt2")
+    )
+    from loralens.examples import default_adapter
+
+    _assert_index_matches_load(default_adapter(0))
+
+
+def test_index_reads_no_tensor_and_reads_one_layer_on_demand(
+    tmp_path: Path, tiny_bert_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Indexing a safetensors adapter reads its header only; a layer read asks for that layer's two tensors."""
+    import loralens.io.adapters as adapters_module
+    from loralens.io.adapters import index_lora_adapter, read_layer_factors
+
+    asked: list[list[str]] = []
+    real = adapters_module.read_safetensors
+
+    def recording(path: Path, keys: Any = None) -> dict[str, torch.Tensor]:
+        asked.append(sorted(keys) if keys is not None else ["<all>"])
+        return real(path, keys)
+
+    monkeypatch.setattr(adapters_module, "read_safetensors", recording)
+    index = index_lora_adapter(tiny_bert_adapter)
+    assert asked == []
+    read_layer_factors(index, "value", 1)
+    assert asked == [sorted(index.modules["value"].keys[1].values())] and len(asked[0]) == 2
+    assert all(".layer.1.attention.self.value.lora_" in k for k in asked[0])
+
+
+def test_index_refuses_bad_files_as_load_does(tmp_path: Path, tiny_bert_adapter: Path) -> None:
+    """Faults visible in the header fail the index with load_lora_adapter's own error; faults in the numbers
+    (NaN, an overflowing scaling) fail the read of that layer with the same error."""
+    from loralens.errors import LoralensError
+    from loralens.io.adapters import index_lora_adapter, read_layer_factors
+
+    def same_error(folder: Path, call: Any = index_lora_adapter) -> None:
+        with pytest.raises(LoralensError) as loading:
+            load_lora_adapter(folder)
+        with pytest.raises(type(loading.value)) as indexing:
+            call(folder)
+        assert str(indexing.value) == str(loading.value)
+
+    tensors = load_file(tiny_bert_adapter / "adapter_model.safetensors")
+    key_a = next(k for k in tensors if k.endswith("lora_A.weight"))
+    key_b = next(k for k in tensors if k.endswith("lora_B.weight"))
+    header_faults = {
+        "unpaired": {k: v for k, v in tensors.items() if k != key_b},
+        "nokeys": {},
+        "shape": tensors | {key_b: torch.ones(tensors[key_b].shape[0], 3)},
+        "rank": tensors
+        | {key_a: torch.ones(3, tensors[key_a].shape[1]), key_b: torch.ones(tensors[key_b].shape[0], 3)},
+        "int8": tensors | {key_a: tensors[key_a].to(torch.int8)},
+        "float8": tensors | {key_a: tensors[key_a].to(torch.float8_e4m3fn)},
+        "nolora": {"classifier.weight": torch.ones(2, 2)},
+    }
+    for name, bad in header_faults.items():
+        a = _copy(tiny_bert_adapter, tmp_path / name)
+        save_file(bad, str(a / "adapter_model.safetensors"))
+        same_error(a)
+    same_error(tmp_path / "missing")
+    a = _copy(tiny_bert_adapter, tmp_path / "ltt")
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    (a / "adapter_config.json").write_text(json.dumps(cfg | {"layers_to_transform": [0]}))
+    same_error(a)
+    a = _copy(tiny_bert_adapter, tmp_path / "truncated")
+    checkpoints.truncate_file(a / "adapter_model.safetensors", (a / "adapter_model.safetensors").stat().st_size - 100)
+    same_error(a)
+
+    # the numbers: the index opens, the layer's read fails as the load does
+    index_of: dict[str, Any] = {}
+    for name, bad in {
+        "nan": tensors | {key_b: torch.full_like(tensors[key_b], float("nan"))},
+        "overflow": tensors
+        | {key_b: torch.full_like(tensors[key_b], 1e30), key_a: torch.full_like(tensors[key_a], 1e30)},
+    }.items():
+        a = _copy(tiny_bert_adapter, tmp_path / name)
+        save_file(bad, str(a / "adapter_model.safetensors"))
+        index_of[name] = index_lora_adapter(a)
+        module, position = _where(index_of[name], key_b)
+        same_error(a, lambda _, ix=index_of[name], m=module, p=position: read_layer_factors(ix, m, p))
+
+    # a file rewritten after indexing is refused, not read as something else
+    a = _copy(tiny_bert_adapter, tmp_path / "rewritten")
+    index = index_lora_adapter(a)
+    save_file(tensors | {key_a: torch.ones(2, tensors[key_a].shape[1]), key_b: torch.ones(tensors[key_b].shape[0], 2)},
+              str(a / "adapter_model.safetensors"))  # fmt: skip
+    module, position = _where(index, key_a)
+    with pytest.raises(CheckpointError, match="changed since"):
+        read_layer_factors(index, module, position)
+    with pytest.raises(LoralensError, match="no module 'key'"):
+        read_layer_factors(index, "key", 0)
+    with pytest.raises(LoralensError, match="no position 5"):
+        read_layer_factors(index, module, 5)
+
+
+def _where(index: Any, key: str) -> tuple[str, int]:
+    """The module and layer position of the indexed tensor ``key``."""
+    return next((n, p) for n, m in index.modules.items() for p, keys in enumerate(m.keys) if key in keys.values())

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from loralens.errors import (
     CheckpointError,
     FanInFanOutWarning,
     InputPathError,
+    LoralensError,
     ModelMismatchError,
     UnanalysedTensorsWarning,
 )
@@ -35,6 +36,7 @@ from loralens.io.files import (
     read_pickle_state_dict,
     read_safetensors,
     require_regular_file,
+    safetensors_shapes,
 )
 from loralens.io.hub import resolve_adapter
 from loralens.io.keys import (
@@ -52,6 +54,11 @@ __all__ = [
     "AdapterModule",
     "LoraAdapter",
     "load_lora_adapter",
+    "ModuleIndex",
+    "LoraAdapterIndex",
+    "LayerFactors",
+    "index_lora_adapter",
+    "read_layer_factors",
     "read_base_weights",
     "base_weight_matrices",
     "stores_transposed",
@@ -64,6 +71,23 @@ _WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 #: modules have there; every other module of every model is an ``nn.Linear`` (stored (out, in)).
 _CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"})
 _CONV1D_MODULES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+
+
+class _StatedConfig:
+    """What ``adapter_config.json`` states, for :class:`LoraAdapter` and :class:`LoraAdapterIndex` alike."""
+
+    config: dict[str, Any]
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """The flag as adapter_config.json states it (True for GPT-2 style ``Conv1D`` bases, which store weights
+        as (in, out)); :func:`stores_transposed` decides, with PEFT's rule, whether a base weight is transposed."""
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        value = self.config.get("base_model_name_or_path")
+        return str(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -109,7 +133,7 @@ class AdapterModule:
 
 
 @dataclass(frozen=True)
-class LoraAdapter:
+class LoraAdapter(_StatedConfig):
     """A loaded PEFT LoRA adapter.
 
     Attributes
@@ -133,19 +157,91 @@ class LoraAdapter:
     ignored_keys: tuple[str, ...] = ()
 
     @property
-    def fan_in_fan_out(self) -> bool:
-        """The flag as adapter_config.json states it (True for GPT-2 style ``Conv1D`` bases, which store weights
-        as (in, out)); :func:`stores_transposed` decides, with PEFT's rule, whether a base weight is transposed."""
-        return bool(self.config.get("fan_in_fan_out", False))
+    def is_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
+
+@dataclass(frozen=True)
+class ModuleIndex:
+    """One module type of an adapter as :class:`AdapterModule` describes it, without its factors: where to read them.
+
+    Attributes
+    ----------
+    name : str
+        Short unique name (``query``, ``q_proj``).
+    paths : tuple of ModulePath
+        Per layer, in increasing layer order.
+    ranks : tuple of int
+        True rank ``r_l`` per layer.
+    scaling : tuple of float
+        ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) per layer.
+    shape : tuple of int
+        ``(d_out, d_in)`` of the base weight this module adapts.
+    keys : tuple of mapping
+        Per layer, factor (``"A"``, ``"B"``, ``"magnitude"`` for DoRA) -> its key in the weights file.
+    """
+
+    name: str
+    paths: tuple[ModulePath, ...]
+    ranks: tuple[int, ...]
+    scaling: tuple[float, ...]
+    shape: tuple[int, int]
+    keys: tuple[Mapping[str, str], ...]
 
     @property
-    def base_model_name_or_path(self) -> str | None:
-        value = self.config.get("base_model_name_or_path")
-        return str(value) if value else None
+    def layers(self) -> tuple[int, ...]:
+        return tuple(p.layer for p in self.paths)
 
     @property
     def is_dora(self) -> bool:
-        return any(m.magnitude is not None for m in self.modules.values())
+        return any("magnitude" in k for k in self.keys)
+
+
+@dataclass(frozen=True)
+class LoraAdapterIndex(_StatedConfig):
+    """A PEFT LoRA adapter opened without reading its factors (:func:`index_lora_adapter`); read one module-layer's
+    factors with :func:`read_layer_factors`.
+
+    Attributes
+    ----------
+    path, weights_file, config, ignored_keys
+        As in :class:`LoraAdapter`.
+    modules : dict
+        Module name -> :class:`ModuleIndex`, in the order of :class:`LoraAdapter`'s.
+    tensors : dict or None
+        The factors, held in memory, when the weights file is a pickled ``.bin`` (which cannot be read a tensor at
+        a time); None for safetensors, whose tensors are read on demand.
+    """
+
+    path: Path
+    weights_file: Path
+    config: dict[str, Any]
+    modules: dict[str, ModuleIndex]
+    ignored_keys: tuple[str, ...] = ()
+    tensors: dict[str, Tensor] | None = None
+
+    @property
+    def is_dora(self) -> bool:
+        return any(m.is_dora for m in self.modules.values())
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """One layer of one module of an adapter, as stored (not padded).
+
+    Attributes
+    ----------
+    A : Tensor
+        ``(r, d_in)``.
+    B : Tensor
+        ``(d_out, r)``.
+    magnitude : Tensor or None
+        ``(d_out,)`` DoRA magnitude vector.
+    """
+
+    A: Tensor
+    B: Tensor
+    magnitude: Tensor | None = None
 
 
 def load_lora_adapter(
@@ -165,32 +261,163 @@ def load_lora_adapter(
         Invalid config, unknown ``peft_type``, corrupt tensors, unpaired factors, ranks that
         disagree with the config, layers outside ``layers_to_transform``.
     """
+    folder, config, weights_file = _open_adapter(path, offline, allow_pickle_download)
+    tensors = (
+        read_safetensors(weights_file)
+        if weights_file.suffix == ".safetensors"
+        else read_pickle_state_dict(weights_file)
+    )
+    _check_tensor_kinds(tensors, weights_file)
+    check_finite(tensors, weights_file)
+    index, ignored = _index_modules(tensors, config, folder, weights_file)
+    modules = {name: _stack_module(mod, tensors, weights_file) for name, mod in index.items()}
+    _warn_unanalysed(ignored, config, weights_file)
+    return LoraAdapter(folder, weights_file, config, modules, tuple(sorted(ignored)))
+
+
+def index_lora_adapter(
+    path: str | os.PathLike[str], *, offline: bool | None = None, allow_pickle_download: bool | None = None
+) -> LoraAdapterIndex:
+    """Open a PEFT LoRA adapter as :func:`load_lora_adapter` does, reading its config and the safetensors header
+    only; :func:`read_layer_factors` then reads one module-layer's factors at a time.
+
+    Every check :func:`load_lora_adapter` makes from keys, shapes and dtypes is made here, with the same errors
+    (pairing, ranks against the config, shapes across layers, ``layers_to_transform``, integer or 8-bit dtypes);
+    the checks that need the numbers (NaN/Inf, an overflowing scaling) are made as each layer is read. A pickled
+    ``adapter_model.bin`` cannot be read a tensor at a time: it is read whole, checked as by
+    :func:`load_lora_adapter`, and its factors are held in :attr:`LoraAdapterIndex.tensors`.
+
+    Raises
+    ------
+    InputPathError, CheckpointError
+        As :func:`load_lora_adapter`.
+    """
+    folder, config, weights_file = _open_adapter(path, offline, allow_pickle_download)
+    pickled = weights_file.suffix != ".safetensors"
+    tensors = read_pickle_state_dict(weights_file) if pickled else _header_tensors(weights_file)
+    _check_tensor_kinds(tensors, weights_file)
+    if pickled:
+        check_finite(tensors, weights_file)
+    modules, ignored = _index_modules(tensors, config, folder, weights_file)
+    held = None
+    if pickled:  # read whole anyway: keep only the factors, checked as load_lora_adapter checks them
+        held = {key: tensors[key] for mod in modules.values() for keys in mod.keys for key in keys.values()}
+        for mod in modules.values():
+            for position in range(len(mod.paths)):
+                _layer_factors(mod, position, held, weights_file)
+    _warn_unanalysed(ignored, config, weights_file)
+    return LoraAdapterIndex(folder, weights_file, config, modules, tuple(sorted(ignored)), held)
+
+
+def read_layer_factors(adapter: LoraAdapterIndex, module: str, position: int) -> LayerFactors:
+    """One layer's factors of ``module``: ``A`` ``(r_l, d_in)``, ``B`` ``(d_out, r_l)`` (and the DoRA magnitude
+    ``(d_out,)``), read from the weights file (only these tensors), as stored.
+
+    ``position`` is the layer's position in ``adapter.modules[module].paths`` (not the model layer). The tensors
+    are checked as :func:`load_lora_adapter` checks them (finite, a scaling that cannot overflow) and against the
+    shapes indexed (a file rewritten since is refused).
+
+    Raises
+    ------
+    LoralensError
+        An unknown module or a position outside its layers.
+    CheckpointError, NonFiniteError
+        Damaged tensors, or a weights file changed since it was indexed.
+    """
+    if module not in adapter.modules:
+        raise LoralensError(
+            f"{adapter.path}: no module {module!r} (it has {', '.join(adapter.modules)})", option="modules"
+        )
+    mod = adapter.modules[module]
+    if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < len(mod.paths):
+        raise LoralensError(f"{adapter.path}: module {module!r} has {len(mod.paths)} layers, no position {position!r}")
+    keys = mod.keys[position]
+    source = adapter.weights_file
+    if adapter.tensors is not None:
+        return _layer_factors(mod, position, adapter.tensors, source)
+    tensors = read_safetensors(source, keys.values())
+    _check_tensor_kinds(tensors, source)
+    check_finite(tensors, source)
+    r, (d_out, d_in) = mod.ranks[position], mod.shape
+    expected = {"A": (r, d_in), "B": (d_out, r)}
+    for factor, shape in expected.items():
+        if tuple(tensors[keys[factor]].shape) != shape:
+            raise CheckpointError(
+                f"{source}: {keys[factor]!r} is {tuple(tensors[keys[factor]].shape)}, but {shape} when the adapter "
+                "was indexed: the file changed since; open the adapter again"
+            )
+    return _layer_factors(mod, position, tensors, source)
+
+
+def _open_adapter(
+    path: str | os.PathLike[str], offline: bool | None, allow_pickle_download: bool | None
+) -> tuple[Path, dict[str, Any], Path]:
+    """The adapter's folder, its checked ``adapter_config.json`` and its weights file (not read yet)."""
     folder = adapter_folder(resolve_adapter(path, offline=offline, allow_pickle_download=allow_pickle_download))
     config = read_json(folder / CONFIG_NAME)
     check_lora_config(config, folder / CONFIG_NAME)
     _check_layer_replication(config, folder / CONFIG_NAME)
     weights_file = adapter_weights_file(folder)
     check_weights_file(weights_file)
-    tensors = (
-        read_safetensors(weights_file)
-        if weights_file.suffix == ".safetensors"
-        else read_pickle_state_dict(weights_file)
-    )
+    return folder, config, weights_file
+
+
+#: safetensors header dtypes -> torch dtypes (the header's names, as ``safe_open(...).get_slice(k).get_dtype()``).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+}
+
+
+def _header_tensors(weights_file: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file as a ``meta`` tensor (its shape and dtype, no data), from the header.
+
+    A dtype missing from :data:`_SAFETENSORS_DTYPES` is read for real, so the checks name it as for a loaded file.
+    """
+    specs = safetensors_shapes(weights_file)
+    unknown = [key for key, (_, dtype) in specs.items() if dtype not in _SAFETENSORS_DTYPES]
+    read = read_safetensors(weights_file, unknown) if unknown else {}
+    return {
+        key: read[key] if key in read else torch.empty(shape, dtype=_SAFETENSORS_DTYPES[dtype], device="meta")
+        for key, (shape, dtype) in specs.items()
+    }
+
+
+def _check_tensor_kinds(tensors: Mapping[str, Tensor], weights_file: Path) -> None:
+    """Refuse an empty adapter file and complex, integer or 8-bit tensors (dtypes only: ``meta`` tensors do)."""
     if not tensors:
         raise CheckpointError(f"{weights_file}: the adapter holds no tensors")
-    check_not_complex(tensors, weights_file)
-    check_float(tensors, weights_file)
-    check_finite(tensors, weights_file)
+    check_not_complex(dict(tensors), weights_file)
+    check_float(dict(tensors), weights_file)
 
-    factors: dict[ModulePath, dict[str, Tensor]] = {}
+
+def _index_modules(
+    tensors: Mapping[str, Tensor], config: dict[str, Any], folder: Path, weights_file: Path
+) -> tuple[dict[str, ModuleIndex], list[str]]:
+    """The adapter's modules (keys paired by parsed name, shapes and ranks checked) and the keys left out.
+
+    ``tensors`` may be ``meta`` tensors: only keys, shapes and dtypes are used.
+    """
+    factors: dict[ModulePath, dict[str, str]] = {}
     ignored = []
-    for key, tensor in tensors.items():
+    for key in tensors:
         parsed = parse_adapter_key(key)
         module = parse_module_path(parsed[0]) if parsed else None
         if parsed is None or module is None:
             ignored.append(key)
             continue
-        factors.setdefault(module, {})[parsed[1]] = tensor
+        factors.setdefault(module, {})[parsed[1]] = key
     if not factors:
         named = sorted({m.group(1) for k in tensors if (m := _NAMED_FACTOR.search(k))})
         if named:  # model.state_dict() of a PeftModel keeps the adapter name; save_pretrained strips it
@@ -208,12 +435,11 @@ def load_lora_adapter(
         by_type.setdefault(module.module_type, []).append(module)
     names = module_type_names(by_type)
     modules = {
-        names[t]: _stack_module(names[t], paths, factors, config, weights_file)
+        names[t]: _index_module(names[t], paths, factors, tensors, config, weights_file)
         for t, paths in sorted(by_type.items(), key=lambda item: names[item[0]])
     }
     _check_layers_to_transform(modules, config, folder / CONFIG_NAME)
-    _warn_unanalysed(ignored, config, weights_file)
-    return LoraAdapter(folder, weights_file, config, modules, tuple(sorted(ignored)))
+    return modules, ignored
 
 
 #: The heads PEFT itself adds to ``modules_to_save`` for sequence classification: saved alone, they warn nothing.
@@ -388,24 +614,27 @@ def adapter_weights_file(folder: Path) -> Path:
     raise InputPathError(f"{folder}: no adapter weights ({' or '.join(_WEIGHT_NAMES)})")
 
 
-def _stack_module(
+def _index_module(
     name: str,
     paths: list[ModulePath],
-    factors: dict[ModulePath, dict[str, Tensor]],
+    factors: dict[ModulePath, dict[str, str]],
+    tensors: Mapping[str, Tensor],
     config: dict[str, Any],
     source: Path,
-) -> AdapterModule:
+) -> ModuleIndex:
+    """One module type's layers paired and checked from the factors' shapes (``factors``: path -> factor -> key)."""
     layers = [p.layer for p in paths]
     if len(set(layers)) != len(layers):
         raise CheckpointError(f"{source}: module {name!r} appears twice in one layer")
-    As, Bs, ranks, scaling, mags = [], [], [], [], []
+    keys: list[Mapping[str, str]] = []
+    ranks, scaling = [], []
     shape: tuple[int, int] | None = None
     for p in paths:
         f = factors[p]
         if "A" not in f or "B" not in f:
             missing = "lora_A" if "A" not in f else "lora_B"
             raise CheckpointError(f"{source}: {p.dotted} has no {missing}.weight; the adapter file is incomplete")
-        A, B = f["A"], f["B"]
+        A, B = tensors[f["A"]], tensors[f["B"]]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise CheckpointError(
                 f"{source}: {p.dotted}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
@@ -426,19 +655,31 @@ def _stack_module(
         alpha = float(peft_pattern_value(config.get("alpha_pattern"), p.dotted, config.get("lora_alpha", r)))
         ranks.append(r)
         scaling.append(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
-        _check_update_size(scaling[-1], A, B, p, source)
-        As.append(A)
-        Bs.append(B)
-        mags.append(f.get("magnitude"))
-    r_max = max(ranks)
-    A_stack = torch.stack([torch.nn.functional.pad(A, (0, 0, 0, r_max - A.shape[0])) for A in As])
-    B_stack = torch.stack([torch.nn.functional.pad(B, (0, r_max - B.shape[1])) for B in Bs])
-    magnitude = None
-    if any(m is not None for m in mags):
-        if any(m is None for m in mags):
-            raise CheckpointError(f"{source}: module {name!r} has DoRA magnitudes in some layers only")
-        magnitude = torch.stack([m.reshape(-1) for m in mags if m is not None])
-    return AdapterModule(name, tuple(paths), A_stack, B_stack, tuple(ranks), tuple(scaling), magnitude)
+        keys.append({factor: f[factor] for factor in ("A", "B", "magnitude") if factor in f})
+    with_magnitude = sum("magnitude" in k for k in keys)
+    if 0 < with_magnitude < len(keys):
+        raise CheckpointError(f"{source}: module {name!r} has DoRA magnitudes in some layers only")
+    assert shape is not None  # paths is never empty: one entry per parsed key
+    return ModuleIndex(name, tuple(paths), tuple(ranks), tuple(scaling), shape, tuple(keys))
+
+
+def _layer_factors(module: ModuleIndex, position: int, tensors: Mapping[str, Tensor], source: Path) -> LayerFactors:
+    """The factors of one indexed layer from ``tensors`` (read), with the scaling checked against overflow."""
+    keys = module.keys[position]
+    A, B = tensors[keys["A"]], tensors[keys["B"]]
+    _check_update_size(module.scaling[position], A, B, module.paths[position], source)
+    magnitude = tensors[keys["magnitude"]].reshape(-1) if "magnitude" in keys else None
+    return LayerFactors(A, B, magnitude)
+
+
+def _stack_module(module: ModuleIndex, tensors: Mapping[str, Tensor], source: Path) -> AdapterModule:
+    """An indexed module's layers read from ``tensors`` and stacked, lower ranks zero-padded to the largest."""
+    layers = [_layer_factors(module, position, tensors, source) for position in range(len(module.paths))]
+    r_max = max(module.ranks)
+    A_stack = torch.stack([torch.nn.functional.pad(f.A, (0, 0, 0, r_max - f.A.shape[0])) for f in layers])
+    B_stack = torch.stack([torch.nn.functional.pad(f.B, (0, r_max - f.B.shape[1])) for f in layers])
+    magnitude = torch.stack([f.magnitude for f in layers if f.magnitude is not None]) if module.is_dora else None
+    return AdapterModule(module.name, module.paths, A_stack, B_stack, module.ranks, module.scaling, magnitude)
 
 
 #: ``...query.lora_A.default.weight``: a factor key with PEFT's in-memory adapter name still in it.
@@ -469,7 +710,7 @@ def _check_layer_replication(config: dict[str, Any], path: Path) -> None:
         )
 
 
-def _check_layers_to_transform(modules: dict[str, AdapterModule], config: dict[str, Any], path: Path) -> None:
+def _check_layers_to_transform(modules: dict[str, ModuleIndex], config: dict[str, Any], path: Path) -> None:
     allowed = config.get("layers_to_transform")
     if allowed is None:
         return
