@@ -7,6 +7,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,3 +68,29 @@ def test_zoo_passes_its_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert quiet_flags == [False, True, True]
     assert calls == [("layers", k, 6) for k in range(1, 7)] * 3  # MiniLM: 6 layers of query, each run
+
+
+def test_zoo_reads_each_layer_of_the_folders_when_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command opens the folders without reading their factors and streams them: each adapter's factors are
+    read one module-layer at a time (#16), never a whole adapter."""
+    import loralens.analyses.zoo
+    import loralens.io.adapters
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the zoo command loaded an adapter whole")
+
+    reads: list[tuple[str, str, int]] = []
+    real = loralens.analyses.zoo.read_layer_factors
+
+    def recording(adapter: Any, module: str, position: int) -> Any:
+        reads.append((str(adapter.path), module, position))
+        return real(adapter, module, position)
+
+    monkeypatch.setattr(loralens.io.adapters, "load_lora_adapter", refuse)
+    monkeypatch.setattr(loralens.analyses.zoo, "read_layer_factors", recording)
+    folders = [default_adapter(0), default_adapter(1)]
+    proc = run_cli("zoo", "--adapter", folders[0], "--adapter", folders[1], "--modules", "query", "--device", "cpu",
+                   "--json", "--quiet")  # fmt: skip
+    api = adapter_zoo([load_lora_adapter(f) for f in folders], modules=["query"], device="cpu").to_dict()
+    assert _json(proc) == json.loads(json.dumps(api))
+    assert reads == [(str(f), "query", p) for p in range(6) for f in folders]

@@ -1,9 +1,7 @@
 """Many adapters of one base at once: how alike their updates and their factors' subspaces are, and how they cluster.
 
-    >>> import loralens
     >>> from loralens.analyses.zoo import adapter_zoo
-    >>> adapters = [loralens.load_lora_adapter(p) for p in paths]
-    >>> zoo = adapter_zoo(adapters)
+    >>> zoo = adapter_zoo(paths)                   # adapter folders: each layer's factors read when compared
     >>> zoo.modules["value"].cosine_overall        # (N, N)
     >>> zoo.modules["value"].order                 # the adapters in dendrogram order
 
@@ -17,16 +15,23 @@ Per module, for every pair of adapters and every layer they share (:mod:`loralen
   the product of total norms); for phi, the mean over layers;
 - a hierarchical clustering (scipy, average linkage) on ``1 - overall cosine``, with the leaf order.
 
-No base weights are read. Factors are gathered one layer at a time and the ``N x N`` results computed in tiles of
-``block`` adapters, so memory holds one layer's factors of all adapters, a tile's ``(block r)^2`` products and the
-results (``3 L N^2`` numbers per module). Nothing here prints or writes.
+No base weights are read. The adapters are given loaded (:class:`~loralens.io.adapters.LoraAdapter`) or as folders
+or :func:`~loralens.io.adapters.index_lora_adapter` indexes; an indexed adapter's factors are read from its
+safetensors file one module-layer at a time (:func:`~loralens.io.adapters.read_layer_factors`) as that layer is
+compared, then dropped (a pickled ``.bin`` adapter is held whole: it cannot be read a tensor at a time). Each
+layer's ``N x N`` results are computed in tiles of ``block`` adapters, so memory holds one layer's factors of all
+adapters (``N r (d_out + d_in)`` numbers, in the compute dtype, plus their ``N k (d_out + d_in)`` singular
+vectors), a tile's ``(block r)^2`` products and the results (``3 L N^2`` numbers per module); with indexed
+adapters, nothing grows with the number of layers but the results. The numbers are the same either way. Nothing
+here prints or writes.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -42,9 +47,19 @@ from loralens.analyses.serialize import json_values, layer_span
 from loralens.core.similarity import top_singular_vectors
 from loralens.core.zoo import cosine_from_inner_products, segment_subspace_similarity, update_inner_products
 from loralens.errors import LoralensError, ModelMismatchError, RankError
-from loralens.io.adapters import LoraAdapter
+from loralens.io.adapters import (
+    AdapterModule,
+    LoraAdapter,
+    LoraAdapterIndex,
+    ModuleIndex,
+    index_lora_adapter,
+    read_layer_factors,
+)
 
 __all__ = ["ZOO_DEFINITION", "ZooModule", "ZooReport", "adapter_zoo"]
+
+#: An adapter as the zoo takes it: loaded, indexed (its factors read a layer at a time), or its folder (indexed).
+_Adapter = LoraAdapter | LoraAdapterIndex
 
 ZOO_DEFINITION = (
     "cosine: <dW_i, dW_j>_F / (||dW_i||_F ||dW_j||_F) with dW = s B A, from the factors (null where an update is "
@@ -123,7 +138,7 @@ class ZooReport:
 
 
 def adapter_zoo(
-    adapters: Sequence[LoraAdapter],
+    adapters: Sequence[LoraAdapter | LoraAdapterIndex | str | os.PathLike[str]],
     *,
     modules: Sequence[str] | None = None,
     block: int = 256,
@@ -136,8 +151,11 @@ def adapter_zoo(
 
     Parameters
     ----------
-    adapters : sequence of LoraAdapter
-        At least two, of one base (``base_model_name_or_path``) and one set of target modules.
+    adapters : sequence of LoraAdapter, LoraAdapterIndex or adapter folders
+        At least two, of one base (``base_model_name_or_path``) and one set of target modules. Folders are opened
+        with :func:`~loralens.io.adapters.index_lora_adapter`; indexed adapters are read one module-layer at a time
+        (memory: one layer's factors of all adapters), loaded ones are used as they are. Either gives the same
+        numbers.
     modules : sequence of str, optional
         Module names to compare (default: all); each must be in every adapter.
     block : int
@@ -167,33 +185,35 @@ def adapter_zoo(
     if dtype not in (torch.float32, torch.float64):
         raise LoralensError(f"the zoo computes in float32 or float64, got {dtype}", option="dtype")
     dev = resolve_device(device)
-    names = _check_zoo(adapters, modules, assume_same_base)
-    for adapter in adapters:
-        warn_if_dora_product(adapter)
+    opened = [a if isinstance(a, LoraAdapter | LoraAdapterIndex) else index_lora_adapter(a) for a in adapters]
+    names = _check_zoo(opened, modules, assume_same_base)
+    for adapter in opened:
+        # reads .path and .is_dora only, which an index has as a loaded adapter does
+        warn_if_dora_product(cast(LoraAdapter, adapter))
     notes: list[str] = []
     shared = {}
     for name in names:
-        layers = sorted(set.intersection(*(set(a.modules[name].layers) for a in adapters)))
+        layers = sorted(set.intersection(*(set(a.modules[name].layers) for a in opened)))
         if not layers:
             raise ModelMismatchError(f"module {name!r}: the adapters share no layer; compare adapters of one model")
-        if any(len(a.modules[name].layers) != len(layers) for a in adapters):
+        if any(len(a.modules[name].layers) != len(layers) for a in opened):
             notes.append(f"{name}: compared on the {len(layers)} layers all adapters have ({layer_span(layers)})")
         shared[name] = layers
     advance = layer_progress(progress, sum(len(layers) for layers in shared.values()))
     result = {
-        name: _compare_module(adapters, name, layers, block, dev, dtype, advance) for name, layers in shared.items()
+        name: _compare_module(opened, name, layers, block, dev, dtype, advance) for name, layers in shared.items()
     }
     settings = {
-        "n_adapters": len(adapters),
-        "bases": sorted({str(a.base_model_name_or_path) for a in adapters}),
+        "n_adapters": len(opened),
+        "bases": sorted({str(a.base_model_name_or_path) for a in opened}),
         "block": block,
         "notes": notes,
         **run_settings(dev, dtype),
     }
-    return ZooReport(tuple(str(a.path) for a in adapters), result, settings)
+    return ZooReport(tuple(str(a.path) for a in opened), result, settings)
 
 
-def _check_zoo(adapters: Sequence[LoraAdapter], modules: Sequence[str] | None, assume_same_base: bool) -> list[str]:
+def _check_zoo(adapters: Sequence[_Adapter], modules: Sequence[str] | None, assume_same_base: bool) -> list[str]:
     """The module names to compare, after refusing adapters that are not of one base and target set."""
     bases = {str(a.base_model_name_or_path) for a in adapters}
     if len(bases) > 1 and not assume_same_base:
@@ -235,7 +255,7 @@ def _check_zoo(adapters: Sequence[LoraAdapter], modules: Sequence[str] | None, a
 
 
 def _compare_module(
-    adapters: Sequence[LoraAdapter],
+    adapters: Sequence[_Adapter],
     name: str,
     layers: list[int],
     block: int,
@@ -251,15 +271,20 @@ def _compare_module(
     phi_B = torch.empty(L, n, n, dtype=dtype)
     phi_A = torch.empty(L, n, n, dtype=dtype)
     chunks = [range(start, min(start + block, n)) for start in range(0, n, block)]
-    r_max = max(int(m.B.shape[-1]) for m in mods)
+    r_max = max(_width(m) for m in mods)
+    d_out, d_in = mods[0].shape
     for at, layer in enumerate(layers):
-        # one layer of every adapter, zero-padded to one width (zero columns of B / rows of A change neither the
-        # updates nor their top-k singular vectors): scaled B (n, d_out, r_max) and A (n, r_max, d_in)
-        sB = torch.stack(
-            [_pad(m.B[pos[at]] * float(m.scaling[pos[at]]), r_max, -1) for m, pos in zip(mods, positions, strict=True)]
-        )
-        A = torch.stack([_pad(m.A[pos[at]], r_max, -2) for m, pos in zip(mods, positions, strict=True)])
-        sB, A = sB.to(dev, dtype), A.to(dev, dtype)
+        # one layer of every adapter, read now (indexed adapters) and zero-padded to one width (zero columns of B /
+        # rows of A change neither the updates nor their top-k singular vectors): scaled B (n, d_out, r_max) and
+        # A (n, r_max, d_in); B is scaled in its stored dtype, then cast, as a stack of the loaded factors would be
+        sB = torch.zeros(n, d_out, r_max, dtype=dtype)
+        A = torch.zeros(n, r_max, d_in, dtype=dtype)
+        for i, (adapter, m, pos) in enumerate(zip(adapters, mods, positions, strict=True)):
+            B_i, A_i = _layer_factors(adapter, name, pos[at])
+            sB[i, :, : B_i.shape[-1]] = B_i * float(m.scaling[pos[at]])
+            A[i, : A_i.shape[0]] = A_i
+            del B_i, A_i
+        sB, A = sB.to(dev), A.to(dev)
         try:
             QB = top_singular_vectors(sB, k, "left")  # (n, d_out, k): one batched SVD for all adapters
             QA = top_singular_vectors(A, k, "right")  # (n, d_in, k)
@@ -305,14 +330,19 @@ def _compare_module(
     )
 
 
-def _pad(X: Tensor, width: int, dim: int) -> Tensor:
-    """``X`` with zeros appended along ``dim`` up to ``width``."""
-    missing = width - X.shape[dim]
-    if not missing:
-        return X
-    shape = list(X.shape)
-    shape[dim] = missing
-    return torch.cat([X, X.new_zeros(shape)], dim=dim)
+def _width(module: AdapterModule | ModuleIndex) -> int:
+    """Columns of the module's B as the zoo pads them: a loaded stack's width, else the largest rank."""
+    return int(module.B.shape[-1]) if isinstance(module, AdapterModule) else max(module.ranks)
+
+
+def _layer_factors(adapter: _Adapter, name: str, position: int) -> tuple[Tensor, Tensor]:
+    """``B`` ``(d_out, r)`` and ``A`` ``(r, d_in)`` of one layer of a module, as stored (a loaded stack's padding
+    kept); an indexed adapter's are read from its file now."""
+    if isinstance(adapter, LoraAdapter):
+        module = adapter.modules[name]
+        return module.B[position], module.A[position]
+    factors = read_layer_factors(adapter, name, position)
+    return factors.B, factors.A
 
 
 def _side(X: Tensor) -> Tensor:

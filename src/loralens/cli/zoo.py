@@ -1,7 +1,9 @@
 """``loralens zoo``: many adapters of one base compared at once, clustered.
 
-Loads the adapters (``--adapter`` repeated, or ``--adapters-from`` a folder or a glob), calls
-:func:`loralens.analyses.zoo.adapter_zoo`, renders: a table, one JSON object (``--json``), and with ``--out`` a
+Opens the adapters (``--adapter`` repeated, or ``--adapters-from`` a folder or a glob) without reading their
+factors (:func:`~loralens.io.adapters.index_lora_adapter`), calls :func:`loralens.analyses.zoo.adapter_zoo`, which
+reads each module-layer's factors of all adapters as it compares them (memory: one layer's factors of all the
+adapters, not all of them), renders: a table, one JSON object (``--json``), and with ``--out`` a
 folder holding ``zoo.json`` and per module ``zoo-<module>.png`` / ``.svg``, written atomically. No base is read.
 """
 
@@ -31,7 +33,7 @@ from loralens.cli._app import (
     user_errors,
 )
 from loralens.errors import InputPathError
-from loralens.io.adapters import load_lora_adapter
+from loralens.io.adapters import index_lora_adapter
 from loralens.io.outputs import bytes_writer, check_output_folder, json_writer
 
 
@@ -76,7 +78,7 @@ def zoo(
         folders = _adapter_folders(adapter or [], adapters_from)
         if out is not None:
             check_output_folder(out, replace=force, inputs=folders)
-        adapters = [load_lora_adapter(f) for f in folders]
+        adapters = [index_lora_adapter(f) for f in folders]  # factors read a layer at a time by the zoo
         with progress_bar(quiet) as progress:
             data = adapter_zoo(
                 adapters, modules=parse_modules(modules), block=block, assume_same_base=same_base, device=device,
