@@ -136,7 +136,10 @@ def read_pickle_state_dict(path: Path) -> dict[str, Tensor]:
             f"{path}: refusing to load a pickle with torch {torch.__version__} (CVE-2025-32434); "
             "upgrade torch to >= 2.6 or convert the file to safetensors"
         )
-    mmap = zipfile.is_zipfile(path)  # the legacy non-zip format cannot be memory-mapped
+    try:
+        mmap = zipfile.is_zipfile(path)  # the legacy non-zip format cannot be memory-mapped
+    except zipfile.BadZipFile as e:  # a damaged zip directory (e.g. "spans multiple disks") raises here already
+        raise _corrupt(path, e) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
