@@ -4,7 +4,9 @@ The adapters: ``--adapters`` perturbations of the embedded default (real PEFT Lo
 6 layers of 384 x 384), written as PEFT folders (as in ``bench_many_adapters.py``). Measured in one run:
 
   load         ``load_lora_adapter`` for every folder
-  factored     ``adapter_zoo``: cosines from ``tr((B_i^T B_j)(A_j A_i^T))`` and phi of B's / A's bases, in tiles
+  factored     ``adapter_zoo`` of the loaded adapters: cosines from ``tr((B_i^T B_j)(A_j A_i^T))`` and phi of B's /
+               A's bases, in tiles
+  streamed     ``adapter_zoo`` of the folders (what ``loralens zoo`` does): index each, read a layer of all at a time
   dense        the naive way: form every ``dW = s B A`` (d x d), flatten, one Gram matrix per layer and module
                (cosines only); run for ``--dense-max`` adapters and scaled by ``(N / dense_max)^2`` to N
   limit        the cosine part's floating-point work divided by the machine's GEMM rate (``gemm_gflops``)
@@ -154,6 +156,9 @@ def main() -> None:
         t0 = time.perf_counter()
         adapters = [load_lora_adapter(f) for f in folders]
         load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()  # what `loralens zoo --adapters-from` does: index the folders, stream each layer
+        streamed = adapter_zoo(folders, block=args.block, device="cpu", dtype=dtype)
+        streamed_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     zoo = adapter_zoo(adapters, block=args.block, device="cpu", dtype=dtype)
     factored_s = time.perf_counter() - t0
@@ -175,6 +180,10 @@ def main() -> None:
         "block": args.block,
         "load_s": round(load_s, 2),
         "factored_s": round(factored_s, 2),
+        "streamed_from_folders_s": round(streamed_s, 2),
+        "streamed_equals_loaded": all(
+            torch.equal(streamed.modules[n].cosine, zoo.modules[n].cosine) for n in zoo.modules
+        ),
         "dense_s_measured": round(dense_s, 2),
         "dense_adapters": m,
         "dense_s_scaled_to_n": round(dense_s * (args.adapters / m) ** 2, 1),
