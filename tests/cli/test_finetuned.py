@@ -28,7 +28,8 @@ def test_spectra_of_a_fine_tune(tiny_bert: Path, tiny_finetune: Path) -> None:
     # one line on stderr says what the adapter is, with the energy ranks the API gives
     ft = loralens.finetuned_adapter(loralens.open_base(tiny_bert), tiny_finetune, modules=["query"], device="cpu")
     k = ft.modules["query"].energy_rank
-    assert f"query k_0.9 {int(k.min())}-{int(k.max())}" in out.stderr or f"query k_0.9 {int(k.min())}," in out.stderr
+    span = f"{int(k.min())}-{int(k.max())}" if int(k.min()) != int(k.max()) else f"{int(k.min())}"
+    assert f"query k_0.9 {span}, rank {span}, keeps >= " in out.stderr
     assert "(full fine-tune, dW = W_ft - W0 per layer)" in out.stderr and len(out.stderr.splitlines()) == 1
     fixed = run_cli("spectra", "--base", tiny_bert, "--finetuned", tiny_finetune, "--finetuned-rank", "3", "--json")
     assert fixed.returncode == 0, fixed.stderr
@@ -55,6 +56,22 @@ def test_every_adapter_command_takes_a_fine_tune(
     overlap = json.loads(runs["overlap"].stdout)
     assert overlap["modules"]["query"]["ranks"][0][0] == 4  # the adapter first, the fine-tune second
     assert (tmp_path / "conv" / "conversion.safetensors").is_file() and (tmp_path / "fig").is_dir()
+
+
+def test_zoo_of_adapters_and_a_fine_tune(
+    tiny_bert: Path, tiny_bert_adapter: Path, tiny_finetune: Path, tmp_path: Path
+) -> None:
+    second = checkpoints.lora_adapter(tiny_bert, tmp_path / "second", arch="bert", r=4, seed=3)
+    args = ["zoo", "--adapter", tiny_bert_adapter, "--adapter", second, "--base", tiny_bert, "--modules", "query,value"]
+    # the adapters record the base by the path they were made with, the fine-tune by --base's: one model
+    out = run_cli(*args, "--finetuned", tiny_finetune, "--same-base", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert len(data["adapters"]) == 3 and data["adapters"][2] == str(tiny_finetune)
+    cos = data["modules"]["query"]["cosine"]["overall"]
+    assert len(cos) == 3 and abs(cos[2][2] - 1) < 1e-9
+    alone = run_cli("zoo", "--adapter", tiny_bert_adapter, "--finetuned", tiny_finetune, "--json")
+    assert alone.returncode == 2 and "pass --base" in alone.stderr
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ def test_zoo_json_and_files_equal_the_api(tmp_path: Path) -> None:
 
 def test_zoo_bad_input_is_one_line(tmp_path: Path) -> None:
     cases = (
-        (["--adapter", default_adapter()], "at least two adapter folders"),
+        (["--adapter", default_adapter()], "at least two adapters"),
         (["--adapters-from", str(tmp_path)], "no adapter folders"),
         (["--adapter", default_adapter(), "--adapter", default_adapter(1), "--modules", "key"], "--modules"),
     )

@@ -463,7 +463,7 @@ def load_inputs(
     if adapter is not None:
         lora = load_lora_adapter(adapter)
         return base_for(lora, base), lora
-    base_ckpt = _finetune_base(base)
+    base_ckpt = finetune_base(base)
     return base_ckpt, virtual_adapter(base_ckpt, Path(str(finetuned)), finetuned_rank, device, modules)
 
 
@@ -486,12 +486,13 @@ def load_many(
             raise LoralensError(
                 f"the adapters record different bases ({', '.join(sorted(map(str, recorded)))}); pass --base"
             )
-    base_ckpt = base_for(loras[0], base) if loras else _finetune_base(base)
+    base_ckpt = base_for(loras[0], base) if loras else finetune_base(base)
     virtual = [virtual_adapter(base_ckpt, f, finetuned_rank, device, modules) for f in finetuned or ()]
     return base_ckpt, [*loras, *virtual]
 
 
-def _finetune_base(base: str | None) -> BaseCheckpoint:
+def finetune_base(base: str | None) -> BaseCheckpoint:
+    """The base that ``--finetuned`` models are compared with: ``--base``, required (a fine-tune names none)."""
     if base is None:
         raise LoralensError("a full fine-tune records no adapter config naming its base; pass --base")
     return open_base(base)
@@ -510,8 +511,8 @@ def virtual_adapter(
     ft = finetuned_adapter(base, finetuned, modules=modules, rank=k, device=device)
     parts = []
     for name, m in ft.modules.items():
-        known = [int(k) for k in m.energy_rank if k > 0]
-        k_tau = f"{min(known)}-{max(known)}" if known else f"> {int(m.rank.max())}"
+        known = m.energy_rank[m.energy_rank > 0]
+        k_tau = _span(known) if len(known) else f"> {int(m.rank.max())}"
         kept = float(m.energy_captured.min())
         parts.append(f"{name} k_0.9 {k_tau}, rank {_span(m.rank)}, keeps >= {kept:.0%} of ||dW||^2")
     typer.echo(f"{finetuned} (full fine-tune, dW = W_ft - W0 per layer): {'; '.join(parts)}", err=True)

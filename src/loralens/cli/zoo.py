@@ -21,19 +21,23 @@ from loralens.cli._app import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    FinetunedManyOpt,
+    FinetunedRankOpt,
     ForceOpt,
     JsonOpt,
     ModulesOpt,
     QuietOpt,
     app,
     emit_result,
+    finetune_base,
     parse_modules,
     progress_bar,
     torch_dtype,
     user_errors,
+    virtual_adapter,
 )
 from loralens.errors import InputPathError
-from loralens.io.adapters import index_lora_adapter
+from loralens.io.adapters import LoraAdapter, LoraAdapterIndex, index_lora_adapter
 from loralens.io.outputs import bytes_writer, check_output_folder, json_writer
 
 
@@ -48,6 +52,16 @@ def zoo(
         typer.Option(
             "--adapters-from",
             help="A folder whose subfolders holding adapter_config.json are the adapters, or a glob of such folders.",
+            show_default=False,
+        ),
+    ] = None,
+    finetuned: FinetunedManyOpt = None,
+    finetuned_rank: FinetunedRankOpt = "energy",
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="The base model of the --finetuned models (folder, package or hub name); not read otherwise.",
             show_default=False,
         ),
     ] = None,
@@ -75,10 +89,14 @@ def zoo(
     from loralens.render.zoo import zoo_figure, zoo_table
 
     with user_errors():
-        folders = _adapter_folders(adapter or [], adapters_from)
+        folders = _adapter_folders(adapter or [], adapters_from, also=len(finetuned or ()))
         if out is not None:
-            check_output_folder(out, replace=force, inputs=folders)
-        adapters = [index_lora_adapter(f) for f in folders]  # factors read a layer at a time by the zoo
+            check_output_folder(out, replace=force, inputs=[*folders, *(finetuned or ())])
+        adapters: list[LoraAdapter | LoraAdapterIndex] = [index_lora_adapter(f) for f in folders]  # read per layer
+        if finetuned:  # after the adapters, in the order given
+            base_ckpt = finetune_base(base)
+            names = parse_modules(modules)
+            adapters += [virtual_adapter(base_ckpt, f, finetuned_rank, device, names) for f in finetuned]
         with progress_bar(quiet) as progress:
             data = adapter_zoo(
                 adapters, modules=parse_modules(modules), block=block, assume_same_base=same_base, device=device,
@@ -90,11 +108,13 @@ def zoo(
             for module in data["modules"]:
                 png, svg = render_figure(zoo_figure(data, module), DPI)
                 files |= {f"zoo-{module}.png": bytes_writer(png), f"zoo-{module}.svg": bytes_writer(svg)}
-        emit_result(data, zoo_table, json_output=json_output, out=out, files=files, force=force, inputs=folders)
+        inputs = [*folders, *(finetuned or ())]
+        emit_result(data, zoo_table, json_output=json_output, out=out, files=files, force=force, inputs=inputs)
 
 
-def _adapter_folders(given: list[Path], pattern: str | None) -> list[Path]:
-    """``--adapter`` folders, then those ``--adapters-from`` names (sorted), each once."""
+def _adapter_folders(given: list[Path], pattern: str | None, *, also: int = 0) -> list[Path]:
+    """``--adapter`` folders, then those ``--adapters-from`` names (sorted), each once; with ``also`` other inputs
+    (``--finetuned``), at least two in all."""
     found: list[Path] = list(given)
     if pattern is not None:
         root = Path(pattern)
@@ -113,6 +133,8 @@ def _adapter_folders(given: list[Path], pattern: str | None) -> list[Path]:
         if folder.resolve() not in seen:
             seen.add(folder.resolve())
             unique.append(folder)
-    if len(unique) < 2:
-        raise InputPathError("a zoo needs at least two adapter folders: repeat --adapter, or give --adapters-from DIR")
+    if len(unique) + also < 2:
+        raise InputPathError(
+            "a zoo needs at least two adapters: repeat --adapter, give --adapters-from DIR, or add --finetuned models"
+        )
     return unique
