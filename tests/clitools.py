@@ -14,11 +14,15 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from loralens.cli import main
 
-__all__ = ["run_cli", "run_cli_subprocess"]
+__all__ = ["ProgressRecord", "record_progress", "run_cli", "run_cli_subprocess"]
 
 
 def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -53,3 +57,26 @@ def run_cli_subprocess(*args: str | Path, cwd: Path | None = None) -> subprocess
         timeout=300,
         check=False,
     )
+
+
+@dataclass
+class ProgressRecord:
+    """What a command passed to its progress bar: ``calls`` ``(stage, done, total)`` and the ``quiet`` flag of each
+    ``progress_bar(quiet)`` it opened."""
+
+    calls: list[tuple[str, int, int]] = field(default_factory=list)
+    quiet_flags: list[bool] = field(default_factory=list)
+
+
+def record_progress(monkeypatch: Any, command_module: ModuleType) -> ProgressRecord:
+    """Replace ``command_module.progress_bar`` (the CLI's delayed rich bar) by one that records, for tests that
+    check a command reports progress and honours ``--quiet``."""
+    record = ProgressRecord()
+
+    @contextlib.contextmanager
+    def recording(quiet: bool, **_: object) -> Iterator[object]:
+        record.quiet_flags.append(quiet)
+        yield lambda stage, done, total: record.calls.append((stage, done, total))
+
+    monkeypatch.setattr(command_module, "progress_bar", recording)
+    return record

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from clitools import run_cli
+from clitools import record_progress, run_cli
 from loralens.analyses.dora import magnitude_direction, magnitude_direction_series
 from loralens.examples import default_adapter
 from loralens.io.adapters import load_lora_adapter
@@ -66,19 +64,11 @@ def test_dora_passes_its_progress_bar(minilm_path: Path, monkeypatch: pytest.Mon
     counts the layers of all its checkpoints on one bar."""
     import loralens.cli.dora
 
-    calls: list[tuple[str, int, int]] = []
-    quiet_flags: list[bool] = []
-
-    @contextlib.contextmanager
-    def recording(quiet: bool, **_: object) -> Iterator[object]:
-        quiet_flags.append(quiet)
-        yield lambda stage, done, total: calls.append((stage, done, total))
-
-    monkeypatch.setattr(loralens.cli.dora, "progress_bar", recording)
+    record = record_progress(monkeypatch, loralens.cli.dora)
     argv = ["dora", "--base", minilm_path, "--modules", "query", "--layer-batch", "3", "--device", "cpu", "--json"]
     proc = run_cli(*argv, "--adapter", default_adapter(0), "--adapter", default_adapter(1))
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert calls == [("layers", k, 12) for k in (3, 6, 9, 12)]  # 2 checkpoints x 6 layers of query, 3 at a time
+    assert record.calls == [("layers", k, 12) for k in (3, 6, 9, 12)]  # 2 checkpoints x 6 layers of query, 3 at a time
     proc = run_cli(*argv, "--adapter", default_adapter(0), "--quiet")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert quiet_flags == [False, True]
+    assert record.quiet_flags == [False, True]

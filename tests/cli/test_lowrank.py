@@ -8,10 +8,8 @@ in process (fast) and once through a subprocess: one line ``error: ...``, exit c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from typer.testing import CliRunner
 
 import checkpoints
 import loralens
-from clitools import run_cli
+from clitools import record_progress, run_cli
 from loralens.analyses.lowrank import amplification_report
 from loralens.cli import app
 from loralens.render.report import DPI, overlap_picture
@@ -245,18 +243,10 @@ def test_overlap_passes_its_progress_bar(tiny_bert_adapter: Path, monkeypatch: p
     layers once per factor."""
     import loralens.cli.lowrank
 
-    calls: list[tuple[str, int, int]] = []
-    quiet_flags: list[bool] = []
-
-    @contextlib.contextmanager
-    def recording(quiet: bool, **_: object) -> Iterator[object]:
-        quiet_flags.append(quiet)
-        yield lambda stage, done, total: calls.append((stage, done, total))
-
-    monkeypatch.setattr(loralens.cli.lowrank, "progress_bar", recording)
+    record = record_progress(monkeypatch, loralens.cli.lowrank)
     args = ["overlap", "--adapter", tiny_bert_adapter, "--adapter", tiny_bert_adapter, "--modules", "query"]
     for extra in ([], ["--quiet"]):
         proc = run_cli(*args, "--device", "cpu", "--json", *extra)
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert quiet_flags == [False, True]
-    assert calls == [("layers", 2, 4), ("layers", 4, 4)] * 2  # 2 layers of query, factors A then B; each run
+    assert record.quiet_flags == [False, True]
+    assert record.calls == [("layers", 2, 4), ("layers", 4, 4)] * 2  # 2 layers of query, factors A then B; each run

@@ -3,15 +3,13 @@ writes its files, a folder named twice counts once, bad input is one line and ex
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from clitools import run_cli
+from clitools import record_progress, run_cli
 from loralens.analyses.zoo import adapter_zoo
 from loralens.examples import default_adapter
 from loralens.io.adapters import load_lora_adapter
@@ -53,21 +51,13 @@ def test_zoo_passes_its_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
     counts the compared layers."""
     import loralens.cli.zoo
 
-    calls: list[tuple[str, int, int]] = []
-    quiet_flags: list[bool] = []
-
-    @contextlib.contextmanager
-    def recording(quiet: bool, **_: object) -> Iterator[object]:
-        quiet_flags.append(quiet)
-        yield lambda stage, done, total: calls.append((stage, done, total))
-
-    monkeypatch.setattr(loralens.cli.zoo, "progress_bar", recording)
+    record = record_progress(monkeypatch, loralens.cli.zoo)
     args = ["zoo", "--adapter", default_adapter(0), "--adapter", default_adapter(1), "--device", "cpu", "--json"]
     for extra in ([], ["--quiet"], ["-q"]):
         proc = run_cli(*args, "--modules", "query", *extra)
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert quiet_flags == [False, True, True]
-    assert calls == [("layers", k, 6) for k in range(1, 7)] * 3  # MiniLM: 6 layers of query, each run
+    assert record.quiet_flags == [False, True, True]
+    assert record.calls == [("layers", k, 6) for k in range(1, 7)] * 3  # MiniLM: 6 layers of query, each run
 
 
 def test_zoo_reads_each_layer_of_the_folders_when_compared(monkeypatch: pytest.MonkeyPatch) -> None:

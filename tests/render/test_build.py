@@ -3,13 +3,11 @@ delayed progress bar."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from clitools import run_cli
+from clitools import record_progress, run_cli
 from loralens.analyses.engine import base_for
 from loralens.io.adapters import load_lora_adapter
 from loralens.render.build import build_report
@@ -42,20 +40,12 @@ def test_the_report_command_passes_its_progress_bar(
 ) -> None:
     import loralens.cli.figures
 
-    calls: list[tuple[str, int, int]] = []
-    quiet_flags: list[bool] = []
-
-    @contextlib.contextmanager
-    def recording(quiet: bool, **_: object) -> Iterator[object]:
-        quiet_flags.append(quiet)
-        yield lambda stage, done, total: calls.append((stage, done, total))
-
-    monkeypatch.setattr(loralens.cli.figures, "progress_bar", recording)
+    record = record_progress(monkeypatch, loralens.cli.figures)
     args = ["report", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--device", "cpu", "--no-lowrank"]
     proc = run_cli(*args, "--null-draws", "0", "--out", tmp_path / "report")
     assert proc.returncode == 0, proc.stderr
-    assert quiet_flags == [False]
-    assert [(s, d, t) for s, d, t in calls if s.startswith("report: ")] == [
+    assert record.quiet_flags == [False]
+    assert [(s, d, t) for s, d, t in record.calls if s.startswith("report: ")] == [
         ("report: similarity (Figure 1)", 0, 2),
         ("report: figures and tables", 1, 2),
         ("report: figures and tables", 2, 2),
