@@ -39,7 +39,7 @@ from loralens.errors import (
     SingularMatrixError,
     UnsupportedAdapterError,
 )
-from loralens.io.adapters import LoraAdapter, read_base_weights
+from loralens.io.adapters import LoraAdapter, LoraAdapterIndex, read_base_weights
 from loralens.io.base_weights import BaseCheckpoint, open_base
 from loralens.io.keys import ModulePath, match_base_weights
 
@@ -302,7 +302,7 @@ def seeded_generator(seed: int, module: str, layer: int | None = None, purpose: 
     return torch.Generator(device="cpu").manual_seed(zlib.crc32(key.encode()))
 
 
-def warn_if_dora_product(adapter: LoraAdapter) -> None:
+def warn_if_dora_product(adapter: LoraAdapter | LoraAdapterIndex) -> None:
     """One :class:`~loralens.errors.DoraProductWarning` when ``adapter`` is DoRA: what is derived from ``B A``
     (``W^-1 B A``, its phi, Table 3's BA column) is then of the product of its factors, not of its update, which
     is ``m (W + s B A) / ||W + s B A||_row - W``. The factors' own results (A and B) are unaffected."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -189,7 +189,7 @@ def adapter_zoo(
     names = _check_zoo(opened, modules, assume_same_base)
     for adapter in opened:
         # reads .path and .is_dora only, which an index has as a loaded adapter does
-        warn_if_dora_product(cast(LoraAdapter, adapter))
+        warn_if_dora_product(adapter)
     notes: list[str] = []
     shared = {}
     for name in names:
