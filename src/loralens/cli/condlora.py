@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -155,14 +154,10 @@ def train(
                 label = f"{method.value} {task.value} loss {loss:.4f}"
                 progress.update(bar, completed=step, total=total, description=label)
 
-            with warnings.catch_warnings():
-                # PeftModel reads transformers' deprecated is_gradient_checkpointing: their FutureWarning, nothing
-                # the user can act on (issue #20: no library noise on stderr)
-                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-                metrics = train_run(
-                    folder, task.value, config, out_dir=out, replace=force, base_name=base, on_step=on_step,
-                    lr_search=lr_search, lr_range=search_range,
-                )  # fmt: skip
+            metrics = train_run(
+                folder, task.value, config, out_dir=out, replace=force, base_name=base, on_step=on_step,
+                lr_search=lr_search, lr_range=search_range,
+            )  # fmt: skip
         if json_output:
             typer.echo(json_text(metrics), nl=False)
         else:

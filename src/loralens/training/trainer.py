@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,9 +415,14 @@ def train(
     before: list[float] = []  # the untrained model's test score: the same for every rate, so scored once
 
     def run(c: TrainConfig) -> FitResult:
-        r = fit(
-            base_path, ds, c, base_name=recorded_base, progress=progress, on_step=on_step, score_test_before=not before
-        )
+        with warnings.catch_warnings():
+            # PeftModel reads transformers' deprecated is_gradient_checkpointing: their FutureWarning, nothing a
+            # user can act on (issue #20: no library noise on stderr)
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            r = fit(
+                base_path, ds, c, base_name=recorded_base, progress=progress, on_step=on_step,
+                score_test_before=not before,
+            )  # fmt: skip
         before.extend([] if r.test_before is None else [r.test_before])
         return r
 
