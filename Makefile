@@ -49,7 +49,7 @@ paper-params: $(STAMP)
 paper-scale: paper-params
 	HF_HUB_OFFLINE=1 $(VENV)/bin/loralens reproduce table2 --base $(MPNET) --targets q,v \
 		--base-name sentence-transformers/all-mpnet-base-v2 --steps rt-polarity=1000,vader-rating=1000 \
-		--max-length rt-polarity=128 --seeds 0,1,2 --lr-search 5 --out results/table2-mpnet
+		--max-length rt-polarity=128 --seeds 0,1,2 --lr-search 5 --out experiments/table2-mpnet
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks
