@@ -87,7 +87,7 @@ def finetuned_modules(
         path = parse_module_path(key[: -len(".weight")]) if key.endswith(".weight") and len(shape) == 2 else None
         if path is not None:
             by_type.setdefault(path.module_type, []).append((path, key))
-    where = _where(finetuned)
+    where = str(finetuned.root)
     if not by_type:
         raise ModelMismatchError(f"{where}: no 2-D weights inside numbered layers: not a transformer checkpoint?")
     names = module_type_names(by_type)
@@ -134,7 +134,3 @@ def read_weight_pair(
     (w0,) = base.read([module.base_keys[position]]).values()
     (wft,) = finetuned.read([module.finetuned_keys[position]]).values()
     return (w0.mT, wft.mT) if module.transposed else (w0, wft)
-
-
-def _where(finetuned: BaseCheckpoint) -> str:
-    return str(finetuned.root)
