@@ -103,3 +103,26 @@ def test_a_real_full_fine_tune_beside_the_shipped_adapter(minilm_path: Path, min
     grid = json.loads(out.stdout)["modules"]["value"]["factors"]["B"]["grid"]
     assert len(grid) == 6 and all(0 <= x <= 1 + 1e-9 for layer in grid for row in layer for x in row)
     assert "value k_0.9 " in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("missing", "is not a folder, not an installed model package"),
+        ("nan", "holds NaN or Inf"),
+        ("truncated", "model.safetensors"),
+    ],
+)
+def test_a_damaged_fine_tune_is_one_line(damage: str, message: str, tiny_bert: Path, tmp_path: Path) -> None:
+    """The shared base loader's checks reach --finetuned: a missing folder, NaN weights, a cut safetensors file."""
+    folder = tmp_path / "ft"
+    if damage != "missing":
+        nan = float("nan") if damage == "nan" else 1e-2
+        checkpoints.full_finetune(tiny_bert, folder, change="attention.self.query", scale=nan)
+    if damage == "truncated":
+        weights = folder / "model.safetensors"
+        checkpoints.truncate_file(weights, weights.stat().st_size // 2)
+    out = run_cli("spectra", "--base", tiny_bert, "--finetuned", folder, "--modules", "query", "--json")
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("error: ") and message in out.stderr
+    assert str(folder) in out.stderr and "--base" not in out.stderr  # the fine-tune's fault, not the base's

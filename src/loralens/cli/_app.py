@@ -327,6 +327,7 @@ OPTION_ADVICE: dict[str, str] = {
     "device": "choose it with --device",
     "dtype": "use --dtype float64",
     "epsilon": "set it with --epsilon",
+    "finetuned": "pass --finetuned <model folder>",
     "rank": "set it with --finetuned-rank",
     "i": "set i with --i",
     "j": "set j with --j",

@@ -38,7 +38,7 @@ from loralens.io.files import (
 )
 from loralens.io.hub import HubRef, HubRepo, resolve_input
 
-__all__ = ["BaseCheckpoint", "resolve_base", "open_base", "check_weights_file", "check_not_complex"]
+__all__ = ["BaseCheckpoint", "resolve_base", "open_base", "open_checkpoint", "check_weights_file", "check_not_complex"]
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS = "model.safetensors"
@@ -167,8 +167,15 @@ def resolve_base(
     return found.snapshot
 
 
-def _locate(spec: str | os.PathLike[str], offline: bool | None, allow_pickle_download: bool | None) -> Path | HubRepo:
-    """An existing weights location, or the hub repo the name stands for."""
+def _locate(
+    spec: str | os.PathLike[str],
+    offline: bool | None,
+    allow_pickle_download: bool | None,
+    what: str = "base",
+    option: str = "base",
+) -> Path | HubRepo:
+    """An existing weights location, or the hub repo the name stands for; errors call it ``what``, fixed by
+    ``option``."""
     path = Path(spec).expanduser()
     text = str(spec)
     try:
@@ -179,16 +186,16 @@ def _locate(spec: str | os.PathLike[str], offline: bool | None, allow_pickle_dow
             return _weights_location(found)
     except PermissionError as e:
         raise InputPathError(
-            f"{path}: permission denied on {e.filename or path}: this user may not open the base folder; give "
+            f"{path}: permission denied on {e.filename or path}: this user may not open the {what} folder; give "
             "it read permission (chmod a+rX) or use a copy you own"
         ) from e
-    repo = resolve_input(spec, what="base", option="base", offline=offline, allow_pickle_download=allow_pickle_download)
+    repo = resolve_input(spec, what=what, option=option, offline=offline, allow_pickle_download=allow_pickle_download)
     if isinstance(repo, HubRepo):
         return repo
     raise InputPathError(
-        f"base {text!r} is not a folder, not an installed model package, and not a hub repo id; give the model's "
+        f"{what} {text!r} is not a folder, not an installed model package, and not a hub repo id; give the model's "
         "folder",
-        option="base",
+        option=option,
     )
 
 
@@ -223,7 +230,20 @@ def open_base(
     are asked for or their tensors read. ``.bin`` bases are pickles: they must be read whole to be indexed,
     so their files are all fetched, and only with ``allow_pickle_download``.
     """
-    found = _locate(spec, offline, allow_pickle_download)
+    return open_checkpoint(spec, offline=offline, allow_pickle_download=allow_pickle_download)
+
+
+def open_checkpoint(
+    spec: str | os.PathLike[str],
+    *,
+    what: str = "base",
+    option: str = "base",
+    offline: bool | None = None,
+    allow_pickle_download: bool | None = None,
+) -> BaseCheckpoint:
+    """:func:`open_base` for any model checkpoint: ``what`` names it in errors (``"fine-tune"``) and ``option``
+    is the parameter that gives it."""
+    found = _locate(spec, offline, allow_pickle_download, what, option)
     if isinstance(found, HubRepo):
         return _open_hub(found)
     return _open_local(found)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from loralens.errors import InputPathError, ModelMismatchError
 from loralens.io.adapters import CONFIG_NAME, conv1d_module
-from loralens.io.base_weights import BaseCheckpoint, open_base
+from loralens.io.base_weights import BaseCheckpoint, open_checkpoint
 from loralens.io.keys import ModulePath, match_base_weights, module_type_names, parse_module_path
 
 __all__ = ["FinetunedModule", "open_finetuned", "finetuned_modules", "read_weight_pair"]
@@ -65,7 +65,9 @@ def open_finetuned(
         raise InputPathError(
             f"{folder}: this is a LoRA adapter folder ({CONFIG_NAME}), not a full fine-tune; pass it as an adapter"
         )
-    return open_base(path, offline=offline, allow_pickle_download=allow_pickle_download)
+    return open_checkpoint(
+        path, what="fine-tune", option="finetuned", offline=offline, allow_pickle_download=allow_pickle_download
+    )
 
 
 def finetuned_modules(
