@@ -30,6 +30,7 @@ from loralens.io.adapters import LoraAdapter, load_lora_adapter
 from loralens.io.base_weights import BaseCheckpoint, open_base
 from loralens.io.files import os_error_reason
 from loralens.io.hub import hub_settings
+from loralens.render.tables import LAYERS_NUMBERED
 
 if TYPE_CHECKING:  # typed against the installed typer, which vendors click as typer._click
     from rich.console import Console
@@ -608,7 +609,7 @@ def torch_dtype(dtype: DType) -> torch.dtype:
 
 
 #: What every terminal table says of its layer numbers (``--json`` keeps the checkpoint's 0-based index).
-LAYERS_FROM_ONE = "Layers numbered from 1 (checkpoint layer index + 1), as in the paper; --json gives the index."
+LAYERS_FROM_ONE = f"{LAYERS_NUMBERED}, as in the paper; --json gives the index."
 
 
 def numbered_layers(layers: Iterable[int]) -> str:

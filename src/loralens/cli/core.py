@@ -102,15 +102,15 @@ def conversion(
     """
     with user_errors():
         check_output_folder(out, replace=force, names=CONVERSION_FILES, inputs=[adapter, finetuned, base])
-        budget = parse_memory_size(max_memory)
-        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
+        budget, names = parse_memory_size(max_memory), parse_modules(modules)
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, names)
         if product:
-            _check_product_size(lora, parse_modules(modules), torch_dtype(dtype), budget, max_memory)
+            _check_product_size(lora, names, torch_dtype(dtype), budget, max_memory)
         with progress_bar(quiet) as progress:
             convs = compute_conversions(
                 base_ckpt,
                 lora,
-                modules=parse_modules(modules),
+                modules=names,
                 device=device,
                 dtype=torch_dtype(dtype),
                 layer_batch=layer_batch,
@@ -218,7 +218,7 @@ def similarity(
         budget = parse_memory_size(max_memory)
         names = parse_modules(modules)
         # one report per --adapter (then per --finetuned), labelled by its path
-        base_ckpt, loras = load_many(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
+        base_ckpt, loras = load_many(base, adapter, finetuned, finetuned_rank, device, names)
         with progress_bar(quiet) as progress:
             reports = adapter_similarity(
                 base_ckpt,

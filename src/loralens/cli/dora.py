@@ -74,8 +74,8 @@ def dora(
     with user_errors():
         if out is not None:
             check_output_folder(out, replace=force, inputs=[*(adapter or ()), *(finetuned or ()), base])
-        base_ckpt, loras = load_many(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
         mods, dt = parse_modules(modules), torch_dtype(dtype)
+        base_ckpt, loras = load_many(base, adapter, finetuned, finetuned_rank, device, mods)
         with progress_bar(quiet) as progress:
             if len(loras) == 1:
                 data = magnitude_direction(base_ckpt, loras[0], modules=mods, device=device, dtype=dt,

@@ -86,7 +86,7 @@ def figure(
     with user_errors():
         check_output_folder(out, replace=force, inputs=[adapter, finetuned, base])
         names = parse_modules(modules)
-        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, names)
         with progress_bar(quiet) as progress:
             (sim,) = adapter_similarity(
                 base_ckpt, [lora], modules=names, i=i, j=j, side=cast(Side, side.value), seed=seed, device=device,

@@ -80,10 +80,11 @@ def intruders(
     with user_errors():
         if out is not None:
             check_output_folder(out, replace=force, inputs=[adapter, finetuned, base])
-        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
+        names = parse_modules(modules)
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, names)
         with progress_bar(quiet) as progress:
             data = intruder_dimensions(
-                base_ckpt, lora, modules=parse_modules(modules), k=k, epsilon=epsilon, exact=exact, cache=cache,
+                base_ckpt, lora, modules=names, k=k, epsilon=epsilon, exact=exact, cache=cache,
                 cache_dir=cache_dir, device=device, dtype=torch_dtype(dtype), layer_batch=layer_batch,
                 max_memory=max_memory, progress=progress,
             ).to_dict()  # fmt: skip

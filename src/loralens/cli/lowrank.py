@@ -125,10 +125,9 @@ def overlap(
                 f"overlap compares exactly two adapters (--adapter X --adapter Y, or --finetuned); got {given}"
             )
         base_ckpt: BaseCheckpoint | None = None
+        names = parse_modules(modules)
         if finetuned:  # a full fine-tune needs its base: read it, and check the adapter against it too
-            base_ckpt, (first, second) = load_many(
-                base, adapter, finetuned, finetuned_rank, device, parse_modules(modules)
-            )
+            base_ckpt, (first, second) = load_many(base, adapter, finetuned, finetuned_rank, device, names)
         else:
             first, second = (load_lora_adapter(a) for a in adapter or ())
             base_ckpt = base_for(first, base) if base is not None else None
@@ -137,7 +136,7 @@ def overlap(
                 first,
                 second,
                 base=base_ckpt,
-                modules=parse_modules(modules),
+                modules=names,
                 factors=[f.strip() for f in factors.split(",") if f.strip()],
                 i=i,
                 j=j,
@@ -180,12 +179,13 @@ def amplification(
     with user_errors():
         if out is not None:
             check_output_folder(out, replace=force, inputs=[adapter, finetuned, base])
-        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
+        names = parse_modules(modules)
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, names)
         with progress_bar(quiet) as progress:
             report = amplification_report(
                 base_ckpt,
                 lora,
-                modules=parse_modules(modules),
+                modules=names,
                 n_random=n_random,
                 seed=seed,
                 exact=exact,
@@ -231,12 +231,13 @@ def spectra(
     with user_errors():
         if out is not None:
             check_output_folder(out, replace=force, inputs=[adapter, finetuned, base])
-        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, parse_modules(modules))
+        names = parse_modules(modules)
+        base_ckpt, lora = load_inputs(base, adapter, finetuned, finetuned_rank, device, names)
         with progress_bar(quiet) as progress:
             report = spectra_report(
                 base_ckpt,
                 lora,
-                modules=parse_modules(modules),
+                modules=names,
                 energy_threshold=energy_threshold,
                 exact=exact,
                 cache=cache,

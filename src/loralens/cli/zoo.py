@@ -93,13 +93,13 @@ def zoo(
         if out is not None:
             check_output_folder(out, replace=force, inputs=[*folders, *(finetuned or ())])
         adapters: list[LoraAdapter | LoraAdapterIndex] = [index_lora_adapter(f) for f in folders]  # read per layer
+        names = parse_modules(modules)
         if finetuned:  # after the adapters, in the order given
             base_ckpt = finetune_base(base)
-            names = parse_modules(modules)
             adapters += [virtual_adapter(base_ckpt, f, finetuned_rank, device, names) for f in finetuned]
         with progress_bar(quiet) as progress:
             data = adapter_zoo(
-                adapters, modules=parse_modules(modules), block=block, assume_same_base=same_base, device=device,
+                adapters, modules=names, block=block, assume_same_base=same_base, device=device,
                 dtype=torch_dtype(dtype), progress=progress,
             ).to_dict()  # fmt: skip
         files = None

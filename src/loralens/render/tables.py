@@ -53,6 +53,7 @@ __all__ = [
     "spectra_table",
     "numeric_columns",
     "format_cell",
+    "LAYERS_NUMBERED",
 ]
 
 Cell = str | int | float | None
@@ -452,7 +453,9 @@ def _pairs_null_std(pairs: Sequence[Any], module: str, factor: str) -> float | N
 
 # ------------------------------------------------------------------ the LoRA paper's analyses (Hu et al. 2022)
 
-_LAYERS_NOTE = "Layers numbered from 1 (checkpoint layer index + 1)."
+#: How tables number layers for people (the JSON keeps the checkpoint index); the terminal says it too.
+LAYERS_NUMBERED = "Layers numbered from 1 (checkpoint layer index + 1)"
+_LAYERS_NOTE = f"{LAYERS_NUMBERED}."
 
 
 def overlap_table(data: Mapping[str, Any]) -> Table:
