@@ -16,10 +16,18 @@ from typer.testing import CliRunner
 
 from loralens.cli import app
 from loralens.errors import LoralensError
-from loralens.training import TrainConfig, TrainingDivergedError, load_task, split, split_three_way, train_adapter
+from loralens.training import (
+    TrainConfig,
+    TrainingDivergedError,
+    load_task,
+    split,
+    split_three_way,
+    train,
+    train_adapter,
+)
 from loralens.training import trainer as trainer_module
 from loralens.training.search import parse_lr_range, search_lr
-from loralens.training.trainer import make_scheduler
+from loralens.training.trainer import fit, make_scheduler
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -310,3 +318,58 @@ def test_training_loads_the_base_quietly(minilm_path: Path, tmp_path: Path, capf
     captured = capfd.readouterr()
     assert "LOAD REPORT" not in captured.out + captured.err and "Loading weights" not in captured.err
     assert transformers.logging.get_verbosity() == before
+
+
+class _SessionEndedError(Exception):
+    """A session ending mid-run."""
+
+
+def test_a_run_cut_short_resumes_to_the_same_adapter(minilm_path: Path, tmp_path: Path) -> None:
+    """Stopped during step 5 of 6 (its state saved after the dev score of step 4), run again: it trains steps 5
+    and 6 only and ends with the adapter, dev curve and test score of a run never stopped (dropout included);
+    the state file is gone once the output is written."""
+    config = TrainConfig(method="lora", steps=6, eval_every=2, lr=2e-3, **TINY)
+    whole = train(minilm_path, "vader-polarity", config, out_dir=tmp_path / "whole")
+
+    def stop_in_step_5(step: int, total: int, loss: float) -> None:
+        if step == 5:
+            raise _SessionEndedError
+
+    with pytest.raises(_SessionEndedError):
+        train(minilm_path, "vader-polarity", config, out_dir=tmp_path / "cut", on_step=stop_in_step_5)
+    (state,) = tmp_path.glob(".cut.fit-*.pt")
+    assert not (tmp_path / "cut").exists()
+    steps: list[int] = []
+    resumed = train(
+        minilm_path, "vader-polarity", config, out_dir=tmp_path / "cut", on_step=lambda s, *_: steps.append(s)
+    )
+    assert steps == [5, 6]
+    for key in ("after", "before", "dev_before", "dev_curve", "selected_step", "final_loss"):
+        assert resumed[key] == whole[key], key
+    cut, full = (
+        load_file(tmp_path / "cut" / "adapter_model.safetensors"),
+        load_file(tmp_path / "whole" / "adapter_model.safetensors"),
+    )
+    assert cut.keys() == full.keys() and all(torch.equal(cut[k], full[k]) for k in full)
+    assert not state.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cut", "whole"]
+
+
+def test_a_finished_state_is_restored_without_training(minilm_path: Path, tmp_path: Path) -> None:
+    """What a learning-rate search resumed from its journal relies on to get its best trial back."""
+    ds, config, path = (
+        load_task("vader-polarity"),
+        TrainConfig(method="condlora", steps=4, eval_every=2, **TINY),
+        tmp_path / ".s.pt",
+    )
+    first = fit(minilm_path, ds, config, base_name="b", state_path=path)
+    steps: list[int] = []
+    again = fit(minilm_path, ds, config, base_name="b", state_path=path, on_step=lambda s, *_: steps.append(s))
+    assert steps == [] and again.dev_curve == first.dev_curve and again.selected_step == first.selected_step
+    trained = dict(first.model.named_parameters())
+    for name, p in again.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trained[name]), name
+    other = fit(
+        minilm_path, ds, config.replace(lr=1e-3), base_name="b", state_path=path, on_step=lambda s, *_: steps.append(s)
+    )
+    assert steps == [1, 2, 3, 4] and other.config.lr == 1e-3  # another rate's state is not this run's

@@ -26,6 +26,7 @@ from loralens.errors import InputPathError, LoralensError
 from loralens.io.outputs import Writer, check_output_folder, json_writer, safetensors_writer, write_outputs
 from loralens.training.config import FULL_FINETUNE, LR_RANGE, METHODS, TrainConfig, TrainingDivergedError
 from loralens.training.data import TextDataset, load_task, split_three_way
+from loralens.training.resume import FitState, fit_state_files, fit_state_path, read_fit_state, write_fit_state
 
 __all__ = [
     "ADAPTER_FILES",
@@ -238,6 +239,7 @@ def fit(
     progress: bool = False,
     on_step: StepCallback | None = None,
     score_test_before: bool = False,
+    state_path: Path | None = None,
 ) -> FitResult:
     """Train ``config.method`` on ``ds`` in memory and restore the selected checkpoint; score dev, not test.
 
@@ -247,6 +249,10 @@ def fit(
     Every ``config.eval_steps`` step the dev split is scored; with ``select="best"`` the trainable tensors of the
     best dev step (the first, on ties) are kept on the CPU and copied back at the end. A NaN or infinite loss,
     gradient norm or model output raises :class:`TrainingDivergedError` at once.
+
+    ``state_path``: after every dev score the run's state is saved there, and a run of the same ``config`` given
+    that file resumes after its last saved step, ending as a run never stopped would; a finished run's state is
+    restored without training (:mod:`loralens.training.resume`).
     """
     transformers, peft = _import_train_deps()
     train, dev, test = _load_splits(ds, config)
@@ -281,9 +287,16 @@ def fit(
     scheduler = make_scheduler(optimizer, config, total)
     generator = torch.Generator().manual_seed(config.seed)
     best: tuple[float, dict[str, torch.Tensor]] | None = None
+    saved = read_fit_state(state_path, config, [n for n, _ in named]) if state_path is not None else None
+    if saved is not None:
+        best = _restore(saved, named, optimizer, scheduler, result)
+        logger.info("%s: resuming after step %d/%d", state_path, saved.step, total)
+    done = saved.step if saved is not None else 0
     model.train()
-    start = time.perf_counter()
+    start = time.perf_counter() - result.train_seconds
     for step, idx in enumerate(_batches(len(train), config.batch_size, total, generator), start=1):
+        if step <= done:
+            continue  # its batch drawn again, so that the order goes on as in a run never stopped
         batch = _encode(tokenizer, [train.texts[i] for i in idx], config.max_length)
         labels = _label_tensor([train.labels[i] for i in idx], ds.num_labels)
         loss = model(**batch, labels=labels).loss
@@ -319,12 +332,59 @@ def fit(
                 result.selected_step = step
                 if config.select == "best":
                     best = (score, {n: p.detach().clone() for n, p in named})
+            if state_path is not None:
+                result.train_seconds = time.perf_counter() - start
+                _save(state_path, step, named, optimizer, scheduler, best, result)
     result.train_seconds = time.perf_counter() - start
     if best is not None and result.selected_step != total:
         with torch.no_grad():
             for n, p in named:
                 p.copy_(best[1][n])
     return result
+
+
+def _save(
+    path: Path,
+    step: int,
+    named: Sequence[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    best: tuple[float, dict[str, torch.Tensor]] | None,
+    result: FitResult,
+) -> None:
+    write_fit_state(
+        path,
+        FitState(
+            config=result.config, step=step, params={n: p.detach() for n, p in named},
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=torch.get_rng_state(),
+            dev_curve=result.dev_curve, selected_step=result.selected_step,
+            best=None if best is None else best[1], best_score=None if best is None else best[0],
+            final_loss=result.final_loss, train_seconds=result.train_seconds,
+        ),
+    )  # fmt: skip
+
+
+def _restore(
+    saved: FitState,
+    named: Sequence[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    result: FitResult,
+) -> tuple[float, dict[str, torch.Tensor]] | None:
+    """Put ``saved`` into the model, optimizer, schedule, torch's random state and ``result``; return the best
+    checkpoint so far."""
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(saved.params[n])
+    optimizer.load_state_dict(saved.optimizer)
+    scheduler.load_state_dict(saved.scheduler)
+    torch.set_rng_state(saved.rng)
+    result.dev_curve = list(saved.dev_curve)
+    result.selected_step, result.final_loss = saved.selected_step, saved.final_loss
+    result.train_seconds = saved.train_seconds
+    if saved.best is None or saved.best_score is None:
+        return None
+    return saved.best_score, saved.best
 
 
 def _diverged(config: TrainConfig, step: int, total: int, what: str) -> TrainingDivergedError:
@@ -379,6 +439,11 @@ def train(
        dev; the best trial's run (the same seed, so the same run) is the one kept, and ``lr_search.json``
        records every trial. Until then each finished trial is recorded in ``.<out_dir name>.lr-search-trials.json``
        beside ``out_dir``: a search cut short resumes from it.
+
+       Every run (each trial too) also saves its state after each dev score in ``.<out_dir name>.fit-<key>.pt``
+       beside ``out_dir`` (:mod:`loralens.training.resume`; not for ``method="full"``), so a run cut short
+       resumes after its last dev score and ends as if never stopped; the state files are deleted once the
+       output is written.
     5. Score the test split before training and with the selected checkpoint (accuracy, or Pearson r for
        regression) and write, in one atomic step (:func:`loralens.io.outputs.write_outputs`),
        ``adapter_config.json``, ``adapter_model.safetensors`` (PEFT's files for LoRA; the authors'
@@ -413,6 +478,7 @@ def train(
     ds = task if isinstance(task, TextDataset) else load_task(task)
     recorded_base = base_name if base_name is not None else str(base_path)
     before: list[float] = []  # the untrained model's test score: the same for every rate, so scored once
+    full = config.method == FULL_FINETUNE  # its state would be the whole model: a full fine-tune does not resume
 
     def run(c: TrainConfig) -> FitResult:
         with warnings.catch_warnings():
@@ -421,7 +487,7 @@ def train(
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             r = fit(
                 base_path, ds, c, base_name=recorded_base, progress=progress, on_step=on_step,
-                score_test_before=not before,
+                score_test_before=not before, state_path=None if full else fit_state_path(out_dir, c),
             )  # fmt: skip
         before.extend([] if r.test_before is None else [r.test_before])
         return r
@@ -447,6 +513,8 @@ def train(
     write_outputs(Path(out_dir), files, replace=replace)
     if lr_search:
         journal.unlink(missing_ok=True)
+    for state in fit_state_files(out_dir):  # every trial's and run's saved state: the output holds the result
+        state.unlink(missing_ok=True)
     return metrics
 
 
