@@ -139,8 +139,12 @@ def build_report(
         params = parameter_counts(base, r=conds[0].r, targets=sorted(conds[0].thetas)).to_dict()
         lora_folders, cond_folders = [a.path for a in loras], [c.path for c in conds]
         params["speed"] = training_speeds(lora_folders, cond_folders)
-        params["speed_source"] = "Speed: training examples/s recorded in each adapter's metrics.json" + (
-            f" (mean over the {len(loras)} pairs)." if len(loras) > 1 else "."
+        params["speed_source"] = (
+            "Speed: training examples/s recorded in each adapter's metrics.json"
+            + (f" (mean over the {len(loras)} pairs)" if len(loras) > 1 else "")
+            # the runs' wall clocks include whatever else the machine ran then
+            + "; it compares the methods only if their runs had the same machine to themselves "
+            "(benchmarks/bench_condlora_training.py times them side by side)."
         )
         if len(reports) > 1:
             pairs = comparisons_to_dict(reports, table2_from_folders(lora_folders, cond_folders))
