@@ -85,9 +85,10 @@ def write_fit_state(path: Path, state: FitState) -> None:
     }
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a run folder's parent is made when its output is written
         torch.save(payload, tmp)
         tmp.replace(path)  # atomic (os.replace)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a missing or unwritable folder as RuntimeError
         tmp.unlink(missing_ok=True)
         logger.warning("%s: could not save the run's state (%s); it will not resume from here", path, e)
 

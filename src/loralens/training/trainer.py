@@ -485,10 +485,16 @@ def train(
             # PeftModel reads transformers' deprecated is_gradient_checkpointing: their FutureWarning, nothing a
             # user can act on (issue #20: no library noise on stderr)
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            r = fit(
-                base_path, ds, c, base_name=recorded_base, progress=progress, on_step=on_step,
-                score_test_before=not before, state_path=None if full else fit_state_path(out_dir, c),
-            )  # fmt: skip
+            state = None if full else fit_state_path(out_dir, c)
+            try:
+                r = fit(
+                    base_path, ds, c, base_name=recorded_base, progress=progress, on_step=on_step,
+                    score_test_before=not before, state_path=state,
+                )  # fmt: skip
+            except TrainingDivergedError:
+                if state is not None:  # it would diverge again from there: a diverged run leaves nothing behind
+                    state.unlink(missing_ok=True)
+                raise
         before.extend([] if r.test_before is None else [r.test_before])
         return r
 
