@@ -55,8 +55,7 @@ def fit_state_path(out_dir: str | os.PathLike[str], config: TrainConfig) -> Path
     """Where a run of ``config`` for ``out_dir`` keeps its state: a hidden file beside ``out_dir``, named by the
     config (every setting, the rate included), so the trials of a learning-rate search keep one each."""
     out = Path(out_dir)
-    key = json.dumps(config.to_dict(), sort_keys=True)
-    return out.parent / f".{out.name}.fit-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    return out.parent / f".{out.name}.fit-{hashlib.sha256(_config_key(config).encode()).hexdigest()[:12]}.pt"
 
 
 def fit_state_files(out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -65,11 +64,16 @@ def fit_state_files(out_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.fit-*.pt"))
 
 
+def _config_key(config: TrainConfig) -> str:
+    """Every setting of ``config`` as one string: what names a state file and what a state must match."""
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
 def write_fit_state(path: Path, state: FitState) -> None:
     """Save ``state`` to ``path`` atomically; a failed write is logged, not raised (the run goes on)."""
     payload = {
         "format": _FORMAT,
-        "config": json.dumps(state.config.to_dict(), sort_keys=True),
+        "config": _config_key(state.config),
         "step": state.step,
         "params": state.params,
         "optimizer": state.optimizer,
@@ -77,9 +81,8 @@ def write_fit_state(path: Path, state: FitState) -> None:
         "rng": state.rng,
         "dev_curve": json.dumps(state.dev_curve),
         "selected_step": state.selected_step,
-        "best": state.best if state.best is not None else {},
-        "best_score": state.best_score if state.best_score is not None else float("nan"),
-        "has_best": state.best is not None,
+        "best": state.best,
+        "best_score": state.best_score,
         "final_loss": state.final_loss,
         "train_seconds": state.train_seconds,
     }
@@ -101,13 +104,12 @@ def read_fit_state(path: Path, config: TrainConfig, names: Sequence[str]) -> Fit
         raw = torch.load(path, map_location="cpu", weights_only=True)
         if raw.get("format") != _FORMAT:
             raise ValueError(f"format {raw.get('format')!r}")
-        if raw["config"] != json.dumps(config.to_dict(), sort_keys=True):
+        if raw["config"] != _config_key(config):
             logger.info("%s: made with other settings; starting afresh", path)
             return None
         params = dict(raw["params"])
         if set(params) != set(names):
             raise ValueError("its tensors are not this model's")
-        has_best = bool(raw["has_best"])
         return FitState(
             config=config,
             step=int(raw["step"]),
@@ -117,8 +119,8 @@ def read_fit_state(path: Path, config: TrainConfig, names: Sequence[str]) -> Fit
             rng=raw["rng"],
             dev_curve=json.loads(raw["dev_curve"]),
             selected_step=int(raw["selected_step"]),
-            best=dict(raw["best"]) if has_best else None,
-            best_score=float(raw["best_score"]) if has_best else None,
+            best=raw["best"],
+            best_score=raw["best_score"],
             final_loss=float(raw["final_loss"]),
             train_seconds=float(raw["train_seconds"]),
         )
