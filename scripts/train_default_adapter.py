@@ -143,12 +143,12 @@ def _ship(run: Path, method: str, seed: int) -> None:
         if (run / file).is_file():
             shutil.copy2(run / file, out / file)
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    (out / "README.md").write_text(_readme(metrics, name, method, seed, (run / "lr_search.json").is_file()), "utf-8")
+    (out / "README.md").write_text(_readme(metrics, name, method, seed), encoding="utf-8")
     print(f"{name}: test {metrics['metric']} {metrics['after']:.3f} (dev {metrics['dev_best']:.3f})")
 
 
-def _readme(metrics: dict[str, Any], name: str, method: str, seed: int, searched: bool) -> str:
-    config = metrics["config"]
+def _readme(metrics: dict[str, Any], name: str, method: str, seed: int) -> str:
+    config, searched = metrics["config"], "lr_search" in metrics  # the seed-0 run searched; the others reuse it
     rate_note = (
         f"the best of {metrics['lr_search']['n_trials']} Optuna trials on dev (`lr_search.json`)"
         if searched
