@@ -117,8 +117,8 @@ def test_a_damaged_fine_tune_is_one_line(damage: str, message: str, tiny_bert: P
     """The shared base loader's checks reach --finetuned: a missing folder, NaN weights, a cut safetensors file."""
     folder = tmp_path / "ft"
     if damage != "missing":
-        nan = float("nan") if damage == "nan" else 1e-2
-        checkpoints.full_finetune(tiny_bert, folder, change="attention.self.query", scale=nan)
+        scale = float("nan") if damage == "nan" else 1e-2
+        checkpoints.full_finetune(tiny_bert, folder, change="attention.self.query", scale=scale)
     if damage == "truncated":
         weights = folder / "model.safetensors"
         checkpoints.truncate_file(weights, weights.stat().st_size // 2)

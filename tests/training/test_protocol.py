@@ -373,3 +373,7 @@ def test_a_finished_state_is_restored_without_training(minilm_path: Path, tmp_pa
         minilm_path, ds, config.replace(lr=1e-3), base_name="b", state_path=path, on_step=lambda s, *_: steps.append(s)
     )
     assert steps == [1, 2, 3, 4] and other.config.lr == 1e-3  # another rate's state is not this run's
+    path.write_bytes(path.read_bytes()[:100])  # a state cut short (a full disk): ignored, the run starts afresh
+    steps.clear()
+    fresh = fit(minilm_path, ds, config, base_name="b", state_path=path, on_step=lambda s, *_: steps.append(s))
+    assert steps == [1, 2, 3, 4] and fresh.dev_curve == first.dev_curve
