@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loralens.cli import app
+from loralens.cli import reproduce as cli_reproduce
 from loralens.errors import LoralensError
 from loralens.io.outputs import json_writer, write_outputs
 from loralens.training import TrainConfig
@@ -23,7 +26,10 @@ def fake_train(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Stand-in for the trainer (the loop is tested on its own): writes a run folder as ``train`` does."""
     calls: list[dict[str, Any]] = []
 
-    def train(base_path, task, config: TrainConfig, *, out_dir, base_name, lr_search, lr_range, replace):
+    def train(base_path, task, config: TrainConfig, *, out_dir, base_name, lr_search, lr_range, on_step, replace):
+        for step in (1, 2):
+            if on_step is not None:
+                on_step(step, 2, 0.5)
         lr = 1e-4 if config.method == "condlora" else 1e-3  # what the "search" picks
         lr = lr if lr_search else config.lr
         calls.append({"task": task, "method": config.method, "seed": config.seed, "lr_search": lr_search, "lr": lr})
@@ -96,6 +102,35 @@ def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(LoralensError, match="--seeds takes comma-separated integers"):
         t2.parse_int_list("0,a", "--seeds")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_command_shows_runs_and_steps(
+    minilm_path: Path, tmp_path: Path, fake_train, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal the command shows how many runs are done and the running one's steps; every run is named."""
+    shown: list[tuple[str, int, int]] = []
+
+    @contextlib.contextmanager
+    def progress_bar(quiet: bool) -> Iterator[Any]:
+        yield None if quiet else lambda stage, done, total: shown.append((stage, done, total))
+
+    monkeypatch.setattr(cli_reproduce, "progress_bar", progress_bar)
+    args = ["reproduce", "table2", "--base", str(minilm_path), "--tasks", "vader-rating", "--seeds", "0,1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("training") == 4
+    runs = [(done, total) for stage, done, total in shown if stage == "Table 2 runs"]
+    assert sorted(set(runs)) == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    steps = [s for s in shown if s[0].startswith("run: ")]
+    assert steps[:2] == [
+        ("run: vader-rating lora-seed0, loss 0.5000", 1, 2),
+        ("run: vader-rating lora-seed0, loss 0.5000", 2, 2),
+    ]
+    assert steps[-1] == ("run: vader-rating condlora-seed1, loss 0.5000", 2, 2)
+
+    shown.clear()
+    quiet = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "quiet"), "--quiet"])
+    assert quiet.exit_code == 0 and shown == []
 
 
 @pytest.mark.slow

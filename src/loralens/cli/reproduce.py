@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from loralens.cli._app import app, user_errors
+from loralens.analyses.engine import ProgressCallback
+from loralens.cli._app import QuietOpt, app, progress_bar, user_errors
 
 reproduce_app = typer.Typer(help="Reproduce a table of the paper from scratch (resumable).", no_args_is_help=True)
 app.add_typer(
@@ -35,22 +37,44 @@ def table2_command(
     ] = None,
     targets: Annotated[str, typer.Option("--targets", help="Comma-separated target modules.")] = "query,value",
     base_name: Annotated[str | None, typer.Option("--base-name", help="Name recorded in the adapters.")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """LoRA and CondLoRA per task and seed with the paper's protocol; Table 2 (mean ± std on test, paired t-test)."""
     from loralens.io.base_weights import resolve_base
     from loralens.training import TrainConfig
     from loralens.training import table2 as t2
+    from loralens.training.config import METHODS
     from loralens.training.search import parse_lr_range
 
     with user_errors():
         config = TrainConfig(lr=lr, targets=tuple(t.strip() for t in targets.split(",") if t.strip()))
-        summary = t2.reproduce_table2(
-            resolve_base(base), out, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
-            seeds=t2.parse_int_list(seeds, "--seeds"), lr_search=lr_search, lr_range=parse_lr_range(lr_range),
-            config=config, steps=t2.parse_per_task(steps, t2.DEFAULT_STEPS, "--steps"),
-            max_length=t2.parse_per_task(max_length, t2.DEFAULT_MAX_LENGTH, "--max-length"),
-            base_name=base_name or base, on_run=lambda folder, reused: typer.echo(
-                f"{'reusing' if reused else 'training'} {folder}", err=True),
-        )  # fmt: skip
+        task_list, seed_list = [t.strip() for t in tasks.split(",") if t.strip()], t2.parse_int_list(seeds, "--seeds")
+        with progress_bar(quiet) as progress:  # closed before the table is printed
+            on_run, on_step = _run_progress(progress, len(task_list) * len(METHODS) * len(seed_list))
+            summary = t2.reproduce_table2(
+                resolve_base(base), out, tasks=task_list, seeds=seed_list, lr_search=lr_search, config=config,
+                lr_range=parse_lr_range(lr_range), steps=t2.parse_per_task(steps, t2.DEFAULT_STEPS, "--steps"),
+                max_length=t2.parse_per_task(max_length, t2.DEFAULT_MAX_LENGTH, "--max-length"),
+                base_name=base_name or base, on_run=on_run, on_step=on_step,
+            )  # fmt: skip
         typer.echo(summary["markdown"], nl=False)
         typer.echo(f"written: {out / 'table' / 'table2.md'}, {out / 'table' / 'table2.json'}")
+
+
+def _run_progress(
+    progress: ProgressCallback | None, runs: int
+) -> tuple[Callable[[str, bool], None], Callable[[int, int, float], None]]:
+    """``on_run`` naming each run on stderr as it starts, and ``on_step`` drawing the runs started of ``runs`` and
+    the running one's steps (a search's trials each run from step 1)."""
+    started: list[str] = []
+
+    def on_run(folder: str, reused: bool) -> None:
+        typer.echo(f"{'reusing' if reused else 'training'} {folder}", err=True)
+        started.append(f"{Path(folder).parent.name} {Path(folder).name}")
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if progress is not None:
+            progress("Table 2 runs", len(started) - 1, runs)
+            progress(f"run: {started[-1]}, loss {loss:.4f}", step, total)
+
+    return on_run, on_step

@@ -23,7 +23,7 @@ from typing import Any
 from loralens.errors import LoralensError
 from loralens.training.config import LR_RANGE, METHODS, TrainConfig
 from loralens.training.search import check_lr_range
-from loralens.training.trainer import LR_SEARCH_FILE, train
+from loralens.training.trainer import LR_SEARCH_FILE, StepCallback, train
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -74,12 +74,14 @@ def reproduce_table2(
     max_length: Mapping[str, int] | None = None,
     base_name: str | None = None,
     on_run: Callable[[str, bool], None] | None = None,
+    on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
     """Train (or reuse) every run of Table 2 under ``out_dir`` and write the table; return its summary.
 
     ``config`` holds the shared settings (method, seed, steps, max_length and lr are set per run); ``steps`` and
     ``max_length`` per task default to :data:`DEFAULT_STEPS` and :data:`DEFAULT_MAX_LENGTH`. ``lr_search=0``
-    trains every run at ``config.lr``. ``on_run(folder, reused)`` is called before each run.
+    trains every run at ``config.lr``. ``on_run(folder, reused)`` is called before each run, and ``on_step(step,
+    steps, loss)`` after every optimizer step of every training (each trial of a search is one).
 
     Returns ``compare_seeds(...)`` plus ``rates`` (``{task: {method: {"lr", "dev", "searched"}}}``), ``base``,
     ``lr_search`` and ``lr_range``. Paired runs differ in their rate when it was searched per method, so the rate is
@@ -122,7 +124,8 @@ def reproduce_table2(
                     logger.info("training %s", folder)
                     metrics = train(
                         base_path, task, expected, out_dir=folder, base_name=base_name, lr_search=search,
-                        lr_range=lr_range, replace=True,  # a run folder of this command, made with other settings
+                        lr_range=lr_range, on_step=on_step,
+                        replace=True,  # a run folder of this command, made with other settings
                     )  # fmt: skip
                 if k == 0:
                     lr = metrics["settings"]["lr"]
