@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from clitools import record_progress, run_cli
 from loralens.cli import app
 from loralens.cli import reproduce as cli_reproduce
 from loralens.errors import LoralensError
@@ -107,30 +106,21 @@ def test_bad_inputs(tmp_path: Path) -> None:
 def test_the_command_shows_runs_and_steps(
     minilm_path: Path, tmp_path: Path, fake_train, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a terminal the command shows how many runs are done and the running one's steps; every run is named."""
-    shown: list[tuple[str, int, int]] = []
-
-    @contextlib.contextmanager
-    def progress_bar(quiet: bool) -> Iterator[Any]:
-        yield None if quiet else lambda stage, done, total: shown.append((stage, done, total))
-
-    monkeypatch.setattr(cli_reproduce, "progress_bar", progress_bar)
-    args = ["reproduce", "table2", "--base", str(minilm_path), "--tasks", "vader-rating", "--seeds", "0,1"]
-    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
+    """The command reports how many runs have started and the running one's steps; every run is named."""
+    record = record_progress(monkeypatch, cli_reproduce)
+    args = ["reproduce", "table2", "--base", minilm_path, "--tasks", "vader-rating", "--seeds", "0,1"]
+    result = run_cli(*args, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
     assert result.stderr.count("training") == 4
-    runs = [(done, total) for stage, done, total in shown if stage == "Table 2 runs"]
+    runs = [(done, total) for stage, done, total in record.calls if stage == "Table 2 runs"]
     assert sorted(set(runs)) == [(0, 4), (1, 4), (2, 4), (3, 4)]
-    steps = [s for s in shown if s[0].startswith("run: ")]
-    assert steps[:2] == [
-        ("run: vader-rating lora-seed0, loss 0.5000", 1, 2),
-        ("run: vader-rating lora-seed0, loss 0.5000", 2, 2),
-    ]
+    steps = [call for call in record.calls if call[0].startswith("run: ")]
+    first = "run: vader-rating lora-seed0, loss 0.5000"
+    assert steps[:2] == [(first, 1, 2), (first, 2, 2)]
     assert steps[-1] == ("run: vader-rating condlora-seed1, loss 0.5000", 2, 2)
 
-    shown.clear()
-    quiet = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "quiet"), "--quiet"])
-    assert quiet.exit_code == 0 and shown == []
+    assert run_cli(*args, "--out", tmp_path / "quiet", "--quiet").returncode == 0
+    assert record.quiet_flags == [False, True]
 
 
 @pytest.mark.slow
