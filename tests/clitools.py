@@ -22,11 +22,13 @@ from typing import Any
 
 from loralens.cli import main
 
-__all__ = ["ProgressRecord", "record_progress", "run_cli", "run_cli_subprocess"]
+__all__ = ["BadInput", "ProgressRecord", "check_bad_input", "record_progress", "run_cli", "run_cli_subprocess"]
 
 
 def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``loralens *args`` in this process; ``cwd``: the working folder for the run (restored after)."""
+    """``loralens *args`` in this process; ``cwd``: the working folder for the run (restored after).
+
+    Fails the test if the command leaves ``sys.stdout`` replaced (the CLI guards it while a command runs)."""
     argv = ["loralens", *map(str, args)]
     stdout, stderr = io.StringIO(), io.StringIO()
     saved_argv, saved_cwd = sys.argv, Path.cwd()
@@ -40,11 +42,35 @@ def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
                 main()
             except SystemExit as e:
                 code = e.code
+            handed_back = sys.stdout is stdout  # the redirect's exit would hide a guard left in place
     finally:
         sys.argv = saved_argv
         os.chdir(saved_cwd)
+    assert handed_back, f"loralens {' '.join(argv[1:])} left sys.stdout replaced"
     returncode = code if isinstance(code, int) else (0 if code is None else 1)
     return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """A row of a bad-input table: the command's arguments, words its one stderr line must hold, the exit code
+    (0: an input answered with a caveat, one ``warning:`` line)."""
+
+    argv: list[str]
+    words: str
+    code: int = 2
+
+
+def check_bad_input(row: BadInput, result: subprocess.CompletedProcess[str]) -> None:
+    """What every row of a bad-input table must give: the exit code; exactly one ``error:`` line (``warning:`` for
+    exit 0) holding the row's words; no traceback; stdout empty on error, the result on a warning."""
+    err = result.stderr
+    lines = err.strip().splitlines()
+    assert result.returncode == row.code, err
+    assert len(lines) == 1 and lines[0].startswith("error: " if row.code else "warning: "), err
+    assert row.words in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert result.stdout == "" if row.code else result.stdout.strip()
 
 
 def run_cli_subprocess(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,8 +1,8 @@
-"""Hardening, round 2: output paths that would lose data or fail late, adapter configs that would hang, and
+"""Output paths that would lose data or fail late, adapter configs that would hang, and
 faults of our own choosing beyond the issue's list (special files that block a reader, closed streams, absurd
 scalings, empty option values).
 
-Rows are checked exactly as ``tests/test_hardening.py`` checks its table: the exit code, one ``error:`` line
+Rows are checked exactly as ``tests/cli/test_bad_input.py`` checks its table: the exit code, one ``error:`` line
 with the expected words, empty stdout, nothing written. Beyond that each row says what must be left intact.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from clitools import BadInput, check_bad_input, run_cli
 from loralens.io.outputs import MARKER, STALE_AFTER_S, json_writer, remove_stale_staging, write_outputs
-from test_hardening import Row, check_row, run_main
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -34,10 +34,10 @@ def _exported_adapter(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _expect_refusal(argv: list, words: str, capsys, monkeypatch) -> str:
-    code, out, err = run_main(argv, capsys, monkeypatch)
-    check_row(Row(argv, words), code, out, err)
-    return err.strip()
+def _expect_refusal(argv: list, words: str) -> str:
+    result = run_cli(*argv)
+    check_bad_input(BadInput(argv, words), result)
+    return result.stderr.strip()
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def _expect_refusal(argv: list, words: str, capsys, monkeypatch) -> str:
     ],
 )
 def test_an_output_never_replaces_or_nests_with_an_input(
-    command: str, where: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+    command: str, where: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path
 ) -> None:
     """`conversion --out X --force` with X the adapter being analysed replaced the adapter with the results."""
     project = tmp_path / "project"
@@ -72,7 +72,7 @@ def test_an_output_never_replaces_or_nests_with_an_input(
     argv = [command, "--base", base, "--adapter", adapter, "--out", out, "--force"]
     if command == "overlap":
         argv = ["overlap", "--adapter", adapter, "--adapter", tiny_bert_adapter, "--out", out, "--force"]
-    line = _expect_refusal(argv, "write the results to another folder", capsys, monkeypatch)
+    line = _expect_refusal(argv, "write the results to another folder")
     assert {"the adapter itself": "is the input", "the base itself": "is the input"}.get(where, "") in line
     assert _tree(tmp_path) == before  # every input byte-identical, nothing added
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "project"]
@@ -80,7 +80,7 @@ def test_an_output_never_replaces_or_nests_with_an_input(
 
 @pytest.mark.parametrize("case", ["dot", "below a file", "dangling link"])
 def test_unusable_output_paths_are_refused_before_any_work(
-    case: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+    case: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """These failed only after the whole computation, with "Device or resource busy" / "Not a directory" /
     "File exists"; now each is named up front (no analysis runs: the adapter is never even opened)."""
@@ -96,15 +96,13 @@ def test_unusable_output_paths_are_refused_before_any_work(
     }[case]
     opened = []
     monkeypatch.setattr("loralens.cli.core.load_inputs", lambda *a: opened.append(a))
-    _expect_refusal(
-        ["conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out], words, capsys, monkeypatch
-    )
+    _expect_refusal(["conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out], words)
     assert opened == []
     assert sorted(p.name for p in work.iterdir()) == ["file.txt", "link"]
 
 
 def test_a_catastrophic_pattern_is_matched_in_linear_time(
-    tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+    tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path
 ) -> None:
     """`(a|a)*$`-style keys compile in Python's re and then backtrack for minutes on a module name; RE2 matches
     them in linear time, so the run finishes (that pattern matches no module: the default rank applies)."""
@@ -121,7 +119,8 @@ def test_a_catastrophic_pattern_is_matched_in_linear_time(
     start = time.perf_counter()
     assert re.compile(evil).pattern and not _re2_match(evil, name)
     assert time.perf_counter() - start < 5  # the same match by Python's re takes longer than this test runs
-    code, out, err = run_main(["similarity", "--base", tiny_bert, "--adapter", adapter, "--json"], capsys, monkeypatch)
+    result = run_cli("similarity", "--base", tiny_bert, "--adapter", adapter, "--json")
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     assert json.loads(out)["modules"]["query"]
 
@@ -142,14 +141,14 @@ def _re2_match(key: str, name: str) -> bool:
     ],
 )
 def test_patterns_that_only_a_backtracking_engine_takes_are_refused(
-    key: str, words: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+    key: str, words: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path
 ) -> None:
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_bert_adapter, adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["rank_pattern"] = {key: 2}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    line = _expect_refusal(["similarity", "--base", tiny_bert, "--adapter", adapter], words, capsys, monkeypatch)
+    line = _expect_refusal(["similarity", "--base", tiny_bert, "--adapter", adapter], words)
     assert "adapter_config.json" in line and "rank_pattern" in line
 
 
@@ -201,9 +200,7 @@ def test_stale_staging_of_a_killed_run_is_removed(tmp_path: Path) -> None:
         ("keys carry the adapter name", "re-save the adapter with model.save_pretrained"),
     ],
 )
-def test_faults_of_our_own(
-    case: str, words: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
-) -> None:
+def test_faults_of_our_own(case: str, words: str, tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path) -> None:
     """Before: a FIFO base hung the run forever (it was opened to test permissions); FIFO or device configs and
     weights were reported as missing ("no adapter_config.json"); lora_alpha 1e308 overflowed s B A to inf and was
     reported as an all-zero, untrained adapter; `--modules ,` silently analysed every module; a PeftModel's own
@@ -235,7 +232,7 @@ def test_faults_of_our_own(
         tensors = load_file(adapter / "adapter_model.safetensors")
         named = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
         save_file(named, str(adapter / "adapter_model.safetensors"))
-    _expect_refusal([command, "--base", base, "--adapter", adapter, *extra], words, capsys, monkeypatch)
+    _expect_refusal([command, "--base", base, "--adapter", adapter, *extra], words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 
 
@@ -254,16 +251,14 @@ def test_a_closed_stdout_is_one_line(tiny_bert: Path, tiny_bert_adapter: Path) -
     assert proc.stderr.strip() == "error: standard output is closed; redirect it to a file or to /dev/null"
 
 
-def test_dora_product_is_said_to_be_the_factors_not_the_update(
-    tiny_bert: Path, tmp_path: Path, capsys, monkeypatch
-) -> None:
+def test_dora_product_is_said_to_be_the_factors_not_the_update(tiny_bert: Path, tmp_path: Path) -> None:
     """similarity's BA (W^-1 B A) and compare's BA column use B A; for DoRA that is not the update, so it is said
     once, in one warning line; A and B, which DoRA trains as LoRA does, are computed as before."""
     import checkpoints
 
     dora = checkpoints.dora_adapter(tiny_bert, tmp_path / "dora")
-    capsys.readouterr()  # PEFT's progress bars while building it
-    code, out, err = run_main(["similarity", "--base", tiny_bert, "--adapter", dora, "--json"], capsys, monkeypatch)
+    result = run_cli("similarity", "--base", tiny_bert, "--adapter", dora, "--json")
+    code, out, err = result.returncode, result.stdout, result.stderr
     lines = err.strip().splitlines()
     assert code == 0 and len(lines) == 1 and lines[0].startswith("warning: "), err
     assert "DoRA adapter: the B A results (W^-1 B A, phi of BA) are of the product" in lines[0]
@@ -272,7 +267,7 @@ def test_dora_product_is_said_to_be_the_factors_not_the_update(
 
 
 def test_adapters_with_ignored_fan_in_fan_out_flags_go_together(
-    tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path, capsys, monkeypatch
+    tiny_bert: Path, tiny_bert_adapter: Path, tmp_path: Path
 ) -> None:
     """Two adapters of one BERT base, one with a wrong `fan_in_fan_out: true` (PEFT ignores it on nn.Linear): the
     weights are read the same way, so several-adapter similarity takes both (it compared the raw flags)."""
@@ -281,7 +276,8 @@ def test_adapters_with_ignored_fan_in_fan_out_flags_go_together(
     config = json.loads((flagged / "adapter_config.json").read_text())
     (flagged / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
     argv = ["similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--adapter", flagged, "--json"]
-    code, out, err = run_main(argv, capsys, monkeypatch)
+    result = run_cli(*argv)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     assert [line.split(":")[0] for line in err.strip().splitlines()] == ["warning"]  # the flag is ignored, once
     one, two = json.loads(out)["adapters"]

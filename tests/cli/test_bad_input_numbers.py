@@ -1,6 +1,6 @@
-"""Hardening, round 2 (issue #19): inputs that gave silently wrong numbers or unclear messages.
+"""Inputs that gave silently wrong numbers or unclear messages.
 
-Rows run the real console entry point as :mod:`test_hardening` does (exit code, exactly one ``error:`` or
+Rows run the real console entry point as :mod:`test_bad_input` does (exit code, exactly one ``error:`` or
 ``warning:`` line with the expected words, nothing left behind). The numeric cases are checked against float64
 references built from PEFT itself: its merged DoRA weight, and the base weight and update of the module PEFT
 builds when it loads an adapter whose ``fan_in_fan_out`` flag contradicts the base.
@@ -28,11 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoints
+from clitools import BadInput, check_bad_input, run_cli
 from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
 from loralens.errors import FanInFanOutWarning, UnsupportedAdapterError
 from loralens.io.adapters import load_lora_adapter, read_base_weights
 from loralens.io.base_weights import open_base
-from test_hardening import Row, check_row, run_main
 
 QUERY0 = "encoder.layer.0.attention.self.query.weight"
 NOBODY = 65534
@@ -101,7 +101,7 @@ def rows(
     sharded_bert: Path,
     dora: Path,
     gpt2: tuple[Path, Path],
-) -> dict[str, Row]:
+) -> dict[str, BadInput]:
     tmp = tmp_path_factory.mktemp("bad2")
     base, adapter = str(tiny_bert), str(tiny_bert_adapter)
 
@@ -111,17 +111,17 @@ def rows(
     def with_base(folder: Path) -> list[str]:
         return ["similarity", "--base", str(folder), "--adapter", adapter]
 
-    r: dict[str, Row] = {}
+    r: dict[str, BadInput] = {}
     # 1. DoRA: amplification and spectra read dW, which for DoRA is not s B A
-    r["DoRA: amplification"] = Row(["amplification", "--base", base, "--adapter", str(dora)], "DoRA adapter")
-    r["DoRA: spectra"] = Row(["spectra", "--base", base, "--adapter", str(dora)], "is not s*B*A")
+    r["DoRA: amplification"] = BadInput(["amplification", "--base", base, "--adapter", str(dora)], "DoRA adapter")
+    r["DoRA: spectra"] = BadInput(["spectra", "--base", base, "--adapter", str(dora)], "is not s*B*A")
     # 2. fan_in_fan_out that contradicts the base: PEFT's rule, one warning
     bert_fifo = _flip_fan_in_fan_out(tiny_bert_adapter, tmp / "bert-fifo")
-    r["fan_in_fan_out true on nn.Linear (BERT)"] = Row(
+    r["fan_in_fan_out true on nn.Linear (BERT)"] = BadInput(
         ["spectra", "--base", base, "--adapter", str(bert_fifo)], "fan_in_fan_out is true, but 'query'", code=0
     )
     gpt2_fifo = _flip_fan_in_fan_out(gpt2[1], tmp / "gpt2-fifo")
-    r["fan_in_fan_out false on Conv1D (GPT-2)"] = Row(
+    r["fan_in_fan_out false on Conv1D (GPT-2)"] = BadInput(
         ["spectra", "--base", str(gpt2[0]), "--adapter", str(gpt2_fifo)], "the flag is ignored, as PEFT does", code=0
     )
     # 3. shard index entries that leave the model folder
@@ -135,23 +135,23 @@ def rows(
             _index(folder),
             lambda c, e=entry: c["weight_map"].update({k: e for k, v in c["weight_map"].items() if v == first_shard}),
         )
-        r[f"shard index entry {case}"] = Row(with_base(folder), "points outside the model folder")
+        r[f"shard index entry {case}"] = BadInput(with_base(folder), "points outside the model folder")
     linked = _copy(sharded_bert, tmp / "index-symlink")
     (linked / first_shard).unlink()
     (linked / first_shard).symlink_to(outside / "x.safetensors")
-    r["shard index entry: a symlink leaving the folder"] = Row(with_base(linked), "through a symbolic link")
+    r["shard index entry: a symlink leaving the folder"] = BadInput(with_base(linked), "through a symbolic link")
     # 4. permission denied: see test_permission_denied
     # 5. a folder name that is not UTF-8
-    r["base folder name not UTF-8"] = Row(
+    r["base folder name not UTF-8"] = BadInput(
         with_base(_copy(tiny_bert, tmp / os.fsdecode(b"base-\xff"))), "not valid UTF-8"
     )
-    r["adapter folder name not UTF-8"] = Row(
+    r["adapter folder name not UTF-8"] = BadInput(
         with_adapter(_copy(tiny_bert_adapter, tmp / os.fsdecode(b"lora-\xfe"))), "not valid UTF-8"
     )
     # 6. layer_replication
     replicated = _copy(tiny_bert_adapter, tmp / "layer-replication")
     _edit_json(replicated / "adapter_config.json", lambda c: c.update(layer_replication=[[0, 2], [1, 2]]))
-    r["layer_replication"] = Row(with_adapter(replicated), "layer_replication [[0, 2], [1, 2]] is not supported")
+    r["layer_replication"] = BadInput(with_adapter(replicated), "layer_replication [[0, 2], [1, 2]] is not supported")
     # 7. an index that places a tensor in a shard that lacks it
     disagree = _copy(sharded_bert, tmp / "index-disagrees")
     wrong = next(
@@ -160,16 +160,16 @@ def rows(
         if s != _shard_of(disagree, QUERY0)
     )
     _edit_json(_index(disagree), lambda c: c["weight_map"].update({QUERY0: wrong}))
-    r["index and shard disagree"] = Row(
+    r["index and shard disagree"] = BadInput(
         with_base(disagree), f"the index and the shard disagree: it places tensor {QUERY0!r} in"
     )
     # 8. complex factors and weights
     complex_a = _copy(tiny_bert_adapter, tmp / "complex-a")
     _edit_tensor(complex_a / "adapter_model.safetensors", "lora_A.weight", lambda t: t.to(torch.complex64))
-    r["complex adapter factor"] = Row(with_adapter(complex_a), "complex dtype torch.complex64")
+    r["complex adapter factor"] = BadInput(with_adapter(complex_a), "complex dtype torch.complex64")
     complex_w = _copy(tiny_bert, tmp / "complex-w")
     _edit_tensor(complex_w / "model.safetensors", QUERY0, lambda t: t.to(torch.complex64))
-    r["complex base weight"] = Row(with_base(complex_w), "complex dtype torch.complex64")
+    r["complex base weight"] = BadInput(with_base(complex_w), "complex dtype torch.complex64")
     return r
 
 
@@ -190,17 +190,15 @@ CASES = [
 ]
 
 
-def test_the_table_is_complete(rows: dict[str, Row]) -> None:
+def test_the_table_is_complete(rows: dict[str, BadInput]) -> None:
     assert list(rows) == CASES
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input(
-    case: str, rows: dict[str, Row], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bad_input(case: str, rows: dict[str, BadInput], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     row = rows[case]
     monkeypatch.chdir(tmp_path)
-    check_row(row, *run_main(row.argv, capsys, monkeypatch))
+    check_bad_input(row, run_cli(*row.argv))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -335,7 +333,6 @@ def test_permission_denied(
     world_readable_tmp: Path,
     tiny_bert: Path,
     tiny_bert_adapter: Path,
-    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base, adapter = _copy(tiny_bert, world_readable_tmp / "base"), _copy(tiny_bert_adapter, world_readable_tmp / "lora")
@@ -346,7 +343,12 @@ def test_permission_denied(
     (cwd := world_readable_tmp / "cwd").mkdir(mode=0o777)
     monkeypatch.chdir(cwd)
     argv = ["similarity", "--base", base, "--adapter", adapter]
-    code, _, err = run_main(argv, capsys, monkeypatch)  # readable: it works (and every module it needs is imported)
+    result = run_cli(*argv)
+    code, _, err = (
+        result.returncode,
+        result.stdout,
+        result.stderr,
+    )  # readable: it works (and every module it needs is imported)
     assert code == 0, err
     target = base / "model.safetensors" if which == "base weights" else adapter / "adapter_model.safetensors"
     target.chmod(0)
@@ -356,7 +358,8 @@ def test_permission_denied(
         assert (
             target.parent / "config.json" if which == "base weights" else adapter / "adapter_config.json"
         ).read_bytes()
-        code, out, err = run_main(argv, capsys, monkeypatch)
+        result = run_cli(*argv)
+    code, out, err = result.returncode, result.stdout, result.stderr
     lines = err.strip().splitlines()
     assert code == 2 and out == "", err
     assert len(lines) == 1 and lines[0].startswith(f"error: {target}: permission denied"), err

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoints
-from loralens.cli import main
-
-
-@dataclass(frozen=True)
-class Row:
-    argv: list[str]
-    words: str
-    code: int = 2
-
-
-def run_main(argv: list[str | Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(sys, "argv", ["loralens", *map(str, argv)])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
-
+from clitools import BadInput, check_bad_input, run_cli
 
 # ----------------------------------------------------------------------------------------------- builders
 
@@ -85,7 +67,7 @@ EXISTING_OUTPUT = [
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_adapter: Path, minilm_path: Path):
-    """case -> Row; files are built once for the module."""
+    """case -> BadInput; files are built once for the module."""
     tmp = tmp_path_factory.mktemp("bad")
     base, adapter = str(tiny_bert), str(tiny_bert_adapter)
     sim = ["similarity", "--base", base, "--adapter"]
@@ -102,142 +84,146 @@ def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_ad
     def base_copy(name: str) -> Path:
         return _copy(tiny_bert, tmp / name)
 
-    r: dict[str, Row] = {}
+    r: dict[str, BadInput] = {}
     # --- paths
-    r["missing adapter"] = Row([*sim, str(tmp / "nope")], "no such adapter folder")
-    r["missing base"] = Row(with_base(tmp / "nobase"), "not a folder")
+    r["missing adapter"] = BadInput([*sim, str(tmp / "nope")], "no such adapter folder")
+    r["missing base"] = BadInput(with_base(tmp / "nobase"), "not a folder")
     (tmp / "file.txt").write_text("x")
-    r["adapter is a file"] = Row(with_adapter(tmp / "file.txt"), "expected an adapter folder")
-    r["base is a text file"] = Row(with_base(tmp / "file.txt"), "file.txt")
+    r["adapter is a file"] = BadInput(with_adapter(tmp / "file.txt"), "expected an adapter folder")
+    r["base is a text file"] = BadInput(with_base(tmp / "file.txt"), "file.txt")
     (tmp / "empty").mkdir()
-    r["empty adapter folder"] = Row(with_adapter(tmp / "empty"), "no adapter_config.json")
-    r["empty base folder"] = Row(with_base(tmp / "empty"), "empty")
+    r["empty adapter folder"] = BadInput(with_adapter(tmp / "empty"), "no adapter_config.json")
+    r["empty base folder"] = BadInput(with_base(tmp / "empty"), "empty")
     weights_dir = adapter_copy("weights-is-dir")
     (weights_dir / "adapter_model.safetensors").unlink()
     (weights_dir / "adapter_model.safetensors").mkdir()
-    r["weights file is a folder"] = Row(with_adapter(weights_dir), "adapter_model.safetensors")
-    r["output is a file"] = Row(
+    r["weights file is a folder"] = BadInput(with_adapter(weights_dir), "adapter_model.safetensors")
+    r["output is a file"] = BadInput(
         ["conversion", "--base", base, "--adapter", adapter, "--out", str(tmp / "file.txt")], "is a file"
     )
-    r["output on a read-only file system"] = Row(
+    r["output on a read-only file system"] = BadInput(
         ["conversion", "--base", base, "--adapter", adapter, "--out", "/sys/loralens-out"], "cannot write the results"
     )
     # --- files
     truncated = adapter_copy("truncated")
     checkpoints.truncate_file(truncated / "adapter_model.safetensors", 100)
-    r["truncated adapter"] = Row(with_adapter(truncated), "corrupt or truncated")
+    r["truncated adapter"] = BadInput(with_adapter(truncated), "corrupt or truncated")
     for how in checkpoints.CORRUPTIONS:
         folder = base_copy(f"base-{how}")
         checkpoints.corrupt_safetensors_header(folder / "model.safetensors", how)
-        r[f"base header: {how}"] = Row(with_base(folder), "model.safetensors")
+        r[f"base header: {how}"] = BadInput(with_base(folder), "model.safetensors")
     no_config = adapter_copy("no-config")
     (no_config / "adapter_config.json").unlink()
-    r["adapter_config.json missing"] = Row(with_adapter(no_config), "no adapter_config.json")
+    r["adapter_config.json missing"] = BadInput(with_adapter(no_config), "no adapter_config.json")
     bad_json = adapter_copy("bad-json")
     (bad_json / "adapter_config.json").write_text("{not json")
-    r["adapter_config.json invalid"] = Row(with_adapter(bad_json), "invalid JSON")
+    r["adapter_config.json invalid"] = BadInput(with_adapter(bad_json), "invalid JSON")
     ia3 = adapter_copy("ia3")
     (ia3 / "adapter_config.json").write_text('{"peft_type": "IA3"}')
-    r["unknown peft_type"] = Row(with_adapter(ia3), "peft_type 'IA3' is not supported")
+    r["unknown peft_type"] = BadInput(with_adapter(ia3), "peft_type 'IA3' is not supported")
     null_r = adapter_copy("null-r")
     text = (null_r / "adapter_config.json").read_text().replace('"r": 4', '"r": null')
     (null_r / "adapter_config.json").write_text(text)
-    r["r is null"] = Row(with_adapter(null_r), "r is None")
+    r["r is null"] = BadInput(with_adapter(null_r), "r is None")
     pickled = adapter_copy("pickle")
     (pickled / "adapter_model.safetensors").unlink()
     checkpoints.write_malicious_pickle(pickled / "adapter_model.bin", tmp / "pwned")
-    r["pickle carrying code"] = Row(with_adapter(pickled), "refused to load")
+    r["pickle carrying code"] = BadInput(with_adapter(pickled), "refused to load")
     empty_sd = adapter_copy("empty-state-dict")
     save_file({}, str(empty_sd / "adapter_model.safetensors"))
-    r["empty state dict"] = Row(with_adapter(empty_sd), "holds no tensors")
+    r["empty state dict"] = BadInput(with_adapter(empty_sd), "holds no tensors")
     no_weights = adapter_copy("no-weights")
     (no_weights / "adapter_model.safetensors").unlink()
-    r["adapter weights missing"] = Row(with_adapter(no_weights), "no adapter weights")
+    r["adapter weights missing"] = BadInput(with_adapter(no_weights), "no adapter weights")
     # --- content
-    r["adapter of another base"] = Row(["similarity", "--base", str(minilm_path), "--adapter", adapter], "another base")
+    r["adapter of another base"] = BadInput(
+        ["similarity", "--base", str(minilm_path), "--adapter", adapter], "another base"
+    )
     no_query = base_copy("no-query")
     _edit_tensors(no_query, "model.safetensors", lambda t: {k: v for k, v in t.items() if ".query." not in k})
-    r["target module absent from base"] = Row(with_base(no_query), "query")
-    r["i above the rank"] = Row([*sim, adapter, "--i", "9"], "exceeds the rank")
-    r["j above the rank"] = Row([*sim, adapter, "--j", "5"], "exceeds the rank")
-    r["unknown module"] = Row([*sim, adapter, "--modules", "key"], "matches no")
+    r["target module absent from base"] = BadInput(with_base(no_query), "query")
+    r["i above the rank"] = BadInput([*sim, adapter, "--i", "9"], "exceeds the rank")
+    r["j above the rank"] = BadInput([*sim, adapter, "--j", "5"], "exceeds the rank")
+    r["unknown module"] = BadInput([*sim, adapter, "--modules", "key"], "matches no")
     nan = _edit_tensors(
         adapter_copy("nan"),
         "adapter_model.safetensors",
         _set("lora_A.weight", lambda a: torch.full_like(a, float("nan"))),
     )
-    r["NaN in adapter"] = Row(with_adapter(nan), "NaN or Inf")
+    r["NaN in adapter"] = BadInput(with_adapter(nan), "NaN or Inf")
     inf_base = _edit_tensors(
         base_copy("inf"), "model.safetensors", _set(QUERY0, lambda w: w.index_fill(0, torch.tensor([0]), float("inf")))
     )
-    r["Inf in base"] = Row(with_base(inf_base), "NaN or Inf")
+    r["Inf in base"] = BadInput(with_base(inf_base), "NaN or Inf")
     zero_b = _edit_tensors(
         adapter_copy("zero-b"),
         "adapter_model.safetensors",
         lambda t: {k: (v * 0 if "lora_B" in k else v) for k, v in t.items()},
     )
-    r["all-zero B (untrained)"] = Row(with_adapter(zero_b), "untrained")
+    r["all-zero B (untrained)"] = BadInput(with_adapter(zero_b), "untrained")
     singular = _edit_tensors(base_copy("singular"), "model.safetensors", _set(QUERY0, torch.zeros_like))
-    r["exactly singular W0"] = Row(with_base(singular), "singular at layers [0]")
+    r["exactly singular W0"] = BadInput(with_base(singular), "singular at layers [0]")
     int_base = _edit_tensors(base_copy("int8"), "model.safetensors", _set(QUERY0, lambda w: w.to(torch.int8)))
-    r["integer base weights"] = Row(with_base(int_base), "dequantized first")
+    r["integer base weights"] = BadInput(with_base(int_base), "dequantized first")
     # --- usage
-    r["bad --side"] = Row([*sim, adapter, "--side", "up"], "Invalid value for '--side'")
-    r["bad --layer-batch"] = Row(
+    r["bad --side"] = BadInput([*sim, adapter, "--side", "up"], "Invalid value for '--side'")
+    r["bad --layer-batch"] = BadInput(
         ["conversion", "--adapter", adapter, "--out", str(tmp / "o"), "--layer-batch", "0"], "--layer-batch"
     )
-    r["missing --adapter"] = Row(
+    r["missing --adapter"] = BadInput(
         ["similarity"], "give at least one adapter (--adapter) or full fine-tune (--finetuned)"
     )
-    r["unknown command"] = Row(["nosuch"], "No such command")
+    r["unknown command"] = BadInput(["nosuch"], "No such command")
     # --- CondLoRA inputs (compare, report --condlora)
     cond = checkpoints.condlora_adapter(tmp / "cond", hidden=32, base_name=base)
     cond16 = checkpoints.condlora_adapter(tmp / "cond16", hidden=16)
     compare = ["compare", "--base", base, "--lora", adapter, "--condlora"]
-    r["compare: CondLoRA of another hidden size"] = Row([*compare, str(cond16)], "another base")
-    r["report --condlora of another hidden size"] = Row(
+    r["compare: CondLoRA of another hidden size"] = BadInput([*compare, str(cond16)], "another base")
+    r["report --condlora of another hidden size"] = BadInput(
         ["report", "--base", base, "--lora", adapter, "--condlora", str(cond16), "--out", str(tmp / "report-16")],
         "another base",
     )
     lora3 = checkpoints.lora_adapter(checkpoints.bert_base(tmp / "bert3", layers=3), tmp / "lora3", arch="bert")
-    r["compare: LoRA with more layers than the base"] = Row(
+    r["compare: LoRA with more layers than the base"] = BadInput(
         ["compare", "--base", base, "--lora", str(lora3), "--condlora", str(cond)], "another base"
     )
     use_x = checkpoints.condlora_adapter(tmp / "cond-use-x", hidden=32, config={"use_x": "type1"})
-    r["compare: CondLoRA config with use_x"] = Row([*compare, str(use_x)], "use_x 'type1'")
-    r["compare --i above the rank"] = Row([*compare, str(cond), "--i", "5"], "exceeds the rank")
+    r["compare: CondLoRA config with use_x"] = BadInput([*compare, str(use_x)], "use_x 'type1'")
+    r["compare --i above the rank"] = BadInput([*compare, str(cond), "--i", "5"], "exceeds the rank")
     # --- outputs that exist
     existing = tmp / "existing"
     existing.mkdir()
     (existing / "notes.txt").write_text("somebody's notes\n")
     out = ["--out", str(existing)]
-    r["export into an existing folder"] = Row(["export", "--base", base, "--condlora", str(cond), *out], "--force")
-    r["train into an existing folder"] = Row(
+    r["export into an existing folder"] = BadInput(["export", "--base", base, "--condlora", str(cond), *out], "--force")
+    r["train into an existing folder"] = BadInput(
         ["train", "--base", base, "--method", "lora", "--task", "vader-polarity", *out], "--force"
     )
-    r["figure into an existing folder"] = Row(["figure", "--base", base, "--adapter", adapter, *out], "--force")
-    r["report into an existing folder"] = Row(["report", "--base", base, "--lora", adapter, *out], "--force")
-    r["overlap --out into an existing folder"] = Row(
+    r["figure into an existing folder"] = BadInput(["figure", "--base", base, "--adapter", adapter, *out], "--force")
+    r["report into an existing folder"] = BadInput(["report", "--base", base, "--lora", adapter, *out], "--force")
+    r["overlap --out into an existing folder"] = BadInput(
         ["overlap", "--adapter", adapter, "--adapter", adapter, *out], "--force"
     )
     # --- other commands, other mismatches
-    r["params: target module absent from base"] = Row(["params", "--base", base, "--targets", "q_proj"], "'q_proj'")
+    r["params: target module absent from base"] = BadInput(
+        ["params", "--base", base, "--targets", "q_proj"], "'q_proj'"
+    )
     lora16 = checkpoints.lora_adapter(checkpoints.bert_base(tmp / "bert16", hidden=16), tmp / "lora16", arch="bert")
-    r["overlap: adapters of different bases"] = Row(
+    r["overlap: adapters of different bases"] = BadInput(
         ["overlap", "--adapter", adapter, "--adapter", str(lora16)], "different bases"
     )
-    r["overlap --i above the rank"] = Row(
+    r["overlap --i above the rank"] = BadInput(
         ["overlap", "--adapter", adapter, "--adapter", adapter, "--i", "5"], "choose i <= 4"
     )
     big_r = checkpoints.lora_adapter(tiny_bert, tmp / "r40", arch="bert", r=40)
-    r["LoRA r larger than d"] = Row(with_adapter(big_r), "r = 40 is larger than d = 32")
+    r["LoRA r larger than d"] = BadInput(with_adapter(big_r), "r = 40 is larger than d = 32")
     # --- near-singular W0: least squares for that layer, one warning line, exit 0
     near = _edit_tensors(
         base_copy("near-singular"),
         "model.safetensors",
         _set(QUERY0, lambda w: _near_singular(w.shape[0], 1e-17, torch.float64)),
     )
-    r["near-singular W0"] = Row(
+    r["near-singular W0"] = BadInput(
         ["conversion", "--base", str(near), "--adapter", adapter, "--out", str(tmp / "near-out"), "--json"],
         "near-singular to float64 precision at layers [0]",
         code=0,
@@ -247,7 +233,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_ad
         "model.safetensors",
         _set(QUERY0, lambda w: _near_singular(w.shape[0], 1e-9, torch.float32)),
     )
-    r["near-singular W0 in float32"] = Row(
+    r["near-singular W0 in float32"] = BadInput(
         [*with_base(near32), "--dtype", "float32"], "least_squares_layers (use --dtype float64)", code=0
     )
     return r
@@ -301,55 +287,36 @@ CASES = [
 ]
 
 
-def test_the_table_is_complete(rows: dict[str, Row]) -> None:
+def test_the_table_is_complete(rows: dict[str, BadInput]) -> None:
     assert list(rows) == CASES and len(CASES) >= 50
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input(
-    case: str,
-    rows: dict[str, Row],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_bad_input(case: str, rows: dict[str, BadInput], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     row = rows[case]
     monkeypatch.chdir(tmp_path)  # anything written by mistake into the working folder would show up here
-    check_row(row, *run_main(row.argv, capsys, monkeypatch))
+    check_bad_input(row, run_cli(*row.argv))
     assert list(tmp_path.iterdir()) == []
 
 
-def check_row(row: Row, code: int | str | None, out: str, err: str) -> None:
-    """What every row of a bad-input table must give: the exit code; exactly one ``error:`` line (``warning:`` for
-    exit 0) holding the row's words; no traceback; stdout empty on error, the result on a warning."""
-    lines = err.strip().splitlines()
-    assert code == row.code, err
-    assert len(lines) == 1 and lines[0].startswith("error: " if row.code else "warning: "), err
-    assert row.words in lines[0], lines[0]
-    assert "Traceback" not in err
-    assert out == "" if row.code else out.strip()
-
-
 @pytest.mark.parametrize("case", EXISTING_OUTPUT)
-def test_refused_outputs_are_left_alone(
-    case: str, rows: dict[str, Row], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_refused_outputs_are_left_alone(case: str, rows: dict[str, BadInput]) -> None:
     argv = rows[case].argv
     out = Path(argv[argv.index("--out") + 1])
     beside = sorted(p.name for p in out.parent.iterdir())
-    code, _, err = run_main(argv, capsys, monkeypatch)
+    result = run_cli(*argv)
+    code, err = result.returncode, result.stderr
     assert code == 2 and "the output folder exists; replace it or choose a new one (pass --force" in err
     assert str(out) in err
     assert [(p.name, p.read_text()) for p in out.iterdir()] == [("notes.txt", "somebody's notes\n")]
     assert sorted(p.name for p in out.parent.iterdir()) == beside  # no temporary folder left beside it
 
 
-def test_near_singular_W0_reports_its_residual(
-    rows: dict[str, Row], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_near_singular_W0_reports_its_residual(rows: dict[str, BadInput], tmp_path: Path) -> None:
     argv = rows["near-singular W0"].argv
     argv = [*argv[: argv.index("--out") + 1], str(tmp_path / "out"), "--json"]
-    code, out, err = run_main(argv, capsys, monkeypatch)
+    result = run_cli(*argv)
+    code, out, err = result.returncode, result.stdout, result.stderr
     summary = json.loads(out)
     query, value = summary["modules"]["query"], summary["modules"]["value"]
     assert code == 0 and query["least_squares_layers"] == [0] and value["least_squares_layers"] == []
@@ -361,9 +328,10 @@ def test_near_singular_W0_reports_its_residual(
     assert written["modules"]["query"]["least_squares_layers"] == [0]
 
 
-def test_the_pickle_did_not_run(rows: dict[str, Row], capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+def test_the_pickle_did_not_run(rows: dict[str, BadInput]) -> None:
     argv = rows["pickle carrying code"].argv
     marker = Path(argv[-1]).parent / "pwned"
-    code, _, err = run_main(argv, capsys, monkeypatch)
+    result = run_cli(*argv)
+    code, err = result.returncode, result.stderr
     assert code == 2 and "refused to load" in err
     assert not marker.exists()

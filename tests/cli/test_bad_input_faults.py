@@ -1,6 +1,6 @@
 """Faults that used to end in a Python traceback: each is now one ``error:`` line, exit code 2, stdout empty.
 
-The table rows run the real entry point in this process and assert what ``test_hardening.test_bad_input``
+The table rows run the real entry point in this process and assert what ``test_bad_input.test_bad_input``
 asserts (exit code, one ``error:`` line holding the expected words, empty stdout, nothing written into the
 working folder). Faults that need the operating system's help run ``python -m loralens`` in a subprocess: a
 file-size limit (RLIMIT_FSIZE), a full disk (a small tmpfs), stdout on ``/dev/full``, and a base folder the user
@@ -23,7 +23,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import checkpoints
-from test_hardening import Row, check_row, run_main
+from clitools import BadInput, check_bad_input, run_cli
 
 LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes on Linux)
 
@@ -50,8 +50,8 @@ def _nested(depth: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_adapter: Path) -> dict[str, Row]:
-    """case -> Row; files are built once for the module."""
+def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_adapter: Path) -> dict[str, BadInput]:
+    """case -> BadInput; files are built once for the module."""
     tmp = tmp_path_factory.mktemp("errors")
     base, adapter = str(tiny_bert), str(tiny_bert_adapter)
     sim = ["similarity", "--base", base, "--adapter", adapter]
@@ -62,28 +62,28 @@ def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_ad
     def adapter_copy(name: str) -> Path:
         return Path(shutil.copytree(tiny_bert_adapter, tmp / name))
 
-    r: dict[str, Row] = {}
+    r: dict[str, BadInput] = {}
     # --- names longer than the system allows
-    r["--out name too long"] = Row(
+    r["--out name too long"] = BadInput(
         ["conversion", "--base", base, "--adapter", adapter, "--out", str(tmp / LONG_NAME)], "file name too long"
     )
-    r["--adapter name too long"] = Row(with_adapter(tmp / LONG_NAME), "file name too long")
+    r["--adapter name too long"] = BadInput(with_adapter(tmp / LONG_NAME), "file name too long")
     # --- JSON files: nesting and size
     deep = adapter_copy("deep-config")
     (deep / "adapter_config.json").write_text(_nested(100_000))
-    r["adapter_config.json nested 100,000 deep"] = Row(with_adapter(deep), "nested more than 64 levels")
+    r["adapter_config.json nested 100,000 deep"] = BadInput(with_adapter(deep), "nested more than 64 levels")
     huge = adapter_copy("huge-config")
     with (huge / "adapter_config.json").open("r+b") as f:
         f.truncate(4 * 2**30)  # a sparse 4 GiB file: costs no disk, and reading it whole would cost 4 GiB
-    r["adapter_config.json of 4 GiB"] = Row(with_adapter(huge), "larger than 16 MiB")
+    r["adapter_config.json of 4 GiB"] = BadInput(with_adapter(huge), "larger than 16 MiB")
     deep_base = Path(shutil.copytree(tiny_bert, tmp / "deep-base"))
     (deep_base / "config.json").write_text(_nested(100_000))
-    r["base config.json nested 100,000 deep"] = Row(
+    r["base config.json nested 100,000 deep"] = BadInput(
         ["similarity", "--base", str(deep_base), "--adapter", adapter], "config.json"
     )
     cond_deep = checkpoints.condlora_adapter(tmp / "cond-deep", hidden=32, base_name=base)
     (cond_deep / "adapter_config.json").write_text(_nested(100_000))
-    r["CondLoRA adapter_config.json nested 100,000 deep"] = Row(
+    r["CondLoRA adapter_config.json nested 100,000 deep"] = BadInput(
         ["compare", "--base", base, "--lora", adapter, "--condlora", str(cond_deep)], "nested more than 64 levels"
     )
     # --- rank-0 factors
@@ -91,19 +91,19 @@ def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_ad
     weights = load_file(rank0 / "adapter_model.safetensors")
     weights = {k: v[:0] if "lora_A" in k else v[:, :0] for k, v in weights.items()}
     save_file(weights, str(rank0 / "adapter_model.safetensors"))
-    r["rank-0 factors"] = Row(with_adapter(rank0), "are empty (rank 0")
+    r["rank-0 factors"] = BadInput(with_adapter(rank0), "are empty (rank 0")
     # --- options
-    r["--modules query,query"] = Row([*sim, "--modules", "query,query"], "'query' more than once")
-    r["--modules query,self.query"] = Row([*sim, "--modules", "query,self.query"], "names module 'query' again")
-    r["--device meta"] = Row([*sim, "--device", "meta"], "--device 'meta' is not supported")
-    r["--device mps"] = Row([*sim, "--device", "mps"], "--device 'mps' is not supported")
-    r["--seed 2**64"] = Row([*sim, "--seed", str(2**64)], "--seed 18446744073709551616 is out of range")
-    r["--seed -1"] = Row([*sim, "--seed", "-1"], "use a seed from 0 to 4294967295")
+    r["--modules query,query"] = BadInput([*sim, "--modules", "query,query"], "'query' more than once")
+    r["--modules query,self.query"] = BadInput([*sim, "--modules", "query,self.query"], "names module 'query' again")
+    r["--device meta"] = BadInput([*sim, "--device", "meta"], "--device 'meta' is not supported")
+    r["--device mps"] = BadInput([*sim, "--device", "mps"], "--device 'mps' is not supported")
+    r["--seed 2**64"] = BadInput([*sim, "--seed", str(2**64)], "--seed 18446744073709551616 is out of range")
+    r["--seed -1"] = BadInput([*sim, "--seed", "-1"], "use a seed from 0 to 4294967295")
     # --- metrics.json that report / compare read
     for case, value in (("NaN", float("nan")), ("Infinity", float("inf")), ("a string", "fast")):
         cond = checkpoints.condlora_adapter(tmp / f"cond-speed-{case}", hidden=32, base_name=base)
         (cond / "metrics.json").write_text(_metrics("vader", "condlora", 0, examples_per_s=value))
-        r[f"report: examples_per_s {case} in metrics.json"] = Row(
+        r[f"report: examples_per_s {case} in metrics.json"] = BadInput(
             ["report", "--base", base, "--lora", adapter, "--condlora", str(cond), "--out", str(tmp / "rep")],
             f"{cond / 'metrics.json'}: 'examples_per_s' is {value!r}, not a finite number",
         )
@@ -113,12 +113,12 @@ def rows(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_bert_ad
         (loras[s] / "metrics.json").write_text(_metrics("vader", "lora", s))
         (conds[s] / "metrics.json").write_text(_metrics("vader", "condlora", s, after=float("nan") if s else 0.8))
     pairs = [x for s in (0, 1) for x in ("--lora", str(loras[s]), "--condlora", str(conds[s]))]
-    r["compare: after NaN in metrics.json"] = Row(
+    r["compare: after NaN in metrics.json"] = BadInput(
         ["compare", "--base", base, *pairs], f"{conds[1] / 'metrics.json'}: 'after' is nan, not a finite number"
     )
     deep_metrics = adapter_copy("deep-metrics")
     (deep_metrics / "metrics.json").write_text(_nested(100_000))
-    r["report: metrics.json nested 100,000 deep"] = Row(
+    r["report: metrics.json nested 100,000 deep"] = BadInput(
         ["report", "--base", base, "--lora", str(deep_metrics), "--condlora", str(conds[0]), "--out", str(tmp / "r")],
         f"{deep_metrics / 'metrics.json'}: invalid JSON (nested more than 64 levels",
     )
@@ -147,28 +147,21 @@ CASES = [
 ]
 
 
-def test_the_table_is_complete(rows: dict[str, Row]) -> None:
+def test_the_table_is_complete(rows: dict[str, BadInput]) -> None:
     assert list(rows) == CASES
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_error(
-    case: str,
-    rows: dict[str, Row],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_error(case: str, rows: dict[str, BadInput], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     row = rows[case]
     monkeypatch.chdir(tmp_path)  # anything written by mistake into the working folder would show up here
-    code, out, err = run_main(row.argv, capsys, monkeypatch)
-    assert_one_error(code, out, err, row.words)
+    check_bad_input(row, run_cli(*row.argv))  # run_cli also checks that the command handed stdout back
     assert list(tmp_path.iterdir()) == []
-    assert type(sys.stdout).__name__ != "_GuardedStdout"  # user_errors handed stdout back
 
 
-def assert_one_error(code: int | str | None, out: str, err: str, words: str) -> None:
-    check_row(Row([], words), code, out, err)
+def assert_one_error(proc: subprocess.CompletedProcess[str], words: str) -> None:
+    stdout = "" if proc.stdout is None else proc.stdout  # None: stdout went to a device or pipe of the test's own
+    check_bad_input(BadInput([], words), subprocess.CompletedProcess(proc.args, proc.returncode, stdout, proc.stderr))
 
 
 # ----------------------------------------------------------------------------------------------- subprocesses
@@ -200,7 +193,7 @@ def test_a_file_size_limit_while_writing(tmp_path: Path, tiny_bert: Path, tiny_b
     out = tmp_path / "out"
     proc = loralens("conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out, preexec_fn=limit)
     assert proc.returncode == 2, proc.stderr  # -25 would be SIGXFSZ killing it
-    assert_one_error(proc.returncode, proc.stdout, proc.stderr, f"{out}: cannot write the results")
+    assert_one_error(proc, f"{out}: cannot write the results")
     assert "(File too large)" in proc.stderr and "ulimit -f" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
 
@@ -216,7 +209,7 @@ def test_a_full_disk_while_writing(tmp_path: Path, tiny_bert: Path, tiny_bert_ad
     try:
         out = small / "out"
         proc = loralens("conversion", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out)
-        assert_one_error(proc.returncode, proc.stdout, proc.stderr, f"{out}: cannot write the results")
+        assert_one_error(proc, f"{out}: cannot write the results")
         assert "(No space left on device)" in proc.stderr and "free space" in proc.stderr
         assert list(small.iterdir()) == []
     finally:
@@ -227,7 +220,7 @@ def test_a_full_disk_while_writing(tmp_path: Path, tiny_bert: Path, tiny_bert_ad
 def test_stdout_on_a_full_device(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     with Path("/dev/full").open("w") as full:
         proc = loralens("similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--json", stdout=full)
-    assert_one_error(proc.returncode, "", proc.stderr, "standard output: cannot print to it")
+    assert_one_error(proc, "standard output: cannot print to it")
     assert "no space left on device" in proc.stderr
 
 
@@ -239,7 +232,7 @@ def test_stdout_on_a_closed_pipe(tiny_bert: Path, tiny_bert_adapter: Path) -> No
         proc = loralens("similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--json", stdout=write)
     finally:
         os.close(write)
-    assert_one_error(proc.returncode, "", proc.stderr, "standard output: cannot print to it (broken pipe")
+    assert_one_error(proc, "standard output: cannot print to it (broken pipe")
 
 
 @pytest.mark.slow
@@ -258,7 +251,7 @@ def test_a_base_folder_without_read_permission(tmp_path: Path, tiny_bert: Path, 
         proc = loralens("similarity", "--base", base, "--adapter", tiny_bert_adapter, prefix=prefix, cwd=tmp_path)
     finally:
         base.chmod(0o755)
-    assert_one_error(proc.returncode, proc.stdout, proc.stderr, str(base))
+    assert_one_error(proc, str(base))
     assert "permission denied" in proc.stderr.lower()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
