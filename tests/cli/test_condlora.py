@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from checkpoints import roberta_base_shapes_only
 from clitools import run_cli, run_cli_subprocess
 from loralens.analyses.condlora_vs_lora import compare_adapters
-from loralens.cli import app
 from loralens.examples import default_adapter, default_condlora
 from loralens.io.adapters import load_lora_adapter
 from loralens.io.base_weights import open_base
@@ -71,9 +69,8 @@ def test_compare_json_equals_the_python_api(minilm_path: Path) -> None:
         )
     assert out["settings"]["seed"] == 3 and out["settings"]["device"] == "cpu"
     assert out["settings"]["null_draws"] == 20
-    table = CliRunner().invoke(
-        app,
-        [
+    table = run_cli(
+        *[
             "compare",
             "--base",
             str(minilm_path),
@@ -81,9 +78,9 @@ def test_compare_json_equals_the_python_api(minilm_path: Path) -> None:
             str(default_adapter()),
             "--condlora",
             str(default_condlora()),
-        ],
+        ]
     )
-    assert table.exit_code == 0 and "mean" in table.stdout and "value" in table.stdout
+    assert table.returncode == 0 and "mean" in table.stdout and "value" in table.stdout
     assert "against the W-conditioned null" in table.stdout and "W-null" in table.stdout
 
 
@@ -92,15 +89,15 @@ def test_compare_null_draws_option(minilm_path: Path) -> None:
     option."""
     args = ["compare", "--base", str(minilm_path), "--lora", str(default_adapter()), "--condlora"]
     args += [str(default_condlora()), "--modules", "value", "--device", "cpu"]
-    off = CliRunner().invoke(app, [*args, "--json", "--null-draws", "0"])
-    assert off.exit_code == 0, off.output
+    off = run_cli(*args, "--json", "--null-draws", "0")
+    assert off.returncode == 0, off.stderr
     value = json.loads(off.stdout)["modules"]["value"]
     assert value["w_null"] is None and value["conv_vs_theta"]["w_null"] is None
     assert json.loads(off.stdout)["settings"]["null_draws"] == 0
-    text = CliRunner().invoke(app, [*args, "--null-draws", "0"])
-    assert text.exit_code == 0 and "W-conditioned null" not in text.stdout
-    bad = CliRunner().invoke(app, [*args, "--null-draws", "1"])
-    assert bad.exit_code == 2 and bad.stderr.startswith("error: null_draws must be 0"), bad.stderr
+    text = run_cli(*args, "--null-draws", "0")
+    assert text.returncode == 0 and "W-conditioned null" not in text.stdout
+    bad = run_cli(*args, "--null-draws", "1")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: null_draws must be 0"), bad.stderr
     assert "--null-draws" in bad.stderr and bad.stderr.count("\n") == 1
 
 
@@ -209,10 +206,10 @@ def test_user_errors_are_one_line_in_a_subprocess(minilm_path: Path, tmp_path: P
 
 def test_user_errors_in_process(minilm_path: Path, tmp_path: Path) -> None:
     def invoke(*args: str | Path):
-        return CliRunner().invoke(app, [str(a) for a in args])
+        return run_cli(*args)
 
     def check(result, *fragments: str) -> None:
-        assert result.exit_code == 2, result.output
+        assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         for fragment in fragments:
             assert fragment in result.stderr, result.stderr

@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import checkpoints
 from clitools import run_cli, run_cli_subprocess
-from loralens.cli import app
 
 
 def test_similarity_json_on_the_real_adapter(minilm_path: Path, vader_adapter: Path) -> None:
@@ -172,10 +170,8 @@ def test_help_fits_one_screen_grouped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_in_process_runner_matches(tiny_bert: Path, tiny_bert_adapter: Path) -> None:
-    result = CliRunner().invoke(
-        app, ["similarity", "--base", str(tiny_bert), "--adapter", str(tiny_bert_adapter), "--json"]
-    )
-    assert result.exit_code == 0, result.output
+    result = run_cli("similarity", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--json")
+    assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["modules"]["query"]["A"]["i"] == 4
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import checkpoints
 import loralens
@@ -16,7 +15,6 @@ import loralens.cli.figures
 import loralens.render.report
 from clitools import run_cli
 from loralens.analyses.lowrank import amplification_report, rank_overlap, spectra_report
-from loralens.cli import app
 from loralens.examples import default_condlora
 from loralens.io.condlora import condlora_config, write_condlora_adapter
 
@@ -53,8 +51,8 @@ def test_figure_writes_png_svg_and_csv(tmp_path: Path, tiny_bert: Path, tiny_ber
 def test_figure_options_pick_modules_and_dimensions(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     out = tmp_path / "figs"
     argv = ["figure", "--base", tiny_bert, "--adapter", tiny_bert_adapter, "--out", out, "--modules", "value"]
-    result = CliRunner().invoke(app, [*map(str, argv), "--i", "2", "--side", "right", "--device", "cpu"])
-    assert result.exit_code == 0, result.output
+    result = run_cli(*argv, "--i", "2", "--side", "right", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.glob("*.png")) == [f"figure1_value_{f}.png" for f in ("A", "B", "BA")]
     assert loralens.cli.figures.DPI == loralens.render.report.DPI
 
@@ -125,18 +123,16 @@ def test_report_lowrank_numbers_and_overlap_on_real_adapters(
 @pytest.mark.slow
 def test_report_no_lowrank_leaves_the_analyses_out(tmp_path: Path, tiny_bert: Path, tiny_bert_adapter: Path) -> None:
     argv = ["report", "--base", tiny_bert, "--lora", tiny_bert_adapter, "--device", "cpu"]
-    result = CliRunner().invoke(app, [*map(str, argv), "--out", str(tmp_path / "without"), "--no-lowrank"])
-    assert result.exit_code == 0, result.output
+    result = run_cli(*argv, "--out", tmp_path / "without", "--no-lowrank")
+    assert result.returncode == 0, result.stderr
     names = {p.name for p in (tmp_path / "without").iterdir()}
     assert not names & (LOWRANK_FILES | {"overlap.png"})
     assert "Low-rank updates" not in (tmp_path / "without" / "report.html").read_text(encoding="utf-8")
     assert json.loads((tmp_path / "without" / "report.json").read_text())["lowrank"] is None
     # --overlap is still drawn with --no-lowrank (here the adapter against itself: phi(i, i) = 1)
     only = tmp_path / "only-overlap"
-    result = CliRunner().invoke(
-        app, [*map(str, argv), "--out", str(only), "--no-lowrank", "--overlap", str(tiny_bert_adapter)]
-    )
-    assert result.exit_code == 0, result.output
+    result = run_cli(*argv, "--out", only, "--no-lowrank", "--overlap", tiny_bert_adapter)
+    assert result.returncode == 0, result.stderr
     low = json.loads((only / "report.json").read_text())["lowrank"]
     assert set(low) == {"overlap"} and (only / "overlap_value.png").is_file()
     assert not (only / "amplification.png").exists() and not (only / "intruders.png").exists()
@@ -176,10 +172,10 @@ def test_more_bad_input_in_process(tmp_path: Path, tiny_bert: Path, tiny_bert_ad
         ),
     ]
     for argv, words in cases:
-        result = CliRunner().invoke(app, list(map(str, argv)))
+        result = run_cli(*argv)
         # warning: lines may come first (the tiny adapters' alpha 8 at r = 4 draws spectra's default-alpha check)
         lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
-        assert result.exit_code == 2, (argv, result.output)
+        assert result.returncode == 2, (argv, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (argv, lines)
     assert not o.exists()
 

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from loralens.cli import app
+from clitools import run_cli
 from loralens.errors import LoralensError
 from loralens.training import (
     TrainConfig,
@@ -285,8 +284,8 @@ def test_a_diverging_run_stops_with_one_error_and_writes_nothing(minilm_path: Pa
 @pytest.mark.parametrize("lr", ["inf", "nan", "-1"])
 def test_cli_refuses_a_rate_that_cannot_train(minilm_path: Path, tmp_path: Path, lr: str) -> None:
     args = ["train", "--base", str(minilm_path), "--method", "condlora", "--task", "vader-polarity"]
-    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run"), "--lr", lr])
-    assert result.exit_code == 2, result.output
+    result = run_cli(*args, "--out", tmp_path / "run", "--lr", lr)
+    assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "lr must be > 0 and finite" in result.stderr and not (tmp_path / "run").exists()
 

@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from clitools import record_progress, run_cli
-from loralens.cli import app
 from loralens.cli import reproduce as cli_reproduce
 from loralens.errors import LoralensError
 from loralens.io.outputs import json_writer, write_outputs
@@ -128,8 +126,8 @@ def test_reproduce_command_end_to_end(minilm_path: Path, tmp_path: Path) -> None
     """The real command on MiniLM: one task, two seeds, a two-trial search, two steps per run."""
     args = ["reproduce", "table2", "--base", str(minilm_path), "--tasks", "vader-rating", "--seeds", "0,1"]
     args += ["--lr-search", "2", "--steps", "vader-rating=2", "--max-length", "vader-rating=8", "--out", str(tmp_path)]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
     assert "Table 2" in result.stdout and "Learning rates chosen on dev" in result.stdout
     summary = json.loads((tmp_path / "table" / "table2.json").read_text())
     rates = summary["rates"]["vader-rating"]
@@ -138,5 +136,5 @@ def test_reproduce_command_end_to_end(minilm_path: Path, tmp_path: Path) -> None
         assert rates[method]["lr"] == search["best"]["lr"]
         seed1 = json.loads((tmp_path / "runs" / "vader-rating" / f"{method}-seed1" / "metrics.json").read_text())
         assert seed1["settings"]["lr"] == rates[method]["lr"]
-    rerun = CliRunner().invoke(app, args)
-    assert rerun.exit_code == 0 and rerun.stderr.count("reusing") == 4 and "training" not in rerun.stderr
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0 and rerun.stderr.count("reusing") == 4 and "training" not in rerun.stderr
