@@ -84,8 +84,10 @@ def search_lr(
     ``journal``: a JSON file that records each finished trial as it ends, so that a search cut short (a stopped
     session, Ctrl-C) resumes: TPE seeded alike proposes the same rates given the same earlier scores, so a trial
     the journal holds at the same rate is taken from it instead of trained again. Only the best trial's model is
-    needed at the end; if that trial was taken from the journal, it is trained once more (same seed, same rate).
-    The caller deletes the journal once the search's result is written.
+    needed at the end; if that trial was taken from the journal, ``run`` is called for it once more (same seed,
+    same rate): :func:`~loralens.training.trainer.train` restores it from the trial's saved state without
+    training, or trains it again if that state is gone. The caller deletes the journal once the search's result is
+    written.
     """
     if not (isinstance(n_trials, int) and n_trials >= 1):
         raise LoralensError(f"the learning-rate search needs at least 1 trial, got {n_trials!r}")
