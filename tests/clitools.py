@@ -22,7 +22,15 @@ from typing import Any
 
 from loralens.cli import main
 
-__all__ = ["BadInput", "ProgressRecord", "check_bad_input", "record_progress", "run_cli", "run_cli_subprocess"]
+__all__ = [
+    "BadInput",
+    "ProgressRecord",
+    "check_bad_input",
+    "record_progress",
+    "run_bad_input",
+    "run_cli",
+    "run_cli_subprocess",
+]
 
 
 def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -106,3 +114,10 @@ def record_progress(monkeypatch: Any, command_module: ModuleType) -> ProgressRec
 
     monkeypatch.setattr(command_module, "progress_bar", recording)
     return record
+
+
+def run_bad_input(row: BadInput, cwd: Path) -> None:
+    """Run a bad-input row from the empty folder ``cwd`` and check it (:func:`check_bad_input`); nothing may be
+    written there (an output written by mistake into the working folder would show up)."""
+    check_bad_input(row, run_cli(*row.argv, cwd=cwd))
+    assert list(cwd.iterdir()) == []

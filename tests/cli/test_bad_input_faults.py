@@ -23,7 +23,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import checkpoints
-from clitools import BadInput, check_bad_input, run_cli
+from clitools import BadInput, check_bad_input, run_bad_input
 
 LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes on Linux)
 
@@ -152,11 +152,8 @@ def test_the_table_is_complete(rows: dict[str, BadInput]) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_error(case: str, rows: dict[str, BadInput], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    row = rows[case]
-    monkeypatch.chdir(tmp_path)  # anything written by mistake into the working folder would show up here
-    check_bad_input(row, run_cli(*row.argv))  # run_cli also checks that the command handed stdout back
-    assert list(tmp_path.iterdir()) == []
+def test_error(case: str, rows: dict[str, BadInput], tmp_path: Path) -> None:
+    run_bad_input(rows[case], tmp_path)
 
 
 def assert_one_error(proc: subprocess.CompletedProcess[str], words: str) -> None:
