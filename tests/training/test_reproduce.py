@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from clitools import record_progress, run_cli
 from loralens.cli import reproduce as cli_reproduce
@@ -14,6 +16,8 @@ from loralens.errors import LoralensError
 from loralens.io.outputs import json_writer, write_outputs
 from loralens.training import TrainConfig
 from loralens.training import table2 as t2
+from loralens.training.resume import FitState, fit_state_path, write_fit_state
+from loralens.training.search import journal_path, search_lr
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -138,3 +142,50 @@ def test_reproduce_command_end_to_end(minilm_path: Path, tmp_path: Path) -> None
         assert seed1["settings"]["lr"] == rates[method]["lr"]
     rerun = run_cli(*args)
     assert rerun.returncode == 0 and rerun.stderr.count("reusing") == 4 and "training" not in rerun.stderr
+
+
+def test_status_says_where_each_run_stands(minilm_path: Path, tmp_path: Path, fake_train) -> None:
+    """Finished runs, a search cut after two trials with a third in flight, a later seed cut short, from the files
+    the real writers leave (the search's journal, the runs' saved states); trains nothing."""
+    kwargs: dict[str, Any] = dict(tasks=["vader-rating"], seeds=[0, 1], lr_search=3, base_name="test/minilm")
+    assert [(r["method"], r["seed"], r["state"]) for r in t2.table2_status(tmp_path, **kwargs)] == [
+        ("lora", 0, "to do"), ("lora", 1, "waiting"), ("condlora", 0, "to do"), ("condlora", 1, "waiting"),
+    ]  # fmt: skip
+
+    first = TrainConfig(method="lora", steps=t2.DEFAULT_STEPS["vader-rating"], max_length=16, seed=0)
+    folder = tmp_path / "runs" / "vader-rating" / "lora-seed0"
+    scores = iter([0.5, 0.7])
+
+    def run(config: TrainConfig) -> Any:
+        score = next(scores, None)
+        if score is None:
+            raise KeyboardInterrupt  # the session ends during the third trial
+        return SimpleNamespace(config=config, dev_score=score, selected_step=100)
+
+    with pytest.raises(KeyboardInterrupt):
+        search_lr(run, first, 3, journal=journal_path(folder))
+    trials = json.loads(journal_path(folder).read_text())["trials"]
+    for config, step in [(first.replace(lr=3e-4), 120), (first.replace(lr=1e-4), 300), (first.replace(seed=5), 80)]:
+        state = FitState(config, step, params={}, optimizer={}, scheduler={}, rng=torch.get_rng_state())
+        write_fit_state(fit_state_path(folder, config), state)  # in flight; a finished trial's; another run's
+    row = t2.table2_status(tmp_path, **kwargs)[0]
+    assert row["state"] == "searching" and (row["trials"], row["n_trials"]) == (2, 3)
+    assert (row["lr"], row["dev"]) == (trials[1]["lr"], 0.7)
+    assert (row["step"], row["steps"], row["step_lr"]) == (120, first.steps, 3e-4)
+
+    t2.reproduce_table2("base", tmp_path, **kwargs)
+    (tmp_path / "runs" / "vader-rating" / "condlora-seed1" / "metrics.json").unlink()  # cut short after step 60
+    cut = first.replace(method="condlora", seed=1, lr=1e-4)  # at the rate condlora-seed0's search chose
+    state = FitState(cut, 60, params={}, optimizer={}, scheduler={}, rng=torch.get_rng_state())
+    write_fit_state(fit_state_path(tmp_path / "runs" / "vader-rating" / "condlora-seed1", cut), state)
+    rows = t2.table2_status(tmp_path, **kwargs)
+    metrics = json.loads((tmp_path / "runs" / "vader-rating" / "lora-seed1" / "metrics.json").read_text())
+    assert (rows[1]["state"], rows[1]["lr"], rows[1]["dev"], rows[1]["test"]) == ("done", 1e-3, 0.71, 0.71)
+    assert metrics["after"] == rows[1]["test"]
+    assert (rows[3]["state"], rows[3]["step"]) == ("to do", 60)
+
+    fake_train.clear()
+    args = ["reproduce", "table2", "--base", minilm_path, "--tasks", "vader-rating", "--seeds", "0,1"]
+    shown = run_cli(*args, "--lr-search", "3", "--base-name", "test/minilm", "--out", tmp_path, "--status")
+    assert shown.returncode == 0 and fake_train == [], shown.stderr
+    assert "Table 2 reproduction: where it stands" in shown.stdout and "last saved at step 60 of 300" in shown.stdout

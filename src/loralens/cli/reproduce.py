@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from loralens.analyses.engine import ProgressCallback
-from loralens.cli._app import QuietOpt, app, progress_bar, user_errors
+from loralens.cli._app import QuietOpt, app, print_table, progress_bar, user_errors
 
 reproduce_app = typer.Typer(help="Reproduce a table of the paper from scratch (resumable).", no_args_is_help=True)
 app.add_typer(
@@ -37,10 +37,14 @@ def table2_command(
     ] = None,
     targets: Annotated[str, typer.Option("--targets", help="Comma-separated target modules.")] = "query,value",
     base_name: Annotated[str | None, typer.Option("--base-name", help="Name recorded in the adapters.")] = None,
+    status: Annotated[
+        bool, typer.Option("--status", help="Show where the runs stand and exit; trains nothing.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """LoRA and CondLoRA per task and seed with the paper's protocol; Table 2 (mean ± std on test, paired t-test)."""
     from loralens.io.base_weights import resolve_base
+    from loralens.render.tables import table2_status_table
     from loralens.training import TrainConfig
     from loralens.training import table2 as t2
     from loralens.training.config import METHODS
@@ -49,14 +53,17 @@ def table2_command(
     with user_errors():
         config = TrainConfig(lr=lr, targets=tuple(t.strip() for t in targets.split(",") if t.strip()))
         task_list, seed_list = [t.strip() for t in tasks.split(",") if t.strip()], t2.parse_int_list(seeds, "--seeds")
+        settings: dict[str, Any] = dict(
+            tasks=task_list, seeds=seed_list, lr_search=lr_search, lr_range=parse_lr_range(lr_range), config=config,
+            steps=t2.parse_per_task(steps, t2.DEFAULT_STEPS, "--steps"), base_name=base_name or base,
+            max_length=t2.parse_per_task(max_length, t2.DEFAULT_MAX_LENGTH, "--max-length"),
+        )  # fmt: skip
+        if status:
+            print_table(table2_status_table(t2.table2_status(out, **settings)))
+            return
         with progress_bar(quiet) as progress:  # closed before the table is printed
             on_run, on_step = _run_progress(progress, len(task_list) * len(METHODS) * len(seed_list))
-            summary = t2.reproduce_table2(
-                resolve_base(base), out, tasks=task_list, seeds=seed_list, lr_search=lr_search, config=config,
-                lr_range=parse_lr_range(lr_range), steps=t2.parse_per_task(steps, t2.DEFAULT_STEPS, "--steps"),
-                max_length=t2.parse_per_task(max_length, t2.DEFAULT_MAX_LENGTH, "--max-length"),
-                base_name=base_name or base, on_run=on_run, on_step=on_step,
-            )  # fmt: skip
+            summary = t2.reproduce_table2(resolve_base(base), out, on_run=on_run, on_step=on_step, **settings)
         typer.echo(summary["markdown"], nl=False)
         typer.echo(f"written: {out / 'table' / 'table2.md'}, {out / 'table' / 'table2.json'}")
 

@@ -45,6 +45,7 @@ __all__ = [
     "similarity_summary_table",
     "phi_long_table",
     "table2",
+    "table2_status_table",
     "table3",
     "table3_over_pairs",
     "table4",
@@ -380,6 +381,29 @@ def table2(summary: Mapping[str, Any], digits: int = 4) -> Table:
         notes.append(f"{task}: seeds {seeds} ({per_seed}); {shown}.")
     notes.append("Mean ± sample standard deviation over seeds; the t-test pairs the runs by seed (two-sided).")
     return Table(columns, tuple(rows), "Held-out scores over seeds (Table 2)", tuple(notes))
+
+
+def table2_status_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """Where a Table 2 reproduction stands, from :func:`loralens.training.table2.table2_status`: a row per run in
+    training order with its state, rate, best dev and test score, and how far a search or a run cut short got."""
+    shown: list[tuple[Cell, ...]] = []
+    for r in rows:
+        progress = []
+        if "n_trials" in r and r["state"] != "done":
+            progress.append(f"{r['trials']} of {r['n_trials']} trials finished")
+        if r.get("step") is not None:
+            trial = f"trial at lr {r['step_lr']:.3g}: " if r["state"] == "searching" else ""
+            progress.append(f"{trial}last saved at step {r['step']} of {r['steps']}")
+        lr = r.get("lr")
+        cells = (r["task"], _METHODS[r["method"]], r["seed"], r["state"], "" if lr is None else f"{lr:.3g}")
+        scores = tuple("" if r.get(k) is None else f"{r[k]:.4f}" for k in ("dev", "test"))  # blank: not yet
+        shown.append((*cells, *scores, "; ".join(progress)))
+    notes = (
+        "Runs train in this order. lr and dev of a search: its best trial so far. A run stopped resumes after its "
+        "last saved step; rerun the command without --status to go on.",
+    )
+    columns = ("task", "method", "seed", "state", "lr", "dev", "test", "progress")
+    return Table(columns, tuple(shown), "Table 2 reproduction: where it stands", notes)
 
 
 def table3_over_pairs(data: Mapping[str, Any], digits: int = 4) -> Table:

@@ -26,7 +26,15 @@ import torch
 
 from loralens.training.config import TrainConfig
 
-__all__ = ["FitState", "fit_state_files", "fit_state_path", "read_fit_state", "write_fit_state"]
+__all__ = [
+    "FitProgress",
+    "FitState",
+    "fit_state_files",
+    "fit_state_path",
+    "read_fit_progress",
+    "read_fit_state",
+    "write_fit_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +57,17 @@ class FitState:
     best_score: float | None = None
     final_loss: float = float("nan")
     train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class FitProgress:
+    """How far a saved run got: its settings (``TrainConfig.to_dict()``), the last saved step, the best dev score
+    so far and its step."""
+
+    config: dict[str, Any]
+    step: int
+    best_score: float | None
+    selected_step: int
 
 
 def fit_state_path(out_dir: str | os.PathLike[str], config: TrainConfig) -> Path:
@@ -126,4 +145,16 @@ def read_fit_state(path: Path, config: TrainConfig, names: Sequence[str]) -> Fit
         )
     except Exception as e:  # noqa: BLE001  (any damage: the run starts afresh, which is always correct)
         logger.warning("%s: not a usable run state (%s); starting afresh", path, e)
+        return None
+
+
+def read_fit_progress(path: Path) -> FitProgress | None:
+    """How far the run saved in ``path`` got (to report it; nothing is checked against a model), or None if the
+    file cannot be read."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if raw.get("format") != _FORMAT:
+            return None
+        return FitProgress(json.loads(raw["config"]), int(raw["step"]), raw["best_score"], int(raw["selected_step"]))
+    except Exception:  # noqa: BLE001  (a damaged or partly written file: nothing to report)
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 from loralens.errors import LoralensError
 from loralens.training.config import LR_RANGE, TrainConfig, TrainingDivergedError
 
-__all__ = ["check_lr_range", "parse_lr_range", "search_lr"]
+__all__ = ["check_lr_range", "journal_path", "journal_trials", "parse_lr_range", "search_lr"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def search_lr(
 
     trials: list[dict[str, Any]] = []
     best: dict[int, R] = {}  # trial number -> its model: only the best trained one is kept in memory
-    done = _read_journal(journal, config, n_trials, (lo, hi))
+    done = journal_trials(journal, config, n_trials, (lo, hi))
 
     def objective(trial: Any) -> float:
         lr = trial.suggest_float("lr", lo, hi, log=True)
@@ -165,10 +166,17 @@ def _journal_key(config: TrainConfig, n_trials: int, lr_range: tuple[float, floa
     return {"config": config.to_dict() | {"lr": None}, "n_trials": n_trials, "range": list(lr_range)}
 
 
-def _read_journal(
+def journal_path(out_dir: str | os.PathLike[str]) -> Path:
+    """Where the search of a run into ``out_dir`` journals its finished trials: a hidden file beside ``out_dir``."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.lr-search-trials.json"
+
+
+def journal_trials(
     journal: Path | None, config: TrainConfig, n_trials: int, lr_range: tuple[float, float]
 ) -> dict[int, dict[str, Any]]:
-    """The finished trials of an earlier, interrupted run of this search, by number; {} if none or another's."""
+    """The finished trials (``number``, ``lr``, ``dev``, ``state``, ...) of an earlier, interrupted run of this
+    search, by number; {} if none, or the journal is another search's or damaged."""
     if journal is None or not journal.is_file():
         return {}
     try:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "parse_int_list",
     "parse_per_task",
     "reproduce_table2",
+    "table2_status",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,88 @@ def reproduce_table2(
     from loralens.io.outputs import json_writer, write_outputs
     from loralens.render.tables import table2, to_markdown
 
+    plan = _plan(out_dir, tasks, seeds, lr_search, lr_range, config, steps, max_length)
+    base_name = base_name if base_name is not None else str(base_path)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {t: {m: [] for m in METHODS} for t in plan.tasks}
+    rates: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in plan.tasks}
+    for run in plan.runs():
+        lr = run.shared.lr if run.first else rates[run.task][run.method]["lr"]
+        expected = run.shared.replace(seed=run.seed, lr=lr)
+        metrics = _finished(run.folder, expected, base_name, run.search, plan.lr_range)
+        if on_run is not None:
+            on_run(str(run.folder), metrics is not None)
+        if metrics is None:
+            logger.info("training %s", run.folder)
+            metrics = train(
+                base_path, run.task, expected, out_dir=run.folder, base_name=base_name, lr_search=run.search,
+                lr_range=plan.lr_range, on_step=on_step,
+                replace=True,  # a run folder of this command, made with other settings
+            )  # fmt: skip
+        if run.first:
+            rate = {"lr": metrics["settings"]["lr"], "dev": metrics["dev_best"], "searched": bool(lr_search)}
+            rates[run.task][run.method] = rate
+        runs[run.task][run.method].append(metrics)
+
+    comparable = {t: {m: [_without_lr(r) for r in rs] for m, rs in by.items()} for t, by in runs.items()}
+    summary = compare_seeds(comparable)
+    summary.update(rates=rates, base=base_name, lr_search=lr_search, lr_range=list(plan.lr_range))
+    text = to_markdown(table2(summary), digits=4) + "\n" + _rates_markdown(rates) + f"\nBase `{base_name}`.\n"
+    write_outputs(
+        plan.out_dir / "table",
+        {"table2.json": json_writer(summary), "table2.md": lambda p: p.write_text(text, encoding="utf-8")},
+        replace=True,
+    )
+    summary["markdown"] = text
+    return summary
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One run of the table: ``shared`` holds its settings but the seed and the rate; ``first``: the first seed's
+    run, which searches the rate (``search`` trials) that the other seeds then train at."""
+
+    task: str
+    method: str
+    seed: int
+    first: bool
+    search: int
+    folder: Path
+    shared: TrainConfig
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The checked settings of a reproduction, and its runs in the order they train."""
+
+    out_dir: Path
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    lr_search: int
+    lr_range: tuple[float, float]
+    config: TrainConfig
+    steps: dict[str, int]
+    max_length: dict[str, int]
+
+    def runs(self) -> Iterator[_Run]:
+        for task in self.tasks:
+            for method in METHODS:
+                steps, max_length = self.steps[task], self.max_length[task]
+                shared = self.config.replace(method=method, steps=steps, epochs=None, max_length=max_length)
+                for k, seed in enumerate(self.seeds):
+                    folder = self.out_dir / "runs" / task / f"{method}-seed{seed}"
+                    yield _Run(task, method, seed, k == 0, self.lr_search if k == 0 else 0, folder, shared)
+
+
+def _plan(
+    out_dir: str | os.PathLike[str],
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    lr_search: int,
+    lr_range: tuple[float, float],
+    config: TrainConfig | None,
+    steps: Mapping[str, int] | None,
+    max_length: Mapping[str, int] | None,
+) -> _Plan:
     unknown = [t for t in tasks if t not in TABLE2_TASKS]
     if unknown or not tasks:
         raise LoralensError(f"Table 2 tasks are {', '.join(TABLE2_TASKS)}; got {', '.join(unknown) or 'none'}")
@@ -98,51 +182,76 @@ def reproduce_table2(
         raise LoralensError(f"seeds must be distinct and at least one, got {list(seeds)}")
     if lr_search < 0:
         raise LoralensError(f"lr_search must be >= 0 trials, got {lr_search}")
-    lr_range = check_lr_range(lr_range)
-    config = config if config is not None else TrainConfig()
-    steps = {**DEFAULT_STEPS, **(steps or {})}
-    max_length = {**DEFAULT_MAX_LENGTH, **(max_length or {})}
-    base_name = base_name if base_name is not None else str(base_path)
-    out_dir = Path(out_dir)
+    return _Plan(
+        Path(out_dir), tuple(tasks), tuple(seeds), lr_search, check_lr_range(lr_range),
+        config if config is not None else TrainConfig(),
+        {**DEFAULT_STEPS, **(steps or {})}, {**DEFAULT_MAX_LENGTH, **(max_length or {})},
+    )  # fmt: skip
 
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    rates: dict[str, dict[str, dict[str, Any]]] = {}
-    for task in tasks:
-        runs[task] = {m: [] for m in METHODS}
-        rates[task] = {}
-        for method in METHODS:
-            shared = config.replace(method=method, steps=steps[task], epochs=None, max_length=max_length[task])
-            lr = shared.lr
-            for k, seed in enumerate(seeds):
-                folder = out_dir / "runs" / task / f"{method}-seed{seed}"
-                search = lr_search if k == 0 else 0
-                expected = shared.replace(seed=seed, lr=lr)
-                metrics = _finished(folder, expected, base_name, search, lr_range)
-                if on_run is not None:
-                    on_run(str(folder), metrics is not None)
-                if metrics is None:
-                    logger.info("training %s", folder)
-                    metrics = train(
-                        base_path, task, expected, out_dir=folder, base_name=base_name, lr_search=search,
-                        lr_range=lr_range, on_step=on_step,
-                        replace=True,  # a run folder of this command, made with other settings
-                    )  # fmt: skip
-                if k == 0:
-                    lr = metrics["settings"]["lr"]
-                    rates[task][method] = {"lr": lr, "dev": metrics["dev_best"], "searched": bool(lr_search)}
-                runs[task][method].append(metrics)
 
-    comparable = {t: {m: [_without_lr(r) for r in rs] for m, rs in by.items()} for t, by in runs.items()}
-    summary = compare_seeds(comparable)
-    summary.update(rates=rates, base=base_name, lr_search=lr_search, lr_range=list(lr_range))
-    text = to_markdown(table2(summary), digits=4) + "\n" + _rates_markdown(rates) + f"\nBase `{base_name}`.\n"
-    write_outputs(
-        out_dir / "table",
-        {"table2.json": json_writer(summary), "table2.md": lambda p: p.write_text(text, encoding="utf-8")},
-        replace=True,
-    )
-    summary["markdown"] = text
-    return summary
+def table2_status(
+    out_dir: str | os.PathLike[str],
+    *,
+    tasks: Sequence[str] = TABLE2_TASKS,
+    seeds: Sequence[int] = (0, 1, 2),
+    lr_search: int = 5,
+    lr_range: tuple[float, float] = LR_RANGE,
+    config: TrainConfig | None = None,
+    steps: Mapping[str, int] | None = None,
+    max_length: Mapping[str, int] | None = None,
+    base_name: str,
+) -> list[dict[str, Any]]:
+    """Where :func:`reproduce_table2` with these settings stands in ``out_dir``, run by run; trains nothing.
+
+    One dict per run, in training order: ``task``, ``method``, ``seed``, ``folder`` and ``state``:
+
+    - ``"done"``: finished with these settings; ``lr``, ``dev`` (best dev score), ``test`` (``after``);
+    - ``"searching"`` (the first seed, when the rate is searched and a trial has begun): ``trials`` finished of
+      ``n_trials``, and the best so far as ``lr`` and ``dev`` (None before any trial finished);
+    - ``"to do"`` (a search not begun has ``trials`` 0 too), and ``"waiting"`` (a later seed whose rate the
+      first seed's search has not chosen yet).
+
+    A run or trial cut short adds ``step`` (its last saved step), ``steps`` and ``step_lr`` (its rate), from the
+    state it saved (:mod:`loralens.training.resume`); a run or trial not started has ``step`` None.
+    """
+    from loralens.training.resume import fit_state_files, read_fit_progress
+    from loralens.training.search import journal_path, journal_trials
+
+    plan = _plan(out_dir, tasks, seeds, lr_search, lr_range, config, steps, max_length)
+    chosen: dict[tuple[str, str], float] = {}
+    rows = []
+    for run in plan.runs():
+        row: dict[str, Any] = {"task": run.task, "method": run.method, "seed": run.seed, "folder": str(run.folder)}
+        row |= {"step": None, "steps": run.shared.steps, "step_lr": None}
+        rows.append(row)
+        lr = run.shared.lr if run.first else chosen.get((run.task, run.method))
+        if lr is None:
+            row["state"] = "waiting"
+            continue
+        expected = run.shared.replace(seed=run.seed, lr=lr)
+        metrics = _finished(run.folder, expected, base_name, run.search, plan.lr_range)
+        if metrics is not None:
+            chosen[(run.task, run.method)] = metrics["settings"]["lr"]
+            row |= {"state": "done", "lr": metrics["settings"]["lr"], "dev": metrics["dev_best"]}
+            row["test"] = metrics["after"]
+            continue
+        same = expected.to_dict() | ({"lr": None} if run.search else {})  # a search's trials differ in the rate
+        for path in fit_state_files(run.folder):
+            progress = read_fit_progress(path)
+            if progress is None or progress.step >= (run.shared.steps or 0):
+                continue  # unreadable, or a finished trial's state (the journal has it)
+            if (progress.config | ({"lr": None} if run.search else {})) == same:
+                row |= {"step": progress.step, "step_lr": progress.config["lr"]}
+        if not run.search:
+            row["state"] = "to do"
+            continue
+        trials = journal_trials(journal_path(run.folder), expected, run.search, plan.lr_range)
+        complete = [t for t in trials.values() if t["state"] == "complete"]
+        best = max(complete, key=lambda t: t["dev"]) if complete else {"lr": None, "dev": None}
+        started = bool(trials) or row["step"] is not None
+        row |= {"state": "searching" if started else "to do", "trials": len(trials), "n_trials": run.search}
+        row |= {"lr": best["lr"], "dev": best["dev"]}
+    return rows
 
 
 def _finished(

@@ -501,10 +501,10 @@ def train(
     files: dict[str, Writer] = {}
     search: dict[str, Any] | None = None
     if lr_search:
-        from loralens.training.search import search_lr
+        from loralens.training.search import journal_path, search_lr
 
         # finished trials are recorded beside the output as they end, so a search cut short resumes there
-        journal = Path(out_dir).parent / f".{Path(out_dir).name}.lr-search-trials.json"
+        journal = journal_path(out_dir)
         search, result = search_lr(run, config, lr_search, lr_range, journal=journal)
         search.update(task=ds.name, base=recorded_base)
         files[LR_SEARCH_FILE] = json_writer(search)
