@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= results/demo
 
-.PHONY: demo test test-fast lint docs venv clean browser paper-params paper-scale
+.PHONY: demo test test-fast lint docs venv clean browser paper-params paper-scale paper-status
 
 venv: $(STAMP)
 
@@ -46,10 +46,15 @@ paper-params: $(STAMP)
 	$(PY) -c "import json, sys; d = json.load(open('results/params-mpnet.json')); \
 		sys.exit(0 if (d['lora'], d['condlora']) == (294912, 24576) else f'not the paper s Table 4: {d}')"
 
+PAPER_SCALE = reproduce table2 --base $(MPNET) --targets q,v --base-name sentence-transformers/all-mpnet-base-v2 \
+	--steps rt-polarity=1000,vader-rating=1000 --max-length rt-polarity=128 --seeds 0,1,2 --lr-search 5 \
+	--out experiments/table2-mpnet
 paper-scale: paper-params
-	HF_HUB_OFFLINE=1 $(VENV)/bin/loralens reproduce table2 --base $(MPNET) --targets q,v \
-		--base-name sentence-transformers/all-mpnet-base-v2 --steps rt-polarity=1000,vader-rating=1000 \
-		--max-length rt-polarity=128 --seeds 0,1,2 --lr-search 5 --out experiments/table2-mpnet
+	HF_HUB_OFFLINE=1 $(VENV)/bin/loralens $(PAPER_SCALE)
+
+# where paper-scale stands (runs done, the search's trials, the step a run in flight last saved); trains nothing
+paper-status: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/loralens $(PAPER_SCALE) --status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks
