@@ -400,7 +400,7 @@ def table2_status_table(rows: Sequence[Mapping[str, Any]]) -> Table:
         shown.append((*cells, *scores, "; ".join(progress)))
     notes = (
         "Runs train in this order. lr and dev of a search: its best trial so far. A run stopped resumes after its "
-        "last saved step; rerun the command without --status to go on.",
+        "last saved step; rerun the reproduction to go on.",
     )
     columns = ("task", "method", "seed", "state", "lr", "dev", "test", "progress")
     return Table(columns, tuple(shown), "Table 2 reproduction: where it stands", notes)
