@@ -62,7 +62,7 @@ def tiny_condlora(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------------------------- the schemas
 
 
-@pytest.mark.parametrize("name", ["common", *COMMANDS])
+@pytest.mark.parametrize("name", ["common", *COMMANDS, "reproduce", "lr-search"])
 def test_schema_is_valid_draft_2020_12(name: str) -> None:
     schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8"))
     Draft202012Validator.check_schema(schema)
@@ -225,6 +225,37 @@ def test_train(minilm_path: Path, tmp_path: Path) -> None:
 def test_shipped_metrics(method: str, seed: int) -> None:
     folder = default_adapter(seed) if method == "lora" else default_condlora(seed)
     assert_valid("train", json.loads((folder / "metrics.json").read_text()))
+
+
+ROOT = SCHEMAS.parents[1]
+
+
+@pytest.mark.parametrize("experiment", ["table2-minilm", "table2-mpnet"])
+def test_reproduce_table_and_status(experiment: str) -> None:
+    """The committed reproductions: MiniLM's table2.json and ``--status --json`` (every run done), and MPNet's
+    status mid-way (a search journalled, later seeds waiting); nothing trains."""
+    folder = ROOT / "experiments" / experiment
+    if (folder / "table" / "table2.json").is_file():
+        assert_valid("reproduce", json.loads((folder / "table" / "table2.json").read_text()))
+    args = ["reproduce", "table2", "--base", "unused", "--out", folder, "--status", "--json"]
+    if experiment == "table2-mpnet":
+        args += ["--targets", "q,v", "--base-name", "sentence-transformers/all-mpnet-base-v2", "--tasks", "rt-polarity"]
+        args += ["--steps", "rt-polarity=1000", "--max-length", "rt-polarity=128"]
+    else:
+        args += ["--base-name", "sentence-transformers/all-MiniLM-L6-v2"]
+    status = run_json(*args)
+    assert_valid("reproduce", status)
+    states = {run["state"] for run in status["runs"]}
+    assert states == {"done"} if experiment == "table2-minilm" else "waiting" in states
+
+
+def test_lr_search_files() -> None:
+    """Every lr_search.json the repository carries: the reproductions' first seeds and the shipped adapters'."""
+    files = sorted((ROOT / "experiments").rglob("lr_search.json"))
+    files += sorted((ROOT / "src" / "loralens" / "data").rglob("lr_search.json"))
+    assert len(files) >= 6
+    for path in files:
+        assert_valid("lr-search", json.loads(path.read_text()))
 
 
 # ----------------------------------------------------------------------------------------------- meta

@@ -121,8 +121,9 @@ def test_the_command_shows_runs_and_steps(
     assert steps[:2] == [(first, 1, 2), (first, 2, 2)]
     assert steps[-1] == ("run: vader-rating condlora-seed1, loss 0.5000", 2, 2)
 
-    assert run_cli(*args, "--out", tmp_path / "quiet", "--quiet").returncode == 0
-    assert record.quiet_flags == [False, True]
+    quiet = run_cli(*args, "--out", tmp_path / "quiet", "--quiet", "--json")  # --json: what table2.json holds
+    assert quiet.returncode == 0 and record.quiet_flags == [False, True]
+    assert json.loads(quiet.stdout) == json.loads((tmp_path / "quiet" / "table" / "table2.json").read_text())
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from loralens.analyses.engine import ProgressCallback
-from loralens.cli._app import QuietOpt, app, print_table, progress_bar, user_errors
+from loralens.cli._app import JsonOpt, QuietOpt, app, print_table, progress_bar, user_errors
 
 reproduce_app = typer.Typer(help="Reproduce a table of the paper from scratch (resumable).", no_args_is_help=True)
 app.add_typer(
@@ -40,10 +40,12 @@ def table2_command(
     status: Annotated[
         bool, typer.Option("--status", help="Show where the runs stand and exit; trains nothing.")
     ] = False,
+    json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """LoRA and CondLoRA per task and seed with the paper's protocol; Table 2 (mean ± std on test, paired t-test)."""
     from loralens.io.base_weights import resolve_base
+    from loralens.io.outputs import json_text
     from loralens.render.tables import table2_status_table
     from loralens.training import TrainConfig
     from loralens.training import table2 as t2
@@ -59,11 +61,18 @@ def table2_command(
             max_length=t2.parse_per_task(max_length, t2.DEFAULT_MAX_LENGTH, "--max-length"),
         )  # fmt: skip
         if status:
-            print_table(table2_status_table(t2.table2_status(out, **settings)))
+            runs = t2.table2_status(out, **settings)
+            if json_output:
+                typer.echo(json_text({"runs": runs}), nl=False)
+            else:
+                print_table(table2_status_table(runs))
             return
         with progress_bar(quiet) as progress:  # closed before the table is printed
             on_run, on_step = _run_progress(progress, len(task_list) * len(METHODS) * len(seed_list))
             summary = t2.reproduce_table2(resolve_base(base), out, on_run=on_run, on_step=on_step, **settings)
+        if json_output:  # what table/table2.json holds
+            typer.echo(json_text({k: v for k, v in summary.items() if k != "markdown"}), nl=False)
+            return
         typer.echo(summary["markdown"], nl=False)
         typer.echo(f"written: {out / 'table' / 'table2.md'}, {out / 'table' / 'table2.json'}")
 
