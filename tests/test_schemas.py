@@ -233,7 +233,7 @@ ROOT = SCHEMAS.parents[1]
 @pytest.mark.parametrize("experiment", ["table2-minilm", "table2-mpnet"])
 def test_reproduce_table_and_status(experiment: str) -> None:
     """The committed reproductions: MiniLM's table2.json and ``--status --json`` (every run done), and MPNet's
-    status mid-way (a search journalled, later seeds waiting); nothing trains."""
+    status wherever its run stands (Rotten Tomatoes); nothing trains."""
     folder = ROOT / "experiments" / experiment
     if (folder / "table" / "table2.json").is_file():
         assert_valid("reproduce", json.loads((folder / "table" / "table2.json").read_text()))
@@ -245,8 +245,9 @@ def test_reproduce_table_and_status(experiment: str) -> None:
         args += ["--base-name", "sentence-transformers/all-MiniLM-L6-v2"]
     status = run_json(*args)
     assert_valid("reproduce", status)
-    states = {run["state"] for run in status["runs"]}
-    assert states == {"done"} if experiment == "table2-minilm" else "waiting" in states
+    assert len(status["runs"]) == (12 if experiment == "table2-minilm" else 6)
+    if experiment == "table2-minilm":
+        assert {run["state"] for run in status["runs"]} == {"done"}
 
 
 def test_lr_search_files() -> None:
