@@ -99,7 +99,7 @@ def reproduce_table2(
     rates: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in plan.tasks}
     for run in plan.runs():
         lr = run.shared.lr if run.first else rates[run.task][run.method]["lr"]
-        expected = run.shared.replace(seed=run.seed, lr=lr)
+        expected = run.at(lr)
         metrics = _finished(run.folder, expected, base_name, run.search, plan.lr_range)
         if on_run is not None:
             on_run(str(run.folder), metrics is not None)
@@ -140,6 +140,10 @@ class _Run:
     search: int
     folder: Path
     shared: TrainConfig
+
+    def at(self, lr: float) -> TrainConfig:
+        """The run's whole config at rate ``lr`` (what ``train`` is given, and what a finished run must record)."""
+        return self.shared.replace(seed=self.seed, lr=lr)
 
 
 @dataclass(frozen=True)
@@ -228,7 +232,7 @@ def table2_status(
         if lr is None:
             row["state"] = "waiting"
             continue
-        expected = run.shared.replace(seed=run.seed, lr=lr)
+        expected = run.at(lr)
         metrics = _finished(run.folder, expected, base_name, run.search, plan.lr_range)
         if metrics is not None:
             chosen[(run.task, run.method)] = metrics["settings"]["lr"]
