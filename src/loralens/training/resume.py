@@ -61,13 +61,10 @@ class FitState:
 
 @dataclass(frozen=True)
 class FitProgress:
-    """How far a saved run got: its settings (``TrainConfig.to_dict()``), the last saved step, the best dev score
-    so far and its step."""
+    """How far a saved run got: its settings (``TrainConfig.to_dict()``) and the last step it saved."""
 
     config: dict[str, Any]
     step: int
-    best_score: float | None
-    selected_step: int
 
 
 def fit_state_path(out_dir: str | os.PathLike[str], config: TrainConfig) -> Path:
@@ -155,6 +152,6 @@ def read_fit_progress(path: Path) -> FitProgress | None:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         if raw.get("format") != _FORMAT:
             return None
-        return FitProgress(json.loads(raw["config"]), int(raw["step"]), raw["best_score"], int(raw["selected_step"]))
+        return FitProgress(json.loads(raw["config"]), int(raw["step"]))
     except Exception:  # noqa: BLE001  (a damaged or partly written file: nothing to report)
         return None
