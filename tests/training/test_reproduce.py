@@ -169,6 +169,7 @@ def test_status_says_where_each_run_stands(minilm_path: Path, tmp_path: Path, fa
     for config, step in [(first.replace(lr=3e-4), 120), (first.replace(lr=1e-4), 300), (first.replace(seed=5), 80)]:
         state = FitState(config, step, params={}, optimizer={}, scheduler={}, rng=torch.get_rng_state())
         write_fit_state(fit_state_path(folder, config), state)  # in flight; a finished trial's; another run's
+    (folder.parent / f".{folder.name}.fit-000000000000.pt").write_bytes(b"cut sho")  # a damaged one: passed over
     row = t2.table2_status(tmp_path, **kwargs)[0]
     assert row["state"] == "searching" and (row["trials"], row["n_trials"]) == (2, 3)
     assert (row["lr"], row["dev"]) == (trials[1]["lr"], 0.7)
