@@ -9,14 +9,14 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from loralens.errors import LoralensError
 from loralens.training.config import LR_RANGE, TrainConfig, TrainingDivergedError
 
-__all__ = ["check_lr_range", "journal_path", "journal_trials", "parse_lr_range", "search_lr"]
+__all__ = ["best_trial", "check_lr_range", "journal_path", "journal_trials", "parse_lr_range", "search_lr"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,13 @@ def search_lr(
         study.optimize(objective, n_trials=n_trials)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    complete = [t for t in trials if t["state"] == "complete"]
-    if not complete:
+    winner = best_trial(trials)
+    if winner is None:
         raise TrainingDivergedError(
             f"{config.method}: all {n_trials} learning-rate trials in [{lo:g}, {hi:g}] diverged; "
             "try a lower lr_range; nothing was written",
             option="lr_range",
         )
-    winner = max(complete, key=lambda t: t["dev"])  # the first of equal scores, as the in-memory best
     if winner["number"] not in best:  # the winner came from the journal: train it again
         best = {winner["number"]: run(config.replace(lr=winner["lr"]))}
     record = {
@@ -164,6 +163,12 @@ def search_lr(
 def _journal_key(config: TrainConfig, n_trials: int, lr_range: tuple[float, float]) -> dict[str, Any]:
     """What a journal must have been written for to be replayed: the same search of the same run."""
     return {"config": config.to_dict() | {"lr": None}, "n_trials": n_trials, "range": list(lr_range)}
+
+
+def best_trial(trials: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished trial with the best dev score (the first of equal scores, as the search keeps it in memory);
+    None if none finished."""
+    return max((t for t in trials if t["state"] == "complete"), key=lambda t: t["dev"], default=None)
 
 
 def journal_path(out_dir: str | os.PathLike[str]) -> Path:

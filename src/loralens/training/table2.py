@@ -219,7 +219,7 @@ def table2_status(
     state it saved (:mod:`loralens.training.resume`); a run or trial not started has ``step`` None.
     """
     from loralens.training.resume import fit_state_files, read_fit_progress
-    from loralens.training.search import journal_path, journal_trials
+    from loralens.training.search import best_trial, journal_path, journal_trials
 
     plan = _plan(out_dir, tasks, seeds, lr_search, lr_range, config, steps, max_length)
     chosen: dict[tuple[str, str], float] = {}
@@ -239,19 +239,18 @@ def table2_status(
             row |= {"state": "done", "lr": metrics["settings"]["lr"], "dev": metrics["dev_best"]}
             row["test"] = metrics["after"]
             continue
-        same = expected.to_dict() | ({"lr": None} if run.search else {})  # a search's trials differ in the rate
+        any_rate = {"lr": None} if run.search else {}  # a search's trials differ in the rate
         for path in fit_state_files(run.folder):
             progress = read_fit_progress(path)
             if progress is None or progress.step >= (run.shared.steps or 0):
                 continue  # unreadable, or a finished trial's state (the journal has it)
-            if (progress.config | ({"lr": None} if run.search else {})) == same:
+            if progress.config | any_rate == expected.to_dict() | any_rate:
                 row |= {"step": progress.step, "step_lr": progress.config["lr"]}
         if not run.search:
             row["state"] = "to do"
             continue
         trials = journal_trials(journal_path(run.folder), expected, run.search, plan.lr_range)
-        complete = [t for t in trials.values() if t["state"] == "complete"]
-        best = max(complete, key=lambda t: t["dev"]) if complete else {"lr": None, "dev": None}
+        best = best_trial(trials.values()) or {"lr": None, "dev": None}
         started = bool(trials) or row["step"] is not None
         row |= {"state": "searching" if started else "to do", "trials": len(trials), "n_trials": run.search}
         row |= {"lr": best["lr"], "dev": best["dev"]}
